@@ -2,11 +2,27 @@
 
     lightning_attn   fixed-decay linear attention (Lightning), forward and backward
     infllmv2_attn    InfLLM-V2 block-sparse attention (scoring, selection, attention)
+    self_test        checks a kernel against its reference on a small case of the caller's shapes
 
-On CPU the Triton kernels run only under ``TRITON_INTERPRET=1`` (set before importing this package);
+On CPU the Triton kernels run only under ``TRITON_INTERPRET=1`` (set before importing the kernel modules);
 ``backend="auto"`` picks Triton on CUDA tensors and the PyTorch reference elsewhere.
-"""
-from .lightning import lightning_attn
-from .infllm_v2 import infllmv2_attn
 
-__all__ = ["lightning_attn", "infllmv2_attn"]
+Attributes load lazily: importing the package is cheap and cannot fail (transformers probes any importable
+top-level ``kernels`` package, which this folder is when the repository root is on ``sys.path``).
+"""
+
+import importlib
+
+_EXPORTS = {
+    "lightning_attn": ".lightning",
+    "infllmv2_attn": ".infllm_v2",
+    "self_test": ".selftest",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,593 @@
+"""The salatrain hybrid model: a decoder whose layers mix Lightning, InfLLM-V2 and softmax attention.
+
+Imports torch and transformers only, so it can be exported next to the weights and loaded with
+``trust_remote_code=True``. The Triton kernels of ``salatrain_kernels`` are used for CUDA tensors when that
+package is importable (after a one-time self-test against the references); otherwise the PyTorch mixers in
+``lightning_attention.py`` and ``sparse_attention.py`` run.
+
+Legend: B batch, T new tokens, Tk tokens incl. cached ones, H query heads, HKV key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from .configuration_sala_hybrid import SalaHybridConfig
+from .lightning_attention import lightning_attn_torch, lightning_step
+from .sparse_attention import infllmv2_attn_torch
+
+try:
+    import salatrain_kernels as _kernels
+except Exception:  # the exported model runs without the kernels
+    _kernels = None
+
+logger = logging.getLogger(__name__)
+
+# transformers renamed the cache argument/output from `past_key_values` to `cache` in 5.2x.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SalaRMSNorm(nn.Module):
+    """RMSNorm in transformers' convention: weight · (x_fp32 · rsqrt(mean(x²) + eps)).to(dtype)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class SalaRotaryEmbedding(nn.Module):
+    """The base model's RoPE (any transformers rope type, e.g. llama3 or MiniCPM's longrope)."""
+
+    def __init__(self, config: SalaHybridConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: SalaHybridConfig, device=None, **_) -> tuple[torch.Tensor, float]:
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device).float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_BTHD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_BTD.unsqueeze(2), sin_BTD.unsqueeze(2)
+    return x_BTHD * cos + rotate_half(x_BTHD) * sin
+
+
+class SalaMLP(nn.Module):
+    def __init__(self, config: SalaHybridConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class SeqInfo:
+    """How the T new tokens sit in their sequences (built once per forward by the model).
+
+    positions   [B, T] position of each token from the start of its document
+    past_len    tokens of each row already in the cache
+    cu_seqlens  [N+1] document boundaries when B = 1 holds packed documents, else None
+    left_pad    [B] leading padding tokens of each row (batched generation), or None
+    """
+
+    positions: torch.Tensor
+    past_len: int = 0
+    cu_seqlens: torch.Tensor | None = None
+    left_pad: torch.Tensor | None = None
+
+
+class SalaHybridCache:
+    """Per-layer decoding state: K/V for softmax and sparse layers, the fp32 Lightning state for linear ones."""
+
+    is_compileable = False
+
+    def __init__(self, config: SalaHybridConfig):
+        n = config.num_hidden_layers
+        self.mixer_types = list(config.mixer_types)
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+        self.states: list[torch.Tensor | None] = [None] * n
+        self.seen_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def append_kv(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[i] is not None:
+            k = torch.cat([self.keys[i], k], dim=1)
+            v = torch.cat([self.values[i], v], dim=1)
+        self.keys[i], self.values[i] = k, v
+        return k, v
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for store in (self.keys, self.values, self.states):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t.index_select(0, beam_idx.to(t.device))
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in (self.keys, self.values, self.states) for t in s if t is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+_checked: dict = {}
+
+
+def _use_kernels(x: torch.Tensor, backend: str, what: str) -> bool:
+    """True when the Triton kernels should run for ``x`` (CUDA + importable + self-test passed)."""
+    if backend == "torch" or _kernels is None or not x.is_cuda:
+        if backend == "triton" and (_kernels is None or not x.is_cuda):
+            raise RuntimeError(f"kernel_backend='triton' needs CUDA tensors and salatrain_kernels ({what})")
+        return False
+    key = (what, x.device.index, x.dtype)
+    if key not in _checked:
+        self_test = getattr(_kernels, "self_test", None)
+        if self_test is not None:
+            self_test(what, device=x.device, dtype=x.dtype)  # raises with a clear message on mismatch
+        _checked[key] = True
+        logger.info("%s: using salatrain_kernels (Triton) on %s", what, torch.cuda.get_device_name(x.device))
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Projections(nn.Module):
+    """Q/K/V/O projections and optional per-head q/k norms, shared by every mixer type."""
+
+    def __init__(self, config: SalaHybridConfig, layer_idx: int, num_kv_heads: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = config.head_dim
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+
+class FullAttention(_Projections):
+    """The base model's softmax attention: RoPE, GQA, optional sliding window and q/k norm (Qwen3)."""
+
+    def __init__(self, config: SalaHybridConfig, layer_idx: int):
+        super().__init__(config, layer_idx, config.num_key_value_heads)
+        self.sliding_window = config.sliding_windows[layer_idx]
+        if config.qk_norm:
+            self.q_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
+        q, k, v = self.qkv(x)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append_kv(self.layer_idx, k, v)
+        o = softmax_attention(q, k, v, seq, self.sliding_window, scale=self.head_dim**-0.5)
+        return self.o_proj(o.flatten(2))
+
+
+class LightningAttention(_Projections):
+    """Lightning (linear) attention: multi-head K/V (GQA expanded), q/k RMSNorm, RoPE, fixed per-head decay,
+    output RMSNorm over all heads times a sigmoid gate σ(W_z x), then o_proj."""
+
+    def __init__(self, config: SalaHybridConfig, layer_idx: int):
+        super().__init__(config, layer_idx, config.num_attention_heads)
+        lc = config.lightning_config
+        eps = lc["norm_eps"] if lc["norm_eps"] is not None else config.rms_norm_eps
+        self.use_rope = lc["use_rope"]
+        self.chunk_size = lc["chunk_size"]
+        self.q_norm = SalaRMSNorm(self.head_dim, eps)
+        self.k_norm = SalaRMSNorm(self.head_dim, eps)
+        self.o_norm = SalaRMSNorm(self.num_heads * self.head_dim, eps)
+        self.z_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.register_buffer("decay", torch.tensor(config.lightning_decay, dtype=torch.float32), persistent=False)
+        self.kernel_backend = "auto"
+
+    def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
+        q, k, v = self.qkv(x)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if seq.left_pad is not None:  # padding before the first real token leaves the state at zero
+            pad = seq.positions < 0
+            k, v = k.masked_fill(pad[..., None, None], 0.0), v.masked_fill(pad[..., None, None], 0.0)
+        state = cache.states[self.layer_idx] if cache is not None else None
+        decay = self.decay.to(q.device)
+        if state is not None and q.shape[1] == 1:
+            o, state = lightning_step(q, k, v, decay, state)
+        elif _use_kernels(q, self.kernel_backend, "lightning_attn"):
+            o, state = _kernels.lightning_attn(
+                q, k, v, decay, initial_state=state, output_final_state=cache is not None, cu_seqlens=seq.cu_seqlens
+            )
+        else:
+            o, state = lightning_attn_torch(
+                q, k, v, decay, initial_state=state, output_final_state=cache is not None,
+                cu_seqlens=seq.cu_seqlens, chunk_size=self.chunk_size,
+            )
+        if cache is not None:
+            cache.states[self.layer_idx] = state
+        o = self.o_norm(o.flatten(2)) * torch.sigmoid(self.z_proj(x))
+        return self.o_proj(o)
+
+
+class SparseAttention(_Projections):
+    """InfLLM-V2 sparse attention (NoPE by default) with a sigmoid output gate σ(W_g x); no extra parameters
+    for the block selection. Queries at document positions < dense_len attend densely."""
+
+    def __init__(self, config: SalaHybridConfig, layer_idx: int):
+        super().__init__(config, layer_idx, config.num_key_value_heads)
+        sc = dict(config.sparse_config)
+        self.use_rope = sc.pop("use_rope")
+        self.nope_logit_scale = sc.pop("nope_logit_scale")
+        self.nope_logit_scale_base = sc.pop("nope_logit_scale_base")
+        self.sparse_params = sc
+        if config.qk_norm:
+            self.q_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.kernel_backend = "auto"
+
+    def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
+        q, k, v = self.qkv(x)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.nope_logit_scale:
+            a = self.nope_logit_scale_base
+            q = q * (torch.log(seq.positions.clamp(min=0).to(q.dtype) + a) / math.log(a))[..., None, None]
+        if cache is not None:
+            k, v = cache.append_kv(self.layer_idx, k, v)
+        o = self._attend(q, k, v, seq)
+        o = o.flatten(2) * torch.sigmoid(self.g_proj(x))
+        return self.o_proj(o)
+
+    def _attend(self, q, k, v, seq: SeqInfo):
+        if seq.left_pad is not None:  # each row's document starts after its padding; padded queries give 0
+            o = q.new_zeros(q.shape)
+            for b, pad in enumerate(seq.left_pad.tolist()):
+                real = min(q.shape[1], k.shape[1] - pad)
+                if real > 0:
+                    sub = SeqInfo(seq.positions[b : b + 1, -real:])
+                    o[b : b + 1, -real:] = self._attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
+            return o
+        if _use_kernels(q, self.kernel_backend, "infllmv2_attn"):
+            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
+        return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
+
+
+MIXERS = {"full_attention": FullAttention, "linear_attention": LightningAttention, "sparse_attention": SparseAttention}
+
+
+def softmax_attention(q, k, v, seq: SeqInfo, sliding_window: int | None, scale: float) -> torch.Tensor:
+    """Causal GQA softmax attention of the T new queries over Tk keys; documents, padding, sliding window."""
+    if seq.cu_seqlens is not None:
+        bounds = seq.cu_seqlens.tolist()
+        outs = [
+            _sdpa(q[:, s:e], k[:, s:e], v[:, s:e], None, sliding_window, scale) for s, e in zip(bounds[:-1], bounds[1:])
+        ]
+        return torch.cat(outs, dim=1)
+    return _sdpa(q, k, v, seq.left_pad, sliding_window, scale)
+
+
+def _sdpa(q, k, v, left_pad, sliding_window, scale):
+    b, t, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if hkv != h:
+        kh, vh = kh.repeat_interleave(h // hkv, dim=1), vh.repeat_interleave(h // hkv, dim=1)
+    if left_pad is None and sliding_window is None and t == tk:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        return o.transpose(1, 2)
+    qi = torch.arange(tk - t, tk, device=q.device).view(-1, 1)
+    ki = torch.arange(tk, device=q.device).view(1, -1)
+    mask = (ki <= qi).view(1, 1, t, tk)
+    if sliding_window is not None:
+        mask = mask & (ki > qi - sliding_window).view(1, 1, t, tk)
+    if left_pad is not None:
+        mask = mask & (ki.view(1, 1, 1, tk) >= left_pad.view(-1, 1, 1, 1))
+        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: attend anywhere, output unused
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SalaHybridDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: SalaHybridConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        self.input_layernorm = SalaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MIXERS[self.mixer_type](config, layer_idx)
+        self.post_attention_layernorm = SalaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SalaMLP(config)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, hidden_states, rope, seq, cache=None):
+        h = hidden_states + self.residual_scale * self.self_attn(self.input_layernorm(hidden_states), rope, seq, cache)
+        return h + self.residual_scale * self.mlp(self.post_attention_layernorm(h))
+
+
+class SalaHybridPreTrainedModel(PreTrainedModel):
+    config_class = SalaHybridConfig
+    config: SalaHybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SalaHybridDecoderLayer"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the hybrid keeps its own cache (Lightning states + K/V)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LightningAttention):
+            init.copy_(module.decay, torch.tensor(self.config.lightning_decay, dtype=torch.float32))
+
+
+class SalaHybridModel(SalaHybridPreTrainedModel):
+    def __init__(self, config: SalaHybridConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(SalaHybridDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SalaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = SalaRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: SalaHybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: SalaHybridCache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.scale_emb != 1.0:
+            h = h * self.config.scale_emb
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = SalaHybridCache(self.config)
+        if self.training:
+            cache = None
+        b, t = h.shape[:2]
+        h, seq, rope_pos, unflatten = _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache)
+        rope = self.rotary_emb(h, rope_pos)
+        hidden_states = [h] if output_hidden_states else None
+        for layer in self.layers:
+            h = layer(h, rope, seq, cache)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        h = self.norm(h)
+        if unflatten:
+            h = h.view(b, t, -1)
+        if cache is not None:
+            cache.seen_tokens += t
+        out = BaseModelOutputWithPast(last_hidden_state=h, hidden_states=tuple(hidden_states) if hidden_states else None)
+        out[_CACHE_FIELD] = cache
+        return out
+
+
+def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache):
+    """Work out documents, padding and positions. Rows with restarting position ids (packed documents) are
+    flattened into one row with ``cu_seqlens``. Returns (h, seq, rope positions, whether h was flattened)."""
+    b, t = h.shape[:2]
+    dev = h.device
+    past = cache.seen_tokens if cache is not None else 0
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError("cu_seqlens requires batch size 1 (documents packed into one row)")
+        if int(cu_seqlens[-1]) != t or int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens must run from 0 to the sequence length {t}, got {cu_seqlens.tolist()}")
+        pos = _positions_from_cu_seqlens(cu_seqlens.to(dev), t).view(1, t)
+        return h, SeqInfo(pos, past, cu_seqlens.to(device=dev, dtype=torch.int32)), pos, False
+    if position_ids is not None and past == 0 and t > 1 and bool((position_ids[:, 1:] == 0).any()):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("packed documents (restarting position_ids) cannot be combined with padding")
+        flat = position_ids.reshape(1, -1)
+        starts = torch.nonzero(flat[0] == 0).flatten()
+        starts = torch.unique(torch.cat([starts, torch.arange(0, b * t, t, device=starts.device)]))
+        cu = torch.cat([starts, torch.tensor([b * t], device=starts.device)]).to(torch.int32)
+        return h.reshape(1, b * t, -1), SeqInfo(flat, 0, cu.to(dev)), flat, b > 1
+    left_pad = None
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        mask = attention_mask.bool()
+        left_pad = (~mask).long().cumprod(-1).sum(-1)  # leading zeros per row
+        idx = torch.arange(mask.shape[1], device=mask.device).view(1, -1)
+        contiguous = (idx >= left_pad.view(-1, 1)) & (idx < (left_pad + mask.sum(-1)).view(-1, 1))
+        if not bool((contiguous == mask).all()):
+            raise ValueError("attention_mask may only pad on the left (generation) or on the right (training)")
+        if not bool(left_pad.any()):
+            left_pad = None
+    idx = torch.arange(past, past + t, device=dev).view(1, t).expand(b, t)
+    pos = idx - (left_pad.view(-1, 1).to(dev) if left_pad is not None else 0)
+    rope_pos = position_ids if position_ids is not None else pos.clamp(min=0)
+    return h, SeqInfo(pos, past, None, left_pad.to(dev) if left_pad is not None else None), rope_pos, False
+
+
+def _positions_from_cu_seqlens(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
+    idx = torch.arange(t, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), idx, right=True)
+    return idx - cu_seqlens.to(torch.int64)[doc]
+
+
+class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SalaHybridConfig):
+        super().__init__(config)
+        self.model = SalaHybridModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def set_kernel_backend(self, backend: str) -> None:
+        """'auto' (Triton on CUDA when available), 'triton' (required) or 'torch' (reference mixers)."""
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel backend must be auto, triton or torch, got {backend!r}")
+        for layer in self.model.layers:
+            if hasattr(layer.self_attn, "kernel_backend"):
+                layer.self_attn.kernel_backend = backend
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: SalaHybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cu_seqlens: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: SalaHybridCache | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        if self.config.logit_scale != 1.0:
+            h = h * self.config.logit_scale
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        result[_CACHE_FIELD] = out[_CACHE_FIELD]
+        return result
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, cache=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+    ):
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = SalaHybridCache(self.config)
+        seen = cache.seen_tokens if cache is not None else 0
+        inputs = {"use_cache": use_cache, "attention_mask": attention_mask, "cache": cache}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+        if attention_mask is not None:
+            pos = attention_mask.long().cumsum(-1) - 1
+            pos = pos.masked_fill(attention_mask == 0, 1)
+            new = inputs["input_ids"].shape[1] if "input_ids" in inputs else inputs_embeds.shape[1]
+            inputs["position_ids"] = pos[:, -new:]
+        return inputs
+
+    def _reorder_cache(self, cache, beam_idx):
+        cache.reorder_cache(beam_idx)
+        return cache
+
+
+__all__ = ["SalaHybridModel", "SalaHybridForCausalLM", "SalaHybridPreTrainedModel", "SalaHybridCache", "SeqInfo"]

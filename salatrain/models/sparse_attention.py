@@ -1,0 +1,166 @@
+"""InfLLM-V2 sparse attention in pure PyTorch (the CPU path and the model's reference).
+
+Legend: B batch, Tq queries (the last Tq of Tk keys), HQ query heads, HKV key/value heads, G = HQ/HKV,
+D head dim, J compressed windows, NB blocks. Positions count from the start of the document.
+
+A query at position t < dense_len attends densely. Otherwise (selection is shared by the G heads of a group):
+  1. compressed keys: mean of K over windows [j·stride, j·stride + kernel) inside the document;
+  2. p_h(j) = softmax_j(scale · q·k_cmp[j]) over windows ending at or before t, summed over the group;
+  3. block score = max over those windows overlapping the block (−inf if none);
+  4. init blocks and blocks holding one of the last window_size tokens score +inf, future blocks −inf;
+     the first topk + window_size/block_size blocks by (score desc, index asc) are visible, future ones dropped;
+  5. exact softmax attention over the visible blocks (causal inside the current block).
+Selection is not differentiated; gradients flow through step 5. Imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def infllmv2_attn_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    init_blocks: int = 1,
+    topk: int = 64,
+    window_size: int = 2048,
+    dense_len: int = 8192,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    normalizer: str = "exact",
+) -> torch.Tensor:
+    """q [B, Tq, HQ, D]; k, v [B, Tk, HKV, D] with Tq <= Tk. Returns o [B, Tq, HQ, D] in q's dtype."""
+    params = dict(
+        block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, init_blocks=init_blocks,
+        topk=topk, window_size=window_size, dense_len=dense_len, normalizer=normalizer,
+    )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is None:
+        return _attend_one(q, k, v, scale, **params)
+    if q.shape[0] != 1 or q.shape[1] != k.shape[1]:
+        raise ValueError("cu_seqlens requires batch size 1 and as many queries as keys")
+    bounds = cu_seqlens.tolist()
+    outs = [
+        _attend_one(q[:, s:e], k[:, s:e], v[:, s:e], scale, **params) for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outs, dim=1)
+
+
+def _attend_one(q, k, v, scale, *, dense_len, **params):
+    tq, tk = q.shape[1], k.shape[1]
+    pos = torch.arange(tk - tq, tk, device=q.device)
+    visible = pos.view(-1, 1) >= torch.arange(tk, device=q.device).view(1, -1)  # causal [Tq, Tk]
+    visible = visible.view(1, 1, tq, tk).expand(q.shape[0], k.shape[2], tq, tk)
+    if tk > dense_len and pos[-1] >= dense_len:
+        sparse_rows = pos >= dense_len
+        key_mask = sparse_key_mask(q[:, sparse_rows], k, scale=scale, **params)  # [B, HKV, Ts, Tk]
+        visible = visible.clone()
+        visible[:, :, sparse_rows] = key_mask
+    return masked_attention(q, k, v, visible, scale)
+
+
+def masked_attention(q, k, v, visible, scale):
+    """Softmax attention with a boolean mask shared by each GQA group. visible [B, HKV, Tq, Tk]."""
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qg = q.view(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
+    kk, vv = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, HKV, 1, Tk, D]
+    o = torch.nn.functional.scaled_dot_product_attention(qg, kk, vv, attn_mask=visible.unsqueeze(2), scale=scale)
+    return o.permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+
+
+def compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
+    """Mean of K over windows [j·stride, j·stride + kernel): k [B, Tk, HKV, D] → [B, HKV, J, D]."""
+    if k.shape[1] < kernel_size:
+        return k.new_zeros(k.shape[0], k.shape[2], 0, k.shape[3])
+    win = k.float().unfold(1, kernel_size, kernel_stride)  # [B, J, HKV, D, kernel]
+    return win.mean(-1).permute(0, 2, 1, 3)
+
+
+def group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_from=None):
+    """Σ over the group of softmax_j(scale·q·k_cmp[j]) over windows ending <= pos: [B, HKV, Tq, J] fp32.
+
+    ``lse_from`` = (k_coarse, coarse_kernel, coarse_stride) replaces the exact normaliser by the log-sum-exp
+    over a coarser compression (InfLLM-V2's approximation). Windows not yet complete are −inf.
+    """
+    b, tq, hq, d = q.shape
+    hkv, nj = k_cmp.shape[1], k_cmp.shape[2]
+    g = hq // hkv
+    qg = q.float().view(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
+    logits = torch.einsum("bhgtd,bhjd->bhgtj", qg, k_cmp) * scale
+    ends = torch.arange(nj, device=q.device) * kernel_stride + kernel_size - 1
+    done = ends.view(1, -1) <= pos.view(-1, 1)  # [Tq, J]
+    logits = logits.masked_fill(~done, float("-inf"))
+    if lse_from is None:
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    else:
+        k_coarse, ck, cs = lse_from
+        coarse = torch.einsum("bhgtd,bhjd->bhgtj", qg, k_coarse) * scale
+        cends = torch.arange(k_coarse.shape[2], device=q.device) * cs + ck - 1
+        coarse = coarse.masked_fill(~(cends.view(1, -1) <= pos.view(-1, 1)), float("-inf"))
+        lse = torch.logsumexp(coarse, dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse).nan_to_num(0.0)  # rows with no finished window: all zero
+    probs = probs.sum(2)
+    return probs.masked_fill(~done, float("-inf"))
+
+
+def block_scores_from_windows(win, num_blocks, block_size, kernel_size, kernel_stride):
+    """Max over the windows overlapping each block: win [B, HKV, Tq, J] → [B, HKV, Tq, NB] (−inf if none)."""
+    nj = win.shape[-1]
+    out = win.new_full((*win.shape[:-1], num_blocks), float("-inf"))
+    if nj == 0:
+        return out
+    starts = torch.arange(nj, device=win.device) * kernel_stride
+    first = starts // block_size
+    last = (starts + kernel_size - 1) // block_size
+    for off in range(int((last - first).max()) + 1):
+        blk = first + off
+        ok = (blk <= last) & (blk < num_blocks)
+        src = win.masked_fill(~ok, float("-inf"))
+        out.scatter_reduce_(-1, blk.clamp(max=num_blocks - 1).expand_as(src), src, reduce="amax")
+    return out
+
+
+def select_blocks(scores, pos, *, block_size, init_blocks, topk, window_size):
+    """Visible-block indicator [B, HKV, Tq, NB] (bool) from block scores and query positions (DESIGN step 4)."""
+    nb = scores.shape[-1]
+    blk = torch.arange(nb, device=scores.device)
+    first_local = ((pos - window_size + 1).clamp(min=0) // block_size).view(-1, 1)
+    cur = (pos // block_size).view(-1, 1)
+    forced = (blk.view(1, -1) < init_blocks) | ((blk >= first_local) & (blk <= cur))
+    future = blk.view(1, -1) > cur
+    scores = scores.masked_fill(forced, float("inf")).masked_fill(future, float("-inf"))
+    budget = min(nb, topk + window_size // block_size)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :budget]
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+    return chosen & ~future
+
+
+def sparse_key_mask(q, k, *, block_size, kernel_size, kernel_stride, init_blocks, topk, window_size,
+                    normalizer, scale):
+    """Key visibility [B, HKV, Tq, Tk] for the (sparse) queries q, which are the last Tq of the Tk keys."""
+    tq, tk = q.shape[1], k.shape[1]
+    pos = torch.arange(tk - tq, tk, device=q.device)
+    k_cmp = compress_keys(k, kernel_size, kernel_stride)
+    lse_from = None
+    if normalizer == "coarse":
+        ck, cs = 4 * kernel_size, 4 * kernel_stride
+        lse_from = (compress_keys(k, ck, cs), ck, cs)
+    elif normalizer != "exact":
+        raise ValueError(f"normalizer must be 'exact' or 'coarse', got {normalizer!r}")
+    win = group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_from)
+    nb = math.ceil(tk / block_size)
+    scores = block_scores_from_windows(win, nb, block_size, kernel_size, kernel_stride)
+    blocks = select_blocks(scores, pos, block_size=block_size, init_blocks=init_blocks, topk=topk,
+                           window_size=window_size)
+    keys = blocks.repeat_interleave(block_size, dim=-1)[..., :tk]
+    causal = pos.view(-1, 1) >= torch.arange(tk, device=q.device).view(1, -1)
+    return keys & causal
