@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,22 @@ except Exception:  # the exported model runs without the kernels
     _kernels = None
 
 logger = logging.getLogger(__name__)
+
+# Files written next to exported weights; each imports only torch, transformers and its siblings.
+MODEL_FILES = ("configuration_sala_hybrid.py", "modeling_sala_hybrid.py", "lightning_attention.py", "sparse_attention.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_sala_hybrid.SalaHybridConfig",
+    "AutoModel": "modeling_sala_hybrid.SalaHybridModel",
+    "AutoModelForCausalLM": "modeling_sala_hybrid.SalaHybridForCausalLM",
+}
+
+
+def copy_model_code(save_directory) -> None:
+    here, out = Path(__file__).parent, Path(save_directory)
+    for name in MODEL_FILES:
+        if (here / name).resolve() != (out / name).resolve():
+            shutil.copy2(here / name, out / name)
+
 
 # transformers renamed the cache argument/output from `past_key_values` to `cache` in 5.2x.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -584,6 +602,12 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
             new = inputs["input_ids"].shape[1] if "input_ids" in inputs else inputs_embeds.shape[1]
             inputs["position_ids"] = pos[:, -new:]
         return inputs
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """HF save, plus the modeling files and ``auto_map`` so ``trust_remote_code=True`` loads it anywhere."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        copy_model_code(save_directory)
 
     def _reorder_cache(self, cache, beam_idx):
         cache.reorder_cache(beam_idx)

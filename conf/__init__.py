@@ -1,0 +1,1 @@
+"""Hydra config groups and recipes (package data of ``salatrain.conf``)."""

@@ -1,0 +1,1 @@
+"""Stage and pipeline recipes for `salatrain train recipe=<name>` and `salatrain pipeline recipe=<name>`."""

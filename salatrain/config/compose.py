@@ -1,0 +1,110 @@
+"""Compose a command's typed config from its schema, an optional recipe and ``key=value`` overrides (Hydra).
+
+Hydra's compose API is used (no ``@hydra.main``): nothing is written outside ``output_dir``, no ``outputs/``
+folders, no logging reconfiguration. Mistakes become one-line ``UserError`` messages; an unknown or misspelt
+key names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import UserError
+from .store import register
+
+CONFIG_MODULE = "salatrain.conf"
+_KEY_RE = re.compile(r"^[+~]{0,2}([A-Za-z_][\w.\-/@]*)(?==|$)")
+
+
+def flat_keys(node: Any, prefix: str = "") -> list[str]:
+    """All dotted keys of a config node (leaves and intermediate nodes)."""
+    out = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            key = f"{prefix}{k}"
+            out.append(key)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig) and not child._is_none():
+                out.extend(flat_keys(child, key + "."))
+    return out
+
+
+def override_key(override: str) -> str | None:
+    m = _KEY_RE.match(override.strip())
+    return m.group(1) if m else None
+
+
+def closest(key: str, valid: list[str]) -> str | None:
+    hits = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if hits:
+        return hits[0]
+    leaf = key.rsplit(".", 1)[-1]
+    hits = difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1, cutoff=0.6)
+    return next((v for v in valid if v.rsplit(".", 1)[-1] == hits[0]), None) if hits else None
+
+
+def compose_config(config_name: str, overrides: list[str], groups: tuple[str, ...] = ()) -> DictConfig:
+    """Compose ``config_name`` (a schema or recipe) with ``overrides``; clear errors for bad keys/values."""
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        try:
+            return compose(config_name=config_name, overrides=overrides)
+        except MissingConfigException as e:
+            raise UserError(_missing_config_message(e, config_name)) from None
+        except (ConfigCompositionException, HydraException, OmegaConfBaseException) as e:
+            base = _compose_quietly(config_name, [o for o in overrides if override_key(o) in groups])
+            raise UserError(_explain(e, overrides, base, groups)) from None
+
+
+def _compose_quietly(config_name, overrides):
+    try:
+        return compose(config_name=config_name, overrides=overrides)
+    except Exception:
+        return None
+
+
+def _missing_config_message(e: MissingConfigException, config_name: str) -> str:
+    msg = str(e).splitlines()[0]
+    options = getattr(e, "options", None)
+    if options:
+        msg += f"; available: {', '.join(sorted(options))}"
+    return msg
+
+
+def _explain(e: Exception, overrides: list[str], base: DictConfig | None, groups: tuple[str, ...]) -> str:
+    if base is not None:
+        valid = flat_keys(base) + list(groups)
+        for o in overrides:
+            key = override_key(o)
+            if key is None:
+                return f"cannot parse override {o!r}; use key=value"
+            if key not in valid and not o.startswith("+"):
+                hint = closest(key, valid)
+                return f"unknown config key {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
+    text = str(e)
+    cause = e.__cause__ or e.__context__
+    if cause is not None and isinstance(cause, OmegaConfBaseException):
+        text = str(cause)
+    first = " ".join(line.strip() for line in text.splitlines()[:2] if line.strip())
+    return f"invalid configuration: {first}"
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The typed dataclass behind a composed config (raises UserError on missing/invalid values)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(f"invalid configuration: {str(e).splitlines()[0]}") from None
+
+
+def to_yaml(cfg: DictConfig | ListConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

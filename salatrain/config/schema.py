@@ -1,0 +1,63 @@
+"""Typed configuration schemas shared by the commands (registered with Hydra's ConfigStore in ``store.py``).
+
+Every command's config is a dataclass; the CLI composes it from defaults, recipes and ``key=value``
+overrides, validates it, and converts it to the dataclass with ``OmegaConf.to_object`` so that everything
+below the CLI is typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class SparseSettings:
+    """InfLLM-V2 settings of the sparse layers (DESIGN §2); MiniCPM4/SALA values by default."""
+
+    block_size: int = 64
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    topk: int = 64
+    window_size: int = 2048
+    dense_len: int = 8192
+    normalizer: str = "exact"
+    use_rope: bool = False
+    nope_logit_scale: bool = False
+    nope_logit_scale_base: float = 500.0
+
+
+@dataclass
+class LightningSettings:
+    chunk_size: int = 64
+    use_rope: bool = True
+    norm_eps: Optional[float] = None
+
+
+@dataclass
+class PlanSettings:
+    """Exactly one of ``file``, ``sparse_layers`` or ``method`` chooses the layer plan."""
+
+    file: Optional[str] = None
+    sparse_layers: Optional[list[int]] = None
+    method: Optional[str] = None  # "uniform"
+    ratio: float = 0.25
+
+
+@dataclass
+class ConvertConfig:
+    """salatrain convert model=<dense dir> output_dir=<dir> plan.method=uniform plan.ratio=0.25"""
+
+    model: Optional[str] = None
+    output_dir: Optional[str] = None
+    plan: PlanSettings = field(default_factory=PlanSettings)
+    aligned: Optional[str] = None  # align-stage output whose Lightning layers replace the fresh transfer
+    sparse: SparseSettings = field(default_factory=SparseSettings)
+    lightning: LightningSettings = field(default_factory=LightningSettings)
+    dtype: str = "auto"  # auto (as stored) | float32 | bfloat16 | float16
+    max_shard_size: str = "5GB"
+    kl_check: bool = True
+    kl_check_tokens: int = 64
+    allow_pickle: bool = False
+    overwrite: bool = False

@@ -1,0 +1,1 @@
+"""Dense checkpoint + layer plan → hybrid checkpoint."""

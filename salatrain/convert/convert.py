@@ -1,0 +1,244 @@
+"""Dense HF checkpoint + layer plan → hybrid HF checkpoint + ``conversion_report.json``.
+
+Tensors stream from the source one layer at a time into safetensors shards, so converting needs about one
+shard plus one layer of memory (the optional KL check loads both models and is skipped when they don't fit).
+The output directory appears only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config.schema import ConvertConfig, PlanSettings
+from ..errors import UserError
+from ..hf_checkpoint import CheckpointDir, ShardWriter, atomic_output_dir, copy_side_files, parse_size
+from ..models import SalaHybridConfig, SalaHybridForCausalLM
+from ..models.families import family_for
+from ..models.export import write_model_code
+from ..models.plan import plan_from_file, plan_from_sparse_layers, uniform_layers
+from .transfer import INIT_NOTES, transfer_attention
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_plan(plan: PlanSettings, num_layers: int) -> list[str]:
+    chosen = [name for name, v in (("file", plan.file), ("sparse_layers", plan.sparse_layers), ("method", plan.method))
+              if v is not None]
+    if len(chosen) != 1:
+        raise UserError(
+            "choose the layer plan with exactly one of plan.file=<layer_plan.json>, plan.sparse_layers=[...] or "
+            f"plan.method=uniform (got {', '.join(chosen) or 'none'})"
+        )
+    try:
+        if plan.file is not None:
+            return plan_from_file(plan.file, num_layers)
+        if plan.sparse_layers is not None:
+            return plan_from_sparse_layers(num_layers, list(plan.sparse_layers))
+        if plan.method != "uniform":
+            raise ValueError(f"plan.method must be 'uniform' here (got {plan.method!r}); `salatrain select` offers "
+                             "the other methods and writes a plan file")
+        return plan_from_sparse_layers(num_layers, uniform_layers(num_layers, plan.ratio))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def hybrid_config(src: CheckpointDir, mixer_types: list[str] | None, sparse=None, lightning=None) -> SalaHybridConfig:
+    """The hybrid config for a dense checkpoint (``mixer_types=None``: every layer full_attention)."""
+    try:
+        family = family_for(src.model_type)
+    except ValueError as e:
+        raise UserError(f"{src.path}: {e}") from None
+    kw = family.hybrid_config_kwargs(src.config)
+    if mixer_types is not None:
+        kw["mixer_types"] = mixer_types
+    if sparse is not None:
+        kw["sparse_config"] = dataclasses.asdict(sparse)
+    if lightning is not None:
+        kw["lightning_config"] = dataclasses.asdict(lightning)
+    return SalaHybridConfig(**kw)
+
+
+def meta_shapes(cfg: SalaHybridConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = SalaHybridForCausalLM(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_source_keys(src: CheckpointDir, dense_cfg: SalaHybridConfig) -> None:
+    """Every key mapped or explicitly dropped, every shape as the config says; otherwise a clear error."""
+    family = family_for(src.model_type)
+    expected = meta_shapes(dense_cfg)
+    found = src.shapes()
+    unknown = [k for k in found if k not in expected and not family.is_dropped(k)
+               and not (k == "lm_head.weight" and dense_cfg.tie_word_embeddings)]
+    if unknown:
+        more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise UserError(f"{src.path}: checkpoint key(s) not understood by the {family.name} adapter: "
+                        f"{unknown[:3]}{more}")
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise UserError(f"{src.path}: checkpoint lacks {len(missing)} expected key(s), e.g. {missing[:3]}")
+    for k, shape in expected.items():
+        if tuple(found[k]) != shape:
+            raise UserError(f"{src.path}: {k} has shape {list(found[k])}, config.json implies {list(shape)}")
+
+
+def convert(cfg: ConvertConfig) -> Path:
+    """Run the conversion described by ``cfg``; returns the output directory."""
+    if not cfg.model:
+        raise UserError("missing model=<dense HF checkpoint dir>")
+    if not cfg.output_dir:
+        raise UserError("missing output_dir=<dir>")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise UserError(f"dtype must be auto, {', '.join(DTYPES)} (got {cfg.dtype!r})")
+    t0 = time.time()
+    src = CheckpointDir(cfg.model, allow_pickle=cfg.allow_pickle)
+    dense_cfg = hybrid_config(src, None)
+    plan = resolve_plan(cfg.plan, dense_cfg.num_hidden_layers)
+    hcfg = hybrid_config(src, plan, cfg.sparse, cfg.lightning)
+    check_source_keys(src, dense_cfg)
+    aligned = _open_aligned(cfg.aligned, src, hcfg) if cfg.aligned else None
+    targets = meta_shapes(hcfg)
+    out = Path(cfg.output_dir)
+    with atomic_output_dir(out, overwrite=cfg.overwrite) as tmp:
+        writer = ShardWriter(tmp, parse_size(cfg.max_shard_size))
+        with src.reader() as reader:
+            aligned_reader = aligned.reader() if aligned else None
+            try:
+                _stream(reader, aligned_reader, hcfg, targets, writer, DTYPES.get(cfg.dtype))
+            finally:
+                if aligned_reader is not None:
+                    aligned_reader.__exit__(None, None, None)
+        shards = writer.finish()
+        save_config(hcfg, tmp, dtype=cfg.dtype if cfg.dtype != "auto" else _stored_dtype(src))
+        side = copy_side_files(src.path, tmp)
+        report = _report(cfg, src, dense_cfg, hcfg, plan, targets, shards, side, t0)
+        report["kl_check"] = kl_check(src, tmp, cfg.kl_check_tokens) if cfg.kl_check else {"skipped": "kl_check=false"}
+        report["seconds"] = round(time.time() - t0, 1)
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2))
+    return out
+
+
+def _stream(reader, aligned_reader, hcfg, targets, writer, dtype):
+    layer_of = {}
+    for key in targets:
+        parts = key.split(".")
+        layer_of[key] = int(parts[2]) if key.startswith("model.layers.") else None
+    by_layer: dict = {}
+    for key, layer in layer_of.items():
+        by_layer.setdefault(layer, []).append(key)
+    order = [None] + list(range(hcfg.num_hidden_layers))
+    for layer in tqdm(order, desc="convert", unit="layer"):
+        keys = by_layer.get(layer, [])
+        if layer is None:
+            tensors = {k: reader.get(k) for k in keys}
+        else:
+            tensors = _layer_tensors(reader, aligned_reader, hcfg, layer, keys)
+        for key in keys:
+            t = tensors[key]
+            if tuple(t.shape) != targets[key]:
+                raise AssertionError(f"{key}: produced {tuple(t.shape)}, expected {targets[key]}")
+            writer.add(key, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+
+def _layer_tensors(reader, aligned_reader, hcfg, layer, keys):
+    prefix = f"model.layers.{layer}."
+    attn_prefix = prefix + "self_attn."
+    mixer = hcfg.mixer_types[layer]
+    out = {k: reader.get(k) for k in keys if not k.startswith(attn_prefix)}
+    if mixer == "linear_attention" and aligned_reader is not None:
+        new = {k[len(attn_prefix):]: aligned_reader.get(k) for k in aligned_reader.ckpt.key_files()
+               if k.startswith(attn_prefix)}
+    else:
+        dense_keys = [k for k in reader.ckpt.key_files() if k.startswith(attn_prefix)
+                      and not family_for(reader.ckpt.model_type).is_dropped(k)]
+        dense = {k[len(attn_prefix):]: reader.get(k) for k in dense_keys}
+        new = transfer_attention(mixer, dense, hcfg)
+    out.update({attn_prefix + k: v for k, v in new.items()})
+    return out
+
+
+def _open_aligned(path, src: CheckpointDir, hcfg: SalaHybridConfig) -> CheckpointDir:
+    aligned = CheckpointDir(path, what="aligned")
+    report = aligned.path / "align_report.json"
+    if report.is_file():
+        fp = json.loads(report.read_text()).get("base_fingerprint")
+        if fp and fp != src.fingerprint():
+            raise UserError(f"aligned checkpoint {aligned.path} was aligned from a different base model than "
+                            f"{src.path} (fingerprint {fp} != {src.fingerprint()})")
+    mt = aligned.config.get("mixer_types") or []
+    if len(mt) != hcfg.num_hidden_layers or any(m != "linear_attention" for m in mt):
+        raise UserError(f"{aligned.path} is not an align output (expected every layer linear_attention)")
+    return aligned
+
+
+def _stored_dtype(src: CheckpointDir) -> str:
+    d = src.config.get("dtype") or src.config.get("torch_dtype") or "float32"
+    return d if d in DTYPES else "float32"
+
+
+def save_config(hcfg: SalaHybridConfig, out: Path, dtype: str) -> None:
+    """config.json with ``auto_map`` plus the modeling files, so ``trust_remote_code`` loads it anywhere."""
+    hcfg = SalaHybridConfig(**{**hcfg.to_dict(), "dtype": dtype})
+    write_model_code(hcfg, out)
+
+
+def _report(cfg, src, dense_cfg, hcfg, plan, targets, shards, side, t0):
+    dense = meta_shapes(dense_cfg)
+    n_dense = sum(_numel(s) for s in dense.values())
+    n_hybrid = sum(_numel(s) for s in targets.values())
+    return {
+        "source": str(src.path),
+        "source_fingerprint": src.fingerprint(),
+        "family": hcfg.base_model_type,
+        "mixer_types": plan,
+        "sparse_layers": [i for i, m in enumerate(plan) if m == "sparse_attention"],
+        "linear_layers": [i for i, m in enumerate(plan) if m == "linear_attention"],
+        "aligned": cfg.aligned,
+        "parameters": {"dense": n_dense, "hybrid": n_hybrid, "added": n_hybrid - n_dense},
+        "initialisation": {m: INIT_NOTES[m] for m in sorted(set(plan))},
+        "sparse_config": hcfg.sparse_config,
+        "lightning_config": hcfg.lightning_config,
+        "shards": shards,
+        "side_files": side,
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def kl_check(src: CheckpointDir, hybrid_dir: Path, num_tokens: int, num_seqs: int = 4) -> dict:
+    """Mean per-token KL(dense ‖ hybrid) of next-token distributions on a few short random sequences."""
+    import psutil
+
+    need = 2 * sum(f.stat().st_size for f in src.weight_files or src.pickle_files) * 2.5
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        return {"skipped": f"two models need ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free"}
+    from ..models.loading import load_dense_as_hybrid
+
+    dense = load_dense_as_hybrid(src).eval()
+    hybrid = SalaHybridForCausalLM.from_pretrained(hybrid_dir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, dense.config.vocab_size, (num_seqs, num_tokens), generator=g)
+    with torch.no_grad():
+        p = torch.log_softmax(dense(ids, use_cache=False).logits.float(), -1)
+        q = torch.log_softmax(hybrid(ids, use_cache=False).logits.float(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "sequences": num_seqs, "tokens": num_tokens,
+            "inputs": "uniform random token ids, seed 0"}

@@ -1,0 +1,67 @@
+"""Weight transfer from a dense attention layer to a Lightning or InfLLM-V2 layer (DESIGN §2).
+
+Input and output dicts are keyed by parameter name inside ``self_attn`` (``q_proj.weight``, ...).
+
+Lightning: Q/K/V/O copied; GQA K/V heads repeated (repeat_interleave) to one per query head; q/k RMSNorm
+weights copied when the base has them (Qwen3) else ones; output RMSNorm ones; the new gate W_z = 0 so
+σ(W_z x) = ½, and o_proj is doubled so the gate is an exact identity at conversion.
+InfLLM-V2: Q/K/V/O unchanged (GQA kept, no new selection parameters); the new gate W_g = 0 with o_proj
+doubled, so at conversion the layer equals the dense layer without RoPE (or with it, if kept).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.configuration_sala_hybrid import SalaHybridConfig
+
+INIT_NOTES = {
+    "linear_attention": {
+        "q_proj, o_proj": "copied from the dense layer (o_proj ×2, see z_proj)",
+        "k_proj, v_proj": "copied; GQA heads repeated to one K/V head per query head (repeat_interleave ×G)",
+        "q_norm, k_norm": "copied from the base q_norm/k_norm when present, else ones",
+        "o_norm": "ones (RMSNorm over all heads)",
+        "z_proj": "zeros: σ(0) = ½, compensated by o_proj ×2, so the gate is an identity at conversion",
+        "decay": "fixed per head s_h = 2^(-8h/H), not trained",
+    },
+    "sparse_attention": {
+        "q_proj, k_proj, v_proj": "copied unchanged (GQA kept; no extra parameters for block selection)",
+        "o_proj": "copied ×2 (see g_proj)",
+        "g_proj": "zeros: σ(0) = ½, compensated by o_proj ×2, so the layer equals the dense one at conversion",
+        "position encoding": "RoPE removed (NoPE) unless sparse.use_rope=true",
+    },
+    "full_attention": {"all": "copied unchanged"},
+}
+
+
+def _repeat_heads(w: torch.Tensor, num_kv_heads: int, groups: int) -> torch.Tensor:
+    """[HKV·D, ...] → [HKV·G·D, ...], each KV head repeated G times in place (repeat_interleave)."""
+    shape = w.shape
+    w = w.reshape(num_kv_heads, shape[0] // num_kv_heads, *shape[1:])
+    return w.repeat_interleave(groups, dim=0).reshape(shape[0] * groups, *shape[1:])
+
+
+def transfer_attention(mixer: str, dense: dict[str, torch.Tensor], cfg: SalaHybridConfig) -> dict[str, torch.Tensor]:
+    """Parameters of the ``mixer`` layer built from the dense layer's ``self_attn`` parameters."""
+    if mixer == "full_attention":
+        return dict(dense)
+    out = {k: v for k, v in dense.items() if k.startswith(("q_proj.", "k_proj.", "v_proj.", "o_proj."))}
+    out["o_proj.weight"] = dense["o_proj.weight"] * 2
+    d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    ref = dense["q_proj.weight"]
+    if mixer == "sparse_attention":
+        if cfg.qk_norm:
+            out["q_norm.weight"], out["k_norm.weight"] = dense["q_norm.weight"], dense["k_norm.weight"]
+        out["g_proj.weight"] = torch.zeros(hq * d, cfg.hidden_size, dtype=ref.dtype)
+        return out
+    if mixer != "linear_attention":
+        raise ValueError(f"unknown mixer type {mixer!r}")
+    for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
+        if name in dense:
+            out[name] = _repeat_heads(dense[name], hkv, hq // hkv)
+    ones = torch.ones(d, dtype=ref.dtype)
+    out["q_norm.weight"] = dense.get("q_norm.weight", ones)
+    out["k_norm.weight"] = dense.get("k_norm.weight", ones.clone())
+    out["o_norm.weight"] = torch.ones(hq * d, dtype=ref.dtype)
+    out["z_proj.weight"] = torch.zeros(hq * d, cfg.hidden_size, dtype=ref.dtype)
+    return out
