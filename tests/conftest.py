@@ -12,6 +12,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU (set before they import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tests.helpers.checkpoints import make_dense_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
