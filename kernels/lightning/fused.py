@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk import new_buffer
+
 MAX_PROGRAMS = 2048
 
 
@@ -162,12 +164,13 @@ class QKNormRopeFunction(torch.autograd.Function):
         HK = k.shape[2]
         q, k = q.contiguous(), k.contiguous()
         cos, sin, cos_bstride = _rope_tables(cos, sin, B, T, D)
-        qo, ko = torch.empty_like(q), torch.empty_like(k)
+        qo, ko = new_buffer(q), new_buffer(k)
         num_prog, per_prog = _programs(B * T)
         _qk_norm_rope_fwd_kernel[(num_prog,)](
             q, k, qo, ko, q_weight, k_weight, cos, sin, B * T, T, cos_bstride, eps, per_prog,
             HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
-            BD=triton.next_power_of_2(D), num_warps=4)
+            BD=triton.next_power_of_2(D),
+            num_warps=_row_warps(triton.next_power_of_2(max(HQ, HK)) * triton.next_power_of_2(D)))
         ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
         ctx.eps, ctx.cos_bstride = eps, cos_bstride
         return qo, ko
@@ -179,15 +182,16 @@ class QKNormRopeFunction(torch.autograd.Function):
         HK = k.shape[2]
         dqo = torch.zeros_like(q) if dqo is None else dqo.contiguous()
         dko = torch.zeros_like(k) if dko is None else dko.contiguous()
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dq, dk = new_buffer(q), new_buffer(k)
         num_prog, per_prog = _programs(B * T)
-        dqw = q.new_empty(num_prog, D, dtype=torch.float32)
-        dkw = q.new_empty(num_prog, D, dtype=torch.float32)
+        dqw = new_buffer(q, (num_prog, D), torch.float32)
+        dkw = new_buffer(q, (num_prog, D), torch.float32)
         _qk_norm_rope_bwd_kernel[(num_prog,)](
             q, k, dqo, dko, dq, dk, q_weight, k_weight, dqw, dkw, cos, sin,
             B * T, T, ctx.cos_bstride, ctx.eps, per_prog,
             HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
-            BD=triton.next_power_of_2(D), num_warps=4)
+            BD=triton.next_power_of_2(D),
+            num_warps=_row_warps(triton.next_power_of_2(max(HQ, HK)) * triton.next_power_of_2(D)))
         return (dq, dk, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype), None, None, None)
 
 
@@ -248,7 +252,7 @@ class OutNormGateFunction(torch.autograd.Function):
         o, z = o.contiguous(), z.contiguous()
         N = o.shape[-1]
         rows = o.numel() // N
-        y = torch.empty_like(o)
+        y = new_buffer(o)
         num_prog, per_prog = _programs(rows)
         BN = triton.next_power_of_2(N)
         _out_norm_gate_fwd_kernel[(num_prog,)](o, z, weight, y, rows, eps, per_prog, N=N, BN=BN,
@@ -262,9 +266,9 @@ class OutNormGateFunction(torch.autograd.Function):
         o, z, weight = ctx.saved_tensors
         N = o.shape[-1]
         rows = o.numel() // N
-        do, dz = torch.empty_like(o), torch.empty_like(z)
+        do, dz = new_buffer(o), new_buffer(z)
         num_prog, per_prog = _programs(rows)
-        dw = o.new_empty(num_prog, N, dtype=torch.float32)
+        dw = new_buffer(o, (num_prog, N), torch.float32)
         BN = triton.next_power_of_2(N)
         _out_norm_gate_bwd_kernel[(num_prog,)](o, z, weight, dy.contiguous(), do, dz, dw, rows, ctx.eps,
                                                per_prog, N=N, BN=BN, num_warps=_row_warps(BN))
