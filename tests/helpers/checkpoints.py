@@ -53,9 +53,9 @@ def make_dense_checkpoint(family: str, out: Path, seed: int = 0, minicpm_scales:
         n = cfg["num_hidden_layers"]
         cfg.update(model_type="minicpm", architectures=["MiniCPMForCausalLM"], scale_emb=1.0,
                    scale_depth=math.sqrt(n), dim_model_base=cfg["hidden_size"], use_mup=True)
-        cfg.update(minicpm_scales or {})
         cfg.pop("rope_parameters", None)
         cfg["rope_theta"] = 10000.0
         cfg["rope_scaling"] = None
+        cfg.update(minicpm_scales or {})
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out

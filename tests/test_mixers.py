@@ -1,0 +1,135 @@
+"""The model's PyTorch mixers against independent references (tests/helpers/naive.py)."""
+
+import pytest
+import torch
+
+from salatrain.models import SalaHybridConfig
+from salatrain.models.lightning_attention import lightning_attn_torch, lightning_step
+from salatrain.models.modeling_sala_hybrid import FullAttention, SeqInfo, SparseAttention
+from salatrain.models.sparse_attention import infllmv2_attn_torch
+from tests.helpers.naive import infllmv2_naive, lightning_quadratic
+
+SMALL_SPARSE = dict(block_size=8, kernel_size=4, kernel_stride=2, init_blocks=1, topk=2, window_size=8)
+
+
+def _qkv(b, t, h, d, hkv=None, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hkv = hkv or h
+    return (torch.randn(b, t, h, d, generator=g, dtype=dtype), torch.randn(b, t, hkv, d, generator=g, dtype=dtype),
+            torch.randn(b, t, hkv, d, generator=g, dtype=dtype))
+
+
+def _decay(h):
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("t", [1, 63, 64, 100, 130])
+def test_lightning_chunked_equals_recurrent_and_quadratic(t):
+    q, k, v = _qkv(2, t, 3, 16)
+    s = _decay(3)
+    ref = lightning_quadratic(q, k, v, s, 16**-0.5)
+    chunked, state = lightning_attn_torch(q, k, v, s, output_final_state=True)
+    recurrent, rstate = lightning_step(q, k, v, s, torch.zeros(2, 3, 16, 16, dtype=torch.float64))
+    assert torch.allclose(chunked, ref, atol=1e-10)
+    assert torch.allclose(recurrent, ref, atol=1e-10)
+    assert torch.allclose(state, rstate, atol=1e-10)
+
+
+def test_lightning_initial_state_continues_the_sequence():
+    q, k, v = _qkv(1, 150, 2, 8)
+    s = _decay(2)
+    full, full_state = lightning_attn_torch(q, k, v, s, output_final_state=True)
+    a, st = lightning_attn_torch(q[:, :70], k[:, :70], v[:, :70], s, output_final_state=True)
+    b, st2 = lightning_attn_torch(q[:, 70:], k[:, 70:], v[:, 70:], s, initial_state=st, output_final_state=True)
+    assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-10)
+    assert torch.allclose(st2, full_state, atol=1e-10)
+
+
+def test_lightning_packed_documents_do_not_mix():
+    lens = [37, 64, 90]
+    q, k, v = _qkv(1, sum(lens), 2, 8)
+    s = _decay(2)
+    cu = torch.tensor([0, 37, 101, 191], dtype=torch.int32)
+    packed, states = lightning_attn_torch(q, k, v, s, cu_seqlens=cu, output_final_state=True)
+    assert states.shape == (3, 2, 8, 8)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = lightning_quadratic(q[:, a:b], k[:, a:b], v[:, a:b], s, 8**-0.5)
+        assert torch.allclose(packed[:, a:b], ref, atol=1e-10)
+
+
+def test_sparse_equals_dense_causal_when_every_block_is_visible():
+    q, k, v = _qkv(2, 40, 6, 8, hkv=2)  # 5 blocks of 8 <= topk + window/block = 3 ... use a large topk
+    params = dict(SMALL_SPARSE, topk=8, dense_len=0)
+    out = infllmv2_attn_torch(q, k, v, **params)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(3, 2).transpose(1, 2), v.repeat_interleave(3, 2).transpose(1, 2),
+        is_causal=True).transpose(1, 2)
+    assert torch.allclose(out, dense, atol=1e-10)
+
+
+@pytest.mark.parametrize("hq,hkv,t,dense_len", [(4, 2, 61, 20), (3, 1, 77, 33), (4, 4, 50, 0)])
+def test_sparse_equals_naive_rule(hq, hkv, t, dense_len):
+    q, k, v = _qkv(1, t, hq, 8, hkv=hkv, seed=hq * t)
+    params = dict(SMALL_SPARSE, dense_len=dense_len)
+    out = infllmv2_attn_torch(q, k, v, **params)
+    ref = infllmv2_naive(q[0], k[0], v[0], **params)
+    assert torch.allclose(out[0], ref, atol=1e-10)
+
+
+def test_sparse_really_drops_blocks():
+    """At T past dense_len with a small budget the output differs from dense attention."""
+    q, k, v = _qkv(1, 80, 2, 8, hkv=1)
+    sparse = infllmv2_attn_torch(q, k, v, **SMALL_SPARSE, dense_len=16)
+    dense = infllmv2_attn_torch(q, k, v, **SMALL_SPARSE, dense_len=10_000)
+    assert torch.allclose(sparse[:, :16], dense[:, :16], atol=1e-12)
+    assert (sparse[:, 40:] - dense[:, 40:]).abs().max() > 1e-3
+
+
+def test_sparse_decode_queries_equal_prefill():
+    """The last Tq queries against all keys give the same rows as a full prefill (per-position dense_len)."""
+    q, k, v = _qkv(1, 70, 4, 8, hkv=2)
+    params = dict(SMALL_SPARSE, dense_len=30)
+    full = infllmv2_attn_torch(q, k, v, **params)
+    for tq in (1, 5, 45):
+        tail = infllmv2_attn_torch(q[:, -tq:], k, v, **params)
+        assert torch.allclose(tail, full[:, -tq:], atol=1e-12)
+
+
+def test_sparse_packed_documents_restart():
+    lens = [30, 45]
+    q, k, v = _qkv(1, 75, 2, 8, hkv=1)
+    params = dict(SMALL_SPARSE, dense_len=12)
+    cu = torch.tensor([0, 30, 75], dtype=torch.int32)
+    packed = infllmv2_attn_torch(q, k, v, cu_seqlens=cu, **params)
+    for a, b in zip((0, 30), (30, 75)):
+        ref = infllmv2_naive(q[0, a:b], k[0, a:b], v[0, a:b], **params)
+        assert torch.allclose(packed[0, a:b], ref, atol=1e-10)
+    assert sum(lens) == 75
+
+
+def test_sparse_coarse_normaliser_runs_and_differs_only_in_selection():
+    q, k, v = _qkv(1, 90, 2, 8, hkv=1)
+    exact = infllmv2_attn_torch(q, k, v, **SMALL_SPARSE, dense_len=0, normalizer="exact")
+    coarse = infllmv2_attn_torch(q, k, v, **SMALL_SPARSE, dense_len=0, normalizer="coarse")
+    assert exact.shape == coarse.shape and torch.isfinite(coarse).all()
+    with pytest.raises(ValueError, match="normalizer"):
+        infllmv2_attn_torch(q, k, v, **SMALL_SPARSE, dense_len=0, normalizer="bogus")
+
+
+def test_sparse_layer_after_conversion_equals_dense_layer_without_rope():
+    """Right after conversion (gate identity, NoPE) a sparse layer = the dense layer with RoPE removed."""
+    from salatrain.convert.transfer import transfer_attention
+
+    cfg = SalaHybridConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, mixer_types=["sparse_attention"],
+                           sparse_config=dict(SMALL_SPARSE, topk=16, dense_len=0))
+    torch.manual_seed(0)
+    dense = FullAttention(cfg, 0).double()
+    sparse = SparseAttention(cfg, 0).double()
+    state = {k: v for k, v in dense.state_dict().items()}
+    sparse.load_state_dict(transfer_attention("sparse_attention", state, cfg))
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    seq = SeqInfo(torch.arange(20).view(1, -1).expand(2, -1))
+    no_rope = (torch.ones(2, 20, 8, dtype=torch.float64), torch.zeros(2, 20, 8, dtype=torch.float64))
+    with torch.no_grad():
+        assert torch.allclose(sparse(x, no_rope, seq, None), dense(x, no_rope, seq, None), atol=1e-12)
