@@ -46,9 +46,7 @@ if _INTERPRET:
 else:
     _CONFIGS = [
         triton.Config({"BV": bv}, num_warps=w, num_stages=s)
-        for bv in (32, 64)
-        for w in (4, 8)
-        for s in (2, 3)
+        for bv, w, s in ((32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3))
     ]
 
 

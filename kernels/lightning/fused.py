@@ -27,7 +27,11 @@ import triton.language as tl
 
 from .chunk import new_buffer
 
-MAX_PROGRAMS = 2048
+# Programs per launch: forwards take one row each; backwards loop over a few rows to bound the weight-gradient
+# partials ([programs, D] for q/k, [programs, H*D] for the output norm).
+MAX_PROGRAMS_FWD = 1 << 20
+MAX_PROGRAMS_QK_BWD = 1 << 14
+MAX_PROGRAMS_OUT_BWD = 1 << 12
 
 
 def rms_norm_hf(x, weight, eps):
@@ -56,9 +60,12 @@ def out_norm_gate_torch(o, z, weight, eps):
     return (rms_norm_hf(o, weight, eps) * torch.sigmoid(z)).to(o.dtype)
 
 
-def _programs(rows):
-    num_prog = min(rows, MAX_PROGRAMS)
-    return num_prog, triton.cdiv(rows, num_prog)
+def _programs(rows, max_programs):
+    """(number of programs, rows per program)."""
+    if rows == 0:
+        return 1, 0
+    per_prog = triton.cdiv(rows, max(1, min(rows, max_programs)))
+    return triton.cdiv(rows, per_prog), per_prog
 
 
 @triton.jit
@@ -165,7 +172,7 @@ class QKNormRopeFunction(torch.autograd.Function):
         q, k = q.contiguous(), k.contiguous()
         cos, sin, cos_bstride = _rope_tables(cos, sin, B, T, D)
         qo, ko = new_buffer(q), new_buffer(k)
-        num_prog, per_prog = _programs(B * T)
+        num_prog, per_prog = _programs(B * T, MAX_PROGRAMS_FWD)
         _qk_norm_rope_fwd_kernel[(num_prog,)](
             q, k, qo, ko, q_weight, k_weight, cos, sin, B * T, T, cos_bstride, eps, per_prog,
             HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
@@ -183,7 +190,7 @@ class QKNormRopeFunction(torch.autograd.Function):
         dqo = torch.zeros_like(q) if dqo is None else dqo.contiguous()
         dko = torch.zeros_like(k) if dko is None else dko.contiguous()
         dq, dk = new_buffer(q), new_buffer(k)
-        num_prog, per_prog = _programs(B * T)
+        num_prog, per_prog = _programs(B * T, MAX_PROGRAMS_QK_BWD)
         dqw = new_buffer(q, (num_prog, D), torch.float32)
         dkw = new_buffer(q, (num_prog, D), torch.float32)
         _qk_norm_rope_bwd_kernel[(num_prog,)](
@@ -253,7 +260,7 @@ class OutNormGateFunction(torch.autograd.Function):
         N = o.shape[-1]
         rows = o.numel() // N
         y = new_buffer(o)
-        num_prog, per_prog = _programs(rows)
+        num_prog, per_prog = _programs(rows, MAX_PROGRAMS_FWD)
         BN = triton.next_power_of_2(N)
         _out_norm_gate_fwd_kernel[(num_prog,)](o, z, weight, y, rows, eps, per_prog, N=N, BN=BN,
                                                num_warps=_row_warps(BN))
@@ -267,7 +274,7 @@ class OutNormGateFunction(torch.autograd.Function):
         N = o.shape[-1]
         rows = o.numel() // N
         do, dz = new_buffer(o), new_buffer(z)
-        num_prog, per_prog = _programs(rows)
+        num_prog, per_prog = _programs(rows, MAX_PROGRAMS_OUT_BWD)
         dw = new_buffer(o, (num_prog, N), torch.float32)
         BN = triton.next_power_of_2(N)
         _out_norm_gate_bwd_kernel[(num_prog,)](o, z, weight, dy.contiguous(), do, dz, dw, rows, ctx.eps,
