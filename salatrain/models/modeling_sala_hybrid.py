@@ -486,16 +486,15 @@ def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache):
             raise ValueError(f"cu_seqlens must run from 0 to the sequence length {t}, got {cu_seqlens.tolist()}")
         pos = _positions_from_cu_seqlens(cu_seqlens.to(dev), t).view(1, t)
         return h, SeqInfo(pos, past, cu_seqlens.to(device=dev, dtype=torch.int32)), pos, False
-    if position_ids is not None and past == 0 and t > 1 and bool((position_ids[:, 1:] == 0).any()):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("packed documents (restarting position_ids) cannot be combined with padding")
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if position_ids is not None and past == 0 and t > 1 and not padded and bool((position_ids[:, 1:] == 0).any()):
         flat = position_ids.reshape(1, -1)
         starts = torch.nonzero(flat[0] == 0).flatten()
         starts = torch.unique(torch.cat([starts, torch.arange(0, b * t, t, device=starts.device)]))
         cu = torch.cat([starts, torch.tensor([b * t], device=starts.device)]).to(torch.int32)
         return h.reshape(1, b * t, -1), SeqInfo(flat, 0, cu.to(dev)), flat, b > 1
     left_pad = None
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+    if padded and attention_mask.dim() == 2:
         mask = attention_mask.bool()
         left_pad = (~mask).long().cumprod(-1).sum(-1)  # leading zeros per row
         idx = torch.arange(mask.shape[1], device=mask.device).view(1, -1)
