@@ -1,0 +1,60 @@
+"""InfLLM-V2 sparse attention (trainable, dense-sparse switchable), Triton kernels + PyTorch references.
+
+Shapes: q [B, Tq, HQ, D]; k, v [B, Tk, HKV, D] with Tq <= Tk: the queries are the LAST Tq positions (chunked
+prefill, decoding). G = HQ / HKV query heads per KV group, any G >= 1. A query's position t counts from the
+start of its document. With cu_seqlens (int32 [N+1], B = 1, Tq = Tk) every document is an independent
+sequence: positions, blocks and windows restart at its start and nothing crosses a boundary.
+
+Parameters (MiniCPM4 / SALA defaults): block_size B_s = 64, kernel_size = 32, kernel_stride = 16,
+init_blocks = 1, topk = 64, window_size = 2048, dense_len = 8192, scale = None (-> D^-1/2),
+normalizer = "exact" | "coarse" (coarse windows: kernel 4·kernel_size, stride 4·kernel_stride = 128 / 64).
+
+A query at position t < dense_len attends densely (exact causal softmax over keys 0..t). For t >= dense_len:
+  1. compressed keys: k_cmp[j] = mean of K over [j·stride, j·stride + kernel_size) for every j with
+     j·stride + kernel_size <= document length; window j ends at e_j = j·stride + kernel_size − 1.
+  2. per query head h: p_h(j) = softmax_j(scale · q_t·k_cmp[j]) over the windows with e_j <= t, and the
+     group score g(j) = sum of p_h(j) over the heads of the group. normalizer="coarse" (InfLLM-V2's
+     approximation) instead uses p_h(j) = exp(scale · q·k_cmp[j] − LSE_h), LSE_h the log-sum-exp over the
+     coarse windows ending <= t (+inf when none has ended yet, so p = 0, as FlashAttention reports an
+     empty row).
+  3. block score bs(b) = max of g(j) over windows with e_j <= t overlapping block b (j·stride < (b+1)·B_s
+     and e_j >= b·B_s); -inf if there is none.
+  4. blocks b < init_blocks and every block holding one of the positions max(0, t − window_size + 1)..t
+     score +inf; future blocks (b·B_s > t) -inf. Visible set = the first K = topk + window_size // B_s
+     blocks of the document sorted by (score descending, block index ascending), future blocks dropped
+     (past blocks scoring -inf may be taken while budget remains).
+  5. output = exact softmax attention over the keys of the visible blocks, causal inside the current block.
+Selection is not differentiated (indices are constants): gradients flow through step 5 only (dq, dk, dv).
+When the visible set covers every block (t < K · B_s) the output equals dense causal attention. Heads of a
+GQA group share the visible blocks. No RoPE is applied here.
+
+Public API (each stage has a pure-PyTorch reference of the same signature in naive.py):
+  infllmv2_attn(q, k, v, ...)                 the full op (interface.py)
+  infllmv2_block_scores(q, k, ...)            (a) [B, HKV, Tq, NBM] fp32 block scores (score.py)
+  infllmv2_select(block_scores, ...)          (b) [B, HKV, Tq, K] int32 visible blocks (selection.py)
+  infllmv2_block_attn(q, k, v, block_idx, ...) (c) attention over given blocks + dense rows (attention.py)
+Triton limits: block_size a power of two >= 16; kernel_stride divides block_size (power-of-two ratio) and
+kernel_size; any head dim (padded to a power of two >= 16) and any G (padded to a power of two, >= 16 rows
+per tl.dot). backend="torch" accepts any parameters.
+"""
+from .attention import infllmv2_block_attn
+from .interface import infllmv2_attn
+from .naive import (
+    infllmv2_attn_naive,
+    infllmv2_block_attn_naive,
+    infllmv2_block_scores_naive,
+    infllmv2_select_naive,
+)
+from .score import infllmv2_block_scores
+from .selection import infllmv2_select
+
+__all__ = [
+    "infllmv2_attn",
+    "infllmv2_block_scores",
+    "infllmv2_select",
+    "infllmv2_block_attn",
+    "infllmv2_attn_naive",
+    "infllmv2_block_scores_naive",
+    "infllmv2_select_naive",
+    "infllmv2_block_attn_naive",
+]

@@ -1,0 +1,99 @@
+"""infllmv2_attn: block scoring -> top-K selection (no gradient) -> attention over the visible blocks.
+
+Scores are only computed for sparse queries (t >= dense_len), in chunks of query rows whose fp32 score
+buffer stays under `score_budget_bytes` (HKV · rows · NBM · 4 bytes; 2 GiB for one 128K sequence in one go,
+32 GiB at 512K), each chunk selected right away into the int32 block lists [HKV, R, K].
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import AttnPlan, SparseAttnFn
+from .layout import DocLayout, SparseParams, check_qkv
+from .naive import infllmv2_attn_naive
+from .score import BlockScorer, resolve_backend
+from .selection import select_rows
+
+__all__ = ["infllmv2_attn", "select_blocks"]
+
+SCORE_BUDGET_BYTES = 512 * 2**20
+
+
+def select_blocks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
+                  score_budget_bytes: int = SCORE_BUDGET_BYTES) -> torch.Tensor:
+    """Visible blocks [HKV, R, K] int32 of every sparse query row (-1 elsewhere), ascending, -1 padded."""
+    kv_heads = k3.shape[1]
+    block_idx = torch.full((kv_heads, layout.num_rows, params.num_selected), -1, dtype=torch.int32,
+                           device=q3.device)
+    scorer = BlockScorer(q3, k3, layout, params, scale)
+    row0, nrows, docs = layout.tiles(scorer.rows_per_tile, params.dense_len)
+    if row0.numel() == 0:
+        return block_idx
+    starts, ends = row0.tolist(), (row0 + nrows).tolist()
+    bytes_per_row = 4 * kv_heads * scorer.num_blocks * (2 if scorer.kernel_ratio > 1 else 1)
+    rows_per_chunk = max(scorer.rows_per_tile, score_budget_bytes // bytes_per_row)
+    first = 0
+    while first < len(starts):
+        last = first
+        while last + 1 < len(starts) and ends[last + 1] - starts[first] <= rows_per_chunk:
+            last += 1
+        row_lo, row_hi = starts[first], ends[last]
+        own, tail = scorer.new_buffers(row_hi - row_lo)
+        tiles = (row0[first : last + 1], nrows[first : last + 1], docs[first : last + 1])
+        scorer.run(own, tail, row_lo, tiles, write_all=False)
+        select_rows(own, None if tail is own else tail, row_lo, block_idx, layout, params, row_lo, row_hi, True)
+        first = last + 1
+    return block_idx
+
+
+def infllmv2_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    init_blocks: int = 1,
+    topk: int = 64,
+    window_size: int = 2048,
+    dense_len: int = 8192,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    normalizer: str = "exact",
+    backend: str = "auto",
+    coarse_kernel_size: int | None = None,
+    coarse_kernel_stride: int | None = None,
+) -> torch.Tensor:
+    """InfLLM-V2 sparse attention; o has q's shape and dtype. Semantics: see the package docstring.
+
+    backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton", "torch".
+    """
+    check_qkv(q, k, v, cu_seqlens)
+    params = SparseParams(
+        block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, init_blocks=init_blocks,
+        topk=topk, window_size=window_size, dense_len=dense_len, normalizer=normalizer,
+        coarse_kernel_size=coarse_kernel_size, coarse_kernel_stride=coarse_kernel_stride,
+    )
+    if resolve_backend(backend, q) == "torch":
+        return infllmv2_attn_naive(
+            q, k, v, block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
+            init_blocks=init_blocks, topk=topk, window_size=window_size, dense_len=dense_len, scale=scale,
+            cu_seqlens=cu_seqlens, normalizer=normalizer, coarse_kernel_size=coarse_kernel_size,
+            coarse_kernel_stride=coarse_kernel_stride,
+        )
+    if not (params.triton_scoring_ok() and params.triton_attention_ok()):
+        raise ValueError(
+            "Triton InfLLM-V2 needs a power-of-two block_size >= 16, kernel_stride | block_size with a power-of-two "
+            f"ratio and kernel_stride | kernel_size; got {block_size}/{kernel_size}/{kernel_stride} (use backend='torch')"
+        )
+    batch, seqlen_q, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    layout = DocLayout.build(q, k, cu_seqlens)
+    with torch.no_grad():
+        q3 = q.detach().contiguous().view(batch * seqlen_q, heads, dim)
+        k3 = k.detach().contiguous().view(-1, kv_heads, dim)
+        block_idx = select_blocks(q3, k3, layout, params, scale)
+    plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, block_size, scale, dense_len)
+    return SparseAttnFn.apply(q, k, v, block_idx, plan)

@@ -1,0 +1,279 @@
+"""Plumbing shared by the InfLLM-V2 kernels: parameters, document layout, row/tile tables, key compression.
+
+Every kernel works on flattened rows: query row r in [0, R = B·Tq) of q viewed as [R, HQ, D], key row in
+[0, B·Tk) of k viewed as [B·Tk, HKV, D]. A *document* is a batch element, or one cu_seqlens segment; a
+query's position t counts from its document's first key. Tables are built once per call (host side for
+per-document data, device side for per-row data) so kernels never branch on varlen vs padded batches.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+POISON_OUTPUTS = False  # tests set this: fresh outputs start as NaN / INT_MIN so unwritten elements show
+
+
+def new_empty(shape, dtype, device) -> torch.Tensor:
+    """torch.empty, or a poisoned tensor when POISON_OUTPUTS is set."""
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (tf32 would change which blocks win); 16-bit inputs use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class SparseParams:
+    """InfLLM-V2 settings (defaults: MiniCPM4 / SALA)."""
+
+    block_size: int = 64
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    topk: int = 64
+    window_size: int = 2048
+    dense_len: int = 8192
+    normalizer: str = "exact"
+    coarse_kernel_size: int | None = None
+    coarse_kernel_stride: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_size", "kernel_size", "kernel_stride", "topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("init_blocks", "window_size", "dense_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.normalizer not in ("exact", "coarse"):
+            raise ValueError(f"normalizer must be 'exact' or 'coarse', got {self.normalizer!r}")
+
+    @property
+    def num_selected(self) -> int:
+        """K: blocks visible to one sparse query (topk chosen incl. init + the local window's blocks)."""
+        return self.topk + self.window_size // self.block_size
+
+    @property
+    def coarse(self) -> tuple[int, int]:
+        """(kernel, stride) of the coarse compression that provides the 'coarse' softmax normaliser."""
+        return (self.coarse_kernel_size or 4 * self.kernel_size, self.coarse_kernel_stride or 4 * self.kernel_stride)
+
+    def triton_scoring_ok(self) -> bool:
+        """Scoring kernel: stride | block_size (power-of-two ratio), stride | kernel_size, a window spans <= 2 blocks."""
+        ratio = self.block_size // self.kernel_stride
+        return (
+            self.block_size % self.kernel_stride == 0
+            and ratio == next_pow2(ratio)
+            and self.kernel_size % self.kernel_stride == 0
+            and self.kernel_size <= self.block_size + self.kernel_stride
+        )
+
+    def triton_attention_ok(self) -> bool:
+        return self.block_size >= 16 and self.block_size == next_pow2(self.block_size)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cu_seqlens) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q, k must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"batch/head_dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"Tq={q.shape[1]} must be <= Tk={k.shape[1]} (queries are the last Tq positions)")
+    if cu_seqlens is not None:
+        if q.shape[0] != 1 or q.shape[1] != k.shape[1]:
+            raise ValueError("cu_seqlens needs B = 1 and Tq = Tk")
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor [N+1]")
+
+
+def _int32(values, device) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.int32).to(device)
+
+
+@dataclass
+class DocLayout:
+    """Where each document's queries and keys live in the flattened row spaces.
+
+    Host lists (one entry per document): kstart (first key row), length (keys), qstart (first query row),
+    qpos0 (position of the first query), qlen. Device per-row int32 tensors: row_pos (t), row_kbase (first
+    key row of the row's document).
+    """
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    kstart: list[int]
+    length: list[int]
+    qstart: list[int]
+    qpos0: list[int]
+    qlen: list[int]
+    row_pos: torch.Tensor
+    row_kbase: torch.Tensor
+    device: torch.device
+
+    @classmethod
+    def build(cls, q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None) -> "DocLayout":
+        return cls.from_shape(q.shape[0], q.shape[1], k.shape[1], q.device, cu_seqlens)
+
+    @classmethod
+    def from_shape(cls, batch: int, seqlen_q: int, seqlen_k: int, device, cu_seqlens) -> "DocLayout":
+        if cu_seqlens is None:
+            kstart = [b * seqlen_k for b in range(batch)]
+            length = [seqlen_k] * batch
+            qstart = [b * seqlen_q for b in range(batch)]
+            qpos0 = [seqlen_k - seqlen_q] * batch
+            qlen = [seqlen_q] * batch
+            pos = torch.arange(seqlen_q, dtype=torch.int32, device=device) + (seqlen_k - seqlen_q)
+            row_pos = pos.repeat(batch)
+            row_kbase = (torch.arange(batch, dtype=torch.int32, device=device) * seqlen_k).repeat_interleave(seqlen_q)
+        else:
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != seqlen_q or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+                raise ValueError(f"cu_seqlens must rise from 0 to T={seqlen_q}, got {bounds[:4]}...")
+            kstart = bounds[:-1]
+            length = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            qstart, qpos0, qlen = list(kstart), [0] * len(length), list(length)
+            lens = torch.as_tensor(length, device=device)
+            starts = cu_seqlens[:-1].to(device)
+            row_kbase = torch.repeat_interleave(starts, lens, output_size=seqlen_q).int()
+            row_pos = (torch.arange(seqlen_q, device=device) - row_kbase).int()
+        return cls(batch, seqlen_q, seqlen_k, kstart, length, qstart, qpos0, qlen, row_pos, row_kbase, device)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.length)
+
+    @property
+    def num_rows(self) -> int:
+        return self.batch * self.seqlen_q
+
+    @property
+    def max_len(self) -> int:
+        return max(self.length)
+
+    def max_blocks(self, block_size: int) -> int:
+        return -(-self.max_len // block_size)
+
+    def _row_ranges(self, pos_lo: int, pos_hi: int):
+        """Per document: (doc, first row, first position, number of rows) of queries with position in range."""
+        for d, (qs, p0, n) in enumerate(zip(self.qstart, self.qpos0, self.qlen)):
+            lo, hi = max(p0, pos_lo), min(p0 + n, pos_hi)
+            if hi > lo:
+                yield d, qs + lo - p0, lo, hi - lo
+
+    def rows(self, pos_lo: int = 0, pos_hi: int = 2**62) -> torch.Tensor:
+        """Query rows with position in [pos_lo, pos_hi), latest positions first (longest work first)."""
+        rows, pos = [], []
+        for _, r0, p, n in self._row_ranges(pos_lo, pos_hi):
+            rows.append(torch.arange(r0, r0 + n, dtype=torch.int32))
+            pos.append(torch.arange(p, p + n, dtype=torch.int32))
+        if not rows:
+            return torch.zeros(0, dtype=torch.int32, device=self.device)
+        order = torch.argsort(torch.cat(pos), descending=True, stable=True)
+        return torch.cat(rows)[order].to(self.device)
+
+    def tiles(self, tile: int, pos_lo: int = 0, pos_hi: int = 2**62):
+        """Tiles of up to `tile` consecutive query rows of one document (positions in [pos_lo, pos_hi)).
+
+        Returns int32 device tensors (first row, rows in tile, document) in ascending row order.
+        """
+        row0, nrows, docs = [], [], []
+        for d, r0, _, n in self._row_ranges(pos_lo, pos_hi):
+            starts = torch.arange(r0, r0 + n, tile, dtype=torch.int32)
+            row0.append(starts)
+            nrows.append(torch.clamp(r0 + n - starts, max=tile))
+            docs.append(torch.full_like(starts, d))
+        if not row0:
+            empty = torch.zeros(0, dtype=torch.int32, device=self.device)
+            return empty, empty, empty
+        return tuple(torch.cat(x).int().to(self.device) for x in (row0, nrows, docs))
+
+    def key_tiles(self, tile: int, pos_hi_per_doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tiles of `tile` keys (document index, first key position) covering positions [0, pos_hi) per doc."""
+        docs, starts = [], []
+        for d, hi in enumerate(pos_hi_per_doc):
+            if hi > 0:
+                s = torch.arange(0, hi, tile, dtype=torch.int32)
+                starts.append(s)
+                docs.append(torch.full_like(s, d))
+        if not docs:
+            empty = torch.zeros(0, dtype=torch.int32, device=self.device)
+            return empty, empty
+        return torch.cat(docs).to(self.device), torch.cat(starts).to(self.device)
+
+    def doc_tensor(self, values: list[int]) -> torch.Tensor:
+        return _int32(values, self.device)
+
+    def windows(self, kernel_size: int, stride: int) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Compressed windows: first key row of each (int64 device), per-doc first window index and count."""
+        counts = [(n - kernel_size) // stride + 1 if n >= kernel_size else 0 for n in self.length]
+        firsts, parts, total = [], [], 0
+        for ks0, c in zip(self.kstart, counts):
+            firsts.append(total)
+            parts.append(ks0 + torch.arange(c, dtype=torch.int64) * stride)
+            total += c
+        return torch.cat(parts).to(self.device), firsts, counts
+
+    def global_blocks(self, block_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Blocks of all documents numbered globally: per-doc base, and per block its first/end key row."""
+        base, first, end, total = [], [], [], 0
+        for ks0, n in zip(self.kstart, self.length):
+            nb = -(-n // block_size)
+            base.append(total)
+            first.append(ks0 + torch.arange(nb, dtype=torch.int64) * block_size)
+            end.append(torch.full((nb,), ks0 + n, dtype=torch.int64))
+            total += nb
+        return base, torch.cat(first).int().to(self.device), torch.cat(end).int().to(self.device)
+
+
+def compress_keys(k_rows: torch.Tensor, window_rows: torch.Tensor, kernel_size: int, dtype) -> torch.Tensor:
+    """Mean of k_rows [NK, HKV, D] over kernel_size rows from each window start -> [max(NC, 1), HKV, D].
+
+    Accumulates in fp32 and rounds once to `dtype`. An empty window set gives one zero row (never read),
+    so kernels always get a valid pointer.
+    """
+    if window_rows.numel() == 0:
+        return torch.zeros(1, *k_rows.shape[1:], dtype=dtype, device=k_rows.device)
+    acc = torch.zeros(window_rows.numel(), *k_rows.shape[1:], dtype=torch.float32, device=k_rows.device)
+    for i in range(kernel_size):
+        acc += k_rows.index_select(0, window_rows + i).float()
+    return (acc / kernel_size).to(dtype)
+
+
+LOG2E = 1.0 / math.log(2.0)
+
+# Reductions used inside the kernels. Compiled: the triton.language ones. Interpreted (CPU tests): the same
+# reduction through tl.reduce / tl.associative_scan with the standard combine functions, which the interpreter
+# runs in numpy directly; calling the @jit wrappers would re-patch the language on every call (~5 ms each).
+if interpreting():
+
+    def row_sum(x, axis):
+        return tl.reduce(x, axis, tl.standard._sum_combine)
+
+    def row_max(x, axis):
+        return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+    def row_cumsum(x, axis):
+        return tl.associative_scan(x, axis, tl.standard._sum_combine)
+
+else:
+    row_sum, row_max, row_cumsum = tl.sum, tl.max, tl.cumsum

@@ -1,0 +1,141 @@
+"""Stage (b): per-query top-K block selection with InfLLM-V2's forcing and tie rules.
+
+One program = BR query rows × one KV head; the whole score row (NBM blocks, padded to a power of two) lives
+in registers. Forced blocks (init, local window) become +inf, blocks after the current one are excluded.
+Scores map to order-preserving integer keys; a 32-step bitwise search finds the K-th largest key θ per
+row (one compare + row sum per step), then the selection is {key > θ} plus the lowest-index blocks with
+key == θ (exclusive cumsum), which is exactly "sort by (score desc, index asc), keep K". Indices are
+compacted in ascending order with a cumsum scatter; unused slots get -1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import DocLayout, SparseParams, new_empty, next_pow2, row_cumsum, row_sum
+from .naive import infllmv2_select_naive
+from .score import resolve_backend
+
+__all__ = ["infllmv2_select", "select_rows"]
+
+
+@triton.jit
+def _select_kernel(
+    score_ptr, tail_ptr, idx_ptr, row_pos_ptr,
+    row_lo, row_hi, score_row_base, num_blocks, dense_len,
+    stride_sh, stride_sr, stride_ih, stride_ir,
+    BS: tl.constexpr, INIT: tl.constexpr, WIN: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    NBP: tl.constexpr, BR: tl.constexpr, SKIP_DENSE: tl.constexpr, HAS_TAIL: tl.constexpr,
+):
+    hk = tl.program_id(1)
+    rr = row_lo + tl.program_id(0) * BR + tl.arange(0, BR)
+    r_ok = rr < row_hi
+    t = tl.load(row_pos_ptr + rr, mask=r_ok, other=0)
+    live = r_ok
+    if SKIP_DENSE:
+        live = live & (t >= dense_len)
+    bb = tl.arange(0, NBP)
+    cur = t // BS
+    valid = (bb[None, :] <= cur[:, None]) & (bb[None, :] < num_blocks) & live[:, None]
+    s_off = hk * stride_sh + (rr - score_row_base).to(tl.int64) * stride_sr
+    sc = tl.load(score_ptr + s_off[:, None] + bb[None, :], mask=valid, other=float("-inf"))
+    if HAS_TAIL:  # windows starting in block b-1 that reach into b
+        prev = tl.load(tail_ptr + s_off[:, None] + bb[None, :] - 1, mask=valid & (bb[None, :] > 0),
+                       other=float("-inf"))
+        sc = tl.maximum(sc, prev)
+    first_local = tl.maximum(t - WIN + 1, 0) // BS
+    forced = (bb[None, :] < INIT) | ((bb[None, :] >= first_local[:, None]) & (bb[None, :] <= cur[:, None]))
+    sc = tl.where(forced, float("inf"), sc) + 0.0  # + 0.0 turns -0.0 into +0.0
+    bits = sc.to(tl.int32, bitcast=True)
+    key32 = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
+    key = tl.where(valid, key32.to(tl.int64) + 2147483647 + 1, 0)  # valid keys > 0 = excluded blocks
+
+    theta = tl.full([BR], 0, tl.int64)
+    step = tl.full([BR], 1, tl.int64) << 31
+    for _ in range(32):  # theta = largest value with #(key >= theta) >= K
+        cand = theta + step
+        count = row_sum((key >= cand[:, None]).to(tl.int32), 1)
+        theta = tl.where(count >= K, cand, theta)
+        step = step >> 1
+
+    above = key > theta[:, None]
+    tie = ((key == theta[:, None]) & valid).to(tl.int32)
+    tie_rank = row_cumsum(tie, 1) - tie
+    room = K - row_sum(above.to(tl.int32), 1)
+    chosen = above | ((tie > 0) & (tie_rank < room[:, None]))
+    chosen_i = chosen.to(tl.int32)
+    slot = row_cumsum(chosen_i, 1) - chosen_i
+    n_chosen = row_sum(chosen_i, 1)
+    out = idx_ptr + hk * stride_ih + rr.to(tl.int64) * stride_ir
+    blocks = tl.full([BR, NBP], 0, tl.int32) + bb[None, :]
+    tl.store(out[:, None] + slot, blocks, mask=chosen & r_ok[:, None])
+    kk = tl.arange(0, KP)
+    pad = r_ok[:, None] & (kk[None, :] < K) & (kk[None, :] >= n_chosen[:, None])
+    tl.store(out[:, None] + kk[None, :], tl.full([BR, KP], -1, tl.int32), mask=pad)
+
+
+def select_rows(
+    scores: torch.Tensor,
+    tail: torch.Tensor | None,
+    score_row_base: int,
+    block_idx: torch.Tensor,
+    layout: DocLayout,
+    params: SparseParams,
+    row_lo: int,
+    row_hi: int,
+    skip_dense: bool,
+) -> None:
+    """Fill block_idx [HKV, R, K] rows [row_lo, row_hi) from scores [HKV, rows - score_row_base, NBM].
+
+    `tail` (same shape, or None) holds the scoring kernel's second half: the block score is max(scores[b], tail[b-1]).
+
+    With skip_dense, rows at position < dense_len get an empty list (their scores are never read).
+    """
+    if row_hi <= row_lo:
+        return
+    kv_heads, _, num_blocks = scores.shape
+    nbp = next_pow2(num_blocks)
+    rows_per_prog = max(1, 4096 // nbp)
+    grid = (triton.cdiv(row_hi - row_lo, rows_per_prog), kv_heads)
+    k = params.num_selected
+    _select_kernel[grid](
+        scores, scores if tail is None else tail, block_idx, layout.row_pos,
+        row_lo, row_hi, score_row_base, num_blocks, params.dense_len,
+        scores.stride(0), scores.stride(1), block_idx.stride(0), block_idx.stride(1),
+        BS=params.block_size, INIT=params.init_blocks, WIN=params.window_size, K=k, KP=next_pow2(k),
+        NBP=nbp, BR=rows_per_prog, SKIP_DENSE=skip_dense, HAS_TAIL=tail is not None,
+        num_warps=4 if rows_per_prog * nbp <= 2048 else (8 if nbp <= 8192 else 16),
+    )
+
+
+def infllmv2_select(
+    block_scores: torch.Tensor,
+    *,
+    seqlen_k: int | None = None,
+    block_size: int = 64,
+    init_blocks: int = 1,
+    topk: int = 64,
+    window_size: int = 2048,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """block_scores [B, HKV, Tq, NBM] -> visible blocks [B, HKV, Tq, K] int32 (ascending, -1 padded).
+
+    K = topk + window_size // block_size; the queries are the last Tq of seqlen_k (default Tq) positions.
+    """
+    batch, kv_heads, seqlen_q, num_blocks = block_scores.shape
+    seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+    kwargs = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size)
+    if resolve_backend(backend, block_scores) == "torch":
+        return infllmv2_select_naive(block_scores, seqlen_k=seqlen_k, cu_seqlens=cu_seqlens, **kwargs)
+    params = SparseParams(**kwargs)
+    layout = DocLayout.from_shape(batch, seqlen_q, seqlen_k, block_scores.device, cu_seqlens)
+    if num_blocks < layout.max_blocks(block_size):
+        raise ValueError(f"block_scores has {num_blocks} blocks, the sequence needs {layout.max_blocks(block_size)}")
+    scores = block_scores.float().permute(1, 0, 2, 3).reshape(kv_heads, batch * seqlen_q, num_blocks)
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    out = new_empty((kv_heads, batch * seqlen_q, params.num_selected), torch.int32, block_scores.device)
+    select_rows(scores, None, 0, out, layout, params, 0, batch * seqlen_q, skip_dense=False)
+    return out.view(kv_heads, batch, seqlen_q, -1).permute(1, 0, 2, 3)
