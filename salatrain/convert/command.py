@@ -9,6 +9,8 @@ from ..config.schema import ConvertConfig
 from .convert import convert
 
 SCHEMA = ConvertConfig
+# Composed from the schema alone: the training config groups (model/, data/, ...) must not capture `model=`.
+CONFIG_MODULE = "salatrain.config"
 
 
 def run(cfg: ConvertConfig) -> None:

@@ -223,7 +223,8 @@ def _numel(shape) -> int:
 
 
 def kl_check(src: CheckpointDir, hybrid_dir: Path, num_tokens: int, num_seqs: int = 4) -> dict:
-    """Mean per-token KL(dense ‖ hybrid) of next-token distributions on a few short random sequences."""
+    """Mean per-token KL(dense ‖ hybrid) of next-token distributions on a few short sequences: passages of the
+    Python documentation through the model's tokenizer when it has one, else random token ids."""
     import psutil
 
     need = 2 * sum(f.stat().st_size for f in src.weight_files or src.pickle_files) * 2.5
@@ -234,11 +235,30 @@ def kl_check(src: CheckpointDir, hybrid_dir: Path, num_tokens: int, num_seqs: in
 
     dense = load_dense_as_hybrid(src).eval()
     hybrid = SalaHybridForCausalLM.from_pretrained(hybrid_dir, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, dense.config.vocab_size, (num_seqs, num_tokens), generator=g)
+    ids, inputs = _kl_inputs(src, dense.config.vocab_size, num_tokens, num_seqs)
     with torch.no_grad():
         p = torch.log_softmax(dense(ids, use_cache=False).logits.float(), -1)
         q = torch.log_softmax(hybrid(ids, use_cache=False).logits.float(), -1)
     kl = (p.exp() * (p - q)).sum(-1)
-    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "sequences": num_seqs, "tokens": num_tokens,
-            "inputs": "uniform random token ids, seed 0"}
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "sequences": ids.shape[0],
+            "tokens": ids.shape[1], "inputs": inputs}
+
+
+def _kl_inputs(src: CheckpointDir, vocab: int, num_tokens: int, num_seqs: int):
+    if (src.path / "tokenizer.json").is_file() or (src.path / "tokenizer_config.json").is_file():
+        try:
+            from pydoc_data.topics import topics
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(src.path)
+            rows = []
+            for name in sorted(topics)[:64]:
+                ids = tok(topics[name], add_special_tokens=False)["input_ids"]
+                if len(ids) >= num_tokens:
+                    rows.append(ids[:num_tokens])
+                if len(rows) == num_seqs:
+                    return torch.tensor(rows), "Python documentation passages (pydoc_data.topics)"
+        except Exception as e:  # a tokenizer we cannot load: fall back to random ids
+            log.warning("KL check: tokenizer unusable (%s); using random token ids", e)
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (num_seqs, num_tokens), generator=g), "uniform random token ids, seed 0"
