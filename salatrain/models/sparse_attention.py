@@ -107,6 +107,7 @@ def group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_fr
         cends = torch.arange(k_coarse.shape[2], device=q.device) * cs + ck - 1
         coarse = coarse.masked_fill(~(cends.view(1, -1) <= pos.view(-1, 1)), float("-inf"))
         lse = torch.logsumexp(coarse, dim=-1, keepdim=True)
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # no coarse window yet: every p is 0
     probs = torch.exp(logits - lse).nan_to_num(0.0)  # rows with no finished window: all zero
     probs = probs.sum(2)
     return probs.masked_fill(~done, float("-inf"))
