@@ -28,6 +28,7 @@ are shared through L2 by the column tiles of a head, which run side by side).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -90,13 +91,16 @@ def _scan_kernel(
     a1, b1, c1, o1, x1_in, x1_out, x1_sa, x1_sc, rev1, use_in1, use_out1,
     a2, b2, c2, o2, x2_in, x2_out, x2_sa, x2_sc, rev2, use_in2, use_out2,
     cu_seqlens, decay, scale, T,
-    N_HINT, NTASK,
-    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    N_HINT, NTASK, H,
+    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, IEEE: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    task = tl.program_id(2)
+    # axis 0 enumerates (sequence*head, column tile), tiles fastest: the tiles of a head run side by side
+    # and share its a/b loads through L2 (axis 0 also has no 65535 limit, unlike axes 1 and 2)
+    NV: tl.constexpr = (D + BV - 1) // BV
+    i_v = tl.program_id(0) % NV
+    i_nh = tl.program_id(0) // NV
+    task = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
 
@@ -206,6 +210,11 @@ def new_buffer(like, shape=None, dtype=None):
     return out.fill_(float("nan")) if POISON else out
 
 
+def device_guard(t):
+    """Launch on t's GPU even when another one is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def run_scan(tasks, decay, scale, num_seqs, cu_seqlens=None):
     """Launch 1..3 scan passes at once. Inputs [B, T, H, D] contiguous; num_seqs = B or len(cu_seqlens)-1."""
     assert 1 <= len(tasks) <= MAX_TASKS
@@ -223,14 +232,15 @@ def run_scan(tasks, decay, scale, num_seqs, cu_seqlens=None):
     is_varlen = cu_seqlens is not None
 
     def grid(meta):
-        return (triton.cdiv(D, meta["BV"]), num_seqs * H, len(tasks))
+        return (triton.cdiv(D, meta["BV"]) * num_seqs * H, len(tasks))
 
-    _scan_kernel[grid](
-        *args,
-        cu_seqlens if is_varlen else decay, decay, float(scale), T,
-        triton.next_power_of_2(num_seqs), len(tasks),
-        H=H, D=D, BD=BD, BT=CHUNK, IS_VARLEN=is_varlen, IEEE=a.dtype == torch.float32,
-    )
+    with device_guard(a):
+        _scan_kernel[grid](
+            *args,
+            cu_seqlens if is_varlen else decay, decay, float(scale), T,
+            triton.next_power_of_2(num_seqs), len(tasks), H,
+            D=D, BD=BD, BT=CHUNK, IS_VARLEN=is_varlen, IEEE=a.dtype == torch.float32,
+        )
 
 
 def lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, num_seqs):

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import new_buffer
+from .chunk import device_guard, new_buffer
 
 # Programs per launch: forwards take one row each; backwards loop over a few rows to bound the weight-gradient
 # partials ([programs, D] for q/k, [programs, H*D] for the output norm).
@@ -173,11 +173,12 @@ class QKNormRopeFunction(torch.autograd.Function):
         cos, sin, cos_bstride = _rope_tables(cos, sin, B, T, D)
         qo, ko = new_buffer(q), new_buffer(k)
         num_prog, per_prog = _programs(B * T, MAX_PROGRAMS_FWD)
-        _qk_norm_rope_fwd_kernel[(num_prog,)](
-            q, k, qo, ko, q_weight, k_weight, cos, sin, B * T, T, cos_bstride, eps, per_prog,
-            HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
-            BD=triton.next_power_of_2(D),
-            num_warps=_row_warps(triton.next_power_of_2(max(HQ, HK)) * triton.next_power_of_2(D)))
+        with device_guard(q):
+            _qk_norm_rope_fwd_kernel[(num_prog,)](
+                q, k, qo, ko, q_weight, k_weight, cos, sin, B * T, T, cos_bstride, eps, per_prog,
+                HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
+                BD=triton.next_power_of_2(D),
+                num_warps=_row_warps(triton.next_power_of_2(max(HQ, HK)) * triton.next_power_of_2(D)))
         ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
         ctx.eps, ctx.cos_bstride = eps, cos_bstride
         return qo, ko
@@ -193,12 +194,13 @@ class QKNormRopeFunction(torch.autograd.Function):
         num_prog, per_prog = _programs(B * T, MAX_PROGRAMS_QK_BWD)
         dqw = new_buffer(q, (num_prog, D), torch.float32)
         dkw = new_buffer(q, (num_prog, D), torch.float32)
-        _qk_norm_rope_bwd_kernel[(num_prog,)](
-            q, k, dqo, dko, dq, dk, q_weight, k_weight, dqw, dkw, cos, sin,
-            B * T, T, ctx.cos_bstride, ctx.eps, per_prog,
-            HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
-            BD=triton.next_power_of_2(D),
-            num_warps=_row_warps(triton.next_power_of_2(max(HQ, HK)) * triton.next_power_of_2(D)))
+        with device_guard(q):
+            _qk_norm_rope_bwd_kernel[(num_prog,)](
+                q, k, dqo, dko, dq, dk, q_weight, k_weight, dqw, dkw, cos, sin,
+                B * T, T, ctx.cos_bstride, ctx.eps, per_prog,
+                HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
+                BD=triton.next_power_of_2(D),
+                num_warps=_row_warps(triton.next_power_of_2(max(HQ, HK)) * triton.next_power_of_2(D)))
         return (dq, dk, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype), None, None, None)
 
 
@@ -262,8 +264,9 @@ class OutNormGateFunction(torch.autograd.Function):
         y = new_buffer(o)
         num_prog, per_prog = _programs(rows, MAX_PROGRAMS_FWD)
         BN = triton.next_power_of_2(N)
-        _out_norm_gate_fwd_kernel[(num_prog,)](o, z, weight, y, rows, eps, per_prog, N=N, BN=BN,
-                                               num_warps=_row_warps(BN))
+        with device_guard(o):
+            _out_norm_gate_fwd_kernel[(num_prog,)](o, z, weight, y, rows, eps, per_prog, N=N, BN=BN,
+                                                    num_warps=_row_warps(BN))
         ctx.save_for_backward(o, z, weight)
         ctx.eps = eps
         return y
@@ -277,8 +280,9 @@ class OutNormGateFunction(torch.autograd.Function):
         num_prog, per_prog = _programs(rows, MAX_PROGRAMS_OUT_BWD)
         dw = new_buffer(o, (num_prog, N), torch.float32)
         BN = triton.next_power_of_2(N)
-        _out_norm_gate_bwd_kernel[(num_prog,)](o, z, weight, dy.contiguous(), do, dz, dw, rows, ctx.eps,
-                                               per_prog, N=N, BN=BN, num_warps=_row_warps(BN))
+        with device_guard(o):
+            _out_norm_gate_bwd_kernel[(num_prog,)](o, z, weight, dy.contiguous(), do, dz, dw, rows, ctx.eps,
+                                                    per_prog, N=N, BN=BN, num_warps=_row_warps(BN))
         return do, dz, dw.sum(0).to(weight.dtype), None
 
 

@@ -11,10 +11,18 @@ import torch
 from salatrain_kernels.lightning import lightning_attn, lightning_attn_chunk_torch, lightning_attn_naive
 from salatrain_kernels.lightning.fused import out_norm_gate, out_norm_gate_torch, qk_norm_rope, qk_norm_rope_torch
 
+from salatrain_kernels.lightning import chunk as lightning_chunk
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs a GPU")
 REF_DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def poison_fresh_buffers(monkeypatch):
+    """Every buffer the kernels should overwrite starts as NaN, so an element they forget to write fails."""
+    monkeypatch.setattr(lightning_chunk, "POISON", True)
 
 
 def alibi_decay(H):
@@ -70,7 +78,8 @@ def compare_to_reference(B, T, H, D, dtype, with_state, cu_seqlens=None, rel_eps
 
 
 CPU_CASES = [  # B, T, H, D, initial state
-    (2, 63, 2, 32, False),
+    (2, 63, 3, 32, False),
+    (1, 40, 2, 8, True),  # head dim below the 16-wide tensor-core tile
     (1, 130, 2, 64, True),
     (2, 100, 1, 16, True),
     (1, 70, 1, 48, True),  # head dim that is not a power of two
