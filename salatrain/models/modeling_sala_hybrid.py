@@ -187,19 +187,23 @@ class SalaHybridCache:
 _checked: dict = {}
 
 
-def _use_kernels(x: torch.Tensor, backend: str, what: str) -> bool:
-    """True when the Triton kernels should run for ``x`` (CUDA + importable + self-test passed)."""
-    if backend == "torch" or _kernels is None or not x.is_cuda:
-        if backend == "triton" and (_kernels is None or not x.is_cuda):
-            raise RuntimeError(f"kernel_backend='triton' needs CUDA tensors and salatrain_kernels ({what})")
+def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str) -> bool:
+    """True when the Triton kernels should run (CUDA tensors, salatrain_kernels importable, self-test passed
+    for this device, dtype and head shape). The first decision per kernel is logged."""
+    if backend == "torch" or _kernels is None or not q.is_cuda:
+        if backend == "triton":
+            raise RuntimeError(f"kernel backend 'triton' needs CUDA tensors and salatrain_kernels ({what})")
+        if _kernels is None and q.is_cuda and ("missing", what) not in _checked:
+            _checked[("missing", what)] = True
+            logger.warning("%s: salatrain_kernels is not importable; using the PyTorch reference (slow)", what)
         return False
-    key = (what, x.device.index, x.dtype)
+    shape = dict(num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3])
+    key = (what, q.device.index, q.dtype, tuple(shape.values()))
     if key not in _checked:
-        self_test = getattr(_kernels, "self_test", None)
-        if self_test is not None:
-            self_test(what, device=x.device, dtype=x.dtype)  # raises with a clear message on mismatch
+        _kernels.self_test(what, device=q.device, dtype=q.dtype, **shape)  # raises on mismatch
         _checked[key] = True
-        logger.info("%s: using salatrain_kernels (Triton) on %s", what, torch.cuda.get_device_name(x.device))
+        logger.info("%s: Triton kernels from salatrain_kernels on %s (%s, self-test passed)", what,
+                    torch.cuda.get_device_name(q.device), q.dtype)
     return True
 
 
@@ -281,7 +285,7 @@ class LightningAttention(_Projections):
         decay = self.decay.to(q.device)
         if state is not None and q.shape[1] == 1:
             o, state = lightning_step(q, k, v, decay, state)
-        elif _use_kernels(q, self.kernel_backend, "lightning_attn"):
+        elif _use_kernels(q, k, self.kernel_backend, "lightning_attn"):
             o, state = _kernels.lightning_attn(
                 q, k, v, decay, initial_state=state, output_final_state=cache is not None, cu_seqlens=seq.cu_seqlens
             )
@@ -337,7 +341,7 @@ class SparseAttention(_Projections):
                     sub = SeqInfo(seq.positions[b : b + 1, -real:])
                     o[b : b + 1, -real:] = self._attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
-        if _use_kernels(q, self.kernel_backend, "infllmv2_attn"):
+        if _use_kernels(q, k, self.kernel_backend, "infllmv2_attn"):
             return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
         return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
 

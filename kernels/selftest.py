@@ -1,0 +1,72 @@
+"""Start-up self-test: each Triton kernel against its PyTorch reference on a small case of the caller's shapes.
+
+The model runs it once per (kernel, device, dtype, head shape) before its first CUDA forward and stops with
+a clear error if the kernel disagrees (a broken Triton build, an unsupported card, a miscompiled config).
+Forward and gradients are compared by relative error ‖out − ref‖ / ‖ref‖ against an fp32 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+class KernelSelfTestError(RuntimeError):
+    pass
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def _compare(name, fn, ref, inputs, dtype):
+    """Run fn and ref on the same inputs (ref in fp32); compare outputs and input gradients."""
+    tol = TOLERANCE[dtype]
+    lo = [x.detach().to(dtype).requires_grad_(x.is_floating_point()) for x in inputs]
+    hi = [x.detach().float().requires_grad_(x.is_floating_point()) for x in inputs]
+    out, expected = fn(*lo), ref(*hi)
+    g = torch.randn_like(expected)
+    (out.float() * g).sum().backward()
+    (expected * g).sum().backward()
+    checks = {"output": (out, expected)}
+    checks.update({f"grad[{i}]": (a.grad, b.grad) for i, (a, b) in enumerate(zip(lo, hi)) if b.grad is not None})
+    for what, (a, b) in checks.items():
+        if a is None or not torch.isfinite(a).all() or _rel(a, b) > tol:
+            err = "non-finite or missing" if a is None or not torch.isfinite(a).all() else f"{_rel(a, b):.2e}"
+            raise KernelSelfTestError(
+                f"{name} self-test failed on {_device_name(b.device)}: "
+                f"{what} relative error {err} > {tol:.0e} ({dtype}); run with kernel backend 'torch' "
+                "(model.set_kernel_backend('torch')) and report this"
+            )
+
+
+def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int = 1, head_dim: int = 64) -> None:
+    """``what`` is "lightning_attn" or "infllmv2_attn"; raises KernelSelfTestError on mismatch."""
+    g = torch.Generator(device=device).manual_seed(0)
+    if what == "lightning_attn":
+        from .lightning import lightning_attn, lightning_attn_naive
+
+        h = min(num_heads, 8)
+        shape = (1, 200, h, head_dim)
+        inputs = [torch.randn(shape, device=device, generator=g) for _ in range(3)]
+        decay = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device=device)
+        _compare(what, lambda q, k, v: lightning_attn(q, k, v, decay, backend="triton")[0],
+                 lambda q, k, v: lightning_attn_naive(q, k, v, decay)[0], inputs, dtype)
+    elif what == "infllmv2_attn":
+        from .infllm_v2 import infllmv2_attn, infllmv2_attn_naive
+
+        params = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=2, window_size=64,
+                      dense_len=128)
+        t = 512
+        q = torch.randn(1, t, num_heads, head_dim, device=device, generator=g)
+        k, v = (torch.randn(1, t, num_kv_heads, head_dim, device=device, generator=g) for _ in range(2))
+        _compare(what, lambda q, k, v: infllmv2_attn(q, k, v, backend="triton", **params),
+                 lambda q, k, v: infllmv2_attn_naive(q, k, v, **params), [q, k, v], dtype)
+    else:
+        raise ValueError(f"unknown kernel {what!r}")
