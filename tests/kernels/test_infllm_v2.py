@@ -1,0 +1,332 @@
+"""InfLLM-V2 kernels vs their PyTorch references: each stage alone, then the full op, forward and every gradient.
+
+CPU: Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), fp32, small parameters (block 16, kernel 8,
+stride 4, topk 3, window 16, dense_len 32), odd lengths, G in {1, 3, 16}, varlen, Tq < Tk, both normalisers.
+Every kernel output starts NaN-poisoned, so an element a kernel forgets to write fails the comparison.
+GPU (skipped without CUDA): real shapes (T = 4096/8192, D = 128, block 64) in fp32 and bf16 with the rule
+|out - ref| <= 2 |out_torch - ref| + eps, where out_torch is the PyTorch reference in the same precision.
+
+    python -m pytest tests/kernels/test_infllm_v2.py -q
+"""
+import math
+
+import pytest
+import torch
+
+from salatrain_kernels.infllm_v2 import (
+    infllmv2_attn,
+    infllmv2_attn_naive,
+    infllmv2_block_attn,
+    infllmv2_block_attn_naive,
+    infllmv2_block_scores,
+    infllmv2_block_scores_naive,
+    infllmv2_select,
+    infllmv2_select_naive,
+    layout,
+)
+
+SMALL = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=3, window_size=16, dense_len=32)
+SCORING = ("block_size", "kernel_size", "kernel_stride")
+SELECTION = ("block_size", "init_blocks", "topk", "window_size")
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def pick(params, names):
+    return {n: params[n] for n in names}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(layout, "POISON_OUTPUTS", True)
+
+
+def make_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, dim, seed=0, dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, seqlen_q, heads, dim), (batch, seqlen_k, kv_heads, dim), (batch, seqlen_k, kv_heads, dim)]
+    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def random_lists(batch, kv_heads, seqlen_q, slots, num_blocks, seed=0):
+    """Distinct block ids in random order with -1 holes anywhere (the op must not assume a layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.full((batch, kv_heads, seqlen_q, slots), -1, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(kv_heads):
+            for i in range(seqlen_q):
+                chosen = torch.randperm(num_blocks, generator=gen)[: int(torch.randint(0, slots + 1, (1,), generator=gen))]
+                where = torch.randperm(slots, generator=gen)[: chosen.numel()]
+                idx[b, h, i, where] = chosen.int()
+    return idx
+
+
+def grads(out, inputs, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def assert_close(actual, expected, atol=2e-5, rtol=2e-5):
+    assert not torch.isnan(actual).any(), "NaN in output (an element left unwritten?)"
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------------------------- (a) scoring
+SCORE_CASES = {
+    "g2_odd": dict(batch=1, seqlen_q=101, seqlen_k=101, heads=4, kv_heads=2, dim=16),
+    "g16": dict(batch=1, seqlen_q=70, seqlen_k=70, heads=16, kv_heads=1, dim=32),
+    "g1_decode_chunk": dict(batch=2, seqlen_q=9, seqlen_k=90, heads=2, kv_heads=2, dim=16),
+    "g3_varlen": dict(batch=1, seqlen_q=123, seqlen_k=123, heads=3, kv_heads=1, dim=16, cu=[0, 40, 53, 123]),
+}
+
+
+@pytest.mark.parametrize("normalizer", ["exact", "coarse"])
+@pytest.mark.parametrize("case", list(SCORE_CASES))
+def test_block_scores_match_reference(case, normalizer):
+    c = dict(SCORE_CASES[case])
+    cu = c.pop("cu", None)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, _ = make_qkv(**{n: c[n] for n in ("batch", "seqlen_q", "seqlen_k", "heads", "kv_heads", "dim")})
+    kwargs = dict(pick(SMALL, SCORING), normalizer=normalizer, cu_seqlens=cu)
+    out = infllmv2_block_scores(q.detach(), k.detach(), backend="triton", **kwargs)
+    ref = infllmv2_block_scores_naive(q.detach(), k.detach(), **kwargs)
+    assert out.shape == ref.shape
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), finite) and (out[~finite] == -math.inf).all()
+    assert_close(out[finite], ref[finite], atol=1e-6, rtol=1e-5)
+
+
+def test_block_scores_three_windows_per_block_pair():
+    """kernel_size 12 / stride 4: two windows from the previous block reach into each block."""
+    q, k, _ = make_qkv(1, 90, 90, 4, 2, 16, seed=3)
+    kwargs = dict(block_size=16, kernel_size=12, kernel_stride=4)
+    out = infllmv2_block_scores(q.detach(), k.detach(), backend="triton", **kwargs)
+    ref = infllmv2_block_scores_naive(q.detach(), k.detach(), **kwargs)
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), finite)
+    assert_close(out[finite], ref[finite], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- (b) selection
+def tie_heavy_scores(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, shape, generator=gen).float() / 3
+    scores[scores == 1] = -math.inf
+    scores[..., 2] = -0.0
+    return scores
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs",
+    [
+        ((2, 2, 150, 10), dict(SMALL)),
+        ((1, 3, 37, 10), dict(SMALL, seqlen_k=150)),
+        ((1, 2, 150, 10), dict(SMALL, topk=2, init_blocks=3)),  # forced blocks exceed K: lowest indices win
+        ((1, 1, 40, 600), dict(block_size=16, init_blocks=2, topk=50, window_size=64, seqlen_k=9600)),
+        ((1, 2, 170, 8), dict(SMALL, cu=[0, 50, 61, 170])),
+    ],
+)
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_matches_reference(shape, kwargs, ties):
+    kwargs = dict(kwargs)
+    cu = kwargs.pop("cu", None)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    seqlen_k = kwargs.pop("seqlen_k", None)
+    scores = tie_heavy_scores(shape) if ties else torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    sel = dict(pick(kwargs, SELECTION), seqlen_k=seqlen_k, cu_seqlens=cu)
+    out = infllmv2_select(scores, backend="triton", **sel)
+    assert torch.equal(out, infllmv2_select_naive(scores, **sel))
+
+
+# -------------------------------------------------------------------------------- (c) attention on given blocks
+ATTN_CASES = {
+    "g16_dense_prefix": dict(batch=1, seqlen_q=96, seqlen_k=96, heads=16, kv_heads=1, dim=16, dense_len=40),
+    "g3_odd": dict(batch=1, seqlen_q=77, seqlen_k=77, heads=3, kv_heads=1, dim=32, dense_len=0),
+    "g1_chunk": dict(batch=2, seqlen_q=20, seqlen_k=83, heads=2, kv_heads=2, dim=16, dense_len=70),
+    "decode": dict(batch=2, seqlen_q=1, seqlen_k=101, heads=4, kv_heads=1, dim=16, dense_len=0),
+    "varlen": dict(batch=1, seqlen_q=110, seqlen_k=110, heads=4, kv_heads=2, dim=16, dense_len=20, cu=[0, 47, 60, 110]),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_block_attn_matches_reference(case):
+    c = dict(ATTN_CASES[case])
+    cu, dense_len = c.pop("cu", None), c.pop("dense_len")
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = make_qkv(**c)
+    num_blocks = -(-c["seqlen_k"] // 16) if cu is None else 3  # varlen: ids valid in every document
+    idx = random_lists(c["batch"], c["kv_heads"], c["seqlen_q"], 5, num_blocks)
+    kwargs = dict(block_size=16, dense_len=dense_len, cu_seqlens=cu)
+    out = infllmv2_block_attn(q, k, v, idx, backend="triton", **kwargs)
+    ref = infllmv2_block_attn_naive(q, k, v, idx, **kwargs)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- full op
+FULL_CASES = {
+    "g2_exact": dict(shape=(1, 112, 112, 4, 2, 16)),
+    "g2_coarse": dict(shape=(1, 112, 112, 4, 2, 16), normalizer="coarse"),
+    "g3_odd_d32": dict(shape=(1, 97, 97, 3, 1, 32)),
+    "g16": dict(shape=(1, 80, 80, 16, 1, 16)),
+    "varlen_3docs": dict(shape=(1, 130, 130, 4, 2, 16), cu=[0, 45, 58, 130]),
+    "varlen_coarse": dict(shape=(1, 130, 130, 2, 1, 16), cu=[0, 72, 79, 130], normalizer="coarse"),
+    "chunked_prefill": dict(shape=(2, 24, 100, 6, 2, 16)),
+    "decode": dict(shape=(2, 1, 101, 4, 1, 16)),
+    "straddle_dense_len": dict(shape=(1, 100, 100, 2, 1, 16), dense_len=61),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_CASES))
+def test_full_op_matches_reference(case):
+    c = dict(FULL_CASES[case])
+    cu = c.pop("cu", None)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = make_qkv(*c.pop("shape"), seed=len(case))
+    kwargs = dict(SMALL, cu_seqlens=cu, **c)
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    ref = infllmv2_attn_naive(q, k, v, **kwargs)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_all_blocks_visible_equals_dense():
+    """topk + window blocks >= every block: sparse selection must reproduce dense causal attention."""
+    q, k, v = make_qkv(1, 100, 100, 4, 2, 16, seed=7)
+    sparse = infllmv2_attn(q, k, v, backend="triton", **dict(SMALL, topk=8, dense_len=0))
+    dense = infllmv2_attn(q, k, v, backend="triton", **dict(SMALL, dense_len=10**9))
+    ref = infllmv2_attn_naive(q, k, v, **dict(SMALL, dense_len=10**9))
+    assert_close(sparse, ref)
+    assert_close(dense, ref)
+    for got, want in zip(grads(sparse, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_backend_on_cpu_is_reference():
+    q, k, v = make_qkv(1, 50, 50, 2, 1, 16)
+    assert torch.equal(infllmv2_attn(q, k, v, **SMALL), infllmv2_attn_naive(q, k, v, **SMALL))
+
+
+def test_poisoning_is_active():
+    assert torch.isnan(layout.new_empty((3,), torch.float32, "cpu")).all()
+    assert (layout.new_empty((3,), torch.int32, "cpu") == torch.iinfo(torch.int32).min).all()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda q, k, v: infllmv2_attn(q, k[:, :10], v[:, :10], backend="triton", **SMALL),  # Tq > Tk
+        lambda q, k, v: infllmv2_attn(q, k, v, backend="triton", **dict(SMALL, normalizer="approx")),
+        lambda q, k, v: infllmv2_attn(q, k, v, backend="triton", **dict(SMALL, block_size=24)),
+        lambda q, k, v: infllmv2_attn(q, k, v, backend="cuda", **SMALL),
+        lambda q, k, v: infllmv2_attn(q, k, v, cu_seqlens=torch.tensor([0, 20, 40]), **SMALL),  # not int32
+    ],
+)
+def test_invalid_arguments_raise(call):
+    q, k, v = make_qkv(1, 40, 40, 4, 2, 16)
+    with pytest.raises(ValueError):
+        call(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------- GPU, real shapes
+GPU = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=8, window_size=256, dense_len=1024)
+
+
+def within_rule(out, ref, lowp, eps=1e-5):
+    """flash-attention's rule: |out - ref| <= 2 |out_torch_lowp - ref| + eps (max norms)."""
+    err, base = (out.float() - ref.float()).abs().max().item(), (lowp.float() - ref.float()).abs().max().item()
+    assert err <= 2 * base + eps, f"kernel error {err:.3e} > 2 x torch error {base:.3e} + {eps}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalizer", ["exact", "coarse"])
+def test_gpu_scores_and_selection(dtype, normalizer):
+    q, k, _ = make_qkv(1, 4096, 4096, 16, 1, 128, dtype=dtype, device="cuda")
+    q, k = q.detach(), k.detach()
+    kwargs = dict(pick(GPU, SCORING), normalizer=normalizer)
+    out = infllmv2_block_scores(q, k, backend="triton", **kwargs)
+    ref = infllmv2_block_scores_naive(q.float(), k.float(), **kwargs)
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), finite)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: compressed keys are rounded to bf16 for tl.dot
+    assert_close(out[finite], ref[finite], atol=tol, rtol=tol)
+    sel = dict(pick(GPU, SELECTION), seqlen_k=4096)
+    assert torch.equal(infllmv2_select(out, backend="triton", **sel), infllmv2_select_naive(out, **sel))
+
+
+def gpu_case(batch, seqlen_q, seqlen_k, heads, kv_heads, dtype, cu=None, seed=0):
+    q, k, v = make_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, 128, seed=seed, dtype=dtype, device="cuda")
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    return q, k, v, cu
+
+
+def triton_block_idx(q, k, cu, seqlen_k, normalizer="exact"):
+    scores = infllmv2_block_scores(q.detach(), k.detach(), backend="triton", cu_seqlens=cu, normalizer=normalizer,
+                                   **pick(GPU, SCORING))
+    return infllmv2_select(scores, backend="triton", seqlen_k=seqlen_k, cu_seqlens=cu, **pick(GPU, SELECTION))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,cu",
+    [
+        ((1, 4096, 4096, 16, 1), None),
+        ((1, 4096, 4096, 32, 2), [0, 1500, 1700, 4096]),
+        ((2, 1024, 4096, 16, 1), None),
+        ((1, 4096, 4096, 3, 1), None),
+        ((1, 2048, 2048, 2, 2), None),
+    ],
+)
+def test_gpu_full_op(dtype, shape, cu):
+    q, k, v, cu = gpu_case(*shape, dtype=dtype, cu=cu)
+    kwargs = dict(GPU, cu_seqlens=cu)
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    idx = triton_block_idx(q, k, cu, shape[2])
+    again = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"], cu_seqlens=cu)
+    assert torch.equal(out, again), "fused path and stage-by-stage path disagree"
+    ref_idx = infllmv2_select_naive(
+        infllmv2_block_scores_naive(q.detach().float(), k.detach().float(), cu_seqlens=cu, **pick(GPU, SCORING)),
+        seqlen_k=shape[2], cu_seqlens=cu, **pick(GPU, SELECTION),
+    )
+    mismatch = (idx != ref_idx).any(-1).float().mean().item()
+    assert mismatch < (1e-3 if dtype == torch.float32 else 2e-2), f"{mismatch:.2%} of rows select other blocks"
+    attn = dict(block_size=64, dense_len=GPU["dense_len"], cu_seqlens=cu)
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = infllmv2_block_attn_naive(qf, kf, vf, idx, **attn)
+    lowp = infllmv2_block_attn_naive(q, k, v, idx, upcast=False, **attn)
+    within_rule(out, ref, lowp)
+    for got, want, torch_lowp in zip(grads(out, (q, k, v)), grads(ref, (qf, kf, vf)), grads(lowp, (q, k, v))):
+        within_rule(got, want, torch_lowp, eps=1e-4)
+
+
+@needs_cuda
+def test_gpu_full_op_8k_forward():
+    q, k, v, _ = gpu_case(1, 8192, 8192, 16, 1, torch.bfloat16)
+    with torch.no_grad():
+        out = infllmv2_attn(q, k, v, backend="triton", **GPU)
+        idx = triton_block_idx(q, k, None, 8192)
+        attn = dict(block_size=64, dense_len=GPU["dense_len"])
+        ref = infllmv2_block_attn_naive(q.float(), k.float(), v.float(), idx, **attn)
+        lowp = infllmv2_block_attn_naive(q, k, v, idx, upcast=False, **attn)
+    within_rule(out, ref, lowp)
+
+
+@needs_cuda
+def test_gpu_dense_only_matches_sdpa():
+    q, k, v, _ = gpu_case(1, 1024, 1024, 32, 2, torch.bfloat16)
+    out = infllmv2_attn(q, k, v, backend="triton", **GPU)
+    qf, kf, vf = (x.detach().float() for x in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        qf.transpose(1, 2), kf.repeat_interleave(16, 2).transpose(1, 2), vf.repeat_interleave(16, 2).transpose(1, 2),
+        is_causal=True,
+    ).transpose(1, 2)
+    lowp = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(16, 2).transpose(1, 2), v.repeat_interleave(16, 2).transpose(1, 2),
+        is_causal=True,
+    ).transpose(1, 2)
+    within_rule(out, ref, lowp)
