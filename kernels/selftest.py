@@ -58,6 +58,24 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
         decay = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device=device)
         _compare(what, lambda q, k, v: lightning_attn(q, k, v, decay, backend="triton")[0],
                  lambda q, k, v: lightning_attn_naive(q, k, v, decay)[0], inputs, dtype)
+        from .lightning import fused
+
+        w = [1 + 0.1 * torch.randn(head_dim, device=device, generator=g) for _ in range(2)]
+        pos = torch.arange(shape[1], device=device, dtype=torch.float32)
+        ang = pos[:, None] / (10000.0 ** (torch.arange(0, head_dim, 2, device=device) / head_dim))
+        cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
+        for i, name in enumerate(("q", "k")):
+            _compare(f"{what} (fused norm+RoPE, {name})",
+                     lambda q, k: fused.qk_norm_rope(q, k, w[0].to(q.dtype), w[1].to(q.dtype), cos.to(q.dtype),
+                                                     sin.to(q.dtype), 1e-6, backend="triton")[i],
+                     lambda q, k: fused.qk_norm_rope_torch(q, k, w[0], w[1], cos, sin, 1e-6)[i],
+                     inputs[:2], dtype)
+        n = h * head_dim
+        ow = 1 + 0.1 * torch.randn(n, device=device, generator=g)
+        _compare(f"{what} (fused norm+gate)",
+                 lambda o, z: fused.out_norm_gate(o, z, ow.to(o.dtype), 1e-6, backend="triton"),
+                 lambda o, z: fused.out_norm_gate_torch(o, z, ow, 1e-6),
+                 [torch.randn(1, shape[1], n, device=device, generator=g) for _ in range(2)], dtype)
     elif what == "infllmv2_attn":
         from .infllm_v2 import infllmv2_attn, infllmv2_attn_naive
 

@@ -10,6 +10,7 @@ Legend: B batch, T new tokens, Tk tokens incl. cached ones, H query heads, HKV k
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import shutil
@@ -187,6 +188,12 @@ class SalaHybridCache:
 _checked: dict = {}
 
 
+def _fused_ops():
+    """salatrain_kernels' fused q/k-norm + RoPE and output-norm + gate kernels (Lightning mixer). Imported by
+    name so transformers' remote-code import check does not require salatrain_kernels."""
+    return importlib.import_module("salatrain_kernels.lightning.fused")
+
+
 def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str) -> bool:
     """True when the Triton kernels should run (CUDA tensors, salatrain_kernels importable, self-test passed
     for this device, dtype and head shape). The first decision per kernel is logged."""
@@ -275,17 +282,22 @@ class LightningAttention(_Projections):
 
     def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
         q, k, v = self.qkv(x)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        state = cache.states[self.layer_idx] if cache is not None else None
+        decode = state is not None and q.shape[1] == 1
+        fused = None if decode or not _use_kernels(q, k, self.kernel_backend, "lightning_attn") else _fused_ops()
+        if fused is not None and self.use_rope:
+            q, k = fused.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.variance_epsilon)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+            if self.use_rope:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if seq.left_pad is not None:  # padding before the first real token leaves the state at zero
             pad = seq.positions < 0
             k, v = k.masked_fill(pad[..., None, None], 0.0), v.masked_fill(pad[..., None, None], 0.0)
-        state = cache.states[self.layer_idx] if cache is not None else None
         decay = self.decay.to(q.device)
-        if state is not None and q.shape[1] == 1:
+        if decode:
             o, state = lightning_step(q, k, v, decay, state)
-        elif _use_kernels(q, k, self.kernel_backend, "lightning_attn"):
+        elif fused is not None:
             o, state = _kernels.lightning_attn(
                 q, k, v, decay, initial_state=state, output_final_state=cache is not None, cu_seqlens=seq.cu_seqlens
             )
@@ -296,7 +308,10 @@ class LightningAttention(_Projections):
             )
         if cache is not None:
             cache.states[self.layer_idx] = state
-        o = self.o_norm(o.flatten(2)) * torch.sigmoid(self.z_proj(x))
+        if fused is not None:
+            o = fused.out_norm_gate(o.flatten(2), self.z_proj(x), self.o_norm.weight, self.o_norm.variance_epsilon)
+        else:
+            o = self.o_norm(o.flatten(2)) * torch.sigmoid(self.z_proj(x))
         return self.o_proj(o)
 
 
