@@ -1,8 +1,10 @@
 """`salatrain <command> [key=value ...] [--cfg job] [-m]`: compose the command's config, validate, run.
 
 Commands register in ``COMMANDS`` with the module that defines them; each module exposes ``SCHEMA`` (its
-config dataclass), ``run(cfg)`` and optionally ``config_name(overrides)`` (to pick a recipe) and ``GROUPS``
-(Hydra config groups it accepts). Errors in user input print one line on stderr and exit with status 2.
+config dataclass), ``run(cfg)`` and optionally ``config_name(overrides)`` (to pick a recipe), ``GROUPS``
+(Hydra config groups it accepts), ``CONFIG_MODULE`` (package of its primary configs, default
+``salatrain.conf``) and ``SEARCHPATH`` (more packages for its config groups). Errors in user input print one
+line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(name: str, args: list[str]) -> int:
-    from .config.compose import compose_config, to_object, to_yaml
+    from .config.compose import to_object, to_yaml
     from .config.store import register_schema
 
     show_cfg, multirun, overrides = _parse_flags(args)
@@ -87,7 +89,7 @@ def _run(name: str, args: list[str]) -> int:
     groups = tuple(getattr(mod, "GROUPS", ()))
     if multirun:
         return _multirun(mod, config_name, overrides, groups, show_cfg)
-    cfg = compose_config(config_name, overrides, groups)
+    cfg = _compose(mod, config_name, overrides, groups)
     if show_cfg:
         print(to_yaml(cfg), end="")
         return 0
@@ -124,7 +126,7 @@ def _multirun(mod, config_name, overrides, groups, show_cfg) -> int:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .config.compose import compose_config, to_object, to_yaml
+    from .config.compose import to_object, to_yaml
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
@@ -133,13 +135,21 @@ def _multirun(mod, config_name, overrides, groups, show_cfg) -> int:
         job = list(job)
         if base_out is not None:
             job = [o for o in job if not o.startswith("output_dir=")] + [f"output_dir={Path(base_out) / str(n)}"]
-        cfg = compose_config(config_name, job, groups)
+        cfg = _compose(mod, config_name, job, groups)
         print(f"[multirun {n + 1}/{len(jobs)}] {' '.join(job)}", file=sys.stderr)
         if show_cfg:
             print(to_yaml(cfg), end="")
             continue
         mod.run(to_object(cfg))
     return 0
+
+
+def _compose(mod, config_name, overrides, groups):
+    """Compose in the module's ``CONFIG_MODULE`` (default ``salatrain.conf``) plus its ``SEARCHPATH``."""
+    from .config.compose import CONFIG_MODULE, compose_config
+
+    module = getattr(mod, "CONFIG_MODULE", CONFIG_MODULE)
+    return compose_config(config_name, overrides, groups, module, tuple(getattr(mod, "SEARCHPATH", ())))
 
 
 def _fail(message: str) -> int:

@@ -51,17 +51,28 @@ def closest(key: str, valid: list[str]) -> str | None:
     return next((v for v in valid if v.rsplit(".", 1)[-1] == hits[0]), None) if hits else None
 
 
-def compose_config(config_name: str, overrides: list[str], groups: tuple[str, ...] = ()) -> DictConfig:
-    """Compose ``config_name`` (a schema or recipe) with ``overrides``; clear errors for bad keys/values."""
+def compose_config(
+    config_name: str,
+    overrides: list[str],
+    groups: tuple[str, ...] = (),
+    config_module: str = CONFIG_MODULE,
+    searchpath: tuple[str, ...] = (),
+) -> DictConfig:
+    """Compose ``config_name`` (a schema or recipe) with ``overrides``; clear errors for bad keys/values.
+
+    The primary config is looked up in ``config_module``; ``searchpath`` (e.g. ``pkg://salatrain.conf``) adds
+    packages where its defaults (config groups) are found.
+    """
     register()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+    extra = [f"hydra.searchpath=[{','.join(searchpath)}]"] if searchpath else []
+    with initialize_config_module(config_module=config_module, version_base="1.3"):
         try:
-            return compose(config_name=config_name, overrides=overrides)
+            return compose(config_name=config_name, overrides=overrides + extra)
         except MissingConfigException as e:
             raise UserError(_missing_config_message(e, config_name)) from None
         except (ConfigCompositionException, HydraException, OmegaConfBaseException) as e:
-            base = _compose_quietly(config_name, [o for o in overrides if override_key(o) in groups])
+            base = _compose_quietly(config_name, [o for o in overrides if override_key(o) in groups] + extra)
             raise UserError(_explain(e, overrides, base, groups)) from None
 
 

@@ -1,0 +1,80 @@
+"""Packing tokenized documents into rows of ``seq_len`` tokens, with random access by global row index.
+
+Epoch e orders the documents by a permutation seeded with (seed, e), concatenates them and cuts the stream
+into ``rows_per_epoch = tokens // seq_len`` rows (the remainder is dropped). Row g is row g % rows_per_epoch
+of epoch g // rows_per_epoch, so the data position of a run is one integer (rows consumed) and a resumed
+run reads exactly what an uninterrupted one would. Ranks read disjoint rows of the same stream.
+
+A row carries its document boundaries as ``position_ids`` that restart at 0 where a document (or the piece
+of a document that continues from the previous row) starts; the model turns restarts into ``cu_seqlens`` so
+no mixer crosses a boundary. ``labels`` are the token ids where the token is a target, else -100; the first
+token of every document is never a target, so the last token of one document does not predict the next.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+IGNORE = -100
+
+
+class PackedSequences:
+    """Rows of ``seq_len`` tokens over a tokenized ``datasets.Dataset`` (input_ids, loss_mask, length)."""
+
+    def __init__(self, docs, seq_len: int, seed: int = 0, shuffle: bool = True):
+        self.docs = docs.with_format("numpy", columns=["input_ids", "loss_mask"])
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.lengths = np.asarray(docs["length"], dtype=np.int64)
+        self.num_documents = len(self.lengths)
+        self.num_tokens = int(self.lengths.sum())
+        self.rows_per_epoch = self.num_tokens // seq_len
+        if self.rows_per_epoch == 0:
+            raise UserError(f"data: {self.num_tokens} tokens in {self.num_documents} documents, fewer than one "
+                            f"sequence of trainer.seq_len={seq_len}")
+        self._epoch: int | None = None
+        self._order = self._ends = None
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch != epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
+            else:
+                order = np.arange(self.num_documents)
+            self._order, self._ends = order, np.cumsum(self.lengths[order])
+            self._epoch = epoch
+        return self._order, self._ends
+
+    def row(self, index: int) -> dict[str, np.ndarray]:
+        """Row ``index`` (global, over epochs): input_ids, position_ids, labels, each [seq_len] int64."""
+        epoch, k = divmod(int(index), self.rows_per_epoch)
+        order, ends = self._epoch_layout(epoch)
+        start, stop = k * self.seq_len, (k + 1) * self.seq_len
+        i = int(np.searchsorted(ends, start, side="right"))
+        ids, mask, pos = [], [], []
+        while start < stop:
+            doc_start = ends[i] - self.lengths[order[i]]
+            doc = self.docs[int(order[i])]
+            lo, hi = start - doc_start, min(stop, ends[i]) - doc_start
+            ids.append(doc["input_ids"][lo:hi])
+            mask.append(doc["loss_mask"][lo:hi])
+            pos.append(np.arange(hi - lo))
+            start += hi - lo
+            i += 1
+        ids, mask, pos = (np.concatenate(x).astype(np.int64) for x in (ids, mask, pos))
+        labels = np.where((mask > 0) & (pos > 0), ids, IGNORE)
+        return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Rows stacked into [len(indices), seq_len] int64 tensors."""
+        rows = [self.row(i) for i in indices]
+        return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+def num_targets(labels: torch.Tensor) -> int:
+    """Positions that are predicted (labels[:, 1:] not ignored)."""
+    return int((labels[:, 1:] != IGNORE).sum())

@@ -1,0 +1,185 @@
+"""Training checkpoints: atomic, with a ``latest`` pointer, holding all a run needs to continue exactly.
+
+    <output_dir>/checkpoints/
+        latest                 name of the newest complete checkpoint, replaced atomically after it exists
+        step_00000012/
+            mp_rank_00_model_states.pt, *optim_states.pt    DeepSpeed: module and optimizer (every rank)
+            trainer_state.json     step, rows consumed (the data position), tokens, bad-step counters
+            rng_rank_<r>.pt        RNG states of rank r (python, numpy, torch, cuda)
+            meta.json              what `salatrain export` needs: loss, ZeRO stage, precision, base model
+            hf/                    the student's config.json and tokenizer files
+        .partial/              a checkpoint being written; never read, replaced by the next save
+
+A checkpoint is written under .partial/, every file fsynced, then renamed into place, then ``latest`` is
+rewritten (temp file, fsync, rename): a crash at any moment leaves the previous complete checkpoint and a
+``latest`` that names a complete one. Assumes a filesystem shared by all ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+META_FILE = "meta.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    rows: int = 0  # global packed rows consumed: the data position
+    tokens: int = 0
+    bad_in_row: int = 0
+    bad_total: int = 0
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / STATE_FILE).is_file() and (ckpt / META_FILE).is_file()
+
+
+class Store:
+    """The checkpoints of one run (``<output_dir>/checkpoints``)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and is_complete(p))
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            ckpt = self.root / pointer.read_text().strip()
+            if is_complete(ckpt):
+                return ckpt
+            log.warning("%s names %s, which is not a complete checkpoint; using the newest complete one", pointer, ckpt)
+        done = self.complete()
+        return done[-1] if done else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint a run starts from: resume=auto (latest here, if any), never, or a path."""
+        if resume == "never":
+            if self.latest() is not None:
+                raise UserError(f"{self.root} already holds checkpoints; pass resume=auto to continue that run or "
+                                "choose another output_dir")
+            return None
+        if resume == "auto":
+            return self.latest()
+        return find_checkpoint(resume, "resume")
+
+    def begin(self, is_main: bool) -> Path:
+        """The directory a new checkpoint is written into (.partial/, emptied by the main rank)."""
+        partial = self.root / ".partial"
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        return partial
+
+    def commit(self, written: Path, keep: int) -> Path:
+        """Main rank: make the fully written ``.partial/<tag>`` the latest checkpoint, drop old ones."""
+        fsync_tree(written)
+        final = self.root / written.name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(written, final)
+        _fsync(self.root)
+        write_atomic(self.root / "latest", final.name)
+        for old in self.complete()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def find_checkpoint(path: str, key: str) -> Path:
+    """A complete checkpoint directory, or the latest one of a training output_dir."""
+    p = Path(path).expanduser()
+    if is_complete(p):
+        return p
+    found = Store(p / "checkpoints").latest() if (p / "checkpoints").is_dir() else None
+    if found is None:
+        raise UserError(f"{key}={path}: not a complete training checkpoint (expected a checkpoints/step_* "
+                        "directory or a training output_dir holding one)")
+    return found
+
+
+def write_state(ckpt: Path, state: TrainState, meta: dict) -> None:
+    (ckpt / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+    (ckpt / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def read_state(ckpt: Path) -> TrainState:
+    return TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+
+
+def read_meta(ckpt: Path) -> dict:
+    if not (ckpt / META_FILE).is_file():
+        raise UserError(f"{ckpt} is not a salatrain training checkpoint ({META_FILE} missing)")
+    return json.loads((ckpt / META_FILE).read_text())
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_rng(ckpt: Path, rank: int) -> None:
+    path = ckpt / f"rng_rank_{rank}.pt"
+    torch.save(rng_state(), path)
+    _fsync(path)
+
+
+def load_rng(ckpt: Path, rank: int) -> bool:
+    path = ckpt / f"rng_rank_{rank}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True

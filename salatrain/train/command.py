@@ -1,0 +1,57 @@
+"""`salatrain train recipe=<name> [key=value ...]`: compose a stage recipe and run it.
+
+Recipes are primary configs in ``salatrain.recipes`` (recipes/); their defaults (model, data, trainer, optim,
+deepspeed, logging, stage) come from the groups in ``salatrain.conf`` (conf/).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from ..errors import UserError
+from .config import TrainConfig
+
+SCHEMA = TrainConfig
+SCHEMA_NAME = "train_schema"
+CONFIG_MODULE = "salatrain.recipes"
+SEARCHPATH = ("pkg://salatrain.conf",)
+GROUPS = ("model", "data", "trainer", "optim", "deepspeed", "logging", "stage")
+
+
+def stage_recipes() -> list[str]:
+    """Names of the stage recipes (recipes/*.yaml except the pipeline recipes ``pipeline_*``)."""
+    files = resources.files("salatrain.recipes").iterdir()
+    names = [f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml")]
+    return sorted(n for n in names if not n.startswith("pipeline"))
+
+
+def config_name(overrides: list[str]) -> str:
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
+    available = stage_recipes()
+    if recipe is None:
+        raise UserError(f"missing recipe=<name>; stage recipes: {', '.join(available)}")
+    if recipe not in available:
+        from ..config.compose import closest
+
+        hint = closest(recipe, available)
+        raise UserError(f"unknown recipe {recipe!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                        + f" (stage recipes: {', '.join(available)})")
+    return recipe
+
+
+def compose_train(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The typed config of ``recipe`` with Hydra ``overrides`` (``key=value`` strings), as the CLI builds it."""
+    from ..config.compose import compose_config, to_object
+    from ..config.store import register_schema
+
+    register_schema(SCHEMA_NAME, SCHEMA)
+    overrides = [o for o in overrides if not o.startswith("recipe=")]
+    name = config_name([f"recipe={recipe}"])
+    return to_object(compose_config(name, overrides, GROUPS, CONFIG_MODULE, SEARCHPATH))
+
+
+def run(cfg: TrainConfig):
+    """Run the stage described by ``cfg`` (under DeepSpeed) and return its :class:`TrainResult`."""
+    from .loop import run_stage
+
+    return run_stage(cfg)

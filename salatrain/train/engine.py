@@ -1,0 +1,187 @@
+"""DeepSpeed, and the only module of salatrain that imports it: process group, engine, frozen teacher
+placement, checkpoint files and their consolidation.
+
+Launchers: ``deepspeed --no_local_rank``, ``torchrun`` or plain ``python`` (one process: the rendezvous
+variables are set here). Without CUDA, DeepSpeed runs its CPU accelerator with gloo (DS_ACCELERATOR=cpu).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prepare_env() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+
+
+def init_distributed() -> Dist:
+    """Join (or create) the process group; idempotent within a process."""
+    _prepare_env()
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    world = torch.distributed.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() if cuda else world))
+    if not cuda and local_world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(torch.distributed.get_rank(), world, local_rank, local_world, device)
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first(dist: Dist):
+    """Local rank 0 runs the block first (fills caches), then the others."""
+    if dist.local_rank != 0:
+        barrier()
+    yield
+    if dist.local_rank == 0:
+        barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+           "max": torch.distributed.ReduceOp.MAX}
+    torch.distributed.all_reduce(t, op=ops[op])
+    return t
+
+
+def ds_config(cfg: TrainConfig, grad_accum: int) -> dict:
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients,
+                    reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size)
+    if ds.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold)
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.trainer.grad_clip,
+        "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 60,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, dict(ds.extra))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """A DeepSpeed engine around ``module`` with the torch ``optimizer`` (no compiled DeepSpeed ops)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    return engine
+
+
+def place_frozen(model: torch.nn.Module, cfg: TrainConfig, dist: Dist):
+    """Put a frozen model (the teacher) where the student is: sharded by a ZeRO-3 engine under ZeRO-3,
+    otherwise whole on this rank's device in the training precision. Returns (module to call, keepalive)."""
+    model.requires_grad_(False).eval()
+    dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+    if cfg.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        ds = cfg.deepspeed
+        config = {
+            "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
+                                  "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold},
+            "steps_per_print": 1 << 60,
+        }
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine.module, engine
+    for p in model.parameters():  # parameters only: rotary/decay buffers stay fp32
+        p.data = p.data.to(device=dist.device, dtype=dtype)
+    return model.to(dist.device), None
+
+
+def save_checkpoint(engine, save_dir: Path, tag: str) -> None:
+    """Model and optimizer files of every rank under ``save_dir/tag`` (all ranks call this)."""
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state={}, save_latest=False)
+
+
+def load_checkpoint(engine, ckpt: Path) -> None:
+    """Restore model and optimizer states from the checkpoint directory ``ckpt`` (all ranks call this)."""
+    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise UserError(f"cannot load the training checkpoint {ckpt} (DeepSpeed found no states there)")
+
+
+def consolidated_state_dict(engine) -> dict | None:
+    """The full module state dict on rank 0 (None elsewhere); gathers ZeRO-3 shards. All ranks call this."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+
+
+def read_checkpoint_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full module state dict stored in a checkpoint directory, without an engine (one process, CPU).
+
+    ZeRO-3 shards are consolidated from the fp32 optimizer partitions (DeepSpeed's zero_to_fp32); for stages
+    0-2 the module states file holds the whole module in its training dtype.
+    """
+    if zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return dict(states["module"])

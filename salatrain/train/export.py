@@ -1,0 +1,109 @@
+"""`salatrain export checkpoint=<dir> output_dir=<dir>`: a training checkpoint → an HF checkpoint.
+
+``checkpoint`` is a ``checkpoints/step_*`` directory or a training output_dir (its latest checkpoint). ZeRO-3
+shards are consolidated on CPU in one process. The result is written with ``save_pretrained`` (config with
+``auto_map``, the modeling files, safetensors) plus the tokenizer files; ``from_pretrained`` loads it.
+An align checkpoint holds only the Lightning layers: the rest comes from its dense base model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import UserError
+from ..hf_checkpoint import CheckpointDir, atomic_output_dir, copy_side_files
+from ..models import SalaHybridConfig, SalaHybridForCausalLM
+from .checkpoint import find_checkpoint, read_meta
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class ExportConfig:
+    """salatrain export checkpoint=<checkpoints/step_N or training output_dir> output_dir=<dir>"""
+
+    checkpoint: Optional[str] = None
+    output_dir: Optional[str] = None
+    dtype: str = "auto"  # auto (the training precision) | bf16 | fp32
+    overwrite: bool = False
+
+
+SCHEMA = ExportConfig
+
+
+def run(cfg: ExportConfig) -> None:
+    if not cfg.checkpoint or not cfg.output_dir:
+        raise UserError("usage: salatrain export checkpoint=<checkpoint dir> output_dir=<dir>")
+    if cfg.dtype not in ("auto", *DTYPES):
+        raise UserError(f"dtype must be auto, bf16 or fp32 (got {cfg.dtype!r})")
+    ckpt = find_checkpoint(cfg.checkpoint, "checkpoint")
+    with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
+        export_checkpoint(ckpt, tmp, dtype=None if cfg.dtype == "auto" else DTYPES[cfg.dtype])
+    print(f"wrote {cfg.output_dir} from {ckpt}")
+
+
+def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCausalLM:
+    """The trained model of a checkpoint directory, on CPU, in its training precision unless ``dtype``."""
+    from .engine import read_checkpoint_state_dict
+
+    meta = read_meta(ckpt)
+    state = read_checkpoint_state_dict(ckpt, meta["zero_stage"])
+    student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    if meta["loss"] == "mse_align":
+        student = _with_base(student, meta)
+    config = SalaHybridConfig.from_pretrained(ckpt / "hf")
+    model = SalaHybridForCausalLM(config)
+    missing, unexpected = model.load_state_dict(student, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise UserError(f"{ckpt}: checkpoint does not match its model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype or DTYPES[meta["precision"]]).eval()
+
+
+def _with_base(aligned: dict, meta: dict) -> dict:
+    """The base model's weights with every layer's attention replaced by its aligned Lightning layer."""
+    from ..models.loading import load_dense_as_hybrid
+
+    base = CheckpointDir(meta["base"], what="base model")
+    if base.fingerprint() != meta["base_fingerprint"]:
+        raise UserError(f"base model {base.path} changed since the align run (fingerprint {base.fingerprint()} "
+                        f"!= {meta['base_fingerprint']})")
+    state = {k: v for k, v in load_dense_as_hybrid(base).state_dict().items() if ".self_attn." not in k}
+    state.update(aligned)
+    return state
+
+
+def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the HF checkpoint of ``ckpt`` into the directory ``out`` (created if needed).
+
+    Files are written to a temporary directory inside ``out`` and moved in with ``config.json`` last, so
+    ``out`` holds either the previous export or the new one as an HF checkpoint.
+    """
+    model = build_model(ckpt, dtype)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_side_files(ckpt / "hf", tmp)
+        for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+            if not (tmp / old.name).exists():
+                old.unlink()
+        names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json") + ["config.json"]
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

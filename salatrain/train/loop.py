@@ -1,0 +1,381 @@
+"""The one training loop: every stage (align, distill, lm) runs through :func:`run_stage`.
+
+Per optimizer step, each rank takes its rows of the global batch (rows are indexed globally, so any number of
+ranks reads the same data), runs ``grad_accum`` micro-batches through DeepSpeed, and the loss is the exact
+token-weighted mean over the whole global batch (each micro-batch's sum is divided by the global number of
+targets, counted before the step). A non-finite loss on any rank skips the whole step on every rank (the
+optimizer leaves parameters and moments untouched) and is counted; ``trainer.max_bad_steps`` in a row stops
+the run with the last checkpoint intact.
+
+Outputs in ``output_dir``: config.yaml, metrics.jsonl, checkpoints/, and at the end the HF checkpoint of the
+trained model, stage_report.json and, for align, align_report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..hf_checkpoint import CheckpointDir, copy_side_files
+from ..logging import RunLogger
+from . import engine, faults
+from .checkpoint import Store, TrainState, load_rng, read_state, save_rng, tag, write_state
+from .config import TrainConfig, rows_per_step, validate
+from .optim import Schedule, build_optimizer, param_groups, select_trainable
+from .stages import (AlignStage, DistillStage, LMStage, base_has_qk_norm, disable_sparse, load_model,
+                     mixer_types, warn_rope)
+from .tiny import resolve
+
+log = logging.getLogger("salatrain.train")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    checkpoint: Path | None
+    extras: dict = field(default_factory=dict)  # engine, stage (for callers in the same process)
+
+
+def run_stage(cfg: TrainConfig) -> TrainResult:
+    """Run one training stage as configured; returns when the stage is done (or raises UserError)."""
+    validate(cfg)
+    run = Run(cfg)
+    try:
+        return run.train()
+    finally:
+        run.logger.close()
+
+
+class Run:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.t_start = cfg, time.time()
+        self.dist = engine.init_distributed()
+        self.out = Path(cfg.output_dir).expanduser().absolute()
+        self.store = Store(self.out / "checkpoints")
+        self.start = self.store.resolve(cfg.resume)
+        self.paths = {k: resolve(v) for k, v in (("model", cfg.model.path), ("teacher", cfg.teacher.path))}
+        self.data_files = [resolve(f) for f in cfg.data.files]
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(_to_yaml(cfg))
+        _seed(cfg.trainer.seed)
+        self._build_data()
+        self._build_stage()
+        self._build_engine()
+        self.state = TrainState()
+        if self.start is not None:
+            self._restore(self.start)
+        self.logger = RunLogger(self.out, cfg.logging.wandb, _to_dict(cfg), self.dist.is_main, self.state.step)
+
+    # ---------------------------------------------------------------------------------------------- setup
+
+    def _tokenizer_dir(self) -> str:
+        if self.cfg.stage.loss == "mse_align":
+            return self.paths["teacher"] or self.paths["model"]
+        return self.paths["model"]
+
+    def _build_data(self) -> None:
+        from dataclasses import replace
+
+        from transformers import AutoTokenizer
+
+        from ..data import build_packed
+
+        CheckpointDir(self._tokenizer_dir())
+        self.tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir())
+        self.tokenizer.model_max_length = 1 << 62
+        settings = replace(self.cfg.data, files=self.data_files)
+        with engine.local_main_first(self.dist):
+            self.data = build_packed(settings, self.tokenizer, self.cfg.trainer.seq_len)
+        self.rows, self.gas = rows_per_step(self.cfg, self.dist.world_size)
+        if self.dist.is_main:
+            log.info("data: %d documents, %d tokens, %d rows of %d per epoch; %d rows per step (%d ranks × %d "
+                     "micro-batches × %d)", self.data.num_documents, self.data.num_tokens, self.data.rows_per_epoch,
+                     self.cfg.trainer.seq_len, self.rows, self.dist.world_size, self.gas,
+                     self.cfg.trainer.micro_batch_size)
+
+    def _build_stage(self) -> None:
+        cfg, seq_len = self.cfg, self.cfg.trainer.seq_len
+        self.teacher = None
+        if cfg.stage.loss == "mse_align":
+            self.base = CheckpointDir(self._tokenizer_dir(), what="base model")
+            if self.base.model_type == "sala_hybrid":
+                raise UserError(f"align needs the dense base model, got the hybrid checkpoint {self.base.path}")
+            self.teacher = load_model(str(self.base.path))
+            self.stage = AlignStage(self.teacher, self.base)
+        else:
+            self.base = None
+            student = load_model(self.paths["model"])
+            student.set_kernel_backend(cfg.model.kernel_backend)
+            if not cfg.stage.sparse_attention:
+                disable_sparse(student)
+            if cfg.trainer.activation_checkpointing:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            warn_rope(student.config, seq_len, "the student")
+            if cfg.stage.loss == "kl":
+                self.teacher = load_model(self.paths["teacher"])
+                self.stage = DistillStage(student, cfg.trainer.loss_chunk_tokens, cfg.stage.kl_temperature)
+            else:
+                self.stage = LMStage(student, cfg.trainer.loss_chunk_tokens)
+            self.stage.train()
+        if self.teacher is not None:
+            warn_rope(self.teacher.config, seq_len, "the teacher")
+            if not cfg.stage.sparse_attention:
+                disable_sparse(self.teacher)
+
+    def _build_engine(self) -> None:
+        cfg = self.cfg
+        mixers, qk = mixer_types(self.stage), base_has_qk_norm(self.stage)
+        named = dict(self.stage.student.named_parameters())
+        patterns = ["all"] if cfg.stage.loss == "mse_align" else list(cfg.stage.trainable)
+        trainable = select_trainable(named, patterns, mixers, qk)
+        self.optimizer = build_optimizer(param_groups(named, trainable, cfg.optim, mixers, qk), cfg.optim)
+        self.flops = self._flops_per_token()
+        self.eng = engine.initialize(self.stage, self.optimizer, engine.ds_config(cfg, self.gas))
+        if self.teacher is not None:
+            module, self._teacher_engine = engine.place_frozen(self.teacher, cfg, self.dist)
+            self.stage.attach_teacher(module)
+        self.schedule = Schedule(self.optimizer, cfg.trainer.max_steps, cfg.optim)
+        peak = cfg.logging.peak_tflops
+        if peak is None:
+            from .flops import measure_peak_tflops
+
+            peak = measure_peak_tflops(self.dist.device)
+        self.peak = peak
+        if self.dist.is_main:
+            n_train = sum(p.numel() for n, p in named.items() if n in trainable)
+            log.info("stage %s (loss %s): %.2fM of %.2fM parameters train; ZeRO-%d, %s, %d ranks",
+                     cfg.stage.name, cfg.stage.loss, n_train / 1e6, sum(p.numel() for p in named.values()) / 1e6,
+                     cfg.deepspeed.zero_stage, cfg.trainer.precision, self.dist.world_size)
+
+    def _flops_per_token(self) -> float:
+        from .flops import train_flops_per_token
+
+        seq, sparse = self.cfg.trainer.seq_len, self.cfg.stage.sparse_attention
+        if isinstance(self.stage, AlignStage):
+            return train_flops_per_token(self.stage.student, self.stage.hybrid_config, seq, sparse,
+                                         self.teacher.model, self.teacher.config)
+        return train_flops_per_token(self.stage.student, self.stage.student.config, seq, sparse, self.teacher,
+                                     self.teacher.config if self.teacher is not None else None)
+
+    def _restore(self, ckpt: Path) -> None:
+        engine.load_checkpoint(self.eng, ckpt)
+        self.state = read_state(ckpt)
+        self.schedule.set_step(self.state.step)
+        if not load_rng(ckpt, self.dist.rank):
+            log.warning("%s has no RNG state for rank %d (different number of ranks); RNG reseeded", ckpt,
+                        self.dist.rank)
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (%d rows consumed)", ckpt, self.state.step, self.state.rows)
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        last_loss = None
+        for step in range(self.state.step + 1, cfg.trainer.max_steps + 1):
+            row = self._train_step(step)
+            last_loss = row["loss"] if row["loss"] is not None else last_loss
+            if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+                self.logger.log(row)
+                if self.dist.is_main:
+                    log.info(_progress(row))
+            if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.max_steps:
+                self.save()
+        ckpt = self.store.latest()
+        if ckpt is None or read_state(ckpt).step != self.state.step:
+            ckpt = self.save()
+        return self._finish(ckpt, last_loss if last_loss is not None else self._logged_loss())
+
+    def _logged_loss(self) -> float | None:
+        rows = [json.loads(line) for line in self.logger.path.read_text().splitlines()] \
+            if self.logger.path.is_file() else []
+        losses = [r["loss"] for r in rows if r.get("loss") is not None]
+        return losses[-1] if losses else None
+
+    def _rows_of(self, first: int, micro: int) -> list[int]:
+        mb = self.cfg.trainer.micro_batch_size
+        start = first + micro * self.dist.world_size * mb + self.dist.rank * mb
+        return list(range(start, start + mb))
+
+    def _train_step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        batches = [self.data.batch(self._rows_of(self.state.rows, m)) for m in range(self.gas)]
+        dev = self.dist.device
+        count = float(engine.all_reduce(torch.tensor([float(sum(self.stage.count(b) for b in batches))], device=dev))[0])
+        scale = self.dist.world_size * self.gas / max(count, 1.0)
+        lr = self.schedule.lr
+        loss_sum, stats, finite = torch.zeros((), dtype=torch.float64, device=dev), {}, True
+        for b in batches:
+            loss, st = self.eng(**{k: v.to(dev) for k, v in b.items()})
+            if faults.nan_loss(step):
+                loss = loss * float("nan")
+            ok = engine.all_reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
+            finite = finite and bool(ok[0] > 0)
+            self.eng.backward(loss * scale)
+            self.optimizer.skip_next = not finite
+            self.eng.step()
+            loss_sum += loss.detach().double()
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0) + v.double()
+        self.optimizer.skip_next = False
+        self.schedule.step()
+        totals = self._reduce(loss_sum, stats)
+        return self._account(step, finite, count, totals, lr, time.perf_counter() - t0)
+
+    def _reduce(self, loss_sum: torch.Tensor, stats: dict) -> dict:
+        keys = sorted(stats)
+        flat = torch.cat([loss_sum.reshape(1)] + [stats[k].reshape(-1) for k in keys])
+        flat = engine.all_reduce(flat).cpu()
+        out, i = {"loss": flat[0]}, 1
+        for k in keys:
+            n = stats[k].numel()
+            out[k] = flat[i : i + n] if stats[k].dim() else flat[i]
+            i += n
+        return out
+
+    def _account(self, step: int, finite: bool, count: float, totals: dict, lr: float, dt: float) -> dict:
+        st, cfg = self.state, self.cfg
+        tokens = self.rows * cfg.trainer.seq_len
+        st.step, st.rows, st.tokens = step, st.rows + self.rows, st.tokens + tokens
+        row = {"step": step, "loss": float(totals["loss"]) / max(count, 1.0) if finite else None, "lr": lr,
+               "grad_norm": _float(self.eng.get_global_grad_norm()) if finite else None, "tokens": st.tokens,
+               "tokens_per_s": tokens / dt, "step_time": dt, "mem_gb": _memory_gb(self.dist.device)}
+        if self.peak:
+            row["mfu"] = self.flops * tokens / dt / (self.peak * 1e12 * self.dist.world_size)
+        for k, v in totals.items():
+            if k == "layer_mse":
+                row["align_mse"] = (v / max(count, 1.0)).tolist()
+            elif k != "loss":
+                row[k] = float(v) / max(count, 1.0)
+        if finite:
+            st.bad_in_row = 0
+            return row
+        st.bad_in_row, st.bad_total = st.bad_in_row + 1, st.bad_total + 1
+        row.update(skipped=True, bad_steps=st.bad_total)
+        if self.dist.is_main:
+            log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", step, st.bad_in_row,
+                        st.bad_total)
+        if st.bad_in_row >= cfg.trainer.max_bad_steps:
+            self.logger.log(row)
+            last = self.store.latest()
+            raise UserError(f"{st.bad_in_row} steps in a row (up to step {step}) had a non-finite loss "
+                            f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopped. Last checkpoint: "
+                            f"{last or 'none'}; lower optim.lr or check the data")
+        return row
+
+    # ---------------------------------------------------------------------------------------------- saving
+
+    def save(self) -> Path:
+        partial = self.store.begin(self.dist.is_main)
+        engine.barrier()
+        name = tag(self.state.step)
+        engine.save_checkpoint(self.eng, partial, name)
+        written = partial / name
+        save_rng(written, self.dist.rank)
+        engine.barrier()
+        faults.kill_in_save(self.state.step)
+        final = self.store.root / name
+        if self.dist.is_main:
+            write_state(written, self.state, self._meta())
+            hf = written / "hf"
+            hf.mkdir()
+            self._student_config().save_pretrained(hf)
+            copy_side_files(Path(self._tokenizer_dir()), hf)
+            self.store.commit(written, self.cfg.trainer.keep_checkpoints)
+            log.info("saved checkpoint %s", final)
+        engine.barrier()
+        return final
+
+    def _student_config(self):
+        return self.stage.hybrid_config if isinstance(self.stage, AlignStage) else self.stage.student.config
+
+    def _meta(self) -> dict:
+        cfg = self.cfg
+        return {"stage": cfg.stage.name, "loss": cfg.stage.loss, "zero_stage": cfg.deepspeed.zero_stage,
+                "precision": cfg.trainer.precision, "world_size": self.dist.world_size,
+                "base": str(self.base.path) if self.base is not None else None,
+                "base_fingerprint": self.base.fingerprint() if self.base is not None else None,
+                "model": self.paths["model"], "teacher": self.paths["teacher"]}
+
+    def _finish(self, ckpt: Path, last_loss: float | None) -> TrainResult:
+        report = {"stage": self.cfg.stage.name, "loss": self.cfg.stage.loss, "steps": self.state.step,
+                  "tokens": self.state.tokens, "final_loss": last_loss, "bad_steps": self.state.bad_total,
+                  "checkpoint": str(ckpt), "model": self.paths["model"], "teacher": self.paths["teacher"],
+                  "world_size": self.dist.world_size, "seconds": round(time.time() - self.t_start, 1)}
+        align = self._align_eval() if isinstance(self.stage, AlignStage) else None
+        if self.dist.is_main:
+            if self.cfg.trainer.export:
+                from .export import export_checkpoint
+
+                export_checkpoint(ckpt, self.out)
+            if align is not None:
+                (self.out / "align_report.json").write_text(json.dumps(align, indent=2))
+            (self.out / "stage_report.json").write_text(json.dumps(report, indent=2))
+            self.logger.summary({"final_loss": last_loss, "steps": self.state.step})
+            log.info("stage %s done: %d steps, final loss %s, outputs in %s", self.cfg.stage.name, self.state.step,
+                     f"{last_loss:.5f}" if last_loss is not None else "n/a", self.out)
+        engine.barrier()
+        return TrainResult(self.out, self.state.step, last_loss, ckpt, {"engine": self.eng, "stage": self.stage})
+
+    def _align_eval(self) -> dict:
+        """Per-layer MSE of the aligned layers on the global batch after the last training rows."""
+        batches = [self.data.batch(self._rows_of(self.state.rows, m)) for m in range(self.gas)]
+        total = None
+        with torch.no_grad():
+            for b in batches:
+                _, st = self.eng(**{k: v.to(self.dist.device) for k, v in b.items()})
+                total = st["layer_mse"].double() if total is None else total + st["layer_mse"].double()
+        tokens = self.rows * self.cfg.trainer.seq_len
+        per_layer = (engine.all_reduce(total) / tokens).cpu().tolist()
+        return {"base_fingerprint": self.base.fingerprint(), "base": str(self.base.path), "per_layer_mse": per_layer,
+                "tokens": self.state.tokens, "steps": self.state.step, "seq_len": self.cfg.trainer.seq_len,
+                "eval_tokens": tokens, "mse": "mean over tokens and hidden units of (lightning - teacher attention "
+                                             "output)^2, on the rows after the training rows"}
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if isinstance(x, torch.Tensor) else x)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _progress(row: dict) -> str:
+    loss = f"{row['loss']:.5f}" if row["loss"] is not None else "skipped"
+    mfu = f" mfu {row['mfu'] * 100:.1f}%" if "mfu" in row else ""
+    return f"step {row['step']} loss {loss} lr {row['lr']:.3g} {row['tokens_per_s']:.0f} tok/s{mfu}"
+
+
+def _to_dict(cfg: TrainConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def _to_yaml(cfg: TrainConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

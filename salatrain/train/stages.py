@@ -1,0 +1,180 @@
+"""What each loss trains, as modules DeepSpeed wraps: ``forward(input_ids, position_ids, labels)`` returns
+(sum of the loss over this micro-batch's targets, detached statistics). Every stage keeps the trained model
+under ``.student`` with the hybrid's parameter names; a frozen teacher is held outside the module tree (it is
+placed, or sharded under ZeRO-3, separately) and never trained.
+
+    AlignStage   loss mse_align: one Lightning layer per attention layer of the dense teacher, fed the
+                 teacher's own input to that layer (the input_layernorm output, its RoPE and document
+                 layout), regressing that layer's attention output; all layers in one teacher forward
+    DistillStage loss kl: KL(teacher ‖ student) on next-token distributions, chunked
+    LMStage      loss lm: next-token cross-entropy, chunked
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..data import IGNORE, num_targets
+from ..hf_checkpoint import CheckpointDir
+from ..models import SalaHybridConfig, SalaHybridForCausalLM
+from ..models.loading import dense_config, load_dense_as_hybrid
+from ..models.modeling_sala_hybrid import LightningAttention, SparseAttention
+
+log = logging.getLogger(__name__)
+NO_SPARSE = 1 << 62  # dense_len that keeps every query dense
+
+
+def load_model(path: str) -> SalaHybridForCausalLM:
+    """A hybrid checkpoint as is, or a dense one (any supported family) with every layer full_attention."""
+    ckpt = CheckpointDir(path)
+    if ckpt.model_type == SalaHybridConfig.model_type:
+        return SalaHybridForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32)
+    return load_dense_as_hybrid(ckpt)
+
+
+def disable_sparse(model: nn.Module) -> None:
+    """Sparse layers attend densely at every position (dense_len = ∞); ``model.config`` keeps its dense_len,
+    so a checkpoint exported afterwards selects blocks as before."""
+    for m in model.modules():
+        if isinstance(m, SparseAttention):
+            m.sparse_params["dense_len"] = NO_SPARSE
+
+
+def warn_rope(config: SalaHybridConfig, seq_len: int, what: str) -> None:
+    full = [i for i, m in enumerate(config.mixer_types) if m == "full_attention"]
+    trained = (config.rope_parameters or {}).get("original_max_position_embeddings") or config.max_position_embeddings
+    if full and seq_len > trained:
+        log.warning("trainer.seq_len=%d exceeds the %d positions the RoPE of %s's full_attention layers %s was "
+                    "trained for; expect degraded quality unless its RoPE is scaled", seq_len, trained, what, full)
+
+
+def head_of(model: SalaHybridForCausalLM):
+    scale = model.config.logit_scale
+
+    def head(h):
+        return model.lm_head(h * scale if scale != 1.0 else h)
+
+    return head
+
+
+def targets(h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states at positions whose next token is a target: (h [M, H], target [M], mask [B, T-1])."""
+    mask = labels_BT[:, 1:] != IGNORE
+    return h_BTH[:, :-1][mask], labels_BT[:, 1:][mask], mask
+
+
+class LMStage(nn.Module):
+    def __init__(self, student: SalaHybridForCausalLM, chunk: int):
+        super().__init__()
+        self.student = student
+        self.chunk = chunk
+
+    def count(self, batch: dict) -> int:
+        return num_targets(batch["labels"])
+
+    def forward(self, input_ids, position_ids, labels):
+        h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        h_M, t_M, _ = targets(h, labels)
+        from .losses import chunked_cross_entropy
+
+        return chunked_cross_entropy(h_M, t_M, head_of(self.student), self.chunk), {}
+
+
+class DistillStage(nn.Module):
+    def __init__(self, student: SalaHybridForCausalLM, chunk: int, temperature: float):
+        super().__init__()
+        self.student = student
+        self.chunk, self.temperature = chunk, temperature
+        self._teacher: list[SalaHybridForCausalLM] = []  # a list keeps it out of the module tree
+
+    def attach_teacher(self, teacher: SalaHybridForCausalLM) -> None:
+        if teacher.config.vocab_size != self.student.config.vocab_size:
+            raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
+                             f"{self.student.config.vocab_size}")
+        self._teacher[:] = [teacher]
+
+    def count(self, batch: dict) -> int:
+        return num_targets(batch["labels"])
+
+    def forward(self, input_ids, position_ids, labels):
+        from .losses import chunked_kl
+
+        teacher = self._teacher[0]
+        h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        with torch.no_grad():
+            ht = teacher.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hs_M, t_M, mask = targets(h, labels)
+        ht_M = ht[:, :-1][mask]
+        kl, ce = chunked_kl(hs_M, ht_M, t_M, head_of(self.student), head_of(teacher), self.chunk, self.temperature)
+        return kl, {"kl": kl.detach(), "lm_loss": ce}
+
+
+class _Attn(nn.Module):
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.self_attn = attn
+
+
+class AlignStage(nn.Module):
+    """``student.model.layers[i].self_attn`` is layer i's Lightning replacement (names as in the hybrid)."""
+
+    def __init__(self, teacher: SalaHybridForCausalLM, base: CheckpointDir):
+        super().__init__()
+        from ..convert.transfer import transfer_attention
+
+        n = teacher.config.num_hidden_layers
+        self.hybrid_config = dense_config(base, mixer_types=["linear_attention"] * n)
+        layers = []
+        for i, layer in enumerate(teacher.model.layers):
+            attn = LightningAttention(self.hybrid_config, i)
+            dense = {k: v.detach().float() for k, v in layer.self_attn.state_dict().items()}
+            attn.load_state_dict(transfer_attention("linear_attention", dense, self.hybrid_config))
+            layers.append(_Attn(attn))
+        self.student = nn.Module()
+        self.student.model = nn.Module()
+        self.student.model.layers = nn.ModuleList(layers)
+        self._teacher: list[SalaHybridForCausalLM] = []
+        self._captured: dict[int, tuple] = {}
+        self._hooks: list = []
+
+    def attach_teacher(self, teacher: SalaHybridForCausalLM) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._teacher[:] = [teacher]
+        self._hooks = [layer.self_attn.register_forward_hook(self._capture(i))
+                       for i, layer in enumerate(teacher.model.layers)]
+
+    def _capture(self, i: int):
+        def hook(module, args, output):
+            self._captured[i] = (args[0], args[1], args[2], output)
+
+        return hook
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].numel()
+
+    def forward(self, input_ids, position_ids, labels=None):
+        self._captured.clear()
+        with torch.no_grad():
+            self._teacher[0].model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        per_layer = []
+        for i, layer in enumerate(self.student.model.layers):
+            x, rope, seq, target = self._captured[i]
+            out = layer.self_attn(x, rope, seq, None)
+            per_layer.append((out.float() - target.float()).pow(2).mean(-1).sum())
+        self._captured.clear()
+        per_layer = torch.stack(per_layer)
+        return per_layer.sum(), {"layer_mse": per_layer.detach()}
+
+
+def base_has_qk_norm(stage: nn.Module) -> bool:
+    cfg = stage.hybrid_config if isinstance(stage, AlignStage) else stage.student.config
+    return bool(cfg.qk_norm)
+
+
+def mixer_types(stage: nn.Module) -> list[str]:
+    cfg = stage.hybrid_config if isinstance(stage, AlignStage) else stage.student.config
+    return list(cfg.mixer_types)
