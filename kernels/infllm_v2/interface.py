@@ -14,23 +14,20 @@ from .naive import infllmv2_attn_naive
 from .score import BlockScorer, resolve_backend
 from .selection import select_rows
 
-__all__ = ["infllmv2_attn", "select_blocks"]
+__all__ = ["infllmv2_attn", "select_blocks", "score_chunks", "dense_causal_sdpa"]
 
 SCORE_BUDGET_BYTES = 512 * 2**20
 
 
-def select_blocks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
-                  score_budget_bytes: int = SCORE_BUDGET_BYTES) -> torch.Tensor:
-    """Visible blocks [HKV, R, K] int32 of every sparse query row (-1 elsewhere), ascending, -1 padded."""
-    kv_heads = k3.shape[1]
-    block_idx = torch.full((kv_heads, layout.num_rows, params.num_selected), -1, dtype=torch.int32,
-                           device=q3.device)
+def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
+                 score_budget_bytes: int = SCORE_BUDGET_BYTES):
+    """Score the sparse rows chunk by chunk; yields (own, tail or None, first row, end row) per chunk."""
     scorer = BlockScorer(q3, k3, layout, params, scale)
     row0, nrows, docs = layout.tiles(scorer.rows_per_tile, params.dense_len)
     if row0.numel() == 0:
-        return block_idx
+        return
     starts, ends = row0.tolist(), (row0 + nrows).tolist()
-    bytes_per_row = 4 * kv_heads * scorer.num_blocks * (2 if scorer.kernel_ratio > 1 else 1)
+    bytes_per_row = 4 * k3.shape[1] * scorer.num_blocks * (2 if scorer.kernel_ratio > 1 else 1)
     rows_per_chunk = max(scorer.rows_per_tile, score_budget_bytes // bytes_per_row)
     first = 0
     while first < len(starts):
@@ -41,8 +38,17 @@ def select_blocks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
         own, tail = scorer.new_buffers(row_hi - row_lo)
         tiles = (row0[first : last + 1], nrows[first : last + 1], docs[first : last + 1])
         scorer.run(own, tail, row_lo, tiles, write_all=False)
-        select_rows(own, None if tail is own else tail, row_lo, block_idx, layout, params, row_lo, row_hi, True)
+        yield own, (None if tail is own else tail), row_lo, row_hi
         first = last + 1
+
+
+def select_blocks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
+                  score_budget_bytes: int = SCORE_BUDGET_BYTES) -> torch.Tensor:
+    """Visible blocks [HKV, R, K] int32 of every sparse query row (-1 elsewhere), ascending, -1 padded."""
+    block_idx = torch.full((k3.shape[1], layout.num_rows, params.num_selected), -1, dtype=torch.int32,
+                           device=q3.device)
+    for own, tail, row_lo, row_hi in score_chunks(q3, k3, layout, params, scale, score_budget_bytes):
+        select_rows(own, tail, row_lo, block_idx, layout, params, row_lo, row_hi, skip_dense=True)
     return block_idx
 
 
@@ -64,10 +70,13 @@ def infllmv2_attn(
     backend: str = "auto",
     coarse_kernel_size: int | None = None,
     coarse_kernel_stride: int | None = None,
+    dense_prefix_sdpa: bool = True,
 ) -> torch.Tensor:
     """InfLLM-V2 sparse attention; o has q's shape and dtype. Semantics: see the package docstring.
 
     backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton", "torch".
+    dense_prefix_sdpa: for padded batches with Tq = Tk on CUDA, run the dense prefix (t < dense_len) through
+    torch SDPA (FlashAttention) instead of the Triton dense kernel; varlen and Tq < Tk always use Triton.
     """
     check_qkv(q, k, v, cu_seqlens)
     params = SparseParams(
@@ -87,13 +96,35 @@ def infllmv2_attn(
             "Triton InfLLM-V2 needs a power-of-two block_size >= 16, kernel_stride | block_size with a power-of-two "
             f"ratio and kernel_stride | kernel_size; got {block_size}/{kernel_size}/{kernel_stride} (use backend='torch')"
         )
+    seqlen_q, dim = q.shape[1], q.shape[3]
+    scale = dim**-0.5 if scale is None else scale
+    prefix = min(dense_len, seqlen_q)
+    if dense_prefix_sdpa and cu_seqlens is None and seqlen_q == k.shape[1] and q.is_cuda and prefix > 0:
+        # positions < dense_len see only keys < dense_len: the prefix is plain causal attention
+        parts = [dense_causal_sdpa(q[:, :prefix], k[:, :prefix], v[:, :prefix], scale)]
+        if prefix < seqlen_q:
+            parts.append(_sparse(q[:, prefix:], k, v, None, params, scale))
+        return torch.cat(parts, dim=1)
+    return _sparse(q, k, v, cu_seqlens, params, scale)
+
+
+def dense_causal_sdpa(q, k, v, scale):
+    """Causal attention through torch SDPA (FlashAttention on CUDA for 16-bit inputs); K/V heads repeated."""
+    group = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(group, dim=2) if group > 1 else x for x in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float):
     batch, seqlen_q, heads, dim = q.shape
     kv_heads = k.shape[2]
-    scale = dim**-0.5 if scale is None else scale
     layout = DocLayout.build(q, k, cu_seqlens)
     with torch.no_grad():
         q3 = q.detach().contiguous().view(batch * seqlen_q, heads, dim)
         k3 = k.detach().contiguous().view(-1, kv_heads, dim)
         block_idx = select_blocks(q3, k3, layout, params, scale)
-    plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, block_size, scale, dense_len)
+    plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, params.block_size, scale, params.dense_len)
     return SparseAttnFn.apply(q, k, v, block_idx, plan)

@@ -30,6 +30,7 @@ from .layout import (
     check_qkv,
     compress_keys,
     dot_precision,
+    interpreting,
     new_empty,
     next_pow2,
     row_max,
@@ -143,6 +144,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
         return "triton" if tensor.is_cuda else "torch"
+    if backend == "triton" and not tensor.is_cuda and not interpreting():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing)")
     return backend
 
 

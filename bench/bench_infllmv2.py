@@ -1,0 +1,337 @@
+"""InfLLM-V2 sparse attention on the GPU: block scoring + top-K selection + block-sparse attention, forward and
+forward+backward, against dense causal torch SDPA (FlashAttention, GQA) and fla's parallel_nsa (compression +
+top-16 x 64-token blocks). SALA shapes: bf16, batch 1, 32 query heads, 2 KV heads (G = 16), head dim 128,
+block 64, kernel 32 / stride 16, init 1, topk 64, window 2048, dense_len 8192 (96 blocks = 6144 keys per query).
+
+    python bench/bench_infllmv2.py [--quick] [--T 8192 32768]   # this family; `python bench/kernels.py` runs all
+
+``run(T_list, dtype, ceilings=None, quick=False) -> list[dict]``: one row per (kernel, T, impl). A correctness
+gate (full op and each stage vs the PyTorch references at T = 2048, forward and gradients, both normalisers)
+runs first; a failing kernel is not timed. Times: median of CUDA-event timings (ms) of repeated calls after a
+warm-up; peak_GiB = memory a call adds on top of its inputs; TFLOP/s counts useful work (scoring: q·k_cmp for
+both passes; attention: 4·D per visible key, backward = 2.5x forward) against the measured bf16 matmul ceiling.
+`speedup` = that row's fwd+bwd time / ours (exact normaliser), `fwd_speedup` the same for the forward.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+import time
+
+import torch
+
+HQ, HKV, D = 32, 2, 128
+SALA = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=64, window_size=2048, dense_len=8192)
+GATE = dict(SALA, topk=8, window_size=256, dense_len=512)
+GATE_T, GATE_HEADS = 2048, (16, 1)
+OURS = "triton (exact)"
+BASELINES = {
+    "sdpa flash (dense)": "torch scaled_dot_product_attention, FlashAttention backend, dense causal, GQA via "
+                          "enable_gqa (K/V repeated when the backend refuses it)",
+    "fla parallel_nsa top16x64": "fla.ops.nsa.parallel_nsa: compression attention + top-16 selection of 64-token "
+                                 "blocks + selected attention (window 0); skipped when fla is not installed",
+}
+
+
+def ensure_kernels_package():
+    """Import salatrain_kernels; in a checkout without the installed mapping, serve kernels/ under that name."""
+    try:
+        import salatrain_kernels  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "salatrain_kernels":
+            raise
+        root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+        spec = importlib.util.spec_from_file_location("salatrain_kernels", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["salatrain_kernels"] = mod
+        spec.loader.exec_module(mod)
+
+
+ensure_kernels_package()
+from salatrain_kernels.infllm_v2 import (  # noqa: E402
+    infllmv2_attn,
+    infllmv2_block_attn_naive,
+    infllmv2_block_scores,
+    infllmv2_block_scores_naive,
+    infllmv2_select,
+    infllmv2_select_naive,
+)
+from salatrain_kernels.infllm_v2.attention import AttnPlan, SparseAttnFn  # noqa: E402
+from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, score_chunks, select_blocks  # noqa: E402
+from salatrain_kernels.infllm_v2.layout import DocLayout, SparseParams  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def sdpa_dense(q, k, v):
+    """Dense causal attention through the flash backend, GQA without copies when the backend accepts it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        try:
+            out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        except RuntimeError:
+            group = q.shape[2] // k.shape[2]
+            kt, vt = (x.repeat_interleave(group, dim=1) for x in (kt, vt))
+            out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    return out.transpose(1, 2)
+
+
+def fla_nsa():
+    """fla's parallel_nsa as f(q, k, v), or None when flash-linear-attention is not installed."""
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except ImportError:
+        return None
+
+    def run_nsa(q, k, v):
+        gate = torch.full(q.shape[:3], 0.5, device=q.device, dtype=q.dtype)
+        return parallel_nsa(q, k, v, g_cmp=gate, g_slc=gate, block_counts=16, block_size=64)
+
+    return run_nsa
+
+
+# ------------------------------------------------------------------------------------------------ gates
+def _rule(out, ref, lowp, rel_eps=1e-4):
+    err = (out.double() - ref.double()).abs().max().item()
+    err_lp = (lowp.double() - ref.double()).abs().max().item()
+    ok = bool(torch.isfinite(out).all()) and err <= 2 * err_lp + rel_eps * ref.double().abs().max().item()
+    return ok, f"err {err:.2e} vs torch-lowp {err_lp:.2e}"
+
+
+def gate(device, dtype, normalizer):
+    """Full op at T = 2048 (G = 16, D = 128): selection vs reference, output and gradients within 2x torch-lowp."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    T, (heads, kv_heads) = GATE_T, GATE_HEADS
+    q = torch.randn(1, T, heads, D, generator=g).to(device, dtype)
+    k, v = (torch.randn(1, T, kv_heads, D, generator=g).to(device, dtype) for _ in range(2))
+    do = torch.randn(1, T, heads, D, generator=g).to(device, dtype)
+    score_kw = {n: GATE[n] for n in ("block_size", "kernel_size", "kernel_stride")}
+    score_kw["normalizer"] = normalizer
+    sel_kw = {n: GATE[n] for n in ("block_size", "init_blocks", "topk", "window_size")}
+    sel_kw["seqlen_k"] = T
+    idx = infllmv2_select(infllmv2_block_scores(q, k, backend="triton", **score_kw), backend="triton", **sel_kw)
+    ref_idx = infllmv2_select_naive(infllmv2_block_scores_naive(q.float(), k.float(), **score_kw), **sel_kw)
+    mismatch = (idx != ref_idx).any(-1)[..., GATE["dense_len"]:].float().mean().item()
+    if mismatch > 0.02:
+        return False, f"{mismatch:.1%} of sparse rows select other blocks than the reference"
+    attn_kw = dict(block_size=GATE["block_size"], dense_len=GATE["dense_len"])
+    outs = {}
+    for name, fn, cast in (
+        ("ours", lambda *x: infllmv2_attn(*x, backend="triton", normalizer=normalizer, **GATE), None),
+        ("ref", lambda *x: infllmv2_block_attn_naive(*x, idx, **attn_kw), torch.float32),
+        ("lowp", lambda *x: infllmv2_block_attn_naive(*x, idx, upcast=False, **attn_kw), None),
+    ):
+        leaves = [(x if cast is None else x.to(cast)).detach().requires_grad_() for x in (q, k, v)]
+        o = fn(*leaves)
+        outs[name] = [o] + list(torch.autograd.grad(o, leaves, do.to(o.dtype)))
+    notes = []
+    for what, a, r, lp in zip(("o", "dq", "dk", "dv"), outs["ours"], outs["ref"], outs["lowp"]):
+        ok, note = _rule(a, r, lp)
+        if not ok:
+            return False, f"{what}: {note}"
+        notes.append(f"{what} {note.split(' vs')[0]}")
+    return True, f"selection mismatch {mismatch:.2%}; " + ", ".join(notes)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def _timed(fn, quick):
+    """(median ms, extra peak GiB) of fn(); ("OOM", None) when it does not fit."""
+    try:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times, budget, spent = [], (150.0 if quick else 400.0), 0.0
+        while len(times) < 3 or (spent < budget and len(times) < 25):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            spent += times[-1]
+        return sorted(times)[len(times) // 2], peak
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM", None
+
+
+def _fwd_and_fwd_bwd(fn, q, k, v, do):
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fwd_bwd():
+        o = fn(*leaves)
+        torch.autograd.grad(o, leaves, do)
+
+    return fwd, fwd_bwd
+
+
+def visible_keys(T, p):
+    """Keys each query attends to, summed over queries (dense rows: t+1; sparse rows: K blocks, causal)."""
+    t = torch.arange(T, dtype=torch.float64)
+    k = p["topk"] + p["window_size"] // p["block_size"]
+    sparse = (torch.clamp(t // p["block_size"] + 1, max=k) - 1) * p["block_size"] + t % p["block_size"] + 1
+    return torch.where(t < p["dense_len"], t + 1, sparse).sum().item()
+
+
+def scoring_windows(T, p, normalizer):
+    """Compressed windows touched per sparse query, summed (pass 1 + pass 2)."""
+    t = torch.arange(min(p["dense_len"], T), T, dtype=torch.float64)
+    fine = torch.clamp((t + 1 - p["kernel_size"]) // p["kernel_stride"] + 1, min=0)
+    coarse = torch.clamp((t + 1 - 4 * p["kernel_size"]) // (4 * p["kernel_stride"]) + 1, min=0)
+    return (fine + (fine if normalizer == "exact" else coarse)).sum().item()
+
+
+def flops(T, normalizer=None, fwd_bwd=True):
+    attn = 4 * D * HQ * visible_keys(T, SALA if normalizer else dict(SALA, dense_len=10**12))
+    score = 2 * D * HQ * scoring_windows(T, SALA, normalizer) if normalizer else 0.0
+    return score + (3.5 if fwd_bwd else 1.0) * attn
+
+
+def _row(T, impl, fwd, fwd_bwd, peak, work, ceilings, note="", kernel="infllmv2"):
+    row = dict(kernel=kernel, T=T, impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, speedup=None, fwd_speedup=None,
+               peak_GiB=peak)
+    ms = fwd_bwd if isinstance(fwd_bwd, float) else fwd
+    if work and isinstance(ms, float):
+        row["TFLOP/s"] = work / ms / 1e9
+        if ceilings:
+            row["%peak_flops"] = 100 * row["TFLOP/s"] / ceilings["matmul_tflops"]
+    row["note"] = note
+    return row
+
+
+def stage_rows(T, q, k, v, do, ceilings, quick):
+    """Forward breakdown of ours (exact normaliser): scoring, selection, attention given the blocks."""
+    params = SparseParams(**SALA)
+    scale = D**-0.5
+    prefix = min(SALA["dense_len"], T)
+    qs = q[:, prefix:]
+    layout = DocLayout.build(qs, k, None)
+    q3, k3 = qs.reshape(-1, HQ, D), k.reshape(-1, HKV, D)
+
+    def scoring():
+        for _ in score_chunks(q3, k3, layout, params, scale):
+            pass
+
+    def scoring_selection():
+        return select_blocks(q3, k3, layout, params, scale)
+
+    block_idx = scoring_selection()
+    plan = AttnPlan(layout, HQ, HKV, D, q.dtype, SALA["block_size"], scale, SALA["dense_len"])
+
+    def attention(q_, k_, v_):
+        parts = [dense_causal_sdpa(q_[:, :prefix], k_[:, :prefix], v_[:, :prefix], scale)]
+        parts.append(SparseAttnFn.apply(q_[:, prefix:], k_, v_, block_idx, plan))
+        return torch.cat(parts, dim=1)
+
+    s_ms, _ = _timed(scoring, quick)
+    ss_ms, _ = _timed(scoring_selection, quick)
+    fwd, fwd_bwd = _fwd_and_fwd_bwd(attention, q, k, v, do)
+    a_ms, _ = _timed(fwd, quick)
+    ab_ms, a_peak = _timed(fwd_bwd, quick)
+    attn_work = flops(T, "exact") - 2 * D * HQ * scoring_windows(T, SALA, "exact")
+    sel = ss_ms - s_ms if isinstance(ss_ms, float) and isinstance(s_ms, float) else None
+    return [
+        _row(T, "stage: scoring", s_ms, None, None, 2 * D * HQ * scoring_windows(T, SALA, "exact"), ceilings,
+             "2 passes over compressed keys, group-summed, block max", kernel="infllmv2 stages"),
+        _row(T, "stage: selection", sel, None, None, 0, ceilings, f"top-{params.num_selected} per (query, group)",
+             kernel="infllmv2 stages"),
+        _row(T, "stage: attention", a_ms, ab_ms, a_peak, attn_work, ceilings,
+             "given blocks; dense prefix via SDPA", kernel="infllmv2 stages"),
+    ]
+
+
+def bench_T(T, dtype, device, impls, ceilings, quick):
+    g = torch.Generator(device="cpu").manual_seed(T)
+    q = torch.randn(1, T, HQ, D, generator=g).to(device, dtype)
+    k, v = (torch.randn(1, T, HKV, D, generator=g).to(device, dtype) for _ in range(2))
+    do = torch.randn(1, T, HQ, D, generator=g).to(device, dtype)
+    rows = []
+    for name, fn, work, note in impls:
+        fwd, fwd_bwd = _fwd_and_fwd_bwd(fn, q, k, v, do)
+        ms_f, _ = _timed(fwd, quick)
+        ms_fb, peak = _timed(fwd_bwd, quick)
+        rows.append(_row(T, name, ms_f, ms_fb, peak, work, ceilings, note))
+        torch.cuda.empty_cache()
+    if T > SALA["dense_len"]:
+        rows += stage_rows(T, q, k, v, do, ceilings, quick)
+    return rows
+
+
+def _speedups(rows):
+    for r in rows:
+        mine = [o for o in rows if o["kernel"] == "infllmv2" and o["T"] == r["T"] and o["impl"] == OURS]
+        if r["kernel"] != "infllmv2" or r["impl"] == OURS or not mine:
+            continue
+        for key, out in (("fwd_bwd_ms", "speedup"), ("fwd_ms", "fwd_speedup")):
+            if isinstance(r[key], float) and isinstance(mine[0][key], float):
+                r[out] = r[key] / mine[0][key]
+    return rows
+
+
+def measure_ceilings():
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms, _ = _timed(lambda: a @ b, quick=True)
+    return {"matmul_tflops": 2 * n**3 / ms / 1e9}
+
+
+def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda"):
+    t0 = time.time()
+    gates = {norm: gate(device, dtype, norm) for norm in ("exact", "coarse")}
+    for norm, (ok, note) in gates.items():
+        print(f"[gate] infllmv2 {norm}: {'PASS' if ok else 'FAIL'} ({note})", flush=True)
+    print(f"[infllmv2] gates {time.time() - t0:.0f} s", flush=True)
+    if not gates["exact"][0]:
+        return [dict(kernel="infllmv2", T="-", impl=OURS, note="correctness gate failed: not timed")]
+    nsa = fla_nsa()
+    rows = []
+    for T in T_list:
+        impls = [(OURS, lambda q, k, v: infllmv2_attn(q, k, v, backend="triton", **SALA), flops(T, "exact"),
+                  "scoring + selection + attention; dense prefix via SDPA")]
+        if gates["coarse"][0]:
+            impls.append(("triton (coarse)", lambda q, k, v: infllmv2_attn(
+                q, k, v, backend="triton", normalizer="coarse", **SALA), flops(T, "coarse"),
+                "LSE from 128/64 windows"))
+        impls.append(("sdpa flash (dense)", sdpa_dense, flops(T), "dense causal"))
+        if nsa is not None:
+            impls.append(("fla parallel_nsa top16x64", nsa, None, "compression + top-16 x 64 selection"))
+        rows += bench_T(T, dtype, device, impls, ceilings, quick)
+        torch.cuda.empty_cache()
+        print(f"[infllmv2] T={T} done ({time.time() - t0:.0f} s)", flush=True)
+    if nsa is None:
+        rows.append(dict(kernel="infllmv2", T="-", impl="fla parallel_nsa top16x64", note="fla not installed"))
+    return _speedups(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="T = 8K and 32K, shorter timing loops")
+    p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 8K 32K 128K)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_infllmv2.py needs a CUDA GPU")
+    T_list = args.T or ([8192, 32768] if args.quick else [8192, 32768, 131072])
+    rows = run(T_list, torch.bfloat16, ceilings=measure_ceilings(), quick=args.quick)
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        cells = [f"{r.get(k):.3g}" if isinstance(r.get(k), float) else ("" if r.get(k) is None else str(r.get(k)))
+                 for k in keys]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
