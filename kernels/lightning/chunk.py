@@ -10,21 +10,29 @@ Every pass computes the same "decayed causal linear attention" on three inputs a
 (positions counted inside the document) and X_out is the state after the last token, or, in reverse, the
 state "before" the first one (lam times the gradient at t=0). Outputs are multiplied by ``scale``.
 
-    pass      a    b    c    out   initial X        final X
-    forward   q    k    v    o     S0               S_T          o  = scale * ...
-    dq        do   v    k    dq    S0^T             -            dq = scale * S_t do_t
-    dk        v    do   q    dk    dS_T^T / scale   -            dk = dS_t v_t
-    dv        k    q    do   dv    dS_T / scale     dS0 / scale  dv = dS_t^T k_t
+    pass      a    b    c    out   initial X            final X
+    forward   q    k    v    o     S_init               S_T                   o  = scale * S_t^T q_t
+    dq        do   v    k    dq    S_init^T             -                     dq = scale * S_t do_t
+    dk        v    do   q    dk    dS_T^T / scale       -                     dk = dS_t v_t
+    dv        k    q    do   dv    dS_T / scale         dS_init / scale       dv = dS_t^T k_t
+
+(dS_t is the gradient w.r.t. the state S_t; dS_T comes from the final state's gradient.)
 
 Each program owns one (document, head, BV-column tile of the output) and walks the document chunk by chunk
 (BT = 64 tokens): it loads a, b [BT, D] and c [BT, BV], computes the chunk's masked score matrix
 (a b^T) * lam^|i-j| on tensor cores, adds the inter-chunk term a X, and updates X in registers. Nothing of
-size T x D x D is ever written to memory. The three backward passes run in one launch (grid axis 2) so a
-small batch still fills the GPU.
+size T x D x D is ever written to memory. The three backward passes run in one launch (grid axis 1), so
+even batch 1 puts 3 * H * D/BV programs on the GPU. BV, warps and pipeline stages are autotuned per
+(H, D, dtype, number of sequences, number of passes).
 
 Cost per pass and (token, head): 2*(BT*D + BT*BV) * D/BV + 4*D*D FLOPs (the score matrix is recomputed
 for each of the D/BV column tiles); memory traffic is one read of a, b, c and one write of out (a and b
 are shared through L2 by the column tiles of a head, which run side by side).
+
+Numerics: bf16/fp16 inputs go through tensor-core dots with fp32 accumulation; the fp32 state and the
+chunk's scores are rounded to the input dtype only as dot operands (as fla does), so with fp16 inputs a
+state entry beyond 65504 would overflow. fp32 inputs use exact fp32 dots (no TF32): correct but slow and
+meant for tests. Offsets are int64 where they scale with T, so T * H * D may exceed 2^31.
 """
 from __future__ import annotations
 
@@ -38,7 +46,6 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Test-only: fill every buffer the kernels are meant to overwrite with NaN, so an unwritten element shows.
 POISON = os.environ.get("SALATRAIN_KERNELS_POISON", "0") == "1"
-_LOG2E = 1.4426950408889634
 CHUNK = 64
 MAX_TASKS = 3
 
@@ -47,7 +54,7 @@ if _INTERPRET:
 else:
     _CONFIGS = [
         triton.Config({"BV": bv}, num_warps=w, num_stages=s)
-        for bv, w, s in ((32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3))
+        for bv, w, s in ((32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2))
     ]
 
 
@@ -125,7 +132,7 @@ def _scan_kernel(
     num_chunks = tl.cdiv(seq_len, BT)
 
     # log2 of the per-step decay: lam^n = exp2(-s2 * n)
-    s2 = tl.load(decay + i_h).to(tl.float32) * 1.4426950408889634
+    s2 = tl.load(decay + i_h).to(tl.float32) * 1.4426950408889634  # log2(e)
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
