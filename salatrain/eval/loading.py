@@ -1,0 +1,77 @@
+"""Open a model directory for evaluation: a hybrid checkpoint, or a dense one (as the hybrid with every layer
+``full_attention`` when its family is supported, else through transformers' Auto classes)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..hf_checkpoint import CheckpointDir
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+    kind: str  # "hybrid" | "dense" | "transformers"
+    mixer_counts: dict[str, int]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"bad device {device!r}: {e}") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be auto, {', '.join(DTYPES)} (got {dtype!r})")
+    return DTYPES[dtype]
+
+
+def check_model_dir(path: str) -> CheckpointDir:
+    """Validate a model directory up front (config, weights, tokenizer) so errors come before any work."""
+    ckpt = CheckpointDir(path)
+    if not any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise UserError(f"{ckpt.path} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    return ckpt
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import SalaHybridForCausalLM
+    from ..models.families import family_for
+    from ..models.loading import load_dense_as_hybrid
+
+    ckpt = check_model_dir(path)
+    if ckpt.model_type == "sala_hybrid":
+        model, kind = SalaHybridForCausalLM.from_pretrained(ckpt.path, dtype=dtype), "hybrid"
+    else:
+        try:
+            family_for(ckpt.model_type)
+            supported = True
+        except ValueError:
+            supported = False
+        if supported:
+            model, kind = load_dense_as_hybrid(ckpt, dtype=dtype), "dense"
+        else:
+            log.info("%s: model_type %r is not a salatrain family; loading with AutoModelForCausalLM",
+                     ckpt.path, ckpt.model_type)
+            model, kind = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype), "transformers"
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    mixers = getattr(model.config, "mixer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    counts = {m: mixers.count(m) for m in dict.fromkeys(mixers)}
+    return LoadedModel(model.to(device).eval(), tokenizer, str(ckpt.path), kind, counts)

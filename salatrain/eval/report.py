@@ -1,0 +1,81 @@
+"""Reporting shared by `salatrain eval` and `salatrain select`: plain-text tables, atomic JSON files, and W&B
+(imported only when ``logging.wandb.mode`` is not ``disabled``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbSettings:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "salatrain"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingSettings:
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+
+
+def check_wandb(settings: LoggingSettings) -> None:
+    if settings.wandb.mode not in WANDB_MODES:
+        raise UserError(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)} (got {settings.wandb.mode!r})")
+
+
+def wandb_run(settings: LoggingSettings, config: dict, job_type: str):
+    """A W&B run, or None when disabled."""
+    w = settings.wandb
+    if w.mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(mode=w.mode, project=w.project, entity=w.entity, group=w.group, name=w.name,
+                      job_type=job_type, config=config)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    cols = list(zip(*([header] + rows)))
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    """Write JSON through a temporary file in the same folder, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def check_output_file(output_dir: Optional[str], name: str, overwrite: bool) -> Path:
+    if not output_dir:
+        raise UserError("missing output_dir=<dir>")
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a directory")
+    if (out / name).exists() and not overwrite:
+        raise UserError(f"{out / name} already exists; choose another output_dir or pass overwrite=true")
+    return out
