@@ -7,6 +7,8 @@ mixer built from fla + plain PyTorch ops. bf16, batch 1, 32 heads of 128, hidden
 ``run(T_list, dtype, ceilings=None, quick=False) -> list[dict]`` returns one row per (kernel, T, impl).
 Correctness gates (kernel vs reference at a small shape) run first; a kernel that fails its gate is not
 timed. Times are medians of triton.testing.do_bench; peak_GiB is the memory a call adds on top of its inputs.
+Mixer rows: "triton" (fused kernels + Triton core), "triton core + torch ops" (same core, HF-style PyTorch
+norms/RoPE/gate: the gap to "triton" is what fusing buys) and the fla + torch-ops baseline.
 """
 from __future__ import annotations
 
@@ -347,8 +349,9 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda")
             impls.append(("torch chunked", core_torch))
         rows += bench_core(T, dtype, device, impls, ceilings, quick)
         torch.cuda.empty_cache()
-        mixers = ([("triton", mixer_ours)] if mixer_ours_ok else []) + \
-                 ([(base_name, mixer_base)] if (fla_ok or T <= 8192) else [])
+        # "triton core + torch ops" isolates what the fused norm/RoPE and norm/gate kernels buy
+        mixers = ([("triton", mixer_ours), ("triton core + torch ops", make_mixer_baseline(core_ours))]
+                  if mixer_ours_ok else []) + ([(base_name, mixer_base)] if (fla_ok or T <= 8192) else [])
         rows += bench_mixer(T, dtype, device, mixers, ceilings, quick)
         torch.cuda.empty_cache()
         print(f"[lightning] T={T} done", flush=True)
