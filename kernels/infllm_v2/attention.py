@@ -1,26 +1,35 @@
 """Stage (c): attention over given blocks, forward and backward, plus the dense path (t < dense_len).
 
 Rows at position t < dense_len ("dense rows") attend to every key <= t; the rest ("sparse rows") attend to
-the blocks listed for them in block_idx, causal inside the current block. The two row sets are disjoint,
-so each output / dq row is written by exactly one kernel.
+the blocks listed for them in block_idx, causal inside the current block. Two kernel families share the work:
 
-Dense rows: a flash-attention tile kernel (BM consecutive queries of one head × BN keys, online softmax in
-the exp2 domain, fp32 accumulators). Its backward is FA2-style: dq per query tile, dk/dv per key tile with
-the G heads of a group split over NSPLIT programs that add into fp32 buffers with atomics.
+Local tile kernels (flash-attention style: BM consecutive queries of one head × BN keys, online softmax in the
+exp2 domain, fp32 accumulators) handle each row's contiguous key range [lo(t), t]: dense rows lo = 0; with a
+local window W (the fused op passes window_size), sparse rows lo = first block of positions t-W+1..t, so the
+~33 window blocks that neighbouring queries share are read once per tile instead of once per query.
+Backward: dq per query tile; dk/dv per key tile, the G heads of a group split over NSPLIT programs that add
+into fp32 buffers with atomics.
 
-Sparse rows: one program per (query, KV group) holds the G heads of the group as the rows of a
-[M, D] tile (M = G rounded up to a power of two, at least 16 for tl.dot) and walks the query's block list,
-loading each K/V block once for the whole group. For G < 16 the tile is padded to 16 rows: the MMA does
-16/G times the useful work, while memory traffic per (query, group) — the real cost of gathered blocks —
-is unchanged. dq walks the same lists. dk/dv use the transposed map: all (group, block, query) entries of
-the lists sorted by (group, block) with torch.sort, cut into chunks of at most CHUNK queries; one program
-per chunk loads its K/V block once, gathers the queries' q/dO rows (TP queries × G heads per step) and adds
-its dk/dv into fp32 buffers with atomics (order of additions, hence the last bits of dk/dv, may vary).
+Gather kernels: one program per (query, KV group) holds the G heads of the group as the rows of an [M, D] tile
+(M = G rounded up to a power of two, at least 16 for tl.dot) and walks the query's block list (only entries
+before its local window when W > 0), loading each K/V block once for the whole group. For G < 16 the tile is
+padded to 16 rows: the MMA does 16/G times the useful work, while memory traffic per (query, group) — the real
+cost of gathered blocks — is unchanged. dq walks the same lists. dk/dv use the transposed map: the (group,
+block, query) entries sorted by (group, block) with torch.sort and cut into chunks of at most DKDV_CHUNK
+queries; a program loads its K/V block once, gathers TP queries × G heads of q/dO per step and adds dk/dv
+into fp32 buffers with atomics (so the last bits of dk/dv may vary run to run).
+
+With W > 0 a sparse row's softmax is split in two: the gather kernel writes its normalised partial output and
+log-sum-exp (fp32, for one chunk of rows at a time: PART_BUDGET_BYTES), the local kernel starts its online
+softmax from them and writes the final row. The backward needs no merge beyond dq: with the final lse and
+delta = rowsum(dO·O), the two key sets contribute independently (dq partials merged the same way as o).
 
 Softmax statistics are kept as log2-sum-exp2 of scale·q·k·log2(e) ("lse2", fp32 [R, HQ]); a row without
 any visible key outputs 0 and gets lse2 = +inf (zero gradient).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -39,96 +48,147 @@ from .layout import (
 )
 from .naive import infllmv2_block_attn_naive
 
-__all__ = ["infllmv2_block_attn", "AttnPlan", "SparseAttnFn"]
+__all__ = ["infllmv2_block_attn", "AttnPlan", "SparseAttnFn", "sort_block_lists"]
 
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks)
+PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
 
 
-# ----------------------------------------------------------------------------------------------- dense rows
+# ---------------------------------------------------------------------------------------------- local tiles
 @triton.jit
-def _dense_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+def _local_start(t, dense_len, BS: tl.constexpr, WIN: tl.constexpr):
+    """First key of a row's local range: 0 for dense rows; for sparse rows the first block of the window
+    (WIN > 0) or t + 1, i.e. nothing (WIN = 0)."""
+    if WIN > 0:
+        sparse_lo = (tl.maximum(t - WIN + 1, 0) // BS) * BS
+    else:
+        sparse_lo = t + 1
+    return tl.where(t < dense_len, 0, sparse_lo)
+
+
+@triton.jit
+def _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm, scale_log2,
+              stride_kr, BN: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    kp = j0 + tl.arange(0, BN)
+    kv_off = kv_base + kp.to(tl.int64) * stride_kr
+    if MASKED:
+        ld_mask = (kp <= t_last)[:, None] & dm[None, :]
+    else:
+        ld_mask = dm[None, :]
+    kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=ld_mask, other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+    if MASKED:
+        s = tl.where((kp[None, :] <= t[:, None]) & (kp[None, :] >= lo[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, row_max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + row_sum(p, 1)
+    vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=ld_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _local_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     tile_row0_ptr, tile_nrows_ptr, row_pos_ptr, row_kbase_ptr,
-    n_tiles,
-    stride_qr, stride_qh, stride_kr, stride_kh, stride_or, stride_oh, stride_lr,
+    n_tiles, part_row_base, dense_len,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_or, stride_oh, stride_lr, stride_pr, stride_ph, stride_plr,
     scale_log2,
-    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+    WIN: tl.constexpr, HAS_PART: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = n_tiles - 1 - tl.program_id(0)
     h = tl.program_id(1)
-    hk = h // G
     row0 = tl.load(tile_row0_ptr + tile)
     nrows = tl.load(tile_nrows_ptr + tile)
     pos0 = tl.load(row_pos_ptr + row0)
-    kbase = tl.load(row_kbase_ptr + row0)
+    kv_base = tl.load(row_kbase_ptr + row0).to(tl.int64) * stride_kr + (h // G) * stride_kh
     t_last = pos0 + nrows - 1
     i = tl.arange(0, BM)
     r_ok = i < nrows
     t = pos0 + i
+    lo = _local_start(t, dense_len, BS, WIN)
     d = tl.arange(0, BD)
     dm = d < D
     rows = (row0 + i).to(tl.int64)
     q = tl.load(q_ptr + (rows * stride_qr + h * stride_qh)[:, None] + d[None, :],
                 mask=r_ok[:, None] & dm[None, :], other=0.0)
-    jn = tl.arange(0, BN)
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.full([BM], 0.0, tl.float32)
-    acc = tl.full([BM, BD], 0.0, tl.float32)
-    n_full = (pos0 // BN) * BN  # keys below every query of the tile: no mask
-    for j0 in range(0, n_full, BN):
-        kv_off = (kbase + j0 + jn).to(tl.int64) * stride_kr + hk * stride_kh
-        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=dm[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
-        m_new = tl.maximum(m_i, row_max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + row_sum(p, 1)
-        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=dm[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
-    for j0 in range(n_full, t_last + 1, BN):
-        kp = j0 + jn
-        k_ok = kp <= t_last
-        kv_off = (kbase + kp).to(tl.int64) * stride_kr + hk * stride_kh
-        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
-        s = tl.where(kp[None, :] <= t[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, row_max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + row_sum(p, 1)
-        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
+    if HAS_PART:  # continue the softmax of the gathered blocks (sparse rows)
+        prow = (row0 + i - part_row_base).to(tl.int64)
+        part_lse = tl.load(part_lse_ptr + prow * stride_plr + h, mask=r_ok & (t >= dense_len), other=float("inf"))
+        has = part_lse < float("inf")
+        m_i = tl.where(has, part_lse, float("-inf"))
+        l_i = tl.where(has, 1.0, 0.0)
+        acc = tl.load(part_o_ptr + (prow * stride_pr + h * stride_ph)[:, None] + d[None, :],
+                      mask=has[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    else:
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.full([BM], 0.0, tl.float32)
+        acc = tl.full([BM, BD], 0.0, tl.float32)
+    k_lo = (_local_start(pos0, dense_len, BS, WIN) // BN) * BN
+    u0 = tl.maximum(((_local_start(t_last, dense_len, BS, WIN) + BN - 1) // BN) * BN, k_lo)
+    u1 = tl.maximum((pos0 // BN) * BN, u0)  # [u0, u1): inside every row's range, no mask
+    for j0 in range(k_lo, u0, BN):
+        m_i, l_i, acc = _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm, scale_log2,
+                                  stride_kr, BN, True, PREC)
+    for j0 in range(u0, u1, BN):
+        m_i, l_i, acc = _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm, scale_log2,
+                                  stride_kr, BN, False, PREC)
+    for j0 in range(u1, t_last + 1, BN):
+        m_i, l_i, acc = _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm, scale_log2,
+                                  stride_kr, BN, True, PREC)
     l_ok = l_i > 0
     l_div = tl.where(l_ok, l_i, 1.0)
     o = acc / l_div[:, None]
+    mine = r_ok & ((t < dense_len) | (WIN > 0))  # WIN = 0: sparse rows belong to the gather kernel
     tl.store(o_ptr + (rows * stride_or + h * stride_oh)[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=r_ok[:, None] & dm[None, :])
-    tl.store(lse_ptr + rows * stride_lr + h, tl.where(l_ok, m_i + tl.log2(l_div), float("inf")), mask=r_ok)
+             mask=mine[:, None] & dm[None, :])
+    tl.store(lse_ptr + rows * stride_lr + h, tl.where(l_ok, m_i + tl.log2(l_div), float("inf")), mask=mine)
 
 
 @triton.jit
-def _dense_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _dq_step(q, do, lse, delta, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, dq, d, dm, scale_log2,
+             stride_kr, BN: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    kp = j0 + tl.arange(0, BN)
+    kv_off = kv_base + kp.to(tl.int64) * stride_kr
+    if MASKED:
+        ld_mask = (kp <= t_last)[:, None] & dm[None, :]
+    else:
+        ld_mask = dm[None, :]
+    kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=ld_mask, other=0.0)
+    vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=ld_mask, other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where((kp[None, :] <= t[:, None]) & (kp[None, :] >= lo[:, None]), p, 0.0)
+    dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+
+
+@triton.jit
+def _local_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, part_ptr,
     tile_row0_ptr, tile_nrows_ptr, row_pos_ptr, row_kbase_ptr,
-    n_tiles,
-    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr,
+    n_tiles, part_row_base, dense_len,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_pr, stride_ph,
     scale_log2, scale,
-    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+    WIN: tl.constexpr, HAS_PART: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = n_tiles - 1 - tl.program_id(0)
     h = tl.program_id(1)
-    hk = h // G
     row0 = tl.load(tile_row0_ptr + tile)
     nrows = tl.load(tile_nrows_ptr + tile)
     pos0 = tl.load(row_pos_ptr + row0)
-    kbase = tl.load(row_kbase_ptr + row0)
+    kv_base = tl.load(row_kbase_ptr + row0).to(tl.int64) * stride_kr + (h // G) * stride_kh
     t_last = pos0 + nrows - 1
     i = tl.arange(0, BM)
     r_ok = i < nrows
     t = pos0 + i
+    lo = _local_start(t, dense_len, BS, WIN)
     d = tl.arange(0, BD)
     dm = d < D
     rows = (row0 + i).to(tl.int64)
@@ -138,30 +198,38 @@ def _dense_dq_kernel(
     do = tl.load(do_ptr + qd_off, mask=qd_mask, other=0.0)
     lse = tl.load(lse_ptr + rows * stride_lr + h, mask=r_ok, other=float("inf"))
     delta = tl.load(delta_ptr + rows * stride_lr + h, mask=r_ok, other=0.0)
-    jn = tl.arange(0, BN)
     dq = tl.full([BM, BD], 0.0, tl.float32)
-    for j0 in range(0, t_last + 1, BN):
-        kp = j0 + jn
-        k_ok = kp <= t_last
-        kv_off = (kbase + kp).to(tl.int64) * stride_kr + hk * stride_kh
-        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
-        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
-        p = tl.where(kp[None, :] <= t[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
-    tl.store(dq_ptr + qd_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+    k_lo = (_local_start(pos0, dense_len, BS, WIN) // BN) * BN
+    u0 = tl.maximum(((_local_start(t_last, dense_len, BS, WIN) + BN - 1) // BN) * BN, k_lo)
+    u1 = tl.maximum((pos0 // BN) * BN, u0)
+    for j0 in range(k_lo, u0, BN):
+        dq = _dq_step(q, do, lse, delta, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, dq, d, dm, scale_log2,
+                      stride_kr, BN, True, PREC)
+    for j0 in range(u0, u1, BN):
+        dq = _dq_step(q, do, lse, delta, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, dq, d, dm, scale_log2,
+                      stride_kr, BN, False, PREC)
+    for j0 in range(u1, t_last + 1, BN):
+        dq = _dq_step(q, do, lse, delta, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, dq, d, dm, scale_log2,
+                      stride_kr, BN, True, PREC)
+    dq = dq * scale
+    if HAS_PART:  # add the gathered blocks' part (sparse rows)
+        prow = (row0 + i - part_row_base).to(tl.int64)
+        sparse = r_ok & (t >= dense_len)
+        dq += tl.load(part_ptr + (prow * stride_pr + h * stride_ph)[:, None] + d[None, :],
+                      mask=sparse[:, None] & dm[None, :], other=0.0)
+    mine = r_ok & ((t < dense_len) | (WIN > 0))
+    tl.store(dq_ptr + qd_off, dq.to(dq_ptr.dtype.element_ty), mask=mine[:, None] & dm[None, :])
 
 
 @triton.jit
-def _dense_dkdv_kernel(
+def _local_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    ktile_doc_ptr, ktile_start_ptr, doc_kstart_ptr, doc_qstart_ptr, doc_qpos0_ptr, doc_qhi_ptr,
+    ktile_doc_ptr, ktile_start_ptr, doc_kstart_ptr, doc_len_ptr, doc_qstart_ptr, doc_qpos0_ptr, doc_qend_ptr,
+    dense_len,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_dkr, stride_dkh,
     scale_log2, scale,
     G: tl.constexpr, NSPLIT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, PREC: tl.constexpr,
+    BN: tl.constexpr, BS: tl.constexpr, WIN: tl.constexpr, PREC: tl.constexpr,
 ):
     kt_id = tl.program_id(0)
     hk = tl.program_id(1)
@@ -169,11 +237,16 @@ def _dense_dkdv_kernel(
     doc = tl.load(ktile_doc_ptr + kt_id)
     j0 = tl.load(ktile_start_ptr + kt_id)
     kstart = tl.load(doc_kstart_ptr + doc)
+    length = tl.load(doc_len_ptr + doc)
     qstart = tl.load(doc_qstart_ptr + doc)
     qpos0 = tl.load(doc_qpos0_ptr + doc)
-    qhi = tl.load(doc_qhi_ptr + doc)  # dense queries of the document: positions [qpos0, qhi)
+    qend = tl.load(doc_qend_ptr + doc)  # queries of the document: positions [qpos0, qend)
     kp = j0 + tl.arange(0, BN)
-    k_ok = kp < qhi
+    k_ok = kp < length
+    j_last = tl.minimum(j0 + BN, length) - 1
+    q_hi = tl.minimum(qend, dense_len)  # dense queries, then the sparse ones whose window reaches this tile
+    if WIN > 0:
+        q_hi = tl.minimum(qend, tl.maximum(q_hi, (j_last // BS + 1) * BS + WIN - 1))
     d = tl.arange(0, BD)
     dm = d < D
     kv_off = (kstart + kp).to(tl.int64) * stride_kr + hk * stride_kh
@@ -185,9 +258,10 @@ def _dense_dkdv_kernel(
     p_start = tl.maximum(j0, qpos0)
     for g in range(split, G, NSPLIT):
         h = hk * G + g
-        for p0 in range(p_start, qhi, BM):
+        for p0 in range(p_start, q_hi, BM):
             tq = p0 + im
-            q_ok = tq < qhi
+            q_ok = tq < q_hi
+            lo = _local_start(tq, dense_len, BS, WIN)
             rows = (qstart + tq - qpos0).to(tl.int64)
             qd_off = (rows * stride_qr + h * stride_qh)[:, None] + d[None, :]
             q = tl.load(q_ptr + qd_off, mask=q_ok[:, None] & dm[None, :], other=0.0)
@@ -195,7 +269,7 @@ def _dense_dkdv_kernel(
             lse = tl.load(lse_ptr + rows * stride_lr + h, mask=q_ok, other=float("inf"))
             delta = tl.load(delta_ptr + rows * stride_lr + h, mask=q_ok, other=0.0)
             s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BN, BM]
-            vis = (kp[:, None] <= tq[None, :]) & k_ok[:, None]
+            vis = (kp[:, None] <= tq[None, :]) & (kp[:, None] >= lo[None, :]) & k_ok[:, None] & q_ok[None, :]
             p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
             dp_t = tl.dot(vt, tl.trans(do), input_precision=PREC)
@@ -211,7 +285,7 @@ def _dense_dkdv_kernel(
 @triton.jit
 def _gather_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, count_ptr,
-    rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr,
+    rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_or, stride_oh, stride_lr, stride_ih, stride_ir, stride_ch,
     scale_log2,
     G: tl.constexpr, M: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
@@ -265,16 +339,18 @@ def _gather_fwd_kernel(
     l_ok = l_i > 0
     l_div = tl.where(l_ok, l_i, 1.0)
     o = acc / l_div[:, None]
-    tl.store(o_ptr + (r_m * stride_or + heads * stride_oh)[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty),
+    r_out = r_m - out_row_base
+    tl.store(o_ptr + (r_out * stride_or + heads * stride_oh)[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_m_ok[:, None] & dm[None, :])
-    tl.store(lse_ptr + r_m * stride_lr + heads, tl.where(l_ok, m_i + tl.log2(l_div), float("inf")), mask=row_m_ok)
+    tl.store(lse_ptr + r_out * stride_lr + heads, tl.where(l_ok, m_i + tl.log2(l_div), float("inf")),
+             mask=row_m_ok)
 
 
 @triton.jit
 def _gather_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, count_ptr,
-    rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr,
-    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_ih, stride_ir, stride_ch,
+    rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_ih, stride_ir, stride_ch, stride_dqr, stride_dqh,
     scale_log2, scale,
     G: tl.constexpr, M: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     NBI: tl.constexpr, PREC: tl.constexpr,
@@ -321,7 +397,8 @@ def _gather_dq_kernel(
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
-    tl.store(dq_ptr + qd_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+    dq_off = ((r_m - out_row_base) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
 @triton.jit
@@ -395,63 +472,107 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, n, D: tl.constexpr, BD: tl.constexpr
 
 
 # ------------------------------------------------------------------------------------------------ host side
+@dataclass
+class RowChunk:
+    """Rows [lo, hi): local tiles (first row, rows, doc) and the sparse rows gathered, latest first."""
+
+    lo: int
+    hi: int
+    tiles: tuple
+    sparse_rows: torch.Tensor
+
+
 class AttnPlan:
-    """Row/tile tables and launch settings of one attention call (shared by forward and backward)."""
+    """Row/tile tables and launch settings of one attention call (shared by forward and backward).
+
+    local_window > 0 moves each sparse row's window blocks to the local tile kernels; it is exact only when
+    the visible set always contains the whole window (the caller checks; see `window_split_exact`).
+    """
 
     def __init__(self, layout: DocLayout, heads: int, kv_heads: int, dim: int, dtype, block_size: int,
-                 scale: float, dense_len: int):
+                 scale: float, dense_len: int, local_window: int = 0, part_budget_bytes: int | None = None):
         self.layout, self.heads, self.kv_heads, self.dim = layout, heads, kv_heads, dim
         self.group = heads // kv_heads
         self.block_size, self.scale, self.dense_len = block_size, scale, dense_len
         self.prec = dot_precision(dtype)
         self.bd = max(16, next_pow2(dim))
-        big = not interpreting() and self.bd <= 128
-        self.dense_bm = 128 if big else 64
-        self.dense_tiles = layout.tiles(self.dense_bm, 0, dense_len)
-        self.sparse_rows = layout.rows(dense_len)
-        qhi = [min(p0 + n, dense_len) if p0 < dense_len else 0 for p0, n in zip(layout.qpos0, layout.qlen)]
-        self.dense_ktiles = layout.key_tiles(64, qhi)
-        self.doc_kstart, self.doc_qstart, self.doc_qpos0, self.doc_qhi = (
-            layout.doc_tensor(x) for x in (layout.kstart, layout.qstart, layout.qpos0, qhi)
-        )
+        self.tile_m = 128 if not interpreting() and self.bd <= 128 else 64
         self.gather_rows = max(16, next_pow2(self.group))
         self.blocks_per_step = max(1, 64 // block_size)  # 64-key tiles (the interpreter takes a whole list)
         self.tokens_per_prog = 16 if interpreting() else 1  # more queries per program only to cut interpreter overhead
         self.dkdv_chunk = 4096 if interpreting() else DKDV_CHUNK
+        has_sparse = any(p0 + n > dense_len for p0, n in zip(layout.qpos0, layout.qlen))
+        self.window = local_window if has_sparse else 0
+        rows = layout.num_rows
+        if self.window:
+            budget = PART_BUDGET_BYTES if part_budget_bytes is None else part_budget_bytes
+            per_chunk = max(self.tile_m, budget // (4 * heads * (dim + 1)))
+            bounds = [(lo, min(lo + per_chunk, rows)) for lo in range(0, rows, per_chunk)]
+            local_pos_hi = 2**62
+        else:
+            bounds, local_pos_hi = [(0, rows)], dense_len
+        self.chunks = [
+            RowChunk(lo, hi, layout.tiles(self.tile_m, 0, local_pos_hi, lo, hi), layout.rows(dense_len, 2**62, lo, hi))
+            for lo, hi in bounds
+        ]
+        qend = [p0 + n for p0, n in zip(layout.qpos0, layout.qlen)]
+        key_hi = [n if self.window else min(e, dense_len) for n, e in zip(layout.length, qend)]
+        self.key_tiles = layout.key_tiles(64, key_hi)
+        self.docs = [layout.doc_tensor(x) for x in (layout.kstart, layout.length, layout.qstart, layout.qpos0, qend)]
 
-    @staticmethod
-    def list_lengths(idx3: torch.Tensor) -> torch.Tensor:
-        """Valid entries per list [HKV, R] int32 (lists hold their valid entries first)."""
-        return (idx3 >= 0).sum(-1, dtype=torch.int32)
+    def list_lengths(self, idx3: torch.Tensor) -> torch.Tensor:
+        """Entries of each list the gather kernels take [HKV, R] int32: the valid ones (listed first),
+        before the local window when there is one."""
+        valid = idx3 >= 0
+        if self.window:
+            first_local = torch.clamp(self.layout.row_pos.long() - self.window + 1, min=0) // self.block_size
+            valid &= idx3 < first_local[None, :, None]
+        return valid.sum(-1, dtype=torch.int32)
 
     def _blocks_per_step(self, k_slots: int) -> int:
         return next_pow2(k_slots) if interpreting() else self.blocks_per_step
 
+    def _gather_meta(self, k_slots):
+        return dict(G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,
+                    BS=self.block_size, NBI=self._blocks_per_step(k_slots), PREC=self.prec)
+
+    def _local_meta(self):
+        return dict(G=self.group, D=self.dim, BD=self.bd, BM=self.tile_m, BN=64, BS=self.block_size,
+                    WIN=self.window, PREC=self.prec)
+
     # forward ------------------------------------------------------------------------------------------
     def forward(self, q3, k3, v3, idx3):
+        rows = q3.shape[0]
         o = new_empty(q3.shape, q3.dtype, q3.device)
-        lse = new_empty((q3.shape[0], self.heads), torch.float32, q3.device)
+        lse = new_empty((rows, self.heads), torch.float32, q3.device)
+        counts = self.list_lengths(idx3)
         scale_log2 = self.scale * LOG2E
-        row0, nrows, _ = self.dense_tiles
-        if row0.numel():
-            _dense_fwd_kernel[(row0.numel(), self.heads)](
-                q3, k3, v3, o, lse, row0, nrows, self.layout.row_pos, self.layout.row_kbase, row0.numel(),
-                q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), o.stride(0), o.stride(1), lse.stride(0),
-                scale_log2, G=self.group, D=self.dim, BD=self.bd, BM=self.dense_bm, BN=64, PREC=self.prec,
-                num_warps=8 if self.dense_bm == 128 else 4, num_stages=3 if self.dense_bm == 128 else 2,
-            )
-        n_rows = self.sparse_rows.numel()
-        if n_rows:
-            counts = self.list_lengths(idx3)
-            _gather_fwd_kernel[(triton.cdiv(n_rows, self.tokens_per_prog), self.kv_heads)](
-                q3, k3, v3, o, lse, idx3, counts, self.sparse_rows, n_rows, self.layout.row_pos,
-                self.layout.row_kbase,
-                q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), o.stride(0), o.stride(1), lse.stride(0),
-                idx3.stride(0), idx3.stride(1), counts.stride(0), scale_log2,
-                G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,
-                BS=self.block_size, NBI=self._blocks_per_step(idx3.shape[-1]), PREC=self.prec,
-                num_warps=4, num_stages=3,
-            )
+        for ch in self.chunks:
+            part_o, part_lse, base = o, lse, 0
+            n_sparse = ch.sparse_rows.numel()
+            if n_sparse and self.window:
+                part_o = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device)
+                part_lse = new_empty((ch.hi - ch.lo, self.heads), torch.float32, q3.device)
+                base = ch.lo
+            if n_sparse:
+                _gather_fwd_kernel[(triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads)](
+                    q3, k3, v3, part_o, part_lse, idx3, counts, ch.sparse_rows, n_sparse, self.layout.row_pos,
+                    self.layout.row_kbase, base,
+                    q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), part_o.stride(0), part_o.stride(1),
+                    part_lse.stride(0), idx3.stride(0), idx3.stride(1), counts.stride(0), scale_log2,
+                    **self._gather_meta(idx3.shape[-1]), num_warps=4, num_stages=3,
+                )
+            row0, nrows, _ = ch.tiles
+            if row0.numel():
+                has_part = bool(n_sparse and self.window)
+                _local_fwd_kernel[(row0.numel(), self.heads)](
+                    q3, k3, v3, o, lse, part_o, part_lse, row0, nrows, self.layout.row_pos, self.layout.row_kbase,
+                    row0.numel(), base, self.dense_len,
+                    q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), o.stride(0), o.stride(1), lse.stride(0),
+                    part_o.stride(0), part_o.stride(1), part_lse.stride(0), scale_log2,
+                    **self._local_meta(), HAS_PART=has_part,
+                    num_warps=8 if self.tile_m == 128 else 4, num_stages=3 if self.tile_m == 128 else 2,
+                )
         return o, lse
 
     # backward -----------------------------------------------------------------------------------------
@@ -462,45 +583,47 @@ class AttnPlan:
         dq = new_empty(q3.shape, q3.dtype, q3.device)
         dk = torch.zeros(k3.shape, dtype=torch.float32, device=k3.device)
         dv = torch.zeros(k3.shape, dtype=torch.float32, device=k3.device)
-        self._dense_backward(do3, q3, k3, v3, lse, delta, dq, dk, dv)
-        if self.sparse_rows.numel():
-            self._sparse_backward(do3, q3, k3, v3, lse, delta, idx3, dq, dk, dv)
+        counts = self.list_lengths(idx3)
+        scale_log2 = self.scale * LOG2E
+        wide = self.bd >= 128
+        for ch in self.chunks:
+            part, base = dq, 0
+            n_sparse = ch.sparse_rows.numel()
+            if n_sparse and self.window:
+                part, base = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device), ch.lo
+            if n_sparse:
+                _gather_dq_kernel[(triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads)](
+                    q3, k3, v3, do3, lse, delta, part, idx3, counts, ch.sparse_rows, n_sparse,
+                    self.layout.row_pos, self.layout.row_kbase, base,
+                    q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), idx3.stride(0),
+                    idx3.stride(1), counts.stride(0), part.stride(0), part.stride(1), scale_log2, self.scale,
+                    **self._gather_meta(idx3.shape[-1]), num_warps=4, num_stages=2,
+                )
+            row0, nrows, _ = ch.tiles
+            if row0.numel():
+                _local_dq_kernel[(row0.numel(), self.heads)](
+                    q3, k3, v3, do3, lse, delta, dq, part, row0, nrows, self.layout.row_pos, self.layout.row_kbase,
+                    row0.numel(), base, self.dense_len,
+                    q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), part.stride(0),
+                    part.stride(1), scale_log2, self.scale,
+                    **dict(self._local_meta(), BM=64), HAS_PART=bool(n_sparse and self.window),
+                    num_warps=4, num_stages=2,
+                )
+        kdoc, kstart = self.key_tiles
+        if kdoc.numel():
+            nsplit = min(self.group, 4)
+            _local_dkdv_kernel[(kdoc.numel(), self.kv_heads, nsplit)](
+                q3, k3, v3, do3, lse, delta, dk, dv, kdoc, kstart, *self.docs, self.dense_len,
+                q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
+                scale_log2, self.scale, **dict(self._local_meta(), BM=64), NSPLIT=nsplit,
+                num_warps=8 if wide else 4, num_stages=2,
+            )
+        if any(ch.sparse_rows.numel() for ch in self.chunks):
+            self._gather_dkdv(do3, q3, k3, v3, lse, delta, idx3, counts, dk, dv, 8 if wide else 4)
         return dq, dk.to(k3.dtype), dv.to(v3.dtype)
 
-    def _dense_backward(self, do3, q3, k3, v3, lse, delta, dq, dk, dv):
-        scale_log2 = self.scale * LOG2E
-        row0, nrows, _ = self.dense_tiles
-        if row0.numel() == 0:
-            return
-        _dense_dq_kernel[(row0.numel(), self.heads)](
-            q3, k3, v3, do3, lse, delta, dq, row0, nrows, self.layout.row_pos, self.layout.row_kbase, row0.numel(),
-            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), scale_log2, self.scale,
-            G=self.group, D=self.dim, BD=self.bd, BM=64, BN=64, PREC=self.prec, num_warps=4, num_stages=2,
-        )
-        kdoc, kstart = self.dense_ktiles
-        nsplit = min(self.group, 4)
-        _dense_dkdv_kernel[(kdoc.numel(), self.kv_heads, nsplit)](
-            q3, k3, v3, do3, lse, delta, dk, dv, kdoc, kstart,
-            self.doc_kstart, self.doc_qstart, self.doc_qpos0, self.doc_qhi,
-            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
-            scale_log2, self.scale,
-            G=self.group, NSPLIT=nsplit, D=self.dim, BD=self.bd, BM=64, BN=64, PREC=self.prec,
-            num_warps=4, num_stages=2,
-        )
-
-    def _sparse_backward(self, do3, q3, k3, v3, lse, delta, idx3, dq, dk, dv):
-        scale_log2 = self.scale * LOG2E
-        n_rows = self.sparse_rows.numel()
-        counts = self.list_lengths(idx3)
-        _gather_dq_kernel[(triton.cdiv(n_rows, self.tokens_per_prog), self.kv_heads)](
-            q3, k3, v3, do3, lse, delta, dq, idx3, counts, self.sparse_rows, n_rows, self.layout.row_pos,
-            self.layout.row_kbase,
-            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), idx3.stride(0), idx3.stride(1),
-            counts.stride(0), scale_log2, self.scale,
-            G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,
-            BS=self.block_size, NBI=self._blocks_per_step(idx3.shape[-1]), PREC=self.prec, num_warps=4, num_stages=2,
-        )
-        chunks, entry_row, gb_krow0, gb_kend, num_gblocks = self.key_map(idx3)
+    def _gather_dkdv(self, do3, q3, k3, v3, lse, delta, idx3, counts, dk, dv, num_warps):
+        chunks, entry_row, gb_krow0, gb_kend, num_gblocks = self.key_map(idx3, counts)
         if chunks[0].numel() == 0:
             return
         group_pad = next_pow2(self.group)
@@ -509,43 +632,53 @@ class AttnPlan:
             q3, k3, v3, do3, lse, delta, dk, dv, *chunks, entry_row, gb_krow0, gb_kend,
             self.layout.row_pos, self.layout.row_kbase, num_gblocks,
             q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
-            scale_log2, self.scale,
+            self.scale * LOG2E, self.scale,
             G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, PREC=self.prec,
-            num_warps=4, num_stages=2,
+            num_warps=num_warps, num_stages=2,
         )
 
-    def key_map(self, idx3):
+    def key_map(self, idx3, counts):
         """Transposed block lists: (group, global block) -> the sparse rows that selected it, in chunks.
 
-        Returns ((chunk key, first entry, end entry), entry_row, block first key row, block end key row,
-        number of global blocks); chunk key = group · num_gblocks + global block.
+        Only the entries the gather kernels take (the first `counts` of each list). Returns ((chunk key, first
+        entry, end entry), entry_row, block first key row, block end key row, number of global blocks);
+        chunk key = group · num_gblocks + global block.
         """
-        layout, rows = self.layout, self.sparse_rows.long()
+        layout = self.layout
+        rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()
         base, gb_krow0, gb_kend = layout.global_blocks(self.block_size)
         num_gblocks = gb_krow0.numel()
         row_doc_base = torch.repeat_interleave(
             layout.doc_tensor(base), layout.doc_tensor(layout.qlen).long(), output_size=layout.num_rows
         )
         lists = idx3.index_select(1, rows)  # [HKV, NS, K]
+        taken = torch.arange(lists.shape[-1], device=idx3.device) < counts.index_select(1, rows)[..., None]
         n_keys = self.kv_heads * num_gblocks
         key_dtype = torch.int32 if n_keys < 2**31 - 1 else torch.int64
         heads_off = (torch.arange(self.kv_heads, device=idx3.device) * num_gblocks)[:, None, None]
         keys = (lists + row_doc_base[rows][None, :, None] + heads_off).to(key_dtype)
-        keys = torch.where(lists >= 0, keys, torch.full_like(keys, n_keys)).flatten()
+        keys = torch.where(taken, keys, torch.full_like(keys, n_keys)).flatten()
         sorted_keys, order = torch.sort(keys)
-        counts = torch.bincount(sorted_keys.long(), minlength=n_keys + 1)[:n_keys]
-        n_entries = int(counts.sum())
+        counts_per_key = torch.bincount(sorted_keys.long(), minlength=n_keys + 1)[:n_keys]
+        n_entries = int(counts_per_key.sum())
         entry_row = rows[(order[:n_entries] // lists.shape[-1]) % rows.numel()].int()
-        starts = torch.cumsum(counts, 0) - counts
-        per_key = (counts + self.dkdv_chunk - 1) // self.dkdv_chunk
+        starts = torch.cumsum(counts_per_key, 0) - counts_per_key
+        per_key = (counts_per_key + self.dkdv_chunk - 1) // self.dkdv_chunk
         n_chunks = int(per_key.sum())
         chunk_key = torch.repeat_interleave(torch.arange(n_keys, device=idx3.device), per_key, output_size=n_chunks)
         first_chunk = torch.cumsum(per_key, 0) - per_key
         within = torch.arange(n_chunks, device=idx3.device) - first_chunk[chunk_key]
         e0 = starts[chunk_key] + within * self.dkdv_chunk
-        e1 = torch.minimum(e0 + self.dkdv_chunk, starts[chunk_key] + counts[chunk_key])
+        e1 = torch.minimum(e0 + self.dkdv_chunk, starts[chunk_key] + counts_per_key[chunk_key])
         chunks = (chunk_key.int(), e0.int(), e1.int())
         return chunks, entry_row, gb_krow0, gb_kend, num_gblocks
+
+
+def window_split_exact(init_blocks: int, topk: int, window_size: int, block_size: int) -> bool:
+    """The window's blocks (at most (W-1)//B_s + 2) plus the init blocks always fit in K: every visible set
+    contains the whole local window, so it can be computed by the local tile kernels."""
+    num_selected = topk + window_size // block_size
+    return window_size > 0 and init_blocks + (window_size - 1) // block_size + 2 <= num_selected
 
 
 class SparseAttnFn(torch.autograd.Function):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttnPlan, SparseAttnFn
+from .attention import AttnPlan, SparseAttnFn, window_split_exact
 from .layout import DocLayout, SparseParams, check_qkv
 from .naive import infllmv2_attn_naive
 from .score import BlockScorer, resolve_backend
@@ -126,5 +126,7 @@ def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float):
         q3 = q.detach().contiguous().view(batch * seqlen_q, heads, dim)
         k3 = k.detach().contiguous().view(-1, kv_heads, dim)
         block_idx = select_blocks(q3, k3, layout, params, scale)
-    plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, params.block_size, scale, params.dense_len)
+    split = window_split_exact(params.init_blocks, params.topk, params.window_size, params.block_size)
+    plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, params.block_size, scale, params.dense_len,
+                    local_window=params.window_size if split else 0)
     return SparseAttnFn.apply(q, k, v, block_idx, plan)

@@ -173,17 +173,19 @@ class DocLayout:
     def max_blocks(self, block_size: int) -> int:
         return -(-self.max_len // block_size)
 
-    def _row_ranges(self, pos_lo: int, pos_hi: int):
-        """Per document: (doc, first row, first position, number of rows) of queries with position in range."""
+    def _row_ranges(self, pos_lo: int, pos_hi: int, row_lo: int = 0, row_hi: int = 2**62):
+        """Per document: (doc, first row, first position, number of rows) of the queries with position in
+        [pos_lo, pos_hi) and row in [row_lo, row_hi)."""
         for d, (qs, p0, n) in enumerate(zip(self.qstart, self.qpos0, self.qlen)):
-            lo, hi = max(p0, pos_lo), min(p0 + n, pos_hi)
+            lo = max(p0, pos_lo, p0 + row_lo - qs)
+            hi = min(p0 + n, pos_hi, p0 + row_hi - qs)
             if hi > lo:
                 yield d, qs + lo - p0, lo, hi - lo
 
-    def rows(self, pos_lo: int = 0, pos_hi: int = 2**62) -> torch.Tensor:
-        """Query rows with position in [pos_lo, pos_hi), latest positions first (longest work first)."""
+    def rows(self, pos_lo: int = 0, pos_hi: int = 2**62, row_lo: int = 0, row_hi: int = 2**62) -> torch.Tensor:
+        """Query rows with position in [pos_lo, pos_hi) (and row in [row_lo, row_hi)), latest positions first."""
         rows, pos = [], []
-        for _, r0, p, n in self._row_ranges(pos_lo, pos_hi):
+        for _, r0, p, n in self._row_ranges(pos_lo, pos_hi, row_lo, row_hi):
             rows.append(torch.arange(r0, r0 + n, dtype=torch.int32))
             pos.append(torch.arange(p, p + n, dtype=torch.int32))
         if not rows:
@@ -191,13 +193,12 @@ class DocLayout:
         order = torch.argsort(torch.cat(pos), descending=True, stable=True)
         return torch.cat(rows)[order].to(self.device)
 
-    def tiles(self, tile: int, pos_lo: int = 0, pos_hi: int = 2**62):
-        """Tiles of up to `tile` consecutive query rows of one document (positions in [pos_lo, pos_hi)).
-
-        Returns int32 device tensors (first row, rows in tile, document) in ascending row order.
+    def tiles(self, tile: int, pos_lo: int = 0, pos_hi: int = 2**62, row_lo: int = 0, row_hi: int = 2**62):
+        """Tiles of up to `tile` consecutive query rows of one document (positions in [pos_lo, pos_hi), rows in
+        [row_lo, row_hi)). Returns int32 device tensors (first row, rows in tile, document), ascending rows.
         """
         row0, nrows, docs = [], [], []
-        for d, r0, _, n in self._row_ranges(pos_lo, pos_hi):
+        for d, r0, _, n in self._row_ranges(pos_lo, pos_hi, row_lo, row_hi):
             starts = torch.arange(r0, r0 + n, tile, dtype=torch.int32)
             row0.append(starts)
             nrows.append(torch.clamp(r0 + n - starts, max=tile))

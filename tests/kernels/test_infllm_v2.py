@@ -181,6 +181,8 @@ FULL_CASES = {
     "chunked_prefill": dict(shape=(2, 24, 100, 6, 2, 16)),
     "decode": dict(shape=(2, 1, 101, 4, 1, 16)),
     "straddle_dense_len": dict(shape=(1, 100, 100, 2, 1, 16), dense_len=61),
+    "forced_exceed_k": dict(shape=(1, 100, 100, 4, 2, 16), topk=1),  # window not split off: all blocks gathered
+    "window_24": dict(shape=(1, 120, 120, 2, 1, 16), window_size=24),
 }
 
 
@@ -195,6 +197,21 @@ def test_full_op_matches_reference(case):
     out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
     ref = infllmv2_attn_naive(q, k, v, **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@interpreter
+def test_full_op_in_row_chunks(monkeypatch):
+    """A tiny budget for the fp32 partial outputs forces several row chunks (varlen: chunks cut documents)."""
+    from salatrain_kernels.infllm_v2 import attention
+
+    monkeypatch.setattr(attention, "PART_BUDGET_BYTES", 1024)  # chunks of one tile (64 rows)
+    q, k, v = make_qkv(1, 150, 150, 4, 2, 16, seed=11)
+    kwargs = dict(SMALL, cu_seqlens=torch.tensor([0, 70, 81, 150], dtype=torch.int32))
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    ref = infllmv2_attn_naive(q, k, v, **kwargs)
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
