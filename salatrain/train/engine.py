@@ -8,9 +8,11 @@ variables are set here). Without CUDA, DeepSpeed runs its CPU accelerator with g
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,13 @@ class Dist:
         return self.rank == 0
 
 
+class _KnownOptimizer(logging.Filter):
+    """Our AdamW is torch's with a skippable step; DeepSpeed calls any subclass "untested"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +65,11 @@ def init_distributed() -> Dist:
     _prepare_env()
     import deepspeed
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    ds_log = logging.getLogger("DeepSpeed")
+    ds_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _KnownOptimizer) for f in ds_log.filters):
+        ds_log.addFilter(_KnownOptimizer())
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
@@ -182,6 +195,7 @@ def read_checkpoint_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.T
     if zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
     states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return dict(states["module"])
