@@ -7,6 +7,7 @@ The output directory appears only when everything succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -113,13 +114,8 @@ def convert(cfg: ConvertConfig) -> Path:
     out = Path(cfg.output_dir)
     with atomic_output_dir(out, overwrite=cfg.overwrite) as tmp:
         writer = ShardWriter(tmp, parse_size(cfg.max_shard_size))
-        with src.reader() as reader:
-            aligned_reader = aligned.reader() if aligned else None
-            try:
-                _stream(reader, aligned_reader, hcfg, targets, writer, DTYPES.get(cfg.dtype))
-            finally:
-                if aligned_reader is not None:
-                    aligned_reader.__exit__(None, None, None)
+        with src.reader() as reader, (aligned.reader() if aligned else contextlib.nullcontext()) as aligned_reader:
+            _stream(reader, aligned_reader, hcfg, targets, writer, DTYPES.get(cfg.dtype))
         shards = writer.finish()
         save_config(hcfg, tmp, dtype=cfg.dtype if cfg.dtype != "auto" else _stored_dtype(src))
         side = copy_side_files(src.path, tmp)
