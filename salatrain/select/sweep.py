@@ -1,0 +1,178 @@
+"""The layer sweep: swap one layer at a time to its aligned Lightning mixer and measure R_i and C_i.
+
+Built-in metrics (default):
+    R_i  retrieval: the probes' mean answer log-probability (mean over samples per task, then over tasks), or
+         their greedy exact match (``retrieval_metric=exact_match``)
+    C_i  general ability: −(mean next-token loss) on held-out text
+Layers before i are unchanged, so the hidden states entering every layer are computed once per sequence
+(one forward of the dense model) and layer i's run starts from the cached input of layer i: the sweep costs
+L·(L+1)/2 layer passes per token, about (L+1)/2 full forwards, instead of L.
+
+With lm-eval tasks (``retrieval_tasks`` / ``commonsense_tasks``) each swap is a full evaluation by lm-eval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..eval.probes import ProbeSample
+from ..eval.scoring import answer_scores, hidden_to_logprobs
+from ..models.modeling_sala_hybrid import SeqInfo
+from .aligned import AlignedLayers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Metrics:
+    """What one model variant (baseline or layer i swapped) scores."""
+
+    retrieval: float
+    commonsense: float
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    baseline: Metrics
+    layers: list[Metrics]
+    cost: dict
+
+
+@contextlib.contextmanager
+def swapped(model, i: int, mixer: torch.nn.Module):
+    """Layer i of ``model`` (the hybrid class) uses ``mixer`` inside the block; restored afterwards."""
+    layer = model.model.layers[i]
+    original = layer.self_attn
+    layer.self_attn = mixer
+    try:
+        yield model
+    finally:
+        layer.self_attn = original
+
+
+class ActivationCache:
+    """The hidden states entering every layer of the unswapped model, for one sequence [1, T]."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        inner = model.model
+        h = inner.embed_tokens(ids)
+        if model.config.scale_emb != 1.0:
+            h = h * model.config.scale_emb
+        pos = torch.arange(ids.shape[1], device=ids.device).view(1, -1)
+        self.seq = SeqInfo(pos)
+        self.rope = inner.rotary_emb(h, pos)
+        self.inputs: list[torch.Tensor] = []
+        for layer in inner.layers:
+            self.inputs.append(h)
+            h = layer(h, self.rope, self.seq, None)
+        self.final = inner.norm(h)
+
+    def run_from(self, model, i: int) -> torch.Tensor:
+        """Final normed hidden states when layers i.. run again (layer i as it is now in ``model``)."""
+        h = self.inputs[i]
+        for layer in model.model.layers[i:]:
+            h = layer(h, self.rope, self.seq, None)
+        return model.model.norm(h)
+
+
+@torch.no_grad()
+def probe_metrics(model, h_final: torch.Tensor, sample: ProbeSample) -> tuple[float, bool]:
+    start = len(sample.prompt_ids) - 1
+    h = h_final[0, start : start + len(sample.answer_ids)]
+    scale = getattr(model.config, "logit_scale", 1.0)
+    logits = model.get_output_embeddings()(h * scale if scale != 1.0 else h)
+    return answer_scores(logits, torch.tensor(sample.answer_ids, device=logits.device))
+
+
+@torch.no_grad()
+def text_loss(model, h_final: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    lp = hidden_to_logprobs(model, h_final[:, :-1], ids[:, 1:])
+    return float(-lp.sum()), lp.numel()
+
+
+def _metrics(model, finals: list[torch.Tensor], samples, windows: list[torch.Tensor], retrieval_metric: str) -> Metrics:
+    """Metrics from the final hidden states of the probe samples, then of the text windows (ids [1, T])."""
+    by_task: dict[str, list[tuple[float, bool]]] = {}
+    for h, s in zip(finals[: len(samples)], samples):
+        by_task.setdefault(s.task, []).append(probe_metrics(model, h, s))
+    task_lp = {t: sum(v[0] for v in vals) / len(vals) for t, vals in by_task.items()}
+    task_em = {t: sum(v[1] for v in vals) / len(vals) for t, vals in by_task.items()}
+    loss_sum, count = 0.0, 0
+    for h, w in zip(finals[len(samples):], windows):
+        total, n = text_loss(model, h, w)
+        loss_sum, count = loss_sum + total, count + n
+    lm_loss = loss_sum / count if count else math.nan
+    per_task = task_em if retrieval_metric == "exact_match" else task_lp
+    retrieval = sum(per_task.values()) / len(per_task) if per_task else math.nan
+    detail = {"answer_logprob": task_lp, "exact_match": task_em, "lm_loss": lm_loss}
+    return Metrics(retrieval=retrieval, commonsense=-lm_loss, detail=detail)
+
+
+@torch.no_grad()
+def sweep(model, aligned: AlignedLayers, samples: list[ProbeSample], windows: list[list[int]],
+          retrieval_metric: str = "answer_logprob", device: torch.device | str = "cpu") -> SweepResult:
+    """Swap each layer in turn (built-in metrics); ``model`` is the dense model as the hybrid class. Without
+    samples R is NaN, without windows C is NaN (those come from lm-eval then)."""
+    if not samples and not windows:
+        raise ValueError("the sweep needs probe samples or text windows")
+    t0 = time.time()
+    dtype = next(model.parameters()).dtype
+    seqs = [torch.tensor([s.prompt_ids + s.answer_ids], device=device) for s in samples]
+    seqs += [torch.tensor([w], device=device) for w in windows]
+    caches = [ActivationCache(model, ids) for ids in seqs]
+    texts = seqs[len(samples):]
+    baseline = _metrics(model, [c.final for c in caches], samples, texts, retrieval_metric)
+    log.info("sweep: baseline R %.4f, C %.4f (%d sequences, %d tokens, %.1f s)", baseline.retrieval,
+             baseline.commonsense, len(seqs), sum(s.shape[1] for s in seqs), time.time() - t0)
+    num_layers = len(model.model.layers)
+    layers = []
+    for i in range(num_layers):
+        t = time.time()
+        with swapped(model, i, aligned.layer(i, dtype, device)):
+            finals = [c.run_from(model, i) for c in caches]
+            layers.append(_metrics(model, finals, samples, texts, retrieval_metric))
+        log.info("sweep: layer %d/%d linear: R %.4f, C %.4f (%.1f s)", i, num_layers - 1, layers[-1].retrieval,
+                 layers[-1].commonsense, time.time() - t)
+    tokens = sum(s.shape[1] for s in seqs)
+    passes = tokens * (num_layers + num_layers * (num_layers + 1) // 2)
+    cost = {"tokens": tokens, "sequences": len(seqs), "layer_token_passes": passes,
+            "full_forward_equivalents": round(passes / (tokens * num_layers), 2), "seconds": round(time.time() - t0, 1)}
+    return SweepResult(baseline, layers, cost)
+
+
+def lm_eval_sweep(model, tokenizer, aligned: AlignedLayers, retrieval_tasks: list[str], commonsense_tasks: list[str],
+                  builtin: SweepResult | None, **lm_eval_kwargs) -> SweepResult:
+    """R and/or C from lm-eval tasks (mean headline metric); a metric without tasks comes from ``builtin``."""
+    from ..eval import lm_eval_adapter
+
+    t0 = time.time()
+    tasks = list(dict.fromkeys([*retrieval_tasks, *commonsense_tasks]))
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+
+    def measure(i: int | None) -> Metrics:
+        res = lm_eval_adapter.run_tasks(model, tokenizer, tasks, **lm_eval_kwargs)
+        ref = None
+        if builtin is not None:
+            ref = builtin.baseline if i is None else builtin.layers[i]
+        r = lm_eval_adapter.mean_primary(res, retrieval_tasks) if retrieval_tasks else ref.retrieval
+        c = lm_eval_adapter.mean_primary(res, commonsense_tasks) if commonsense_tasks else ref.commonsense
+        return Metrics(r, c, {"lm_eval": res})
+
+    baseline = measure(None)
+    layers = []
+    for i in range(len(model.model.layers)):
+        with swapped(model, i, aligned.layer(i, dtype, device)):
+            layers.append(measure(i))
+        log.info("sweep (lm-eval): layer %d linear: R %.4f, C %.4f", i, layers[-1].retrieval, layers[-1].commonsense)
+    cost = dict(builtin.cost) if builtin is not None else {}
+    cost["lm_eval_runs"] = len(layers) + 1
+    cost["seconds"] = round(cost.get("seconds", 0.0) + time.time() - t0, 1)
+    return SweepResult(baseline, layers, cost)
