@@ -45,6 +45,8 @@ from .layout import (
     next_pow2,
     row_max,
     row_sum,
+    tune_production_only,
+    tuning,
 )
 from .naive import infllmv2_block_attn_naive
 
@@ -89,6 +91,18 @@ def _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm,
     return m_new, l_i, acc
 
 
+def _local_fwd_candidates(configs, named_args, **kwargs):
+    """128-row tiles need 8 warps (tuned on the production path); 64-row tiles take 4 warps."""
+    if kwargs.get("BM", 128) < 128:
+        return [c for c in configs if c.num_warps == 4][:1] or configs[:1]
+    return tune_production_only([c for c in configs if c.num_warps == 8], named_args, **kwargs)
+
+
+@triton.autotune(
+    configs=tuning([(8, 3), (8, 2), (4, 2)]),
+    key=["G", "D", "BM", "WIN", "HAS_PART"],
+    prune_configs_by={"early_config_prune": _local_fwd_candidates},
+)
 @triton.jit
 def _local_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -282,6 +296,11 @@ def _local_dkdv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- sparse rows
+@triton.autotune(
+    configs=tuning([(4, 3), (4, 2), (8, 3)]),
+    key=["G", "D", "BS", "NBI"],
+    prune_configs_by={"early_config_prune": tune_production_only},
+)
 @triton.jit
 def _gather_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, count_ptr,
@@ -346,6 +365,11 @@ def _gather_fwd_kernel(
              mask=row_m_ok)
 
 
+@triton.autotune(
+    configs=tuning([(4, 2), (4, 3), (8, 2)]),
+    key=["G", "D", "BS", "NBI"],
+    prune_configs_by={"early_config_prune": tune_production_only},
+)
 @triton.jit
 def _gather_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, count_ptr,
@@ -560,7 +584,7 @@ class AttnPlan:
                     self.layout.row_kbase, base,
                     q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), part_o.stride(0), part_o.stride(1),
                     part_lse.stride(0), idx3.stride(0), idx3.stride(1), counts.stride(0), scale_log2,
-                    **self._gather_meta(idx3.shape[-1]), num_warps=4, num_stages=3,
+                    **self._gather_meta(idx3.shape[-1]),
                 )
             row0, nrows, _ = ch.tiles
             if row0.numel():
@@ -571,7 +595,6 @@ class AttnPlan:
                     q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), o.stride(0), o.stride(1), lse.stride(0),
                     part_o.stride(0), part_o.stride(1), part_lse.stride(0), scale_log2,
                     **self._local_meta(), HAS_PART=has_part,
-                    num_warps=8 if self.tile_m == 128 else 4, num_stages=3 if self.tile_m == 128 else 2,
                 )
         return o, lse
 
@@ -597,7 +620,7 @@ class AttnPlan:
                     self.layout.row_pos, self.layout.row_kbase, base,
                     q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), idx3.stride(0),
                     idx3.stride(1), counts.stride(0), part.stride(0), part.stride(1), scale_log2, self.scale,
-                    **self._gather_meta(idx3.shape[-1]), num_warps=4, num_stages=2,
+                    **self._gather_meta(idx3.shape[-1]),
                 )
             row0, nrows, _ = ch.tiles
             if row0.numel():

@@ -35,12 +35,19 @@ from .layout import (
     next_pow2,
     row_max,
     row_sum,
+    tune_production_only,
+    tuning,
 )
 from .naive import infllmv2_block_scores_naive
 
 __all__ = ["infllmv2_block_scores", "BlockScorer", "combine_tail", "resolve_backend"]
 
 
+@triton.autotune(
+    configs=tuning([(8, 2), (8, 3), (4, 2)]),
+    key=["G", "D", "BQ", "NKS", "R"],
+    prune_configs_by={"early_config_prune": tune_production_only},
+)
 @triton.jit
 def _block_scores_kernel(
     q_ptr, kc_ptr, kn_ptr, out_ptr, tail_ptr,
@@ -192,7 +199,6 @@ class BlockScorer:
             return
         q3, dim = self.q3, self.q3.shape[-1]
         nks, nstride = self.norm_kernel
-        rows = self.rows_per_tile * self.group_pad
         _block_scores_kernel[(n_tiles, self.kv_heads)](
             q3, self.kc, self.kn, own, tail,
             row0, nrows, docs, self.layout.row_pos, *self.docs,
@@ -203,7 +209,7 @@ class BlockScorer:
             G=self.group, GP=self.group_pad, BQ=self.rows_per_tile, D=dim, BD=max(16, next_pow2(dim)),
             KS=self.params.kernel_size, KSTRIDE=self.params.kernel_stride, R=self.ratio, C=self.kernel_ratio,
             NKS=nks, NSTRIDE=nstride, NBT=self.blocks_per_tile, BCN=64, WRITE_ALL=write_all,
-            PREC=dot_precision(q3.dtype), num_warps=8 if rows * max(dim, 64) >= 128 * 128 else 4, num_stages=2,
+            PREC=dot_precision(q3.dtype),
         )
 
 
