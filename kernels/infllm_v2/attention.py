@@ -45,8 +45,8 @@ from .layout import (
     next_pow2,
     row_max,
     row_sum,
-    tune_production_only,
-    tuning,
+    should_tune,
+    Tunable,
 )
 from .naive import infllmv2_block_attn_naive
 
@@ -91,18 +91,6 @@ def _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm,
     return m_new, l_i, acc
 
 
-def _local_fwd_candidates(configs, named_args, **kwargs):
-    """128-row tiles need 8 warps (tuned on the production path); 64-row tiles take 4 warps."""
-    if kwargs.get("BM", 128) < 128:
-        return [c for c in configs if c.num_warps == 4][:1] or configs[:1]
-    return tune_production_only([c for c in configs if c.num_warps == 8], named_args, **kwargs)
-
-
-@triton.autotune(
-    configs=tuning([(8, 3), (8, 2), (4, 2)]),
-    key=["G", "D", "BM", "WIN", "HAS_PART"],
-    prune_configs_by={"early_config_prune": _local_fwd_candidates},
-)
 @triton.jit
 def _local_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -296,11 +284,6 @@ def _local_dkdv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- sparse rows
-@triton.autotune(
-    configs=tuning([(4, 3), (4, 2), (8, 3)]),
-    key=["G", "D", "BS", "NBI"],
-    prune_configs_by={"early_config_prune": tune_production_only},
-)
 @triton.jit
 def _gather_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, count_ptr,
@@ -365,11 +348,6 @@ def _gather_fwd_kernel(
              mask=row_m_ok)
 
 
-@triton.autotune(
-    configs=tuning([(4, 2), (4, 3), (8, 2)]),
-    key=["G", "D", "BS", "NBI"],
-    prune_configs_by={"early_config_prune": tune_production_only},
-)
 @triton.jit
 def _gather_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, count_ptr,
@@ -496,6 +474,11 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, n, D: tl.constexpr, BD: tl.constexpr
 
 
 # ------------------------------------------------------------------------------------------------ host side
+_local_fwd = Tunable(_local_fwd_kernel, [(8, 3), (8, 2)], key=["G", "D", "BM", "WIN", "HAS_PART"])
+_gather_fwd = Tunable(_gather_fwd_kernel, [(4, 3), (4, 2), (8, 3)], key=["G", "D", "BS", "NBI"])
+_gather_dq = Tunable(_gather_dq_kernel, [(4, 2), (4, 3), (8, 2)], key=["G", "D", "BS", "NBI"])
+
+
 @dataclass
 class RowChunk:
     """Rows [lo, hi): local tiles (first row, rows, doc) and the sparse rows gathered, latest first."""
@@ -571,6 +554,7 @@ class AttnPlan:
         lse = new_empty((rows, self.heads), torch.float32, q3.device)
         counts = self.list_lengths(idx3)
         scale_log2 = self.scale * LOG2E
+        tune = should_tune(q3, self.group)
         for ch in self.chunks:
             part_o, part_lse, base = o, lse, 0
             n_sparse = ch.sparse_rows.numel()
@@ -579,7 +563,8 @@ class AttnPlan:
                 part_lse = new_empty((ch.hi - ch.lo, self.heads), torch.float32, q3.device)
                 base = ch.lo
             if n_sparse:
-                _gather_fwd_kernel[(triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads)](
+                _gather_fwd.launch(
+                    (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
                     q3, k3, v3, part_o, part_lse, idx3, counts, ch.sparse_rows, n_sparse, self.layout.row_pos,
                     self.layout.row_kbase, base,
                     q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), part_o.stride(0), part_o.stride(1),
@@ -589,12 +574,13 @@ class AttnPlan:
             row0, nrows, _ = ch.tiles
             if row0.numel():
                 has_part = bool(n_sparse and self.window)
-                _local_fwd_kernel[(row0.numel(), self.heads)](
+                _local_fwd.launch(
+                    (row0.numel(), self.heads), tune and self.tile_m == 128,
                     q3, k3, v3, o, lse, part_o, part_lse, row0, nrows, self.layout.row_pos, self.layout.row_kbase,
                     row0.numel(), base, self.dense_len,
                     q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), o.stride(0), o.stride(1), lse.stride(0),
                     part_o.stride(0), part_o.stride(1), part_lse.stride(0), scale_log2,
-                    **self._local_meta(), HAS_PART=has_part,
+                    **self._local_meta(), HAS_PART=has_part, default=(8, 3) if self.tile_m == 128 else (4, 2),
                 )
         return o, lse
 
@@ -609,13 +595,15 @@ class AttnPlan:
         counts = self.list_lengths(idx3)
         scale_log2 = self.scale * LOG2E
         wide = self.bd >= 128
+        tune = should_tune(q3, self.group)
         for ch in self.chunks:
             part, base = dq, 0
             n_sparse = ch.sparse_rows.numel()
             if n_sparse and self.window:
                 part, base = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device), ch.lo
             if n_sparse:
-                _gather_dq_kernel[(triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads)](
+                _gather_dq.launch(
+                    (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
                     q3, k3, v3, do3, lse, delta, part, idx3, counts, ch.sparse_rows, n_sparse,
                     self.layout.row_pos, self.layout.row_kbase, base,
                     q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), idx3.stride(0),

@@ -264,18 +264,31 @@ def compress_keys(k_rows: torch.Tensor, window_rows: torch.Tensor, kernel_size: 
 LOG2E = 1.0 / math.log(2.0)
 
 
-def tuning(options: list[tuple[int, int]]) -> list:
-    """Autotuning candidates from (num_warps, num_stages) pairs; only the first one when interpreting."""
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in (options[:1] if interpreting() else options)]
+TUNE_MIN_ROWS = 16384
 
 
-def tune_production_only(configs, named_args, **kwargs):
-    """Benchmark the candidates only for 16-bit inputs with G >= 16 (the SALA path, whose speed matters);
-    fp32 and small-group runs take the first candidate and compile nothing else."""
-    q = named_args.get("q_ptr")
-    if q is None or q.dtype == torch.float32 or kwargs.get("G", 16) < 16:
-        return configs[:1]
-    return configs
+class Tunable:
+    """A @triton.jit kernel and an autotuned twin over (num_warps, num_stages) candidates. The twin runs only
+    where speed matters (`should_tune`); everything else (tests, fp32, small groups, short sequences) runs one
+    fixed setting, so it compiles one variant and never benchmarks."""
+
+    def __init__(self, kernel, options: list[tuple[int, int]], key: list[str]):
+        self.kernel, self.options = kernel, options
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in options]
+        self.tuned = triton.autotune(configs=configs, key=key)(kernel)
+
+    def launch(self, grid, tune: bool, *args, default: tuple[int, int] | None = None, **kwargs):
+        if tune and not interpreting():
+            self.tuned[grid](*args, **kwargs)
+        else:
+            warps, stages = default or self.options[0]
+            self.kernel[grid](*args, **kwargs, num_warps=warps, num_stages=stages)
+
+
+def should_tune(q_rows: torch.Tensor, group: int) -> bool:
+    """The production path: CUDA, 16-bit inputs, G >= 16, at least TUNE_MIN_ROWS query rows."""
+    return q_rows.is_cuda and q_rows.dtype != torch.float32 and group >= 16 and q_rows.shape[0] >= TUNE_MIN_ROWS
+
 
 # Reductions used inside the kernels. Compiled: the triton.language ones. Interpreted (CPU tests): the same
 # reduction through tl.reduce / tl.associative_scan with the standard combine functions, which the interpreter

@@ -35,19 +35,14 @@ from .layout import (
     next_pow2,
     row_max,
     row_sum,
-    tune_production_only,
-    tuning,
+    should_tune,
+    Tunable,
 )
 from .naive import infllmv2_block_scores_naive
 
 __all__ = ["infllmv2_block_scores", "BlockScorer", "combine_tail", "resolve_backend"]
 
 
-@triton.autotune(
-    configs=tuning([(8, 2), (8, 3), (4, 2)]),
-    key=["G", "D", "BQ", "NKS", "R"],
-    prune_configs_by={"early_config_prune": tune_production_only},
-)
 @triton.jit
 def _block_scores_kernel(
     q_ptr, kc_ptr, kn_ptr, out_ptr, tail_ptr,
@@ -145,6 +140,9 @@ def _block_scores_kernel(
                 tl.store(tail_row[:, None] + blk[None, :], neg, mask=st_mask)
 
 
+_block_scores = Tunable(_block_scores_kernel, [(8, 2), (8, 3), (4, 2)], key=["G", "D", "BQ", "NKS", "R"])
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """'auto' -> Triton on CUDA tensors, the PyTorch reference elsewhere."""
     if backend not in ("auto", "triton", "torch"):
@@ -199,7 +197,8 @@ class BlockScorer:
             return
         q3, dim = self.q3, self.q3.shape[-1]
         nks, nstride = self.norm_kernel
-        _block_scores_kernel[(n_tiles, self.kv_heads)](
+        _block_scores.launch(
+            (n_tiles, self.kv_heads), should_tune(q3, self.group),
             q3, self.kc, self.kn, own, tail,
             row0, nrows, docs, self.layout.row_pos, *self.docs,
             n_tiles, row_base, own.shape[-1],
