@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _start_wandb(output_dir: Path, s, config: dict):
     import wandb
 
     id_file = output_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=s.project, entity=s.entity, group=s.group, name=s.name, tags=list(s.tags) or None,
                       mode=s.mode, dir=str(output_dir), id=run_id, resume="allow", config=config)

@@ -205,9 +205,7 @@ class Run:
         return losses[-1] if losses else None
 
     def _rows_of(self, first: int, micro: int) -> list[int]:
-        mb = self.cfg.trainer.micro_batch_size
-        start = first + micro * self.dist.world_size * mb + self.dist.rank * mb
-        return list(range(start, start + mb))
+        return rank_rows(first, micro, self.dist.rank, self.dist.world_size, self.cfg.trainer.micro_batch_size)
 
     def _train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
@@ -343,6 +341,15 @@ class Run:
                 "tokens": self.state.tokens, "steps": self.state.step, "seq_len": self.cfg.trainer.seq_len,
                 "eval_tokens": tokens, "mse": "mean over tokens and hidden units of (lightning - teacher attention "
                                              "output)^2, on the rows after the training rows"}
+
+
+def rank_rows(first: int, micro: int, rank: int, world_size: int, micro_batch: int) -> list[int]:
+    """Global row indices of micro-batch ``micro`` of ``rank`` in the step whose rows start at ``first``.
+
+    A step's rows are first .. first + world·accum·micro_batch - 1 whatever the layout, so one process with
+    gradient accumulation reads the same rows as several processes without it."""
+    start = first + (micro * world_size + rank) * micro_batch
+    return list(range(start, start + micro_batch))
 
 
 def _seed(seed: int) -> None:
