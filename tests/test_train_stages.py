@@ -74,7 +74,7 @@ def test_lm_stage_loss_falls_and_writes_its_outputs(lm_run):
 
 
 def test_distill_stage_loss_falls(tmp_path, data_cache):
-    r = train(tmp_path / "run", data_cache, "stage=distill", "deepspeed=zero1")
+    r = train(tmp_path / "run", data_cache, "stage=distill", "deepspeed=zero1", "trainer.activation_checkpointing=true")
     rows = metrics(r.output_dir)
     assert rows[-1]["kl"] < rows[0]["kl"] and "lm_loss" in rows[0]
 

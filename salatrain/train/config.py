@@ -50,6 +50,7 @@ class TrainerSettings:
     log_every: int = 1
     loss_chunk_tokens: int = 2048  # lm_head + loss computed this many tokens at a time
     export: bool = True  # write the HF checkpoint into output_dir at the end
+    save_final: bool = True  # false (benchmarks): no checkpoint at the end, hence no export
 
 
 @dataclass

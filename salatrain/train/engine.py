@@ -166,6 +166,19 @@ def place_frozen(model: torch.nn.Module, cfg: TrainConfig, dist: Dist):
     return model.to(dist.device), None
 
 
+def release(engines) -> None:
+    """Free DeepSpeed engines (hooks, partitioned parameters, optimizer memory) so another run can start in
+    the same process."""
+    import gc
+
+    for e in engines:
+        if hasattr(e, "destroy"):
+            e.destroy()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def save_checkpoint(engine, save_dir: Path, tag: str) -> None:
     """Model and optimizer files of every rank under ``save_dir/tag`` (all ranks call this)."""
     engine.save_checkpoint(str(save_dir), tag=tag, client_state={}, save_latest=False)

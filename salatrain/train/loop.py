@@ -31,8 +31,8 @@ from . import engine, faults
 from .checkpoint import Store, TrainState, load_rng, read_state, save_rng, tag, write_state
 from .config import TrainConfig, rows_per_step, validate
 from .optim import Schedule, build_optimizer, param_groups, select_trainable
-from .stages import (AlignStage, DistillStage, LMStage, base_has_qk_norm, disable_sparse, load_model,
-                     mixer_types, warn_rope)
+from .stages import (AlignStage, DistillStage, LMStage, base_has_qk_norm, disable_sparse,
+                     enable_activation_checkpointing, load_model, mixer_types, warn_rope)
 from .tiny import resolve
 
 log = logging.getLogger("salatrain.train")
@@ -121,7 +121,7 @@ class Run:
             if not cfg.stage.sparse_attention:
                 disable_sparse(student)
             if cfg.trainer.activation_checkpointing:
-                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(student)
             warn_rope(student.config, seq_len, "the student")
             if cfg.stage.loss == "kl":
                 self.teacher = load_model(self.paths["teacher"])
@@ -194,7 +194,7 @@ class Run:
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.max_steps:
                 self.save()
         ckpt = self.store.latest()
-        if ckpt is None or read_state(ckpt).step != self.state.step:
+        if cfg.trainer.save_final and (ckpt is None or read_state(ckpt).step != self.state.step):
             ckpt = self.save()
         return self._finish(ckpt, last_loss if last_loss is not None else self._logged_loss())
 
@@ -307,14 +307,14 @@ class Run:
                 "base_fingerprint": self.base.fingerprint() if self.base is not None else None,
                 "model": self.paths["model"], "teacher": self.paths["teacher"]}
 
-    def _finish(self, ckpt: Path, last_loss: float | None) -> TrainResult:
+    def _finish(self, ckpt: Path | None, last_loss: float | None) -> TrainResult:
         report = {"stage": self.cfg.stage.name, "loss": self.cfg.stage.loss, "steps": self.state.step,
                   "tokens": self.state.tokens, "final_loss": last_loss, "bad_steps": self.state.bad_total,
-                  "checkpoint": str(ckpt), "model": self.paths["model"], "teacher": self.paths["teacher"],
+                  "checkpoint": str(ckpt) if ckpt else None, "model": self.paths["model"], "teacher": self.paths["teacher"],
                   "world_size": self.dist.world_size, "seconds": round(time.time() - self.t_start, 1)}
         align = self._align_eval() if isinstance(self.stage, AlignStage) else None
         if self.dist.is_main:
-            if self.cfg.trainer.export:
+            if self.cfg.trainer.export and ckpt is not None:
                 from .export import export_checkpoint
 
                 export_checkpoint(ckpt, self.out)
@@ -325,7 +325,9 @@ class Run:
             log.info("stage %s done: %d steps, final loss %s, outputs in %s", self.cfg.stage.name, self.state.step,
                      f"{last_loss:.5f}" if last_loss is not None else "n/a", self.out)
         engine.barrier()
-        return TrainResult(self.out, self.state.step, last_loss, ckpt, {"engine": self.eng, "stage": self.stage})
+        engines = [e for e in (self.eng, getattr(self, "_teacher_engine", None)) if e is not None]
+        return TrainResult(self.out, self.state.step, last_loss, ckpt,
+                           {"engine": self.eng, "stage": self.stage, "engines": engines})
 
     def _align_eval(self) -> dict:
         """Per-layer MSE of the aligned layers on the global batch after the last training rows."""

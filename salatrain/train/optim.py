@@ -111,8 +111,7 @@ class AdamW(torch.optim.AdamW):
 
 
 def build_optimizer(groups: list[dict], opt: OptimSettings) -> AdamW:
-    return AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
-                 foreach=False)
+    return AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
 
 
 def lr_factor(step: int, max_steps: int, opt: OptimSettings) -> float:

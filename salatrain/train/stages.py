@@ -51,6 +51,15 @@ def warn_rope(config: SalaHybridConfig, seq_len: int, what: str) -> None:
                     "trained for; expect degraded quality unless its RoPE is scaled", seq_len, trained, what, full)
 
 
+def enable_activation_checkpointing(model: SalaHybridForCausalLM) -> None:
+    """Recompute each decoder layer in the backward pass (transformers >= 5.2x renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def head_of(model: SalaHybridForCausalLM):
     scale = model.config.logit_scale
 

@@ -1,0 +1,294 @@
+"""Training throughput of the hybrid vs the same-size dense model through the same DeepSpeed engine (GPU).
+
+Run by bench/train_gpu.sh; its phases:
+
+    python bench/train_bench.py build  --work W [--size small]  random 0.83B dense Llama (hidden 2048, 16 layers,
+                                                                 32 query / 2 KV heads, head dim 64), its 0.99B
+                                                                 hybrid (4 sparse + 12 Lightning layers), a
+                                                                 long-document corpus, the bf16 matmul peak
+    torchrun --nproc_per_node 2 bench/train_bench.py run --work W --gpus 2 --deadline T
+    python bench/train_bench.py run --work W --gpus 1 --deadline T
+    python bench/train_bench.py report --work W --out FILE      markdown table (stdout and FILE)
+
+``run`` goes through its configurations in priority order, each a few optimizer steps of `salatrain train`
+in this process, and appends one JSON line per configuration to W/results.jsonl (OOM and errors recorded,
+then the next one runs; configurations past the deadline are recorded as skipped). A configuration that was
+started but never finished (the process died or hung) is recorded as crashed on the next ``run``.
+
+Throughput is the median tokens/s over the steps after the first two (compilation and warm-up); MFU is
+model FLOPs (salatrain.train.flops) per second over the measured matmul peak of each GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {
+    # the GPU proof: 0.83B dense / 0.99B hybrid parameters, 16 query heads per KV head (InfLLM-V2's kernel needs >= 16)
+    "full": dict(model=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                            num_attention_heads=32, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
+                            rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                 short=4096, long=32768, device="cuda"),
+    # a CPU rehearsal of the whole script (orchestration only; numbers meaningless)
+    "small": dict(model=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                             rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                  short=128, long=512, device="cpu"),
+}
+
+# (model, stage, zero, "short"|"long" sequence, gpus) in priority order: what the GPU proof needs first.
+CONFIGS = [
+    ("dense", "lm", 2, "short", 2), ("hybrid", "lm", 2, "short", 2),
+    ("dense", "lm", 2, "long", 2), ("hybrid", "lm", 2, "long", 2),
+    ("hybrid", "distill", 2, "short", 2), ("hybrid", "distill", 3, "short", 2),
+    ("dense", "lm", 3, "short", 2), ("hybrid", "lm", 3, "short", 2),
+    ("dense", "lm", 2, "short", 1), ("hybrid", "lm", 2, "short", 1),
+    ("dense", "distill", 2, "short", 2),
+    ("dense", "lm", 3, "long", 2), ("hybrid", "lm", 3, "long", 2),
+    ("hybrid", "distill", 2, "long", 2), ("hybrid", "distill", 3, "long", 2),
+    ("dense", "lm", 2, "long", 1), ("hybrid", "lm", 2, "long", 1),
+]
+COST_S = {"short": 30, "long": 50}  # rough wall time of one configuration, to respect the deadline
+
+
+def key(c) -> str:
+    model, stage, zero, seq, gpus = c
+    return f"{model}-{stage}-zero{zero}-{seq}-{gpus}gpu"
+
+
+def size_of(work: Path) -> dict:
+    return SIZES[json.loads((work / "size.json").read_text())["size"]]
+
+
+# --------------------------------------------------------------------------------------------------- build
+
+
+def build(work: Path, size: str) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from salatrain.config.schema import ConvertConfig, PlanSettings
+    from salatrain.convert.convert import convert
+    from salatrain.hf_checkpoint import CheckpointDir
+    from salatrain.models import SalaHybridForCausalLM
+    from salatrain.models.loading import dense_config
+    from salatrain.train.flops import measure_peak_tflops
+    from salatrain.train.tiny import _tokenizer, _topics
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "size.json").write_text(json.dumps({"size": size}))
+    spec, t0 = SIZES[size], time.time()
+    device = torch.device(spec["device"])
+    texts = [t for _, t in _topics()]
+    tok = _tokenizer(texts)
+    llama = work / "dense-llama"
+    if not (llama / "config.json").exists():
+        torch.manual_seed(0)
+        with device:
+            model = LlamaForCausalLM(LlamaConfig(**spec["model"], bos_token_id=None, eos_token_id=tok.eos_token_id,
+                                                 pad_token_id=tok.pad_token_id)).to(torch.bfloat16)
+        model.save_pretrained(llama, safe_serialization=True)
+        tok.save_pretrained(llama)
+        n = sum(p.numel() for p in model.parameters())
+        del model
+        print(f"[build] dense Llama {n / 1e9:.2f}B parameters ({time.time() - t0:.0f} s)", flush=True)
+    dense = work / "dense"
+    if not (dense / "config.json").exists():  # the same weights as a hybrid checkpoint with every layer full
+        cfg = dense_config(CheckpointDir(llama))
+        with device:
+            model = SalaHybridForCausalLM(cfg).to(torch.bfloat16)
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(llama.glob("*.safetensors")):
+            state.update(load_file(f))
+        model.load_state_dict(state)
+        model.save_pretrained(dense, safe_serialization=True)
+        tok.save_pretrained(dense)
+        del model, state
+    hybrid = work / "hybrid"
+    if not (hybrid / "config.json").exists():
+        convert(ConvertConfig(model=str(llama), output_dir=str(hybrid), plan=PlanSettings(method="uniform", ratio=0.25),
+                              kl_check=False))
+    corpus = work / "corpus.jsonl"
+    if not corpus.exists():  # long documents: every packed row is one piece of a document (full rows)
+        joined = "\n\n".join(texts)
+        corpus.write_text("".join(json.dumps({"text": joined}) + "\n" for _ in range(4)))
+    peak = work / "peak.json"
+    if not peak.exists():
+        tflops = max(measure_peak_tflops(device) or 0.0 for _ in range(3))
+        name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+        peak.write_text(json.dumps({"tflops": tflops or None, "device": name}))
+    mixers = json.loads((hybrid / "config.json").read_text())["mixer_types"]
+    info = json.loads(peak.read_text())
+    print(f"[build] hybrid: sparse layers {[i for i, m in enumerate(mixers) if m == 'sparse_attention']}; "
+          f"bf16 matmul peak {info['tflops'] or 0:.0f} TFLOP/s on {info['device']} ({time.time() - t0:.0f} s)",
+          flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+def overrides(work: Path, c, peak: float | None) -> list[str]:
+    model, stage, zero, which, gpus = c
+    seq = size_of(work)[which]
+    micro, steps = (2, 8) if which == "short" else (1, 5)
+    out = [f"model.path={work / model}", f"output_dir={work / 'runs' / key(c)}", f"stage={'distill' if stage == 'distill' else 'lm'}",
+           f"deepspeed=zero{zero}", f"data.files=[{work / 'corpus.jsonl'}]", f"data.cache_dir={work / 'datasets'}",
+           f"trainer.seq_len={seq}", f"trainer.micro_batch_size={micro}",
+           f"trainer.global_batch_tokens={seq * micro * gpus}", f"trainer.max_steps={steps}",
+           f"trainer.activation_checkpointing={'true' if which == 'long' else 'false'}",
+           f"trainer.loss_chunk_tokens={min(seq, 8192)}", "trainer.precision=bf16", "trainer.save_every=0",
+           "trainer.save_final=false", "trainer.export=false", "optim.lr=1e-5", "optim.warmup_steps=0",
+           "optim.schedule=constant", f"logging.peak_tflops={peak if peak else 'null'}", "resume=never",
+           f"teacher.path={work / 'dense' if stage == 'distill' else 'null'}"]
+    return out
+
+
+def _record(results: Path, row: dict) -> None:
+    with open(results, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _done(results: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    return {r["key"]: r for r in rows}
+
+
+def _decide(results: Path, c, deadline: float) -> str:
+    done = _done(results).get(key(c))
+    if done is not None:
+        return "done" if done["status"] != "started" else "crashed (process died or hung)"
+    return "skipped (time budget)" if time.time() + COST_S[c[3]] > deadline else "run"
+
+
+def run(work: Path, gpus: int, deadline: float) -> None:
+    """Every configuration for ``gpus`` ranks; rank 0 decides, records and broadcasts each decision."""
+    import shutil
+
+    import torch
+
+    from salatrain.train import compose_train, run_stage
+    from salatrain.train.engine import init_distributed, release
+
+    dist = init_distributed()
+    results, spec = work / "results.jsonl", size_of(work)
+    peak = json.loads((work / "peak.json").read_text())["tflops"]
+    for c in [c for c in CONFIGS if c[4] == gpus]:
+        k = key(c)
+        decision = [_decide(results, c, deadline) if dist.is_main else None]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        if decision[0] != "run":
+            if dist.is_main and decision[0] != "done":
+                _record(results, {"key": k, "status": decision[0]})
+            continue
+        if dist.is_main:
+            _record(results, {"key": k, "status": "started"})
+            shutil.rmtree(work / "runs" / k, ignore_errors=True)
+            print(f"[run] {k}", flush=True)
+        torch.distributed.barrier()
+        t0, result = time.time(), None
+        row = {"key": k, "model": c[0], "stage": c[1], "zero": c[2], "seq_len": spec[c[3]], "gpus": gpus}
+        try:
+            result = run_stage(compose_train("tiny", overrides(work, c, peak)))
+            row.update(_measure(work / "runs" / k), status="ok")
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+        except Exception as e:  # recorded; the next configuration still runs
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        row["wall_s"] = round(time.time() - t0, 1)
+        release(result.extras.get("engines", []) if result is not None else [])
+        del result
+        release([])
+        if dist.is_main:
+            _record(results, row)
+            print(f"[run] {k}: {row['status']} {row.get('tokens_per_s', 0):.0f} tok/s "
+                  f"mfu {row.get('mfu', 0) * 100:.1f}% ({row['wall_s']} s)", flush=True)
+
+
+def _measure(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[2:] or rows
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+            "mfu": statistics.median(r.get("mfu") or 0.0 for r in steady),
+            "mem_gb": max(r["mem_gb"] for r in rows), "steps": len(rows),
+            "loss": rows[-1]["loss"]}
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def report(work: Path, out: Path) -> str:
+    done = _done(work / "results.jsonl")
+    peak, spec = json.loads((work / "peak.json").read_text()), size_of(work)
+    m = spec["model"]
+    lines = [f"Training throughput on {peak['device']} (measured bf16 matmul peak {peak['tflops'] or 0:.0f} TFLOP/s "
+             f"per GPU), DeepSpeed, bf16; models of hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+             f"{m['num_attention_heads']} query / {m['num_key_value_heads']} KV heads, head dim {m['head_dim']}, "
+             f"vocab {m['vocab_size']}; hybrid = InfLLM-V2 sparse layers (1/4, uniform) + Lightning layers. Median "
+             f"tokens/s after 2 warm-up steps; {_seq(spec, (0, 0, 0, 'long'))} rows use activation checkpointing (not "
+             "counted in MFU).", "",
+             "| model | stage | ZeRO | GPUs | seq | tokens/s | tokens/s/GPU | MFU | peak mem GB | hybrid / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in CONFIGS:
+        r = done.get(key(c))
+        if r is None:
+            continue
+        if r.get("status") != "ok":
+            if r.get("status") == "started":
+                r = dict(r, status="killed (time limit)")
+            lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[4]} | {_seq(spec, c)} | {r['status']} | | | | |")
+            continue
+        dense = done.get(key(("dense", c[1], c[2], c[3], c[4])))
+        ratio = ""
+        if c[0] == "hybrid" and dense and dense.get("status") == "ok":
+            ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}×"
+        mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] else "n/a"
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[4]} | {_seq(spec, c)} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s'] / c[4]:,.0f} | {mfu} | {r['mem_gb']:.1f} | {ratio} |")
+    lines += ["", "1→2 GPU scaling (tokens/s on 2 GPUs / 2 × tokens/s on 1 GPU, ZeRO-2, lm):", ""]
+    for model in ("dense", "hybrid"):
+        for which in ("short", "long"):
+            one, two = done.get(key((model, "lm", 2, which, 1))), done.get(key((model, "lm", 2, which, 2)))
+            if one and two and one.get("status") == two.get("status") == "ok":
+                lines.append(f"- {model} {_seq(spec, (0, 0, 0, which))}: "
+                             f"{two['tokens_per_s'] / (2 * one['tokens_per_s']) * 100:.0f}%")
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def _seq(spec: dict, c) -> str:
+    n = spec[c[3]]
+    return f"{n // 1024}K" if n >= 1024 else str(n)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=["build", "run", "report"])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--deadline", type=float, default=float("inf"), help="unix time after which nothing starts")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--size", choices=sorted(SIZES), default="full", help="build: full (GPU) or small (CPU rehearsal)")
+    a = p.parse_args()
+    if a.phase == "build":
+        build(a.work, a.size)
+    elif a.phase == "run":
+        run(a.work, a.gpus, a.deadline)
+    else:
+        print(report(a.work, a.out or a.work / "train_bench.md"), end="")
+
+
+if __name__ == "__main__":
+    main()

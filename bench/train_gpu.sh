@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU proof of `salatrain train`: a ~1B hybrid (random init from a dense config with 16 query heads per KV
+# head) against the same-size dense model through the same DeepSpeed engine: lm and distill, ZeRO-2 and ZeRO-3,
+# 4K and 32K rows, 2 GPUs and 1 GPU (scaling), tokens/s and MFU against the measured bf16 matmul peak.
+# Writes a markdown table to stdout and to $OUT/train_bench.md (raw rows: $OUT/train_bench_results.jsonl).
+#
+#   bash bench/train_gpu.sh                       # on a 2-GPU machine, repo root or anywhere; < 8 minutes
+#   OUT=/path BUDGET_S=450 bash bench/train_gpu.sh
+#   SIZE=small bash bench/train_gpu.sh            # CPU rehearsal of the script (tiny models, gloo)
+#
+# Needs deepspeed, hydra-core, datasets: taken from .whl/ (../shared/tools/gpu-wheels.sh) into /tmp/site when
+# the image lacks them. Each configuration that runs out of memory, fails or hangs is recorded and skipped;
+# configurations that would pass the time budget are recorded as skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-450}
+SIZE=${SIZE:-full}
+OUT=${OUT:-$PWD/bench-out}
+WORK=${WORK:-/tmp/salatrain-train-bench-$SIZE}
+mkdir -p "$OUT" "$WORK"
+log() { echo "[train_gpu +$(( $(date +%s) - T0 ))s] $*"; }
+left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
+
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-4}   # minutes: a rank stuck in a collective fails instead of hanging
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
+if ! python3 -c "import deepspeed, hydra, datasets" >/dev/null 2>&1; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    log "installing .whl/ into /tmp/site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "deepspeed, hydra-core or datasets missing and no .whl/ (fill it with ../shared/tools/gpu-wheels.sh)" >&2
+    exit 1
+  fi
+fi
+if ! python3 -c "import salatrain, salatrain_kernels" >/dev/null 2>&1; then
+  log "installing salatrain (editable)"
+  python3 -m pip install -q --no-deps --no-build-isolation -e .
+fi
+
+if [ "$SIZE" = small ]; then NGPU=2; else NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())"); fi
+log "size $SIZE, $NGPU GPU(s), budget ${BUDGET_S}s, work dir $WORK"
+
+log "building models and data"
+timeout --signal=KILL "$(( $(left) > 5 ? $(left) : 5 ))" python3 bench/train_bench.py build --work "$WORK" --size "$SIZE"
+
+# Phase 1: 2 GPUs (leaves ~90 s for the 1-GPU runs). A crashed or hung process is restarted; the driver
+# records the configuration it was in and goes on with the next one.
+if [ "$NGPU" -ge 2 ]; then
+  DEADLINE=$(( T0 + BUDGET_S - 100 ))
+  for attempt in 1 2 3 4; do
+    budget=$(( DEADLINE - $(date +%s) + 30 ))
+    [ "$budget" -gt 40 ] || break
+    log "2-GPU runs (attempt $attempt)"
+    if timeout --signal=KILL "$budget" python3 -m torch.distributed.run --nproc_per_node 2 \
+        --master_port $(( 29400 + attempt )) bench/train_bench.py run --work "$WORK" --gpus 2 --deadline "$DEADLINE"; then
+      break
+    fi
+    log "2-GPU process ended early (crash, OOM or hang); continuing after the configuration it was in"
+  done
+else
+  log "fewer than 2 GPUs: 2-GPU runs skipped"
+fi
+
+# Phase 2: 1 GPU (1→2 scaling).
+DEADLINE=$(( T0 + BUDGET_S - 10 ))
+for attempt in 1 2 3; do
+  budget=$(( DEADLINE - $(date +%s) + 10 ))
+  [ "$budget" -gt 30 ] || break
+  log "1-GPU runs (attempt $attempt)"
+  if CUDA_VISIBLE_DEVICES=0 timeout --signal=KILL "$budget" python3 bench/train_bench.py run --work "$WORK" --gpus 1 \
+      --deadline "$DEADLINE"; then
+    break
+  fi
+  log "1-GPU process ended early; continuing after the configuration it was in"
+done
+
+python3 bench/train_bench.py report --work "$WORK" --out "$OUT/train_bench.md"
+cp "$WORK/results.jsonl" "$OUT/train_bench_results.jsonl"
+log "done: $OUT/train_bench.md"
