@@ -82,14 +82,14 @@ def build(work: Path, size: str) -> None:
     from salatrain.models import SalaHybridForCausalLM
     from salatrain.models.loading import dense_config
     from salatrain.train.flops import measure_peak_tflops
-    from salatrain.train.tiny import _tokenizer, _topics
+    from salatrain.train.tiny import bpe_tokenizer, doc_topics
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "size.json").write_text(json.dumps({"size": size}))
     spec, t0 = SIZES[size], time.time()
     device = torch.device(spec["device"])
-    texts = [t for _, t in _topics()]
-    tok = _tokenizer(texts)
+    texts = [t for _, t in doc_topics()]
+    tok = bpe_tokenizer(texts)
     llama = work / "dense-llama"
     if not (llama / "config.json").exists():
         torch.manual_seed(0)

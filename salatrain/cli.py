@@ -131,6 +131,8 @@ def _multirun(mod, config_name, overrides, groups, show_cfg) -> int:
     parsed = OverridesParser.create().parse_overrides(overrides)
     jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
     base_out = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), None)
+    if base_out is None and jobs:  # a recipe's own output_dir: runs go to <it>/<n> as well
+        base_out = _compose(mod, config_name, list(jobs[0]), groups).get("output_dir")
     for n, job in enumerate(jobs):
         job = list(job)
         if base_out is not None:

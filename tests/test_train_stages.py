@@ -101,6 +101,9 @@ def test_align_stage_loss_falls_and_its_output_feeds_convert(tmp_path, data_cach
     for i in (1, 2):
         z = aligned.model.layers[i].self_attn.z_proj.weight
         assert z.abs().sum() > 0 and torch.equal(converted.model.layers[i].self_attn.z_proj.weight, z)
+    assert main(["export", f"checkpoint={r.output_dir}", f"output_dir={tmp_path / 'again'}"]) == 0
+    again = SalaHybridForCausalLM.from_pretrained(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), aligned.state_dict().values()))
 
 
 def test_zero3_export_reloads_with_equal_logits(tmp_path, data_cache):

@@ -43,6 +43,8 @@ class TrainState:
     tokens: int = 0
     bad_in_row: int = 0
     bad_total: int = 0
+    seq_len: int = 0  # the row length and corpus size the data position refers to
+    data_tokens: int = 0
 
 
 def tag(step: int) -> str:

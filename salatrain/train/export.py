@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers.initialization import no_init_weights
 
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, atomic_output_dir, copy_side_files
@@ -61,7 +62,8 @@ def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCa
     if meta["loss"] == "mse_align":
         student = _with_base(student, meta)
     config = SalaHybridConfig.from_pretrained(ckpt / "hf")
-    model = SalaHybridForCausalLM(config)
+    with no_init_weights():  # every weight comes from the checkpoint; buffers are built from the config
+        model = SalaHybridForCausalLM(config)
     missing, unexpected = model.load_state_dict(student, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
@@ -73,14 +75,17 @@ def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCa
 
 
 def _with_base(aligned: dict, meta: dict) -> dict:
-    """The base model's weights with every layer's attention replaced by its aligned Lightning layer."""
-    from ..models.loading import load_dense_as_hybrid
+    """The base model's weights (read tensor by tensor) with every layer's attention replaced by its aligned
+    Lightning layer."""
+    from ..models.families import family_for
 
     base = CheckpointDir(meta["base"], what="base model")
     if base.fingerprint() != meta["base_fingerprint"]:
         raise UserError(f"base model {base.path} changed since the align run (fingerprint {base.fingerprint()} "
                         f"!= {meta['base_fingerprint']})")
-    state = {k: v for k, v in load_dense_as_hybrid(base).state_dict().items() if ".self_attn." not in k}
+    family = family_for(base.model_type)
+    with base.reader() as reader:
+        state = {k: reader.get(k) for k in base.key_files() if ".self_attn." not in k and not family.is_dropped(k)}
     state.update(aligned)
     return state
 

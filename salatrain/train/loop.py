@@ -73,7 +73,7 @@ class Run:
         self._build_data()
         self._build_stage()
         self._build_engine()
-        self.state = TrainState()
+        self.state = TrainState(seq_len=cfg.trainer.seq_len, data_tokens=self.data.num_tokens)
         if self.start is not None:
             self._restore(self.start)
         self.logger = RunLogger(self.out, cfg.logging.wandb, _to_dict(cfg), self.dist.is_main, self.state.step)
@@ -122,7 +122,8 @@ class Run:
                 disable_sparse(student)
             if cfg.trainer.activation_checkpointing:
                 enable_activation_checkpointing(student)
-            warn_rope(student.config, seq_len, "the student")
+            if self.dist.is_main:
+                warn_rope(student.config, seq_len, "the student")
             if cfg.stage.loss == "kl":
                 self.teacher = load_model(self.paths["teacher"])
                 self.stage = DistillStage(student, cfg.trainer.loss_chunk_tokens, cfg.stage.kl_temperature)
@@ -130,7 +131,9 @@ class Run:
                 self.stage = LMStage(student, cfg.trainer.loss_chunk_tokens)
             self.stage.train()
         if self.teacher is not None:
-            warn_rope(self.teacher.config, seq_len, "the teacher")
+            self.teacher.set_kernel_backend(cfg.model.kernel_backend)
+            if self.dist.is_main:
+                warn_rope(self.teacher.config, seq_len, "the teacher")
             if not cfg.stage.sparse_attention:
                 disable_sparse(self.teacher)
 
@@ -171,7 +174,13 @@ class Run:
 
     def _restore(self, ckpt: Path) -> None:
         engine.load_checkpoint(self.eng, ckpt)
-        self.state = read_state(ckpt)
+        state = read_state(ckpt)
+        if self.dist.is_main and (state.seq_len, state.data_tokens) != (self.state.seq_len, self.state.data_tokens):
+            log.warning("%s was written with seq_len %d over %d data tokens, this run has %d over %d: the data "
+                        "position (%d rows) now points elsewhere in the stream", ckpt, state.seq_len,
+                        state.data_tokens, self.state.seq_len, self.state.data_tokens, state.rows)
+        state.seq_len, state.data_tokens = self.state.seq_len, self.state.data_tokens
+        self.state = state
         self.schedule.set_step(self.state.step)
         if not load_rng(ckpt, self.dist.rank):
             log.warning("%s has no RNG state for rank %d (different number of ranks); RNG reseeded", ckpt,

@@ -51,7 +51,7 @@ def resolve(path: str | None) -> str | None:
         return str(builders[name]())
 
 
-def _topics() -> list[tuple[str, str]]:
+def docdoc_topics() -> list[tuple[str, str]]:
     from pydoc_data.topics import topics
 
     return sorted((k, v.strip()) for k, v in topics.items() if v.strip())
@@ -66,7 +66,7 @@ def _write_atomic(out: Path, text: str) -> None:
 def _corpus() -> Path:
     out = root() / "corpus.jsonl"
     if not out.exists():
-        _write_atomic(out, "".join(json.dumps({"text": text, "topic": name}) + "\n" for name, text in _topics()))
+        _write_atomic(out, "".join(json.dumps({"text": text, "topic": name}) + "\n" for name, text in doc_topics()))
     return out
 
 
@@ -74,7 +74,7 @@ def _chat() -> Path:
     out = root() / "chat.jsonl"
     if not out.exists():
         lines = []
-        for name, text in _topics():
+        for name, text in doc_topics():
             parts = [text[i : i + 240] for i in range(0, min(len(text), 720), 240)]
             msgs = [{"role": "system", "content": "You quote the Python reference."}]
             msgs += [{"role": "user", "content": f"What does the reference say about {name}?"},
@@ -99,7 +99,8 @@ def _build_dir(out: Path, fill) -> Path:
     return out
 
 
-def _tokenizer(texts: list[str]):
+def bpe_tokenizer(texts: list[str]):
+    """A 512-token byte-level BPE trained on ``texts`` (seconds), with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -120,7 +121,7 @@ def _dense() -> Path:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tok = _tokenizer([t for _, t in _topics()])
+        tok = bpe_tokenizer([t for _, t in doc_topics()])
         cfg = LlamaConfig(
             vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
