@@ -51,7 +51,7 @@ def resolve(path: str | None) -> str | None:
         return str(builders[name]())
 
 
-def docdoc_topics() -> list[tuple[str, str]]:
+def doc_topics() -> list[tuple[str, str]]:
     from pydoc_data.topics import topics
 
     return sorted((k, v.strip()) for k, v in topics.items() if v.strip())
