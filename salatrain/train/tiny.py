@@ -52,6 +52,7 @@ def resolve(path: str | None) -> str | None:
 
 
 def doc_topics() -> list[tuple[str, str]]:
+    """(topic, text) pairs of Python's reference documentation (``pydoc_data``), sorted by topic."""
     from pydoc_data.topics import topics
 
     return sorted((k, v.strip()) for k, v in topics.items() if v.strip())
