@@ -133,3 +133,26 @@ def test_sparse_layer_after_conversion_equals_dense_layer_without_rope():
     no_rope = (torch.ones(2, 20, 8, dtype=torch.float64), torch.zeros(2, 20, 8, dtype=torch.float64))
     with torch.no_grad():
         assert torch.allclose(sparse(x, no_rope, seq, None), dense(x, no_rope, seq, None), atol=1e-12)
+
+
+@pytest.mark.parametrize("normalizer", ["exact", "coarse"])
+def test_model_mixers_agree_with_kernel_references(normalizer):
+    """The model's PyTorch mixers (exported with checkpoints) and salatrain_kernels' references (what the
+    Triton kernels are tested against) are independent implementations of the same definitions."""
+    from salatrain_kernels.infllm_v2 import infllmv2_attn_naive
+    from salatrain_kernels.lightning import lightning_attn_naive
+
+    q, k, v = _qkv(1, 150, 6, 16, hkv=2, dtype=torch.float32, seed=11)
+    params = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=2, window_size=16,
+                  dense_len=40, normalizer=normalizer)
+    ours = infllmv2_attn_torch(q, k, v, **params)
+    theirs = infllmv2_attn_naive(q, k, v, **params)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    cu = torch.tensor([0, 60, 150], dtype=torch.int32)
+    assert torch.allclose(infllmv2_attn_torch(q, k, v, cu_seqlens=cu, **params),
+                          infllmv2_attn_naive(q, k, v, cu_seqlens=cu, **params), atol=1e-5)
+    q, k, v = _qkv(2, 130, 3, 16, dtype=torch.float32, seed=12)
+    s = _decay(3).float()
+    o1, s1 = lightning_attn_torch(q, k, v, s, output_final_state=True)
+    o2, s2 = lightning_attn_naive(q, k, v, s, output_final_state=True)
+    assert torch.allclose(o1, o2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-4)
