@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -142,7 +141,8 @@ def overrides(work: Path, c, peak: float | None) -> list[str]:
     model, stage, zero, which, gpus = c
     seq = size_of(work)[which]
     micro, steps = (2, 8) if which == "short" else (1, 5)
-    out = [f"model.path={work / model}", f"output_dir={work / 'runs' / key(c)}", f"stage={'distill' if stage == 'distill' else 'lm'}",
+    out = [f"model.path={work / model}", f"output_dir={work / 'runs' / key(c)}",
+           f"stage={'distill' if stage == 'distill' else 'lm'}",
            f"deepspeed=zero{zero}", f"data.files=[{work / 'corpus.jsonl'}]", f"data.cache_dir={work / 'datasets'}",
            f"trainer.seq_len={seq}", f"trainer.micro_batch_size={micro}",
            f"trainer.global_batch_tokens={seq * micro * gpus}", f"trainer.max_steps={steps}",
@@ -196,19 +196,19 @@ def run(work: Path, gpus: int, deadline: float) -> None:
             shutil.rmtree(work / "runs" / k, ignore_errors=True)
             print(f"[run] {k}", flush=True)
         torch.distributed.barrier()
-        t0, result = time.time(), None
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
         row = {"key": k, "model": c[0], "stage": c[1], "zero": c[2], "seq_len": spec[c[3]], "gpus": gpus}
         try:
-            result = run_stage(compose_train("tiny", overrides(work, c, peak)))
+            run_stage(compose_train("tiny", overrides(work, c, peak)))
             row.update(_measure(work / "runs" / k), status="ok")
         except torch.cuda.OutOfMemoryError:
             row["status"] = "OOM"
         except Exception as e:  # recorded; the next configuration still runs
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         row["wall_s"] = round(time.time() - t0, 1)
-        release(result.extras.get("engines", []) if result is not None else [])
-        del result
-        release([])
+        release([])  # run_stage released its engines; this frees what a failed run left behind
         if dist.is_main:
             _record(results, row)
             print(f"[run] {k}: {row['status']} {row.get('tokens_per_s', 0):.0f} tok/s "

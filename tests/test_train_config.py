@@ -31,8 +31,8 @@ def test_every_stage_recipe_composes_and_validates():
 
 
 def test_overrides_reach_the_typed_config():
-    cfg = compose_train("tiny", ["stage=distill", "deepspeed=zero3", "trainer.max_steps=7", "logging.wandb.mode=offline",
-                                 "optim.schedule=wsd", "resume=never"])
+    cfg = compose_train("tiny", ["stage=distill", "deepspeed=zero3", "trainer.max_steps=7",
+                                 "logging.wandb.mode=offline", "optim.schedule=wsd", "resume=never"])
     assert (cfg.stage.loss, cfg.deepspeed.zero_stage, cfg.trainer.max_steps) == ("kl", 3, 7)
     assert (cfg.logging.wandb.mode, cfg.optim.schedule, cfg.resume) == ("offline", "wsd", "never")
 

@@ -35,10 +35,10 @@ def data_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("datasets-cache")
 
 
-def train(out, data_cache, *overrides, steps=STEPS):
+def train(out, data_cache, *overrides, steps=STEPS, keep_engine=False):
     cfg = compose_train("tiny", [f"output_dir={out}", f"trainer.max_steps={steps}", f"data.cache_dir={data_cache}",
                                  *overrides])
-    return run_stage(cfg)
+    return run_stage(cfg, keep_engine=keep_engine)
 
 
 def metrics(out) -> list[dict]:
@@ -110,7 +110,7 @@ def test_zero3_export_reloads_with_equal_logits(tmp_path, data_cache):
     from salatrain.models import SalaHybridForCausalLM
     from salatrain.train.engine import consolidated_state_dict
 
-    r = train(tmp_path / "run", data_cache, "stage=distill", "deepspeed=zero3", steps=2)
+    r = train(tmp_path / "run", data_cache, "stage=distill", "deepspeed=zero3", steps=2, keep_engine=True)
     live = consolidated_state_dict(r.extras["engine"])
     exported = SalaHybridForCausalLM.from_pretrained(r.output_dir).eval()
     reference = SalaHybridForCausalLM(exported.config).eval()

@@ -98,7 +98,8 @@ def _local_part(builder: str, files: list[Path], settings: DataSettings) -> Part
             for f in files:
                 find_bad_json_line(f)
         cause = e.__cause__ or e
-        raise UserError(f"cannot read {name}: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+        first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise UserError(f"cannot read {name}: {first}") from None
     return _select(ds, settings, name)
 
 

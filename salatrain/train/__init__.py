@@ -15,10 +15,10 @@ def compose_train(recipe, overrides=()):
     return _compose(recipe, overrides)
 
 
-def run_stage(cfg):
+def run_stage(cfg, keep_engine=False):
     from .loop import run_stage as _run
 
-    return _run(cfg)
+    return _run(cfg, keep_engine)
 
 
 __all__ = ["compose_train", "run_stage"]

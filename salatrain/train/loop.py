@@ -47,14 +47,22 @@ class TrainResult:
     extras: dict = field(default_factory=dict)  # engine, stage (for callers in the same process)
 
 
-def run_stage(cfg: TrainConfig) -> TrainResult:
-    """Run one training stage as configured; returns when the stage is done (or raises UserError)."""
+def run_stage(cfg: TrainConfig, keep_engine: bool = False) -> TrainResult:
+    """Run one training stage as configured; returns when the stage is done (or raises UserError).
+
+    The DeepSpeed engines are released at the end, so stages can follow each other in one process;
+    ``keep_engine=True`` keeps them in ``result.extras`` ("engine", "engines", "stage") for inspection.
+    """
     validate(cfg)
     run = Run(cfg)
     try:
-        return run.train()
+        result = run.train()
     finally:
         run.logger.close()
+    if not keep_engine:
+        engine.release(result.extras.pop("engines"))
+        result.extras.clear()
+    return result
 
 
 class Run:
@@ -220,7 +228,8 @@ class Run:
         t0 = time.perf_counter()
         batches = [self.data.batch(self._rows_of(self.state.rows, m)) for m in range(self.gas)]
         dev = self.dist.device
-        count = float(engine.all_reduce(torch.tensor([float(sum(self.stage.count(b) for b in batches))], device=dev))[0])
+        local = torch.tensor([float(sum(self.stage.count(b) for b in batches))], device=dev)
+        count = float(engine.all_reduce(local)[0])
         scale = self.dist.world_size * self.gas / max(count, 1.0)
         lr = self.schedule.lr
         loss_sum, stats, finite = torch.zeros((), dtype=torch.float64, device=dev), {}, True
@@ -319,7 +328,8 @@ class Run:
     def _finish(self, ckpt: Path | None, last_loss: float | None) -> TrainResult:
         report = {"stage": self.cfg.stage.name, "loss": self.cfg.stage.loss, "steps": self.state.step,
                   "tokens": self.state.tokens, "final_loss": last_loss, "bad_steps": self.state.bad_total,
-                  "checkpoint": str(ckpt) if ckpt else None, "model": self.paths["model"], "teacher": self.paths["teacher"],
+                  "checkpoint": str(ckpt) if ckpt else None, "model": self.paths["model"],
+                  "teacher": self.paths["teacher"],
                   "world_size": self.dist.world_size, "seconds": round(time.time() - self.t_start, 1)}
         align = self._align_eval() if isinstance(self.stage, AlignStage) else None
         if self.dist.is_main:
