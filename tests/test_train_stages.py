@@ -140,7 +140,7 @@ def test_non_finite_loss_skips_and_aborts_leaving_a_resumable_checkpoint(tmp_pat
     assert [row["step"] for row in metrics(out)] == list(range(1, 7)) and r.final_loss is not None
 
 
-def test_bad_run_inputs_fail_before_training(tmp_path, data_cache, capsys):
+def test_bad_run_inputs_fail_before_training(tmp_path, data_cache, capsys, lm_run):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n')
     out = tmp_path / "run"
@@ -150,6 +150,8 @@ def test_bad_run_inputs_fail_before_training(tmp_path, data_cache, capsys):
     assert not (out / "checkpoints").exists()
     assert main(["train", "recipe=tiny", f"output_dir={out}", "stage=distill", "teacher.path=null"]) == 2
     assert "needs a teacher" in capsys.readouterr().err
+    assert main(["train", "recipe=tiny", f"output_dir={lm_run.output_dir}", "deepspeed=zero3"]) == 2
+    assert "cannot resume from" in capsys.readouterr().err
 
 
 def test_seq_len_past_rope_training_length_warns(tmp_path, data_cache, caplog):

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, copy_side_files
 from ..logging import RunLogger
 from . import engine, faults
-from .checkpoint import Store, TrainState, load_rng, read_state, save_rng, tag, write_state
+from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save_rng, tag, write_state
 from .config import TrainConfig, rows_per_step, validate
 from .optim import Schedule, build_optimizer, param_groups, select_trainable
 from .stages import (AlignStage, DistillStage, LMStage, base_has_qk_norm, disable_sparse,
@@ -72,6 +72,8 @@ class Run:
         self.out = Path(cfg.output_dir).expanduser().absolute()
         self.store = Store(self.out / "checkpoints")
         self.start = self.store.resolve(cfg.resume)
+        if self.start is not None:
+            self._check_compatible(self.start)
         self.paths = {k: resolve(v) for k, v in (("model", cfg.model.path), ("teacher", cfg.teacher.path))}
         self.data_files = [resolve(f) for f in cfg.data.files]
         if self.dist.is_main:
@@ -195,6 +197,17 @@ class Run:
                         self.dist.rank)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (%d rows consumed)", ckpt, self.state.step, self.state.rows)
+
+    def _check_compatible(self, ckpt: Path) -> None:
+        """DeepSpeed restores optimizer shards only for the same loss, ZeRO stage and (ZeRO >= 1) rank count."""
+        meta, cfg, world = read_meta(ckpt), self.cfg, self.dist.world_size
+        was = f"loss {meta['loss']}, ZeRO-{meta['zero_stage']}, {meta['world_size']} ranks"
+        now = f"loss {cfg.stage.loss}, ZeRO-{cfg.deepspeed.zero_stage}, {world} ranks"
+        if (meta["loss"] != cfg.stage.loss or meta["zero_stage"] != cfg.deepspeed.zero_stage
+                or (meta["zero_stage"] > 0 and meta["world_size"] != world)):
+            raise UserError(f"cannot resume from {ckpt} ({was}) with {now}; resume with the same settings, or "
+                            f"start a new run from its weights (salatrain export checkpoint={ckpt} output_dir=<dir>, "
+                            "then model.path=<dir>)")
 
     # ---------------------------------------------------------------------------------------------- training
 
