@@ -245,15 +245,17 @@ class Run:
         count = float(engine.all_reduce(local)[0])
         scale = self.dist.world_size * self.gas / max(count, 1.0)
         lr = self.schedule.lr
-        loss_sum, stats, finite = torch.zeros((), dtype=torch.float64, device=dev), {}, True
-        for b in batches:
+        loss_sum, stats = torch.zeros((), dtype=torch.float64, device=dev), {}
+        ok = torch.ones(1, device=dev)
+        for i, b in enumerate(batches):
             loss, st = self.eng(**{k: v.to(dev) for k, v in b.items()})
             if faults.nan_loss(step):
                 loss = loss * float("nan")
-            ok = engine.all_reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
-            finite = finite and bool(ok[0] > 0)
+            ok = ok * torch.isfinite(loss.detach()).float()
             self.eng.backward(loss * scale)
-            self.optimizer.skip_next = not finite
+            if i == len(batches) - 1:  # the optimizer steps now: every rank skips it if any loss was not finite
+                finite = bool(engine.all_reduce(ok, "min")[0] > 0)
+                self.optimizer.skip_next = not finite
             self.eng.step()
             loss_sum += loss.detach().double()
             for k, v in st.items():
