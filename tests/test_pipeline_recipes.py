@@ -25,7 +25,8 @@ KINDS = {
 def test_every_recipe_composes_and_validates(recipe, tiny_lm_dir, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "hello"}\n')
-    ovr = [f"model={tiny_lm_dir}", f"output_dir={tmp_path / 'out'}", f"data=[{data}]", f"heldout=[{data}]"]
+    ovr = [f"model={tiny_lm_dir}", f"output_dir={tmp_path / 'out'}", f"data=[{data}]", f"heldout=[{data}]",
+           "steps.select.args.ratio=0.5"]  # the tiny model has 4 layers: 0.25 keeps 1, fewer than the 2 forced
     if recipe == "sala":
         ovr.append(f"budget.sft_data=[{data}]")
     cfg = compose_pipeline(recipe, ovr)
@@ -38,7 +39,8 @@ def test_every_recipe_composes_and_validates(recipe, tiny_lm_dir, tmp_path):
 
 
 def test_halo_budgets_follow_the_paper(tiny_lm_dir, tmp_path):
-    cfg = compose_pipeline("halo", [f"model={tiny_lm_dir}", f"output_dir={tmp_path}", "data=[x.jsonl]"])
+    cfg = compose_pipeline("halo", [f"model={tiny_lm_dir}", f"output_dir={tmp_path}", "data=[x.jsonl]",
+                                    "steps.select.args.ratio=0.5"])
     _, steps = validate(cfg)
     cmd = {s.name: s.prepared.command for s in steps}
     assert "trainer.max_steps=20000" in cmd["align"] and "recipe=halo_align" in cmd["align"]
@@ -63,6 +65,7 @@ def test_quickstart_is_the_quickstart_pipeline(tmp_path, capsys):
     (["recipe=quickstart", "model={missing}"], "does not exist"),
     (["recipe=quickstart", "model={model}", "budget.align_tokens=oops"], "invalid configuration"),
     (["recipe=quickstart", "model={model}", "steps.select.args.method=best"], "method must be one of"),
+    (["recipe=quickstart", "model={model}"], "2 are forced"),
     (["recipe=quickstart", "model={model}", "steps.select.args.ratoi=0.5"], "ratoi"),
     (["recipe=quickstart", "model={model}", "steps.align.args.trainer.seq_len=100"], "multiple"),
     (["recipe=quickstart", "model={model}", "steps.corpus.args.sources=[wiki]"], "unknown source"),
@@ -73,7 +76,8 @@ def test_quickstart_is_the_quickstart_pipeline(tmp_path, capsys):
 def test_pipeline_bad_inputs(tiny_lm_dir, tmp_path, capsys, args, message):
     out = tmp_path / "out"
     fill = {"missing": tmp_path / "nope", "model": tiny_lm_dir}
-    rc = main(["pipeline", f"output_dir={out}", *[a.format(**fill) for a in args]])
+    ratio = [] if message == "2 are forced" else ["steps.select.args.ratio=0.5"]
+    rc = main(["pipeline", f"output_dir={out}", *[a.format(**fill) for a in args], *ratio])
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert message in err and len(err.splitlines()) == 1, err
@@ -92,4 +96,4 @@ def test_override_values_are_hydra_safe():
 def test_unknown_step_kind(tiny_lm_dir, tmp_path):
     with pytest.raises(UserError, match="unknown kind"):
         validate(compose_pipeline("quickstart", [f"model={tiny_lm_dir}", f"output_dir={tmp_path}",
-                                                 "steps.eval.kind=bench"]))
+                                                 "steps.select.args.ratio=0.5", "steps.eval.kind=bench"]))

@@ -41,6 +41,16 @@ def validate(cfg: EvalConfig) -> list[tuple[str, str]]:
     paths = [cfg.model, *cfg.compare]
     for p in paths:
         check_model_dir(p)
+    names = check_settings(cfg)
+    for f in cfg.perplexity.files:
+        if not Path(f).expanduser().is_file():
+            raise UserError(f"text file {f} does not exist")
+    return list(zip(names, paths))
+
+
+def check_settings(cfg: EvalConfig) -> list[str]:
+    """Checks that need no files; returns the column names."""
+    paths = [cfg.model, *cfg.compare]
     names = list(cfg.names) or _default_names(paths)
     if len(names) != len(paths) or len(set(names)) != len(names):
         raise UserError(f"names must give {len(paths)} distinct labels, one per model (got {names})")
@@ -50,13 +60,10 @@ def validate(cfg: EvalConfig) -> list[tuple[str, str]]:
         raise UserError(f"perplexity.builtin must be one of {', '.join(BUILTIN)} or none (got {text.builtin!r})")
     if any(s < 2 for s in text.seq_lens) or text.max_tokens < 2:
         raise UserError("perplexity.seq_lens and perplexity.max_tokens must be >= 2")
-    for f in text.files:
-        if not Path(f).expanduser().is_file():
-            raise UserError(f"text file {f} does not exist")
     lm_eval_adapter.require(list(cfg.lm_eval.tasks))
     check_wandb(cfg.logging)
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
-    return list(zip(names, paths))
+    return names
 
 
 def check_probe_settings(p) -> None:

@@ -6,6 +6,7 @@ A finished step leaves ``.pipeline_step.json`` (its command, a hash of it, timin
 when the pipeline runs again with the same command; a different command for a finished step is an error
 unless ``restart_from=<step>`` (which deletes that step's folder and every later one). An unfinished train
 step resumes from its last checkpoint (the stage's ``resume=auto``); other steps write atomically and rerun.
+A step that runs deletes the folders of the steps after it, which read its output.
 ``<output_dir>/pipeline.json`` records the steps, their commands, status and seconds.
 """
 
@@ -119,7 +120,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     record = {"format": "salatrain.pipeline/1", "name": cfg.name, "model": base, "output_dir": str(out),
               "steps": []}
     for n, step in enumerate(steps, start=1):
-        record["steps"].append(_run_step(step, n, len(steps)))
+        row = _run_step(step, n, len(steps))
+        if row["status"] == "ran":
+            _invalidate(steps[n:], f"{step.name} ran again")
+        record["steps"].append(row)
         record["seconds"] = round(time.time() - t0, 1)
         write_json_atomic(out / "pipeline.json", record)
     _summary(cfg, record, steps)
@@ -128,9 +132,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 def _restart(steps: list[Step], name: str) -> None:
     start = next(i for i, s in enumerate(steps) if s.name == name)
-    for s in steps[start:]:
+    _invalidate(steps[start:], f"restart_from={name}")
+
+
+def _invalidate(steps: list[Step], why: str) -> None:
+    """Later steps read what an earlier one wrote: when it runs again, their folders go."""
+    for s in steps:
         if s.dir.exists():
-            log.info("restart_from=%s: deleting %s", name, s.dir)
+            _say(f"{why}: deleting {s.dir}")
             shutil.rmtree(s.dir)
 
 

@@ -229,7 +229,10 @@ def _command_step(command: str, name: str, args: dict, values: dict, outputs: di
         except UserError as e:
             raise UserError(f"step {name} ({command}): {e}") from None
         if validate is not None:
-            validate(cfg)
+            try:
+                validate(cfg)
+            except UserError as e:
+                raise UserError(f"step {name} ({command}): {e}") from None
 
     def run():
         mod, cfg = command_config(command, ovr)
@@ -249,7 +252,16 @@ def _select(name, spec, step_dir, ctx) -> Prepared:
     if "heldout" in ctx["artifacts"] and not _given(args, "sweep.text.files"):
         values["sweep.text.files"] = ctx["artifacts"]["heldout"]
     values.update(_wandb_values(ctx, args))
-    return _command_step("select", name, args, values, {"plan": str(step_dir / "layer_plan.json")})
+
+    def validate(cfg):
+        from ..hf_checkpoint import CheckpointDir
+        from ..select.selection import check_settings, mode_of
+
+        mode_of(cfg)
+        if cfg.model:
+            check_settings(cfg, int(CheckpointDir(cfg.model).config.get("num_hidden_layers", 0)))
+
+    return _command_step("select", name, args, values, {"plan": str(step_dir / "layer_plan.json")}, validate)
 
 
 def _convert(name, spec, step_dir, ctx) -> Prepared:
@@ -274,7 +286,13 @@ def _eval(name, spec, step_dir, ctx) -> Prepared:
     if "heldout" in ctx["artifacts"] and not _given(args, "perplexity.files"):
         values["perplexity.files"] = ctx["artifacts"]["heldout"]
     values.update(_wandb_values(ctx, args))
-    return _command_step("eval", name, args, values, {"eval": str(step_dir / "eval.json")})
+
+    def validate(cfg):
+        from ..eval.evaluate import check_settings
+
+        check_settings(cfg)
+
+    return _command_step("eval", name, args, values, {"eval": str(step_dir / "eval.json")}, validate)
 
 
 def _wandb_values(ctx: dict, args: dict) -> dict:

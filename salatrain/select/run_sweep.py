@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 RETRIEVAL_METRICS = ("answer_logprob", "exact_match")
 
 
-def check_sweep(cfg: SelectConfig, num_layers: int) -> None:
+def check_sweep(cfg: SelectConfig) -> None:
+    """The sweep's inputs: a dense base of a supported family, an aligned dir, text files; then its settings."""
     from ..models.families import family_for
 
-    s = cfg.sweep
     base = check_model_dir(cfg.model)
     if base.model_type == "sala_hybrid":
         raise UserError(f"model={base.path} is a hybrid checkpoint; the sweep needs the dense base model")
@@ -32,6 +32,14 @@ def check_sweep(cfg: SelectConfig, num_layers: int) -> None:
     except ValueError as e:
         raise UserError(f"{base.path}: {e}") from None
     CheckpointDir(cfg.aligned, what="aligned")
+    for f in cfg.sweep.text.files if not cfg.sweep.commonsense_tasks else []:
+        if not Path(f).expanduser().is_file():
+            raise UserError(f"text file {f} does not exist")
+    check_sweep_settings(cfg.sweep)
+
+
+def check_sweep_settings(s) -> None:
+    """Checks of the sweep settings that need no files."""
     if s.retrieval_metric not in RETRIEVAL_METRICS:
         raise UserError(f"sweep.retrieval_metric must be one of {', '.join(RETRIEVAL_METRICS)} "
                         f"(got {s.retrieval_metric!r})")
@@ -44,9 +52,6 @@ def check_sweep(cfg: SelectConfig, num_layers: int) -> None:
         if not t.files and t.builtin not in BUILTIN:
             raise UserError(f"sweep.text.builtin must be one of {', '.join(BUILTIN)} when no sweep.text.files are "
                             f"given (got {t.builtin!r})")
-        for f in t.files:
-            if not Path(f).expanduser().is_file():
-                raise UserError(f"text file {f} does not exist")
         if t.seq_len < 2 or t.max_tokens < t.seq_len:
             raise UserError("sweep.text needs seq_len >= 2 and max_tokens >= seq_len")
     lm_eval_adapter.require([*s.retrieval_tasks, *s.commonsense_tasks])

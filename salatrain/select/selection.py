@@ -70,7 +70,6 @@ def validate(cfg: SelectConfig) -> tuple[str, int]:
         raise UserError(f"output_dir {out} already exists and is not empty; choose another or pass overwrite=true")
     if cfg.method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
-    check_wandb(cfg.logging)
     mode = mode_of(cfg)
     if mode == "metrics":
         num_layers = len(read_metrics(cfg.metrics)[0])
@@ -82,14 +81,24 @@ def validate(cfg: SelectConfig) -> tuple[str, int]:
         num_layers = int(cfg.num_layers)
     else:
         raise UserError(f"method={cfg.method} needs the layer count: pass model=<dense dir> or num_layers=<L>")
-    if num_layers < 1:
-        raise UserError(f"cannot select from {num_layers} layers")
-    check_constraints(num_layers, cfg.method, cfg.ratio, constraints_of(cfg))
+    check_settings(cfg, num_layers)
     if mode == "sweep":
         from .run_sweep import check_sweep
 
-        check_sweep(cfg, num_layers)
+        check_sweep(cfg)
     return mode, num_layers
+
+
+def check_settings(cfg: SelectConfig, num_layers: int) -> None:
+    """Checks that need only the layer count: method, ratio, constraints, sweep settings, logging."""
+    if num_layers < 1:
+        raise UserError(f"cannot select from {num_layers} layers")
+    check_constraints(num_layers, cfg.method, cfg.ratio, constraints_of(cfg))
+    check_wandb(cfg.logging)
+    if cfg.aligned:
+        from .run_sweep import check_sweep_settings
+
+        check_sweep_settings(cfg.sweep)
 
 
 def read_metrics(path: str) -> tuple[list[float], list[float], dict | None]:
