@@ -117,16 +117,17 @@ class Run:
 
     def _build_stage(self) -> None:
         cfg, seq_len = self.cfg, self.cfg.trainer.seq_len
+        self.dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
         self.teacher = None
         if cfg.stage.loss == "mse_align":
             self.base = CheckpointDir(self._tokenizer_dir(), what="base model")
             if self.base.model_type == "sala_hybrid":
                 raise UserError(f"align needs the dense base model, got the hybrid checkpoint {self.base.path}")
-            self.teacher = load_model(str(self.base.path))
+            self.teacher = load_model(str(self.base.path), self.dtype)
             self.stage = AlignStage(self.teacher, self.base)
         else:
             self.base = None
-            student = load_model(self.paths["model"])
+            student = load_model(self.paths["model"], self.dtype)
             student.set_kernel_backend(cfg.model.kernel_backend)
             if not cfg.stage.sparse_attention:
                 disable_sparse(student)
@@ -135,7 +136,7 @@ class Run:
             if self.dist.is_main:
                 warn_rope(student.config, seq_len, "the student")
             if cfg.stage.loss == "kl":
-                self.teacher = load_model(self.paths["teacher"])
+                self.teacher = load_model(self.paths["teacher"], self.dtype)
                 self.stage = DistillStage(student, cfg.trainer.loss_chunk_tokens, cfg.stage.kl_temperature)
             else:
                 self.stage = LMStage(student, cfg.trainer.loss_chunk_tokens)
