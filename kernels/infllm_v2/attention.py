@@ -53,6 +53,7 @@ from .naive import infllmv2_block_attn_naive
 __all__ = ["infllmv2_block_attn", "AttnPlan", "SparseAttnFn", "sort_block_lists"]
 
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks)
+INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
 PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
 
 
@@ -305,13 +306,17 @@ def _gather_fwd_kernel(
     kk = tl.arange(0, TOK * BN)
     tok_k = kk // BN
     jj = kk % BN
-    tok_k_ok = tl.program_id(0) * TOK + tok_k < n_rows
-    r_k = tl.load(rows_ptr + tl.program_id(0) * TOK + tok_k, mask=tok_k_ok, other=0)
-    t_k = tl.load(row_pos_ptr + r_k, mask=tok_k_ok, other=0)
-    kbase_k = tl.load(row_kbase_ptr + r_k, mask=tok_k_ok, other=0)
-    n_k = tl.load(count_ptr + hk * stride_ch + r_k, mask=tok_k_ok, other=0)
+    if TOK == 1:  # one query per program (GPU): its row data are scalars, addresses stay simple
+        r_k = tl.load(rows_ptr + tl.program_id(0))
+        n_k = tl.load(count_ptr + hk * stride_ch + r_k)
+        n_max = n_k
+    else:  # several queries per program (interpreter): per key-lane copies of each query's row data
+        r_k = tl.load(rows_ptr + tl.program_id(0) * TOK + tok_k, mask=tl.program_id(0) * TOK + tok_k < n_rows, other=0)
+        n_k = tl.load(count_ptr + hk * stride_ch + r_k, mask=tl.program_id(0) * TOK + tok_k < n_rows, other=0)
+        n_max = row_max(n_k, 0)
+    t_k = tl.load(row_pos_ptr + r_k)
+    kv_base = tl.load(row_kbase_ptr + r_k).to(tl.int64) * stride_kr + hk * stride_kh
     idx_k = idx_ptr + hk * stride_ih + r_k.to(tl.int64) * stride_ir
-    n_max = row_max(n_k, 0)
     d = tl.arange(0, BD)
     dm = d < D
     q = tl.load(q_ptr + (r_m * stride_qr + heads * stride_qh)[:, None] + d[None, :],
@@ -321,12 +326,17 @@ def _gather_fwd_kernel(
     l_i = tl.full([TOK * M], 0.0, tl.float32)
     acc = tl.full([TOK * M, BD], 0.0, tl.float32)
     for s0 in range(0, n_max, NBI):
-        slot = s0 + jj // BS
-        s_ok = slot < n_k
-        blk = tl.load(idx_k + slot, mask=s_ok, other=0)
-        kp = blk * BS + jj % BS
-        k_ok = s_ok & (kp <= t_k)
-        kv_off = (kbase_k + kp).to(tl.int64) * stride_kr + hk * stride_kh
+        if NBI * TOK == 1:  # one block per step: a scalar block index
+            blk = tl.load(idx_k + s0)
+            kp = blk * BS + jj
+            k_ok = kp <= t_k
+        else:
+            slot = s0 + jj // BS
+            s_ok = slot < n_k
+            blk = tl.load(idx_k + slot, mask=s_ok, other=0)
+            kp = blk * BS + jj % BS
+            k_ok = s_ok & (kp <= t_k)
+        kv_off = kv_base + kp.to(tl.int64) * stride_kr
         kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         s = tl.where(same_tok & k_ok[None, :], s, float("-inf"))
@@ -368,13 +378,17 @@ def _gather_dq_kernel(
     kk = tl.arange(0, TOK * BN)
     tok_k = kk // BN
     jj = kk % BN
-    tok_k_ok = tl.program_id(0) * TOK + tok_k < n_rows
-    r_k = tl.load(rows_ptr + tl.program_id(0) * TOK + tok_k, mask=tok_k_ok, other=0)
-    t_k = tl.load(row_pos_ptr + r_k, mask=tok_k_ok, other=0)
-    kbase_k = tl.load(row_kbase_ptr + r_k, mask=tok_k_ok, other=0)
-    n_k = tl.load(count_ptr + hk * stride_ch + r_k, mask=tok_k_ok, other=0)
+    if TOK == 1:  # one query per program (GPU): its row data are scalars, addresses stay simple
+        r_k = tl.load(rows_ptr + tl.program_id(0))
+        n_k = tl.load(count_ptr + hk * stride_ch + r_k)
+        n_max = n_k
+    else:  # several queries per program (interpreter): per key-lane copies of each query's row data
+        r_k = tl.load(rows_ptr + tl.program_id(0) * TOK + tok_k, mask=tl.program_id(0) * TOK + tok_k < n_rows, other=0)
+        n_k = tl.load(count_ptr + hk * stride_ch + r_k, mask=tl.program_id(0) * TOK + tok_k < n_rows, other=0)
+        n_max = row_max(n_k, 0)
+    t_k = tl.load(row_pos_ptr + r_k)
+    kv_base = tl.load(row_kbase_ptr + r_k).to(tl.int64) * stride_kr + hk * stride_kh
     idx_k = idx_ptr + hk * stride_ih + r_k.to(tl.int64) * stride_ir
-    n_max = row_max(n_k, 0)
     d = tl.arange(0, BD)
     dm = d < D
     qd_off = (r_m * stride_qr + heads * stride_qh)[:, None] + d[None, :]
@@ -386,12 +400,17 @@ def _gather_dq_kernel(
     same_tok = tok_m[:, None] == tok_k[None, :]
     dq = tl.full([TOK * M, BD], 0.0, tl.float32)
     for s0 in range(0, n_max, NBI):
-        slot = s0 + jj // BS
-        s_ok = slot < n_k
-        blk = tl.load(idx_k + slot, mask=s_ok, other=0)
-        kp = blk * BS + jj % BS
-        k_ok = s_ok & (kp <= t_k)
-        kv_off = (kbase_k + kp).to(tl.int64) * stride_kr + hk * stride_kh
+        if NBI * TOK == 1:  # one block per step: a scalar block index
+            blk = tl.load(idx_k + s0)
+            kp = blk * BS + jj
+            k_ok = kp <= t_k
+        else:
+            slot = s0 + jj // BS
+            s_ok = slot < n_k
+            blk = tl.load(idx_k + slot, mask=s_ok, other=0)
+            kp = blk * BS + jj % BS
+            k_ok = s_ok & (kp <= t_k)
+        kv_off = kv_base + kp.to(tl.int64) * stride_kr
         kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
@@ -503,10 +522,16 @@ class AttnPlan:
         self.block_size, self.scale, self.dense_len = block_size, scale, dense_len
         self.prec = dot_precision(dtype)
         self.bd = max(16, next_pow2(dim))
-        self.tile_m = 128 if not interpreting() and self.bd <= 128 else 64
+        # tile sizes: 16-bit inputs use tensor-core tiles; fp32 ("ieee" FMA dots, tests only) small ones that
+        # keep shared memory far below the limit; the interpreter takes big tiles (fewer steps)
+        small = self.prec == "ieee" and not interpreting()
+        self.tile_m = 64 if interpreting() or small or self.bd > 128 else 128
+        self.local_bn = 32 if small else 64
+        self.dq_tile_m = 32 if small else 64
+        self.fwd_config = (8, 2) if small else ((8, 3) if self.tile_m == 128 else (4, 2))
         self.gather_rows = max(16, next_pow2(self.group))
         self.blocks_per_step = max(1, 64 // block_size)  # 64-key tiles (the interpreter takes a whole list)
-        self.tokens_per_prog = 16 if interpreting() else 1  # more queries per program only to cut interpreter overhead
+        self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
         self.dkdv_chunk = 4096 if interpreting() else DKDV_CHUNK
         has_sparse = any(p0 + n > dense_len for p0, n in zip(layout.qpos0, layout.qlen))
         self.window = local_window if has_sparse else 0
@@ -524,7 +549,7 @@ class AttnPlan:
         ]
         qend = [p0 + n for p0, n in zip(layout.qpos0, layout.qlen)]
         key_hi = [n if self.window else min(e, dense_len) for n, e in zip(layout.length, qend)]
-        self.key_tiles = layout.key_tiles(64, key_hi)
+        self.key_tiles = layout.key_tiles(self.local_bn, key_hi)
         self.docs = [layout.doc_tensor(x) for x in (layout.kstart, layout.length, layout.qstart, layout.qpos0, qend)]
 
     def list_lengths(self, idx3: torch.Tensor) -> torch.Tensor:
@@ -537,15 +562,15 @@ class AttnPlan:
         return valid.sum(-1, dtype=torch.int32)
 
     def _blocks_per_step(self, k_slots: int) -> int:
-        return next_pow2(k_slots) if interpreting() else self.blocks_per_step
+        return next_pow2(k_slots) if interpreting() and self.tokens_per_prog > 1 else self.blocks_per_step
 
     def _gather_meta(self, k_slots):
         return dict(G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,
                     BS=self.block_size, NBI=self._blocks_per_step(k_slots), PREC=self.prec)
 
-    def _local_meta(self):
-        return dict(G=self.group, D=self.dim, BD=self.bd, BM=self.tile_m, BN=64, BS=self.block_size,
-                    WIN=self.window, PREC=self.prec)
+    def _local_meta(self, tile_m=None):
+        return dict(G=self.group, D=self.dim, BD=self.bd, BM=tile_m or self.tile_m, BN=self.local_bn,
+                    BS=self.block_size, WIN=self.window, PREC=self.prec)
 
     # forward ------------------------------------------------------------------------------------------
     def forward(self, q3, k3, v3, idx3):
@@ -580,7 +605,7 @@ class AttnPlan:
                     row0.numel(), base, self.dense_len,
                     q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), o.stride(0), o.stride(1), lse.stride(0),
                     part_o.stride(0), part_o.stride(1), part_lse.stride(0), scale_log2,
-                    **self._local_meta(), HAS_PART=has_part, default=(8, 3) if self.tile_m == 128 else (4, 2),
+                    **self._local_meta(), HAS_PART=has_part, default=self.fwd_config,
                 )
         return o, lse
 
@@ -617,7 +642,7 @@ class AttnPlan:
                     row0.numel(), base, self.dense_len,
                     q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), part.stride(0),
                     part.stride(1), scale_log2, self.scale,
-                    **dict(self._local_meta(), BM=64), HAS_PART=bool(n_sparse and self.window),
+                    **self._local_meta(self.dq_tile_m), HAS_PART=bool(n_sparse and self.window),
                     num_warps=4, num_stages=2,
                 )
         kdoc, kstart = self.key_tiles
@@ -626,7 +651,7 @@ class AttnPlan:
             _local_dkdv_kernel[(kdoc.numel(), self.kv_heads, nsplit)](
                 q3, k3, v3, do3, lse, delta, dk, dv, kdoc, kstart, *self.docs, self.dense_len,
                 q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
-                scale_log2, self.scale, **dict(self._local_meta(), BM=64), NSPLIT=nsplit,
+                scale_log2, self.scale, **self._local_meta(self.dq_tile_m), NSPLIT=nsplit,
                 num_warps=8 if wide else 4, num_stages=2,
             )
         if any(ch.sparse_rows.numel() for ch in self.chunks):
@@ -638,7 +663,8 @@ class AttnPlan:
         if chunks[0].numel() == 0:
             return
         group_pad = next_pow2(self.group)
-        per_step = max(1, (256 if interpreting() else 64) // group_pad)
+        rows = 256 if interpreting() else (32 if self.prec == "ieee" else 64)
+        per_step = max(1, rows // group_pad)
         _gather_dkdv_kernel[(chunks[0].numel(),)](
             q3, k3, v3, do3, lse, delta, dk, dv, *chunks, entry_row, gb_krow0, gb_kend,
             self.layout.row_pos, self.layout.row_kbase, num_gblocks,

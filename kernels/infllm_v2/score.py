@@ -176,9 +176,11 @@ class BlockScorer:
         ratio = params.block_size // params.kernel_stride
         self.ratio, self.kernel_ratio = ratio, params.kernel_size // params.kernel_stride
         self.group_pad = next_pow2(self.group)
-        self.blocks_per_tile = max(1, 64 // ratio)
+        small = dot_precision(q3.dtype) == "ieee" and not interpreting()  # fp32 FMA dots: small tiles (tests)
+        self.cols_per_step = 32 if small else 64
+        self.blocks_per_tile = max(1, self.cols_per_step // ratio)
         cols = self.blocks_per_tile * ratio
-        rows_target = 128 if cols <= 128 else 64
+        rows_target = 64 if small or cols > 128 else 128
         self.rows_per_tile = max(1, rows_target // self.group_pad)
         if self.rows_per_tile * self.group_pad < 16:
             self.rows_per_tile = 16 // self.group_pad
@@ -207,7 +209,7 @@ class BlockScorer:
             self.scale * LOG2E,
             G=self.group, GP=self.group_pad, BQ=self.rows_per_tile, D=dim, BD=max(16, next_pow2(dim)),
             KS=self.params.kernel_size, KSTRIDE=self.params.kernel_stride, R=self.ratio, C=self.kernel_ratio,
-            NKS=nks, NSTRIDE=nstride, NBT=self.blocks_per_tile, BCN=64, WRITE_ALL=write_all,
+            NKS=nks, NSTRIDE=nstride, NBT=self.blocks_per_tile, BCN=self.cols_per_step, WRITE_ALL=write_all,
             PREC=dot_precision(q3.dtype),
         )
 

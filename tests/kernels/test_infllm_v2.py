@@ -218,6 +218,21 @@ def test_full_op_in_row_chunks(monkeypatch):
 
 
 @interpreter
+def test_full_op_gpu_code_path(monkeypatch):
+    """One query per gather program and one 64-key block per step: the code path the GPU runs."""
+    from salatrain_kernels.infllm_v2 import attention
+
+    monkeypatch.setattr(attention, "INTERPRETER_TOKENS", 1)
+    q, k, v = make_qkv(1, 200, 200, 2, 1, 16, seed=5)
+    kwargs = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=2, window_size=64, dense_len=128)
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    ref = infllmv2_attn_naive(q, k, v, **kwargs)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@interpreter
 def test_all_blocks_visible_equals_dense():
     """topk + window blocks >= every block: sparse selection must reproduce dense causal attention."""
     q, k, v = make_qkv(1, 100, 100, 4, 2, 16, seed=7)
