@@ -97,6 +97,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cu_seqle
         raise ValueError(f"batch/head_dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
+    if q.dtype != k.dtype or (v is not None and v.dtype != k.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {None if v is None else v.dtype}")
     if q.shape[1] > k.shape[1]:
         raise ValueError(f"Tq={q.shape[1]} must be <= Tk={k.shape[1]} (queries are the last Tq positions)")
     if cu_seqlens is not None:
@@ -174,77 +176,69 @@ class DocLayout:
     def max_blocks(self, block_size: int) -> int:
         return -(-self.max_len // block_size)
 
-    def _row_ranges(self, pos_lo: int, pos_hi: int, row_lo: int = 0, row_hi: int = 2**62):
-        """Per document: (doc, first row, first position, number of rows) of the queries with position in
+    def _docs(self, values: list[int]) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.int64)
+
+    def _row_ranges(self, pos_lo: int, pos_hi: int, row_lo: int, row_hi: int):
+        """Per document (CPU int64): first row, first position and number of the queries with position in
         [pos_lo, pos_hi) and row in [row_lo, row_hi)."""
-        for d, (qs, p0, n) in enumerate(zip(self.qstart, self.qpos0, self.qlen)):
-            lo = max(p0, pos_lo, p0 + row_lo - qs)
-            hi = min(p0 + n, pos_hi, p0 + row_hi - qs)
-            if hi > lo:
-                yield d, qs + lo - p0, lo, hi - lo
+        qs, p0, n = self._docs(self.qstart), self._docs(self.qpos0), self._docs(self.qlen)
+        lo = torch.maximum(torch.clamp(p0, min=pos_lo), p0 + row_lo - qs)
+        hi = torch.minimum(torch.clamp(p0 + n, max=pos_hi), p0 + row_hi - qs)
+        count = torch.clamp(hi - lo, min=0)
+        return qs + lo - p0, lo, count
 
     def rows(self, pos_lo: int = 0, pos_hi: int = 2**62, row_lo: int = 0, row_hi: int = 2**62) -> torch.Tensor:
         """Query rows with position in [pos_lo, pos_hi) (and row in [row_lo, row_hi)), latest positions first."""
-        rows, pos = [], []
-        for _, r0, p, n in self._row_ranges(pos_lo, pos_hi, row_lo, row_hi):
-            rows.append(torch.arange(r0, r0 + n, dtype=torch.int32))
-            pos.append(torch.arange(p, p + n, dtype=torch.int32))
-        if not rows:
-            return torch.zeros(0, dtype=torch.int32, device=self.device)
-        order = torch.argsort(torch.cat(pos), descending=True, stable=True)
-        return torch.cat(rows)[order].to(self.device)
+        first_row, first_pos, count = self._row_ranges(pos_lo, pos_hi, row_lo, row_hi)
+        rows, pos = cat_ranges(first_row, count), cat_ranges(first_pos, count)
+        order = torch.argsort(pos, descending=True, stable=True)
+        return rows[order].int().to(self.device)
 
     def tiles(self, tile: int, pos_lo: int = 0, pos_hi: int = 2**62, row_lo: int = 0, row_hi: int = 2**62):
         """Tiles of up to `tile` consecutive query rows of one document (positions in [pos_lo, pos_hi), rows in
         [row_lo, row_hi)). Returns int32 device tensors (first row, rows in tile, document), ascending rows.
         """
-        row0, nrows, docs = [], [], []
-        for d, r0, _, n in self._row_ranges(pos_lo, pos_hi, row_lo, row_hi):
-            starts = torch.arange(r0, r0 + n, tile, dtype=torch.int32)
-            row0.append(starts)
-            nrows.append(torch.clamp(r0 + n - starts, max=tile))
-            docs.append(torch.full_like(starts, d))
-        if not row0:
-            empty = torch.zeros(0, dtype=torch.int32, device=self.device)
-            return empty, empty, empty
-        return tuple(torch.cat(x).int().to(self.device) for x in (row0, nrows, docs))
+        first_row, _, count = self._row_ranges(pos_lo, pos_hi, row_lo, row_hi)
+        per_doc = (count + tile - 1) // tile
+        row0 = cat_ranges(first_row, per_doc, tile)
+        end = torch.repeat_interleave(first_row + count, per_doc)
+        docs = torch.repeat_interleave(torch.arange(self.num_docs), per_doc)
+        return tuple(x.int().to(self.device) for x in (row0, torch.clamp(end - row0, max=tile), docs))
 
     def key_tiles(self, tile: int, pos_hi_per_doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tiles of `tile` keys (document index, first key position) covering positions [0, pos_hi) per doc."""
-        docs, starts = [], []
-        for d, hi in enumerate(pos_hi_per_doc):
-            if hi > 0:
-                s = torch.arange(0, hi, tile, dtype=torch.int32)
-                starts.append(s)
-                docs.append(torch.full_like(s, d))
-        if not docs:
-            empty = torch.zeros(0, dtype=torch.int32, device=self.device)
-            return empty, empty
-        return torch.cat(docs).to(self.device), torch.cat(starts).to(self.device)
+        per_doc = (torch.clamp(self._docs(pos_hi_per_doc), min=0) + tile - 1) // tile
+        starts = cat_ranges(torch.zeros_like(per_doc), per_doc, tile)
+        docs = torch.repeat_interleave(torch.arange(self.num_docs), per_doc)
+        return docs.int().to(self.device), starts.int().to(self.device)
 
     def doc_tensor(self, values: list[int]) -> torch.Tensor:
         return _int32(values, self.device)
 
     def windows(self, kernel_size: int, stride: int) -> tuple[torch.Tensor, list[int], list[int]]:
         """Compressed windows: first key row of each (int64 device), per-doc first window index and count."""
-        counts = [(n - kernel_size) // stride + 1 if n >= kernel_size else 0 for n in self.length]
-        firsts, parts, total = [], [], 0
-        for ks0, c in zip(self.kstart, counts):
-            firsts.append(total)
-            parts.append(ks0 + torch.arange(c, dtype=torch.int64) * stride)
-            total += c
-        return torch.cat(parts).to(self.device), firsts, counts
+        length = self._docs(self.length)
+        counts = torch.where(length >= kernel_size, (length - kernel_size) // stride + 1, 0)
+        firsts = torch.cumsum(counts, 0) - counts
+        rows = cat_ranges(self._docs(self.kstart), counts, stride)
+        return rows.to(self.device), firsts.tolist(), counts.tolist()
 
     def global_blocks(self, block_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Blocks of all documents numbered globally: per-doc base, and per block its first/end key row."""
-        base, first, end, total = [], [], [], 0
-        for ks0, n in zip(self.kstart, self.length):
-            nb = -(-n // block_size)
-            base.append(total)
-            first.append(ks0 + torch.arange(nb, dtype=torch.int64) * block_size)
-            end.append(torch.full((nb,), ks0 + n, dtype=torch.int64))
-            total += nb
-        return base, torch.cat(first).int().to(self.device), torch.cat(end).int().to(self.device)
+        kstart, length = self._docs(self.kstart), self._docs(self.length)
+        per_doc = (length + block_size - 1) // block_size
+        first = cat_ranges(kstart, per_doc, block_size)
+        end = torch.repeat_interleave(kstart + length, per_doc)
+        base = torch.cumsum(per_doc, 0) - per_doc
+        return base.tolist(), first.int().to(self.device), end.int().to(self.device)
+
+
+def cat_ranges(starts: torch.Tensor, counts: torch.Tensor, step: int = 1) -> torch.Tensor:
+    """Concatenation of arange(start, start + count·step, step) over the entries (CPU int64)."""
+    total = int(counts.sum())
+    offsets = torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return torch.repeat_interleave(starts, counts) + offsets * step
 
 
 def compress_keys(k_rows: torch.Tensor, window_rows: torch.Tensor, kernel_size: int, dtype) -> torch.Tensor:
@@ -255,10 +249,9 @@ def compress_keys(k_rows: torch.Tensor, window_rows: torch.Tensor, kernel_size: 
     """
     if window_rows.numel() == 0:
         return torch.zeros(1, *k_rows.shape[1:], dtype=dtype, device=k_rows.device)
-    acc = torch.zeros(window_rows.numel(), *k_rows.shape[1:], dtype=torch.float32, device=k_rows.device)
-    for i in range(kernel_size):
-        acc += k_rows.index_select(0, window_rows + i).float()
-    return (acc / kernel_size).to(dtype)
+    taps = torch.arange(kernel_size, device=window_rows.device)
+    members = k_rows.index_select(0, (window_rows[:, None] + taps).flatten())  # kernel/stride x the keys
+    return members.view(window_rows.numel(), kernel_size, *k_rows.shape[1:]).mean(1, dtype=torch.float32).to(dtype)
 
 
 LOG2E = 1.0 / math.log(2.0)
