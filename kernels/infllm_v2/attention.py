@@ -772,7 +772,8 @@ def infllmv2_block_attn(
     batch, seqlen_q, heads, dim = q.shape
     kv_heads = k.shape[2]
     if block_idx.shape[:3] != (batch, kv_heads, seqlen_q):
-        raise ValueError(f"block_idx {tuple(block_idx.shape)} must be [B, HKV, Tq, K] = [{batch}, {kv_heads}, {seqlen_q}, K]")
+        raise ValueError(f"block_idx {tuple(block_idx.shape)} must be [B, HKV, Tq, K] = "
+                         f"[{batch}, {kv_heads}, {seqlen_q}, K]")
     if resolve_backend(backend, q) == "torch":
         return infllmv2_block_attn_naive(
             q, k, v, block_idx, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens, dense_len=dense_len

@@ -75,8 +75,9 @@ def infllmv2_attn(
     """InfLLM-V2 sparse attention; o has q's shape and dtype. Semantics: see the package docstring.
 
     backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton", "torch".
-    dense_prefix_sdpa: for padded batches with Tq = Tk on CUDA, run the dense prefix (t < dense_len) through
-    torch SDPA (FlashAttention) instead of the Triton dense kernel; varlen and Tq < Tk always use Triton.
+    dense_prefix_sdpa: for 16-bit padded batches with Tq = Tk on CUDA, run the dense prefix (t < dense_len)
+    through torch SDPA (FlashAttention) instead of the Triton dense kernel; fp32, varlen and Tq < Tk always
+    use Triton.
     """
     check_qkv(q, k, v, cu_seqlens)
     params = SparseParams(
@@ -94,12 +95,14 @@ def infllmv2_attn(
     if not (params.triton_scoring_ok() and params.triton_attention_ok()):
         raise ValueError(
             "Triton InfLLM-V2 needs a power-of-two block_size >= 16, kernel_stride | block_size with a power-of-two "
-            f"ratio and kernel_stride | kernel_size; got {block_size}/{kernel_size}/{kernel_stride} (use backend='torch')"
+            "ratio, kernel_stride | kernel_size and kernel_size <= block_size + kernel_stride; got "
+            f"{block_size}/{kernel_size}/{kernel_stride} (use backend='torch')"
         )
     seqlen_q, dim = q.shape[1], q.shape[3]
     scale = dim**-0.5 if scale is None else scale
     prefix = min(dense_len, seqlen_q)
-    if dense_prefix_sdpa and cu_seqlens is None and seqlen_q == k.shape[1] and q.is_cuda and prefix > 0:
+    fast_dtype = q.dtype in (torch.float16, torch.bfloat16)
+    if dense_prefix_sdpa and fast_dtype and cu_seqlens is None and seqlen_q == k.shape[1] and q.is_cuda and prefix > 0:
         # positions < dense_len see only keys < dense_len: the prefix is plain causal attention
         parts = [dense_causal_sdpa(q[:, :prefix], k[:, :prefix], v[:, :prefix], scale)]
         if prefix < seqlen_q:

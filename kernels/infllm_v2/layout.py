@@ -75,7 +75,7 @@ class SparseParams:
         return (self.coarse_kernel_size or 4 * self.kernel_size, self.coarse_kernel_stride or 4 * self.kernel_stride)
 
     def triton_scoring_ok(self) -> bool:
-        """Scoring kernel: stride | block_size (power-of-two ratio), stride | kernel_size, a window spans <= 2 blocks."""
+        """Scoring kernel: stride | block_size (power-of-two ratio), stride | kernel_size, windows span <= 2 blocks."""
         ratio = self.block_size // self.kernel_stride
         return (
             self.block_size % self.kernel_stride == 0

@@ -168,7 +168,7 @@ class BlockScorer:
             rows2, nfirst, ncount = layout.windows(nks, nstride)
             self.kn = compress_keys(k3, rows2, nks, q3.dtype)
         else:
-            (nks, nstride), nfirst, ncount, self.kn = (params.kernel_size, params.kernel_stride), cfirst, ccount, self.kc
+            nks, nstride, nfirst, ncount, self.kn = params.kernel_size, params.kernel_stride, cfirst, ccount, self.kc
         self.norm_kernel = (nks, nstride)
         nblocks = [-(-n // params.block_size) for n in layout.length]
         self.docs = [layout.doc_tensor(x) for x in (cfirst, ccount, nfirst, ncount, nblocks)]

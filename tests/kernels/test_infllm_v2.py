@@ -56,7 +56,8 @@ def random_lists(batch, kv_heads, seqlen_q, slots, num_blocks, seed=0):
     for b in range(batch):
         for h in range(kv_heads):
             for i in range(seqlen_q):
-                chosen = torch.randperm(num_blocks, generator=gen)[: int(torch.randint(0, slots + 1, (1,), generator=gen))]
+                count = int(torch.randint(0, slots + 1, (1,), generator=gen))
+                chosen = torch.randperm(num_blocks, generator=gen)[:count]
                 where = torch.randperm(slots, generator=gen)[: chosen.numel()]
                 idx[b, h, i, where] = chosen.int()
     return idx
@@ -329,7 +330,8 @@ def test_gpu_full_op(dtype, shape, cu):
     out = infllmv2_attn(q, k, v, backend="triton", dense_prefix_sdpa=False, **kwargs)
     with_sdpa = infllmv2_attn(q, k, v, backend="triton", **kwargs)  # dense prefix through torch SDPA when possible
     idx = triton_block_idx(q, k, cu, shape[2])
-    again = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"], cu_seqlens=cu)
+    again = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"],
+                                cu_seqlens=cu)
     assert torch.equal(out, again), "fused path and stage-by-stage path disagree"
     sparse_rows = slice(max(0, GPU["dense_len"] - (shape[2] - shape[1])), None) if cu is None else slice(None)
     assert torch.equal(with_sdpa[:, sparse_rows], out[:, sparse_rows])
@@ -365,8 +367,10 @@ def test_gpu_full_op_8k_forward():
 
 @needs_cuda
 def test_gpu_dense_only_matches_sdpa():
+    """T <= dense_len: our Triton dense kernel (the SDPA prefix shortcut off) against SDPA flash."""
     q, k, v, _ = gpu_case(1, 1024, 1024, 32, 2, torch.bfloat16)
-    out = infllmv2_attn(q, k, v, backend="triton", **GPU)
+    with torch.no_grad():
+        out = infllmv2_attn(q, k, v, backend="triton", dense_prefix_sdpa=False, **GPU)
     qf, kf, vf = (x.detach().float() for x in (q, k, v))
     ref = torch.nn.functional.scaled_dot_product_attention(
         qf.transpose(1, 2), kf.repeat_interleave(16, 2).transpose(1, 2), vf.repeat_interleave(16, 2).transpose(1, 2),
