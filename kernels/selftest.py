@@ -46,14 +46,16 @@ def _compare(name, fn, ref, inputs, dtype):
             )
 
 
-def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int = 1, head_dim: int = 64) -> None:
-    """``what`` is "lightning_attn" or "infllmv2_attn"; raises KernelSelfTestError on mismatch."""
+def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int = 1, head_dim: int = 64,
+              seq_len: int = 200) -> None:
+    """``what`` is "lightning_attn" or "infllmv2_attn"; raises KernelSelfTestError on mismatch. ``seq_len``
+    (Lightning) spans several chunks; InfLLM-V2 always uses 512 tokens so that its sparse path runs."""
     g = torch.Generator(device=device).manual_seed(0)
     if what == "lightning_attn":
         from .lightning import lightning_attn, lightning_attn_naive
 
         h = min(num_heads, 8)
-        shape = (1, 200, h, head_dim)
+        shape = (1, seq_len, h, head_dim)
         inputs = [torch.randn(shape, device=device, generator=g) for _ in range(3)]
         decay = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device=device)
         _compare(what, lambda q, k, v: lightning_attn(q, k, v, decay, backend="triton")[0],

@@ -11,7 +11,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_lightning_self_test_passes():
-    self_test("lightning_attn", device=torch.device(DEVICE), dtype=torch.float32, num_heads=2, head_dim=16)
+    self_test("lightning_attn", device=torch.device(DEVICE), dtype=torch.float32, num_heads=2, head_dim=16,
+              seq_len=80)
 
 
 def test_infllmv2_self_test_passes():
@@ -28,5 +29,6 @@ def test_broken_kernel_is_stopped(monkeypatch):
 
     monkeypatch.setattr(lightning_pkg, "lightning_attn", off_by_a_bit)
     with pytest.raises(KernelSelfTestError, match="lightning_attn self-test failed .* output relative error"):
-        self_test("lightning_attn", device=torch.device(DEVICE), dtype=torch.float32, num_heads=2, head_dim=16)
+        self_test("lightning_attn", device=torch.device(DEVICE), dtype=torch.float32, num_heads=2, head_dim=16,
+                  seq_len=80)
     assert salatrain_kernels.self_test is self_test
