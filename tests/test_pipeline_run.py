@@ -13,7 +13,7 @@ TINY = [
     "budget.corpus_train_bytes=40000", "budget.corpus_heldout_bytes=4000",
     "budget.align_tokens=512", "budget.align_seq_len=128", "budget.align_batch_tokens=256",
     "steps.align.args.trainer.micro_batch_size=2",
-    "budget.select_probe_len=300", "budget.select_text_tokens=128", "steps.select.args.sweep.text.seq_len=128",
+    "budget.select_probe_len=300", "budget.select_text_tokens=128",
     "steps.select.args.ratio=0.5",
     "budget.distill_tokens=512", "budget.distill_seq_len=128", "budget.distill_batch_tokens=256",
     "steps.distill.args.trainer.micro_batch_size=2", "steps.distill.args.trainer.loss_chunk_tokens=128",
