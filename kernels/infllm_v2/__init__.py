@@ -44,6 +44,7 @@ from .naive import (
     infllmv2_block_attn_naive,
     infllmv2_block_scores_naive,
     infllmv2_select_naive,
+    selection_margin,
 )
 from .score import infllmv2_block_scores
 from .selection import infllmv2_select
@@ -57,4 +58,5 @@ __all__ = [
     "infllmv2_block_scores_naive",
     "infllmv2_select_naive",
     "infllmv2_block_attn_naive",
+    "selection_margin",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "infllmv2_select_naive",
     "infllmv2_block_attn_naive",
     "infllmv2_attn_naive",
+    "selection_margin",
 ]
 
 
@@ -249,3 +250,48 @@ def infllmv2_attn_naive(
         q, k, v, block_idx, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens, dense_len=dense_len,
         upcast=upcast,
     )
+
+
+def selection_margin(
+    block_idx: torch.Tensor,
+    block_scores: torch.Tensor,
+    *,
+    seqlen_k: int | None = None,
+    block_size: int = 64,
+    init_blocks: int = 1,
+    topk: int = 64,
+    window_size: int = 2048,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """How well block_idx [B, HKV, Tq, K] is a top-K of block_scores [B, HKV, Tq, NBM] (after forcing) per row.
+
+    Returns [B, HKV, Tq] fp32: (lowest score chosen) - (highest score left out) among the past blocks; >= 0
+    for an exact selection (+inf when every past block is visible), slightly negative when the selection was
+    made from scores that differ from these by rounding, -inf when a forced block is missing, the count is
+    wrong or an index repeats.
+    """
+    batch, kv_heads, seqlen_q, _ = block_scores.shape
+    seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+    num_selected = topk + window_size // block_size
+    out = torch.empty(batch, kv_heads, seqlen_q, device=block_scores.device)
+    for b, qs, ks, pos0 in _doc_slices(batch, seqlen_q, seqlen_k, cu_seqlens):
+        num_blocks = -(-(ks.stop - ks.start) // block_size)
+        pos = torch.arange(qs.stop - qs.start, device=block_scores.device) + pos0
+        blocks = torch.arange(num_blocks, device=block_scores.device)
+        current = (pos // block_size)[:, None]
+        first_local = (torch.clamp(pos - window_size + 1, min=0) // block_size)[:, None]
+        forced = (blocks < init_blocks) | ((blocks >= first_local) & (blocks <= current))
+        past = blocks <= current  # [Tq, nb]
+        ranked = block_scores[b, :, qs, :num_blocks].float().masked_fill(forced[None], math.inf)
+        idx = block_idx[b, :, qs].long()
+        chosen = torch.zeros(*idx.shape[:2], num_blocks + 1, dtype=torch.long, device=idx.device)
+        chosen.scatter_add_(-1, torch.where(idx < 0, num_blocks, idx), torch.ones_like(idx))
+        chosen = chosen[..., :num_blocks]
+        lowest_in = ranked.masked_fill(chosen == 0, math.inf).amin(-1)
+        highest_out = ranked.masked_fill((chosen > 0) | ~past[None], -math.inf).amax(-1)
+        margin = lowest_in - highest_out
+        margin = torch.where(torch.isnan(margin), torch.full_like(margin, math.inf), margin)  # inf - inf
+        bad = (chosen > 1).any(-1) | (chosen > 0).logical_and(~past[None]).any(-1)
+        bad |= chosen.sum(-1) != torch.clamp(current[:, 0] + 1, max=num_selected)[None]
+        out[b, :, qs] = torch.where(bad, torch.full_like(margin, -math.inf), margin)
+    return out

@@ -23,6 +23,7 @@ from salatrain_kernels.infllm_v2 import (
     infllmv2_select,
     infllmv2_select_naive,
     layout,
+    selection_margin,
 )
 
 SMALL = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=3, window_size=16, dense_len=32)
@@ -330,23 +331,21 @@ def test_gpu_full_op(dtype, shape, cu):
     out = infllmv2_attn(q, k, v, backend="triton", dense_prefix_sdpa=False, **kwargs)
     with_sdpa = infllmv2_attn(q, k, v, backend="triton", **kwargs)  # dense prefix through torch SDPA when possible
     idx = triton_block_idx(q, k, cu, shape[2])
-    again = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"],
-                                cu_seqlens=cu)
-    assert torch.equal(out, again), "fused path and stage-by-stage path disagree"
-    sparse_rows = slice(max(0, GPU["dense_len"] - (shape[2] - shape[1])), None) if cu is None else slice(None)
-    assert torch.equal(with_sdpa[:, sparse_rows], out[:, sparse_rows])
-    ref_idx = infllmv2_select_naive(
-        infllmv2_block_scores_naive(q.detach().float(), k.detach().float(), cu_seqlens=cu, **pick(GPU, SCORING)),
-        seqlen_k=shape[2], cu_seqlens=cu, **pick(GPU, SELECTION),
-    )
-    mismatch = (idx != ref_idx).any(-1).float().mean().item()
-    assert mismatch < (1e-3 if dtype == torch.float32 else 2e-2), f"{mismatch:.2%} of rows select other blocks"
+    stages = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"],
+                                 cu_seqlens=cu)
+    # the selection is a top-K of the fp32 reference scores up to the kernel's score error (bf16: k_cmp rounding)
+    ref_scores = infllmv2_block_scores_naive(q.detach().float(), k.detach().float(), cu_seqlens=cu,
+                                             **pick(GPU, SCORING))
+    margin = selection_margin(idx, ref_scores, seqlen_k=shape[2], cu_seqlens=cu, **pick(GPU, SELECTION))
+    scale = ref_scores[torch.isfinite(ref_scores)].abs().max()
+    tol = (1e-5 if dtype == torch.float32 else 6e-2) * scale
+    assert (margin >= -tol).all(), f"selection off by {-margin.min().item():.3e} (allowed {tol.item():.1e})"
     attn = dict(block_size=64, dense_len=GPU["dense_len"], cu_seqlens=cu)
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = infllmv2_block_attn_naive(qf, kf, vf, idx, **attn)
     lowp = infllmv2_block_attn_naive(q, k, v, idx, upcast=False, **attn)
-    within_rule(out, ref, lowp)
-    within_rule(with_sdpa, ref, lowp)
+    for result in (out, with_sdpa, stages):
+        within_rule(result, ref, lowp)
     ref_grads, lowp_grads = grads(ref, (qf, kf, vf)), grads(lowp, (q, k, v))
     for result in (out, with_sdpa):
         for got, want, torch_lowp in zip(grads(result, (q, k, v)), ref_grads, lowp_grads):
