@@ -87,3 +87,24 @@ def test_teacher_forced_exact_match_equals_greedy_generation(tiny_lm_dir, tok):
         for j in range(5):
             wrong = greedy[:j] + ((greedy[j] + 1) % len(tok),) + greedy[j + 1:]
             assert not score_sample(model, dataclasses.replace(s, answer_ids=wrong)).exact_match
+
+
+@pytest.mark.parametrize("kind", ["dense", "hybrid", "transformers"])
+def test_chunked_prefill_gives_the_same_scores(tiny_lm_dir, tiny_aligned_dir, tok, kind):
+    from transformers import AutoModelForCausalLM
+
+    from salatrain.eval.scoring import token_losses
+    from salatrain.models import SalaHybridForCausalLM
+
+    if kind == "dense":
+        model = load_dense_as_hybrid(str(tiny_lm_dir))
+    elif kind == "hybrid":
+        model = SalaHybridForCausalLM.from_pretrained(tiny_aligned_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    s = make_samples(tok, "passkey", 300, 1, seed=4)[0]
+    whole, chunked = score_sample(model, s), score_sample(model, s, chunk_tokens=64)
+    assert chunked.answer_logprob == pytest.approx(whole.answer_logprob, abs=1e-4)
+    assert chunked.exact_match == whole.exact_match
+    ids = torch.tensor([s.prompt_ids])
+    assert torch.allclose(token_losses(model, ids, chunk_tokens=100), token_losses(model, ids), atol=1e-4)

@@ -54,5 +54,6 @@ class EvalConfig:
     lm_eval: LmEvalSettings = field(default_factory=LmEvalSettings)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    chunk_tokens: Optional[int] = None  # feed long sequences through the cache this many tokens at a time
     overwrite: bool = False
     logging: LoggingSettings = field(default_factory=LoggingSettings)

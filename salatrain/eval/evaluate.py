@@ -63,6 +63,8 @@ def check_settings(cfg: EvalConfig) -> list[str]:
     lm_eval_adapter.require(list(cfg.lm_eval.tasks))
     check_wandb(cfg.logging)
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    if cfg.chunk_tokens is not None and cfg.chunk_tokens < 1:
+        raise UserError(f"chunk_tokens must be >= 1 (got {cfg.chunk_tokens})")
     return names
 
 
@@ -113,14 +115,14 @@ def _evaluate_model(loaded, samples, windows, cfg: EvalConfig, device, name: str
     res: dict = {"perplexity": {}, "probes": {}, "lm_eval": {}}
     for seq_len, ws in windows.items():
         t = time.time()
-        res["perplexity"][str(seq_len)] = perplexity(model, ws, device)
+        res["perplexity"][str(seq_len)] = perplexity(model, ws, device, cfg.chunk_tokens)
         log.info("  %s perplexity@%d: %.3f (%d tokens, %.1f s)", name, seq_len,
                  res["perplexity"][str(seq_len)]["perplexity"], res["perplexity"][str(seq_len)]["tokens"],
                  time.time() - t)
     scores = []
     for task, length, group in _grouped(samples):
         t = time.time()
-        scores.extend(score_sample(model, s, device) for s in group)
+        scores.extend(score_sample(model, s, device, cfg.chunk_tokens) for s in group)
         done = summarize([s for s in scores if s.task == task and s.length == length])[task][str(length)]
         log.info("  %s %s@%d: exact %.2f, answer log-prob %.3f (%.1f s)", name, task, length, done["exact_match"],
                  done["answer_logprob"], time.time() - t)

@@ -11,6 +11,7 @@ and the hybrid. Text losses go through :func:`token_losses`, which bounds the me
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -39,12 +40,55 @@ def answer_scores(logits_AV: torch.Tensor, answer_ids: torch.Tensor) -> tuple[fl
 
 
 @torch.no_grad()
-def score_sample(model, sample: ProbeSample, device: torch.device | str = "cpu") -> SampleScore:
+def score_sample(model, sample: ProbeSample, device: torch.device | str = "cpu",
+                 chunk_tokens: int | None = None) -> SampleScore:
+    """``chunk_tokens``: feed the sequence through the model's cache this many tokens at a time (memory
+    bounded by the chunk, same scores)."""
     ids = torch.tensor([sample.prompt_ids + sample.answer_ids], device=device)
     a = len(sample.answer_ids)
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=a + 1).logits[0, :-1]
+    if chunk_tokens and ids.shape[1] > chunk_tokens:
+        start = ids.shape[1] - a - 1
+        parts = [_logits(model, out)[0, max(0, start - s):] for s, out in chunk_outputs(model, ids, chunk_tokens)
+                 if s + out.shape[1] > start]
+        logits = torch.cat(parts)[:a]
+    else:
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=a + 1).logits[0, :-1]
     lp, em = answer_scores(logits, torch.tensor(sample.answer_ids, device=logits.device))
     return SampleScore(sample.task, sample.length, sample.num_tokens, lp, em)
+
+
+@torch.no_grad()
+def chunk_outputs(model, ids_1T: torch.Tensor, chunk: int):
+    """Yields (start, out) for consecutive chunks fed through the model's cache: out is the final hidden
+    states [1, c, C] for the hybrid class, the logits [1, c, V] for other transformers models."""
+    from ..models import SalaHybridCache, SalaHybridForCausalLM
+
+    hybrid = isinstance(model, SalaHybridForCausalLM)
+    if hybrid:
+        cache = SalaHybridCache(model.config)
+    else:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        # transformers renamed past_key_values to cache (5.2x); 5.17 knows only the old name
+        arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    for s in range(0, ids_1T.shape[1], chunk):
+        piece = ids_1T[:, s : s + chunk]
+        if hybrid:
+            yield s, model.model(input_ids=piece, cache=cache, use_cache=True).last_hidden_state
+        else:
+            out = model(input_ids=piece, use_cache=True, **{arg: cache})
+            cache = getattr(out, arg)
+            yield s, out.logits
+
+
+def _logits(model, out: torch.Tensor) -> torch.Tensor:
+    from ..models import SalaHybridForCausalLM
+
+    if not isinstance(model, SalaHybridForCausalLM):
+        return out
+    scale = model.config.logit_scale
+    return model.get_output_embeddings()(out * scale if scale != 1.0 else out)
 
 
 def summarize(scores: list[SampleScore]) -> dict[str, dict[str, dict]]:
@@ -80,10 +124,21 @@ def hidden_to_logprobs(model, h_BTC: torch.Tensor, targets_BT: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def token_losses(model, ids_BT: torch.Tensor) -> torch.Tensor:
-    """Next-token losses [B, T-1]. The hybrid's head runs in chunks; other models return full logits."""
+def token_losses(model, ids_BT: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Next-token losses [B, T-1]. The hybrid's head runs in chunks; other models return full logits.
+    ``chunk_tokens`` (B = 1): the sequence goes through the model's cache that many tokens at a time."""
     from ..models import SalaHybridForCausalLM
 
+    if chunk_tokens and ids_BT.shape[1] > chunk_tokens:
+        out = []
+        for s, o in chunk_outputs(model, ids_BT, chunk_tokens):
+            n = min(o.shape[1], ids_BT.shape[1] - 1 - s)  # the last position has no target
+            targets = ids_BT[:, s + 1 : s + 1 + n]
+            if isinstance(model, SalaHybridForCausalLM):
+                out.append(-hidden_to_logprobs(model, o[:, :n], targets))
+            else:
+                out.append(F.cross_entropy(o[:, :n].float().transpose(1, 2), targets, reduction="none"))
+        return torch.cat(out, dim=1)
     if isinstance(model, SalaHybridForCausalLM):
         h = model.model(input_ids=ids_BT, use_cache=False).last_hidden_state
         return -hidden_to_logprobs(model, h[:, :-1], ids_BT[:, 1:])
@@ -92,13 +147,14 @@ def token_losses(model, ids_BT: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, windows: list[list[int]], device: torch.device | str = "cpu") -> dict:
+def perplexity(model, windows: list[list[int]], device: torch.device | str = "cpu",
+               chunk_tokens: int | None = None) -> dict:
     """Mean next-token loss and perplexity over token windows (each scored independently)."""
     if not windows:
         raise ValueError("no text to score")
     total, count = 0.0, 0
     for w in windows:
-        losses = token_losses(model, torch.tensor([w], device=device))
+        losses = token_losses(model, torch.tensor([w], device=device), chunk_tokens)
         total += float(losses.sum())
         count += losses.numel()
     loss = total / count
