@@ -1,0 +1,150 @@
+"""Compile every InfLLM-V2 kernel for sm_90 (H100/H200) without a GPU; print registers, spills, shared memory.
+
+A development check for CPU machines: the interpreter runs the kernels' logic but not the GPU compiler, which is
+where tile shapes, layouts, register pressure and shared-memory limits fail. Uses Triton's bundled ptxas and the
+production launch settings (bf16, G = 16, D = 128, block 64; the fp32 test tiles; small groups; selection).
+Pointer and stride arguments are marked divisible by 16, as the JIT specializes them at launch.
+
+    TRITON_INTERPRET=0 python -m salatrain_kernels.infllm_v2.compile_check [name-filter ...]
+
+Relies on Triton internals (ASTSource, attrs format) of Triton >= 3.3; a development tool, not a test.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import attention as A
+from . import score as S
+from . import selection as SEL
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _ptxas() -> str:
+    for name in ("ptxas-blackwell", "ptxas"):  # the newest bundled ptxas accepts the newest PTX
+        if os.path.exists(os.path.join(BIN, name)):
+            return os.path.join(BIN, name)
+    return "ptxas"
+
+
+def compile_one(name, fn, arg_types, consts, warps, stages) -> bool:
+    sig = {a: "constexpr" if a in consts else arg_types[a] for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a not in consts and (arg_types[a].startswith("*") or a.startswith("stride_"))}
+    try:
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
+                                options={"num_warps": warps, "num_stages": stages})
+    except Exception as e:  # report and go on with the next kernel
+        print(f"FAIL {name} w{warps} s{stages}: {str(e).strip().splitlines()[-1:]}")
+        return False
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    info = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                          capture_output=True, text=True).stderr
+    os.unlink(f.name)
+    regs, spill = re.findall(r"Used (\d+) registers", info), re.findall(r"(\d+) bytes spill stores", info)
+    print(f"ok   {name:28s} w{warps} s{stages}: regs {regs[-1] if regs else '?':>3} spill {spill[-1] if spill else '?':>5}"
+          f" shared {kernel.metadata.shared}")
+    return True
+
+
+def _ptrs(dtype, *names):
+    return {n: f"*{dtype}" for n in names}
+
+
+def _ints(*names):
+    return {n: "i32" for n in names}
+
+
+def jobs():
+    """(name, kernel, argument types, constexprs, [(num_warps, num_stages)]) of the launches to check."""
+    out = []
+    for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+        small = prec == "ieee"  # fp32 runs (tests) use small tiles, see AttnPlan / BlockScorer
+        tuned = lambda opts: opts if not small else opts[:1]  # noqa: E731
+        for gname, g, gp in (("G16", 16, 16), ("G3", 3, 4), ("G1", 1, 1)):
+            if small and g != 16:
+                continue
+            bq = max(1, (64 if small else 128) // gp)
+            score_args = {**_ptrs(dt, "q_ptr", "kc_ptr", "kn_ptr"), **_ptrs("fp32", "out_ptr", "tail_ptr"),
+                          **_ptrs("i32", "tile_row0_ptr", "tile_nrows_ptr", "tile_doc_ptr", "row_pos_ptr",
+                                  "doc_cfirst_ptr", "doc_ccount_ptr", "doc_nfirst_ptr", "doc_ncount_ptr",
+                                  "doc_nblocks_ptr"),
+                          **_ints("n_tiles", "row_base", "num_blocks_out", "stride_qr", "stride_qh", "stride_cr",
+                                  "stride_ch", "stride_nr", "stride_nh", "stride_oh", "stride_or"),
+                          "scale_log2": "fp32"}
+            for norm, nks, nst in (("exact", 32, 16), ("coarse", 128, 64)):
+                consts = dict(G=g, GP=gp, BQ=bq, D=128, BD=128, KS=32, KSTRIDE=16, R=4, C=2, NKS=nks, NSTRIDE=nst,
+                              NBT=8 if small else 16, BCN=32 if small else 64, WRITE_ALL=False, PREC=prec)
+                out.append((f"scores {dt} {gname} {norm}", S._block_scores_kernel, score_args, consts,
+                            tuned([(8, 2), (8, 3), (4, 2)])))
+            for kind, fn in (("fwd", A._gather_fwd_kernel), ("dq", A._gather_dq_kernel)):
+                args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "o_ptr", "lse_ptr",
+                        "delta_ptr", "dq_ptr"), **_ptrs("i32", "idx_ptr", "count_ptr", "rows_ptr", "row_pos_ptr",
+                        "row_kbase_ptr"), **_ints("n_rows", "out_row_base", "stride_qr", "stride_qh", "stride_kr",
+                        "stride_kh", "stride_or", "stride_oh", "stride_lr", "stride_ih", "stride_ir", "stride_ch",
+                        "stride_dqr", "stride_dqh"), "scale_log2": "fp32", "scale": "fp32"}
+                consts = dict(G=g, M=max(16, gp), TOK=1, D=128, BD=128, BS=64, NBI=1, PREC=prec)
+                opts = [(4, 3), (4, 2), (8, 3)] if kind == "fwd" else [(4, 2), (4, 3), (8, 2)]
+                out.append((f"gather_{kind} {dt} {gname}", fn, args, consts, tuned(opts)))
+            args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "lse_ptr", "delta_ptr",
+                    "dk_ptr", "dv_ptr"), **_ptrs("i32", "chunk_key_ptr", "chunk_e0_ptr", "chunk_e1_ptr",
+                    "entry_row_ptr", "gb_krow0_ptr", "gb_kend_ptr", "row_pos_ptr", "row_kbase_ptr"),
+                    **_ints("num_gblocks", "stride_qr", "stride_qh", "stride_kr", "stride_kh", "stride_lr",
+                            "stride_dkr", "stride_dkh"), "scale_log2": "fp32", "scale": "fp32"}
+            consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, PREC=prec)
+            out.append((f"gather_dkdv {dt} {gname}", A._gather_dkdv_kernel, args, consts, [(8, 2)]))
+        bm, bn, bmq = (64, 32, 32) if small else (128, 64, 64)
+        common = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr"),
+                  **_ptrs("fp32", "lse_ptr", "part_o_ptr", "part_lse_ptr", "delta_ptr", "part_ptr", "dk_ptr",
+                          "dv_ptr"),
+                  **_ptrs("i32", "tile_row0_ptr", "tile_nrows_ptr", "row_pos_ptr", "row_kbase_ptr", "ktile_doc_ptr",
+                          "ktile_start_ptr", "doc_kstart_ptr", "doc_len_ptr", "doc_qstart_ptr", "doc_qpos0_ptr",
+                          "doc_qend_ptr"),
+                  **_ints("n_tiles", "part_row_base", "dense_len", "stride_qr", "stride_qh", "stride_kr", "stride_kh",
+                          "stride_or", "stride_oh", "stride_lr", "stride_pr", "stride_ph", "stride_plr", "stride_dkr",
+                          "stride_dkh"), "scale_log2": "fp32", "scale": "fp32"}
+        for win, part in ((2048, True), (0, False)):
+            local = dict(G=16, D=128, BD=128, BN=bn, BS=64, WIN=win, PREC=prec)
+            out.append((f"local_fwd {dt} win{win}", A._local_fwd_kernel, common, dict(local, BM=bm, HAS_PART=part),
+                        [(8, 2)] if small else [(8, 3), (8, 2)]))
+            out.append((f"local_dq {dt} win{win}", A._local_dq_kernel, common, dict(local, BM=bmq, HAS_PART=part),
+                        [(4, 2)]))
+            out.append((f"local_dkdv {dt} win{win}", A._local_dkdv_kernel, common, dict(local, BM=bmq, NSPLIT=4),
+                        [(8, 2)]))
+        out.append((f"delta {dt}", A._delta_kernel, {**_ptrs(dt, "o_ptr", "do_ptr"), **_ptrs("fp32", "delta_ptr"),
+                    "n": "i32"}, dict(D=128, BD=128, BLOCK=64), [(4, 2)]))
+    sel_args = {**_ptrs("fp32", "score_ptr", "tail_ptr"), **_ptrs("i32", "idx_ptr", "row_pos_ptr"),
+                **_ints("row_lo", "row_hi", "score_row_base", "num_blocks", "dense_len", "stride_sh", "stride_sr",
+                        "stride_ih", "stride_ir")}
+    for name, nbp, br, warps in (("select 128K", 2048, 2, 8), ("select 512K", 8192, 1, 8), ("select 1M", 16384, 1, 16)):
+        consts = dict(BS=64, INIT=1, WIN=2048, K=96, KP=128, NBP=nbp, BR=br, SKIP_DENSE=True, HAS_TAIL=True)
+        out.append((name, SEL._select_kernel, sel_args, consts, [(warps, 2)]))
+    return out
+
+
+def main(filters: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET (before importing the kernels): this compiles them, it does not interpret them")
+        return 2
+    failures = 0
+    for name, fn, args, consts, options in jobs():
+        if filters and not any(f in name for f in filters):
+            continue
+        for warps, stages in options:
+            failures += not compile_one(name, fn, args, consts, warps, stages)
+    print(f"{failures} failure(s)")
+    return int(failures > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
