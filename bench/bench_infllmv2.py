@@ -60,7 +60,7 @@ from salatrain_kernels.infllm_v2 import (  # noqa: E402
     infllmv2_select_naive,
     selection_margin,
 )
-from salatrain_kernels.infllm_v2.attention import AttnPlan, SparseAttnFn  # noqa: E402
+from salatrain_kernels.infllm_v2.attention import AttnPlan, SparseAttnFn, window_split_exact  # noqa: E402
 from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, score_chunks, select_blocks  # noqa: E402
 from salatrain_kernels.infllm_v2.layout import DocLayout, SparseParams  # noqa: E402
 
@@ -231,7 +231,9 @@ def stage_rows(T, q, k, v, do, ceilings, quick):
         return select_blocks(q3, k3, layout, params, scale)
 
     block_idx = scoring_selection()
-    plan = AttnPlan(layout, HQ, HKV, D, q.dtype, SALA["block_size"], scale, SALA["dense_len"])
+    split = window_split_exact(params.init_blocks, params.topk, params.window_size, params.block_size)
+    plan = AttnPlan(layout, HQ, HKV, D, q.dtype, SALA["block_size"], scale, SALA["dense_len"],
+                    local_window=params.window_size if split else 0)  # as infllmv2_attn builds it
 
     def attention(q_, k_, v_):
         parts = [dense_causal_sdpa(q_[:, :prefix], k_[:, :prefix], v_[:, :prefix], scale)]
