@@ -23,10 +23,12 @@ def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
                  score_budget_bytes: int = SCORE_BUDGET_BYTES):
     """Score the sparse rows chunk by chunk; yields (own, tail or None, first row, end row) per chunk."""
     scorer = BlockScorer(q3, k3, layout, params, scale)
-    row0, nrows, docs = layout.tiles(scorer.rows_per_tile, params.dense_len)
+    host_tiles = layout.tiles(scorer.rows_per_tile, params.dense_len, on_device=False)
+    row0 = host_tiles[0]
     if row0.numel() == 0:
         return
-    starts, ends = row0.tolist(), (row0 + nrows).tolist()
+    starts, ends = row0.tolist(), (row0 + host_tiles[1]).tolist()
+    row0, nrows, docs = (x.to(q3.device) for x in host_tiles)
     bytes_per_row = 4 * k3.shape[1] * scorer.num_blocks * (2 if scorer.kernel_ratio > 1 else 1)
     rows_per_chunk = max(scorer.rows_per_tile, score_budget_bytes // bytes_per_row)
     first = 0

@@ -195,16 +195,19 @@ class DocLayout:
         order = torch.argsort(pos, descending=True, stable=True)
         return rows[order].int().to(self.device)
 
-    def tiles(self, tile: int, pos_lo: int = 0, pos_hi: int = 2**62, row_lo: int = 0, row_hi: int = 2**62):
+    def tiles(self, tile: int, pos_lo: int = 0, pos_hi: int = 2**62, row_lo: int = 0, row_hi: int = 2**62,
+              on_device: bool = True):
         """Tiles of up to `tile` consecutive query rows of one document (positions in [pos_lo, pos_hi), rows in
-        [row_lo, row_hi)). Returns int32 device tensors (first row, rows in tile, document), ascending rows.
+        [row_lo, row_hi)). Returns int32 tensors (first row, rows in tile, document), ascending rows, on the
+        layout's device (or on the host with on_device=False).
         """
         first_row, _, count = self._row_ranges(pos_lo, pos_hi, row_lo, row_hi)
         per_doc = (count + tile - 1) // tile
         row0 = cat_ranges(first_row, per_doc, tile)
         end = torch.repeat_interleave(first_row + count, per_doc)
         docs = torch.repeat_interleave(torch.arange(self.num_docs), per_doc)
-        return tuple(x.int().to(self.device) for x in (row0, torch.clamp(end - row0, max=tile), docs))
+        device = self.device if on_device else "cpu"
+        return tuple(x.int().to(device) for x in (row0, torch.clamp(end - row0, max=tile), docs))
 
     def key_tiles(self, tile: int, pos_hi_per_doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tiles of `tile` keys (document index, first key position) covering positions [0, pos_hi) per doc."""
