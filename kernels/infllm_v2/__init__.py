@@ -33,6 +33,19 @@ Public API (each stage has a pure-PyTorch reference of the same signature in nai
   infllmv2_block_scores(q, k, ...)            (a) [B, HKV, Tq, NBM] fp32 block scores (score.py)
   infllmv2_select(block_scores, ...)          (b) [B, HKV, Tq, K] int32 visible blocks (selection.py)
   infllmv2_block_attn(q, k, v, block_idx, ...) (c) attention over given blocks + dense rows (attention.py)
+How it runs (Triton; details in each module):
+  scoring    one program = BQ queries x the G heads of a KV group (>= 128 rows): pass 1 log-sum-exp over the
+             normaliser windows, pass 2 probabilities summed over the group and max-pooled into blocks; every
+             window computed once (exact ties between neighbouring blocks survive); fp32 scores in row chunks.
+  selection  per (query, group) row in registers: forcing, order-preserving integer keys, 32-step bitwise
+             search of the K-th largest, ties to the lowest index, ascending compaction.
+  attention  the local window (and the dense prefix) through flash-style tiles of consecutive queries, the
+             chosen blocks before the window gathered per (query, group) with the G heads as tl.dot rows; the
+             two softmax parts merged through fp32 partials. Backward: dq the same way; dk/dv of gathered
+             blocks from a block -> queries map (torch.sort) with fp32 atomics. On CUDA, 16-bit padded batches
+             send the dense prefix to torch SDPA (FlashAttention).
+`python -m salatrain_kernels.infllm_v2.compile_check` compiles every kernel for sm_90 without a GPU.
+
 Triton limits: block_size a power of two >= 16; kernel_stride divides block_size (power-of-two ratio) and
 kernel_size; any head dim (padded to a power of two >= 16) and any G (padded to a power of two, >= 16 rows
 per tl.dot). backend="torch" accepts any parameters.
