@@ -4,6 +4,7 @@ Built-in corpora (no download):
     pydoc    the language reference and library topics of ``pydoc_data.topics`` (English prose, ~0.5 MB)
     stdlib   the standard library's ``*.py`` sources (``sysconfig.get_paths()["stdlib"]``; tests, site-packages
              and pydoc_data left out), in sorted path order
+    site     the ``*.py`` sources of the installed packages (purelib and platlib; tests left out)
 Files: ``.jsonl`` holds one document per line (``text_field``); any other file is one document.
 """
 
@@ -17,7 +18,7 @@ from typing import Iterator
 
 from ..errors import UserError
 
-BUILTIN = ("pydoc", "stdlib")
+BUILTIN = ("pydoc", "stdlib", "site")
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "__pycache__"}
 _MAX_SOURCE_BYTES = 200_000
 
@@ -30,17 +31,28 @@ def builtin_documents(name: str) -> Iterator[tuple[str, str]]:
         for key in sorted(topics):
             yield f"pydoc:{key}", topics[key]
     elif name == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        for f in sorted(root.rglob("*.py")):
-            rel = f.relative_to(root)
-            if _SKIP_DIRS.intersection(rel.parts[:-1]) or f.stat().st_size > _MAX_SOURCE_BYTES:
-                continue
-            try:
-                yield f"stdlib:{rel.as_posix()}", f.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
+        yield from _sources("stdlib", Path(sysconfig.get_paths()["stdlib"]))
+    elif name == "site":
+        paths = sysconfig.get_paths()
+        for root in dict.fromkeys([paths["purelib"], paths["platlib"]]):
+            yield from _sources("site", Path(root), skip=_SKIP_DIRS - {"site-packages", "dist-packages"})
     else:
         raise UserError(f"unknown built-in corpus {name!r}; choose from {list(BUILTIN)}")
+
+
+def _sources(prefix: str, root: Path, skip: set[str] = _SKIP_DIRS) -> Iterator[tuple[str, str]]:
+    if not root.is_dir():
+        return
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root)
+        if skip.intersection(rel.parts[:-1]):
+            continue
+        try:
+            if f.stat().st_size > _MAX_SOURCE_BYTES:
+                continue
+            yield f"{prefix}:{rel.as_posix()}", f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
 
 
 def is_heldout(doc_id: str, every: int) -> bool:
