@@ -126,3 +126,13 @@ def test_select_refuses_a_non_empty_output_dir(metrics_file, tmp_path, capsys):
     assert main(["select", f"metrics={metrics_file}", f"output_dir={out}", "ratio=0.5"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_wandb_offline_logs_the_plan(metrics_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sel"
+    assert main(["select", f"metrics={metrics_file}", f"output_dir={out}", "ratio=0.5", "keep_last=false",
+                 "logging.wandb.mode=offline", "logging.wandb.project=salatrain-test"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert not (tmp_path / "wandb").exists()  # nothing outside output_dir

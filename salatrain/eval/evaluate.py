@@ -90,7 +90,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     inputs = _inputs_per_model(cfg, [p for _, p in models])  # probes and text before any weights load
-    run = wandb_run(cfg.logging, dataclasses.asdict(cfg), job_type="eval")
     report = {"format": FORMAT, "models": [], "results": {}, "chance": None, "settings": dataclasses.asdict(cfg)}
     for name, path in models:
         tm = time.time()
@@ -105,6 +104,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         del loaded
     report["seconds"] = round(time.time() - t0, 1)
     write_json_atomic(out_dir / "eval.json", report)
+    run = wandb_run(cfg.logging, dataclasses.asdict(cfg), "eval", out_dir)
     if run is not None:
         _log_wandb(run, report)
     return report

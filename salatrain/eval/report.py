@@ -34,15 +34,16 @@ def check_wandb(settings: LoggingSettings) -> None:
         raise UserError(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)} (got {settings.wandb.mode!r})")
 
 
-def wandb_run(settings: LoggingSettings, config: dict, job_type: str):
-    """A W&B run, or None when disabled."""
+def wandb_run(settings: LoggingSettings, config: dict, job_type: str, output_dir: str | Path):
+    """A W&B run writing under ``output_dir``, or None when disabled."""
     w = settings.wandb
     if w.mode == "disabled":
         return None
     import wandb
 
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     return wandb.init(mode=w.mode, project=w.project, entity=w.entity, group=w.group, name=w.name,
-                      job_type=job_type, config=config)
+                      job_type=job_type, config=config, dir=str(output_dir))
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

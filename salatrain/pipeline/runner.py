@@ -103,7 +103,8 @@ def validate(cfg: PipelineConfig) -> tuple[str, list[Step]]:
 
 def command_line(step: Step) -> str:
     head, *rest = step.prepared.command
-    return " ".join(["salatrain", head, *(shlex.quote(a) for a in rest)])
+    prog = ["(built in)", head] if step.kind == "corpus" else ["salatrain", head]
+    return " ".join([*prog, *(shlex.quote(a) for a in rest)])
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:

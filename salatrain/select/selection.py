@@ -193,7 +193,7 @@ def select(cfg: SelectConfig) -> dict:
         if metrics.raw is not None:
             (tmp / "metrics.json").write_text(json.dumps(metrics.raw, indent=2) + "\n")
         plot_scores(tmp / "scores.png", plan)
-    run = wandb_run(cfg.logging, dataclasses.asdict(cfg), job_type="select")
+    run = wandb_run(cfg.logging, dataclasses.asdict(cfg), "select", cfg.output_dir)
     if run is not None:
         _log_wandb(run, plan, Path(cfg.output_dir) / "scores.png")
     return plan
