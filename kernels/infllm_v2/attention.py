@@ -500,12 +500,14 @@ _gather_dq = Tunable(_gather_dq_kernel, [(4, 2), (4, 3), (8, 2)], key=["G", "D",
 
 @dataclass
 class RowChunk:
-    """Rows [lo, hi): local tiles (first row, rows, doc) and the sparse rows gathered, latest first."""
+    """Rows [lo, hi): local tiles (first row, rows, doc) for the forward and for dq (their own tile height),
+    and the sparse rows gathered, latest first."""
 
     lo: int
     hi: int
     tiles: tuple
     sparse_rows: torch.Tensor
+    dq_tiles: tuple
 
 
 class AttnPlan:
@@ -527,7 +529,8 @@ class AttnPlan:
         small = self.prec == "ieee" and not interpreting()
         self.tile_m = 64 if interpreting() or small or self.bd > 128 else 128
         self.local_bn = 32 if small else 64
-        self.dq_tile_m = 32 if small else 64
+        # dq takes its own (smaller) tiles; the interpreter uses a height unlike tile_m so CPU tests cover that
+        self.dq_tile_m = 32 if small or interpreting() else 64
         self.fwd_config = (8, 2) if small else ((8, 3) if self.tile_m == 128 else (4, 2))
         self.gather_rows = max(16, next_pow2(self.group))
         self.blocks_per_step = max(1, 64 // block_size)  # 64-key tiles (the interpreter takes a whole list)
@@ -544,7 +547,8 @@ class AttnPlan:
         else:
             bounds, local_pos_hi = [(0, rows)], dense_len
         self.chunks = [
-            RowChunk(lo, hi, layout.tiles(self.tile_m, 0, local_pos_hi, lo, hi), layout.rows(dense_len, 2**62, lo, hi))
+            RowChunk(lo, hi, layout.tiles(self.tile_m, 0, local_pos_hi, lo, hi), layout.rows(dense_len, 2**62, lo, hi),
+                     layout.tiles(self.dq_tile_m, 0, local_pos_hi, lo, hi))
             for lo, hi in bounds
         ]
         qend = [p0 + n for p0, n in zip(layout.qpos0, layout.qlen)]
@@ -635,7 +639,7 @@ class AttnPlan:
                     idx3.stride(1), counts.stride(0), part.stride(0), part.stride(1), scale_log2, self.scale,
                     **self._gather_meta(idx3.shape[-1]),
                 )
-            row0, nrows, _ = ch.tiles
+            row0, nrows, _ = ch.dq_tiles  # tiles of dq_tile_m rows: the kernel's BM must cover each tile
             if row0.numel():
                 _local_dq_kernel[(row0.numel(), self.heads)](
                     q3, k3, v3, do3, lse, delta, dq, part, row0, nrows, self.layout.row_pos, self.layout.row_kbase,
