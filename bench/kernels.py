@@ -92,6 +92,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="T = 8K, 32K and shorter timing loops")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "perf.md"), help="markdown file to append to")
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 8K 32K 128K)")
+    p.add_argument("--only", choices=FAMILIES, nargs="+", help="run only these families (default: all)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -104,7 +105,7 @@ def main(argv=None):
     ceilings = measure_ceilings()
     print(f"[ceilings] {ceilings}", flush=True)
     rows = []
-    for name in FAMILIES:
+    for name in args.only or FAMILIES:
         rows += run_family(name, T_list, ceilings, args.quick)
     text = heading(ceilings, T_list, args.quick) + "\n" + format_table(rows) + "\n"
     print("\n" + text)
