@@ -46,9 +46,9 @@ PRESETS = {
     # kernels' tile), context 1024. Budgets sized for < 9 minutes including the pretraining.
     "gpu": dict(
         pretrain=dict(seconds=150, hidden=1024, layers=16, heads=16, kv_heads=1, intermediate=2816, vocab=8192,
-                      batch_rows=32, lr=1.5e-3, text_bytes=150_000_000),
+                      batch_rows=32, lr=1.5e-3, text_bytes=100_000_000),
         context=1024, train_seq=1024, align_tokens=2_097_152, align_batch=32768, align_lr=1e-3,
-        distill_tokens=3_145_728, distill_batch=32768, distill_lr=3e-4, precision="bf16", corpus_bytes=40_000_000,
+        distill_tokens=3_145_728, distill_batch=32768, distill_lr=3e-4, precision="bf16", corpus_bytes=12_000_000,
         sweep_len=1024, sweep_samples=4, sweep_tasks=["passkey", "kv_retrieval"], sweep_text=4096,
         eval_tasks=["passkey", "niah_multikey", "kv_retrieval", "variable_tracking"], eval_samples=16,
         eval_text_windows=16, chunk_tokens=None,
@@ -173,19 +173,33 @@ def train_args(c: dict, recipe: str, tokens: int, batch: int, lr: float, out: Pa
     return args + [f"{k}.path={v}" for k, v in paths.items()]
 
 
+RESERVE_AFTER_PRETRAIN_S = 270  # corpus, align, select, convert x2, distill x2, eval at the gpu preset's sizes
+RESERVE_AFTER_DISTILL_S = 130  # two stage start-ups (kernel compiles) and exports, eval
+
+
+def pretrain_seconds(p: dict, deadline: float | None) -> float:
+    if deadline is None:
+        return p["seconds"]
+    seconds = min(p["seconds"], max(30.0, deadline - time.time() - RESERVE_AFTER_PRETRAIN_S))
+    if seconds < p["seconds"]:
+        log(f"deadline: pretraining cut from {p['seconds']} s to {seconds:.0f} s")
+    return seconds
+
+
 def distill_budget(c: dict, out: Path, deadline: float | None) -> int:
     """Distillation tokens per plan: as configured, or what fits before the deadline (both plans equal)."""
     tokens = c["distill_tokens"]
     if deadline is None:
         return tokens
-    report = json.loads((out / "align" / "stage_report.json").read_text())
-    align_rate = report["tokens"] / max(1.0, report["seconds"])
+    rows = [json.loads(line) for line in (out / "align" / "metrics.jsonl").read_text().splitlines()]
+    rates = sorted(r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
+    align_rate = rates[len(rates) // 2]
     rate = align_rate / 2.5  # distillation: student forward+backward and a teacher forward per token
-    left = deadline - time.time() - 150  # convert, stage start-ups, eval
-    fit = int(rate * max(0.0, left) / 2)
+    fit = int(rate * max(0.0, deadline - time.time() - RESERVE_AFTER_DISTILL_S) / 2)
     fit -= fit % c["distill_batch"]
     if fit < tokens:
-        log(f"deadline: distillation cut from {tokens} to {max(fit, c['distill_batch'])} tokens per plan")
+        log(f"deadline: distillation cut from {tokens} to {max(fit, c['distill_batch'])} tokens per plan "
+            f"(align ran at {align_rate:.0f} tok/s)")
     return max(c["distill_batch"], min(tokens, fit))
 
 
@@ -193,7 +207,8 @@ def run(c: dict, out: Path, device: str, deadline: float | None) -> dict:
     from salatrain.pipeline.steps import write_corpus
 
     if "pretrain" in c:
-        teacher = pretrain_teacher(out / "teacher", c["pretrain"], c["context"], device)
+        p = {**c["pretrain"], "seconds": pretrain_seconds(c["pretrain"], deadline)}
+        teacher = pretrain_teacher(out / "teacher", p, c["context"], device)
     else:
         from salatrain.realmodel import smollm2_dir
 
