@@ -222,7 +222,7 @@ def run(c: dict, out: Path, device: str, deadline: float | None) -> dict:
                               data=data, model=teacher))
     sweep = [f"sweep.probes.tasks={hydra_list(c['sweep_tasks'])}", f"sweep.probes.lengths=[{c['sweep_len']}]",
              f"sweep.probes.num_samples={c['sweep_samples']}", f"sweep.text.files=[{held}]",
-             f"sweep.text.seq_len={c['sweep_text']}", f"sweep.text.max_tokens={c['sweep_text']}"]
+             f"sweep.text.seq_len={min(c['context'], c['sweep_text'])}", f"sweep.text.max_tokens={c['sweep_text']}"]
     plans = {"halo": ["select", f"model={teacher}", f"aligned={out / 'align'}", "method=halo", *sweep],
              "uniform": ["select", f"model={teacher}", "method=uniform"]}
     sparse = [f"sparse.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in c["sparse"].items()]
