@@ -82,6 +82,32 @@ class RunLogger:
             self._wandb = None
 
 
+def wandb_run(settings, config: dict, job_type: str, output_dir: str | Path):
+    """A one-shot W&B run (eval, select) writing under ``output_dir``, or None when ``settings.wandb.mode`` is
+    disabled."""
+    w = settings.wandb
+    if w.mode == "disabled":
+        return None
+    import wandb
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(mode=w.mode, project=w.project, entity=w.entity, group=w.group, name=w.name,
+                      job_type=job_type, config=config, dir=str(output_dir))
+
+
+def log_wandb_table(run, key: str, columns: list[str], rows: list[list], images: dict | None = None,
+                    summary: dict | None = None) -> None:
+    """Log a table (and images: name -> PNG path) to a one-shot run, update its summary and finish it."""
+    import wandb
+
+    payload = {key: wandb.Table(columns=columns, data=rows)}
+    payload.update({name: wandb.Image(str(path)) for name, path in (images or {}).items()})
+    run.log(payload)
+    if summary:
+        run.summary.update(summary)
+    run.finish()
+
+
 def _start_wandb(output_dir: Path, s, config: dict):
     import wandb
 

@@ -11,6 +11,26 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbSettings:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "salatrain"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingSettings:
+    """W&B settings of a command (eval, select, pipeline); training adds its MFU peak to these."""
+
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+
+
 @dataclass
 class SparseSettings:
     """InfLLM-V2 settings of the sparse layers (DESIGN §2); MiniCPM4/SALA values by default."""

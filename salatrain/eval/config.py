@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .probes import TASKS
-from .report import LoggingSettings
+from ..config.schema import LoggingSettings
 
 
 @dataclass

@@ -25,7 +25,8 @@ from . import lm_eval_adapter
 from .config import EvalConfig
 from .loading import check_model_dir, load_model, resolve_device, resolve_dtype
 from .probes import TASKS, make_samples
-from .report import check_output_file, check_wandb, format_table, wandb_run, write_json_atomic
+from ..logging import log_wandb_table, wandb_run
+from .report import check_output_file, check_wandb, format_table, write_json_atomic
 from .scoring import chance, perplexity, score_sample, summarize
 from .text import BUILTIN, builtin_documents, read_documents, token_windows
 
@@ -213,8 +214,6 @@ def table(report: dict) -> str:
 
 
 def _log_wandb(run, report: dict) -> None:
-    import wandb
-
     names = [m["name"] for m in report["models"]]
     rows = []
     for n in names:
@@ -225,7 +224,6 @@ def _log_wandb(run, report: dict) -> None:
             for length, v in by_len.items():
                 rows.append([n, f"{task}/exact_match", int(length), v["exact_match"]])
                 rows.append([n, f"{task}/answer_logprob", int(length), v["answer_logprob"]])
-    run.log({"eval": wandb.Table(columns=["model", "metric", "length", "value"], data=rows)})
-    run.summary.update({f"{row[0]}/{row[1]}@{row[2]}": row[3] for row in rows})
-    run.finish()
+    log_wandb_table(run, "eval", ["model", "metric", "length", "value"], rows,
+                    summary={f"{row[0]}/{row[1]}@{row[2]}": row[3] for row in rows})
 

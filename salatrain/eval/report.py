@@ -1,49 +1,19 @@
-"""Reporting shared by `salatrain eval` and `salatrain select`: plain-text tables, atomic JSON files, and W&B
-(imported only when ``logging.wandb.mode`` is not ``disabled``)."""
+"""Reporting shared by `salatrain eval` and `salatrain select`: plain-text tables, atomic JSON files and the W&B
+settings (runs are started by ``salatrain.logging.wandb_run``, only when the mode is not ``disabled``)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
+from ..config.schema import WANDB_MODES, LoggingSettings
 from ..errors import UserError
-
-WANDB_MODES = ("online", "offline", "disabled")
-
-
-@dataclass
-class WandbSettings:
-    mode: str = "disabled"  # online | offline | disabled
-    project: str = "salatrain"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-
-
-@dataclass
-class LoggingSettings:
-    wandb: WandbSettings = field(default_factory=WandbSettings)
-
 
 def check_wandb(settings: LoggingSettings) -> None:
     if settings.wandb.mode not in WANDB_MODES:
         raise UserError(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)} (got {settings.wandb.mode!r})")
-
-
-def wandb_run(settings: LoggingSettings, config: dict, job_type: str, output_dir: str | Path):
-    """A W&B run writing under ``output_dir``, or None when disabled."""
-    w = settings.wandb
-    if w.mode == "disabled":
-        return None
-    import wandb
-
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    return wandb.init(mode=w.mode, project=w.project, entity=w.entity, group=w.group, name=w.name,
-                      job_type=job_type, config=config, dir=str(output_dir))
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from ..eval.report import LoggingSettings
+from ..config.schema import LoggingSettings
 
 KINDS = ("corpus", "train", "select", "convert", "eval")
 

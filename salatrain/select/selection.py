@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..eval.report import check_wandb, format_table, wandb_run
+from ..eval.report import check_wandb, format_table
+from ..logging import log_wandb_table, wandb_run
 from ..hf_checkpoint import CheckpointDir, atomic_output_dir
 from .config import SelectConfig
 from .methods import METHODS, Constraints, Selection, check_constraints, drops, select_layers
@@ -210,10 +211,6 @@ def table(plan: dict) -> str:
 
 
 def _log_wandb(run, plan: dict, png: Path) -> None:
-    import wandb
-
     cols = ["index", "retrieval", "commonsense", "retrieval_drop", "commonsense_drop", "score", "kept", "forced"]
-    run.log({"layers": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in plan["layers"]]),
-             "scores": wandb.Image(str(png))})
-    run.summary.update({"sparse_layers": plan["sparse_layers"], "method": plan["method"]})
-    run.finish()
+    log_wandb_table(run, "layers", cols, [[r[c] for c in cols] for r in plan["layers"]], images={"scores": png},
+                    summary={"sparse_layers": plan["sparse_layers"], "method": plan["method"]})

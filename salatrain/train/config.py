@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..config.schema import WANDB_MODES, LoggingSettings
 from ..data.settings import DataSettings
 from ..errors import UserError
 
@@ -80,18 +81,7 @@ class DeepSpeedSettings:
 
 
 @dataclass
-class WandbSettings:
-    mode: str = "disabled"  # online | offline | disabled
-    project: str = "salatrain"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggingSettings:
-    wandb: WandbSettings = field(default_factory=WandbSettings)
+class TrainLoggingSettings(LoggingSettings):
     peak_tflops: Optional[float] = None  # per device, for MFU; None: measured on CUDA, no MFU on CPU
 
 
@@ -129,7 +119,7 @@ class TrainConfig:
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
-    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    logging: TrainLoggingSettings = field(default_factory=TrainLoggingSettings)
     stage: StageSpec = field(default_factory=StageSpec)
 
 
@@ -153,7 +143,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule")
     _choice(cfg.optim.wsd_decay, ("linear", "cosine", "exponential"), "optim.wsd_decay")
     _choice(cfg.trainer.precision, ("bf16", "fp32"), "trainer.precision")
-    _choice(cfg.logging.wandb.mode, ("online", "offline", "disabled"), "logging.wandb.mode")
+    _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _choice(cfg.model.kernel_backend, ("auto", "triton", "torch"), "model.kernel_backend")
     _choice(cfg.data.text_sample_by, ("document", "paragraph", "line"), "data.text_sample_by")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
