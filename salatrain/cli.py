@@ -123,13 +123,9 @@ def _parse_flags(args: list[str]) -> tuple[bool, bool, list[str]]:
 
 def _multirun(mod, config_name, overrides, groups, show_cfg) -> int:
     """Expand comma-separated sweeps (Hydra's override grammar) into one run per combination."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from .config.compose import expand_sweeps, to_object, to_yaml
 
-    from .config.compose import to_object, to_yaml
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    jobs = expand_sweeps(overrides)
     base_out = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), None)
     if base_out is None and jobs:  # a recipe's own output_dir: runs go to <it>/<n> as well
         base_out = _compose(mod, config_name, list(jobs[0]), groups).get("output_dir")

@@ -109,6 +109,27 @@ def _explain(e: Exception, overrides: list[str], base: DictConfig | None, groups
     return f"invalid configuration: {first}"
 
 
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """``a=1,2 b=x,y`` → one override list per combination (Hydra's basic sweeper grammar)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise UserError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
+    return [list(job) for job in BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]]
+
+
+def structured_to_dict(obj: Any) -> dict:
+    """A config dataclass as plain containers (resolved)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)
+
+
+def structured_to_yaml(obj: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
 def to_object(cfg: DictConfig) -> Any:
     """The typed dataclass behind a composed config (raises UserError on missing/invalid values)."""
     try:

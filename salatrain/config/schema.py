@@ -12,6 +12,7 @@ from typing import Optional
 
 
 WANDB_MODES = ("online", "offline", "disabled")
+MISSING = "???"  # OmegaConf's marker of a mandatory value (omegaconf.MISSING), without importing it here
 
 
 @dataclass

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING
-
-from ..config.schema import LoggingSettings
+from ..config.schema import MISSING, LoggingSettings
 
 KINDS = ("corpus", "train", "select", "convert", "eval")
 

@@ -414,12 +414,12 @@ def _progress(row: dict) -> str:
 
 
 def _to_dict(cfg: TrainConfig) -> dict:
-    from omegaconf import OmegaConf
+    from ..config.compose import structured_to_dict
 
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return structured_to_dict(cfg)
 
 
 def _to_yaml(cfg: TrainConfig) -> str:
-    from omegaconf import OmegaConf
+    from ..config.compose import structured_to_yaml
 
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return structured_to_yaml(cfg)
