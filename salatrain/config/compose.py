@@ -11,6 +11,7 @@ import difflib
 import re
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
@@ -71,7 +72,14 @@ def compose_config(
             return compose(config_name=config_name, overrides=overrides + extra)
         except MissingConfigException as e:
             raise UserError(_missing_config_message(e, config_name)) from None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise UserError(f"a YAML file of the {config_name!r} config is malformed{at}: "
+                            f"{getattr(e, 'problem', None) or e}") from None
         except (ConfigCompositionException, HydraException, OmegaConfBaseException) as e:
+            if isinstance(e.__cause__, yaml.YAMLError):
+                raise UserError(f"a YAML file of the {config_name!r} config is malformed: {e.__cause__}") from None
             base = _compose_quietly(config_name, [o for o in overrides if override_key(o) in groups] + extra)
             raise UserError(_explain(e, overrides, base, groups)) from None
 
