@@ -76,6 +76,24 @@ def test_sparse_equals_naive_rule(hq, hkv, t, dense_len):
     assert torch.allclose(out[0], ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("budget", [1, 7 * 77 * 4])
+def test_sparse_row_chunks_equal_one_pass(monkeypatch, budget):
+    """The reference processes query rows in chunks to bound memory; chunking changes nothing, fwd or bwd."""
+    import salatrain.models.sparse_attention as sa
+
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 77, 4, 8, hkv=2, seed=5))
+    params = dict(SMALL_SPARSE, dense_len=33)
+    whole = infllmv2_attn_torch(q, k, v, **params)
+    grads = torch.autograd.grad(whole.square().sum(), (q, k, v))
+    monkeypatch.setattr(sa, "ROW_BUDGET", budget)  # 1 → one row per step; else chunks straddle dense_len
+    parts = infllmv2_attn_torch(q, k, v, **params)
+    assert torch.allclose(parts, whole, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(parts.square().sum(), (q, k, v)), grads):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(parts[0], infllmv2_naive(q[0].detach(), k[0].detach(), v[0].detach(), **params),
+                          atol=1e-10)
+
+
 def test_sparse_really_drops_blocks():
     """At T past dense_len with a small budget the output differs from dense attention."""
     q, k, v = _qkv(1, 80, 2, 8, hkv=1)

@@ -53,17 +53,30 @@ def infllmv2_attn_torch(
     return torch.cat(outs, dim=1)
 
 
-def _attend_one(q, k, v, scale, *, dense_len, **params):
+# Query rows per step × keys × query heads: bounds the masks and attention weights of the reference, so long
+# contexts run in O(T) extra memory per step instead of O(T²).
+ROW_BUDGET = 1 << 24
+
+
+def _attend_one(q, k, v, scale, *, dense_len, normalizer, kernel_size, kernel_stride, **select):
+    """One document: q are its last Tq positions, k/v all Tk. Processes query rows in chunks."""
     tq, tk = q.shape[1], k.shape[1]
     pos = torch.arange(tk - tq, tk, device=q.device)
-    visible = pos.view(-1, 1) >= torch.arange(tk, device=q.device).view(1, -1)  # causal [Tq, Tk]
-    visible = visible.view(1, 1, tq, tk).expand(q.shape[0], k.shape[2], tq, tk)
+    keys = torch.arange(tk, device=q.device)
+    cmp = None
     if tk > dense_len and pos[-1] >= dense_len:
-        sparse_rows = pos >= dense_len
-        key_mask = sparse_key_mask(q[:, sparse_rows], k, scale=scale, **params)  # [B, HKV, Ts, Tk]
-        visible = visible.clone()
-        visible[:, :, sparse_rows] = key_mask
-    return masked_attention(q, k, v, visible, scale)
+        cmp = compressed_keys(k, kernel_size, kernel_stride, normalizer)
+    rows = max(1, ROW_BUDGET // (tk * q.shape[2]))
+    out = []
+    for a in range(0, tq, rows):
+        p, qc = pos[a : a + rows], q[:, a : a + rows]
+        visible = (p.view(-1, 1) >= keys.view(1, -1)).view(1, 1, len(p), tk).expand(q.shape[0], k.shape[2], -1, -1)
+        sparse = p >= dense_len
+        if cmp is not None and bool(sparse.any()):
+            visible = visible.clone()
+            visible[:, :, sparse] = sparse_key_mask(qc[:, sparse], tk, p[sparse], cmp, scale=scale, **select)
+        out.append(masked_attention(qc, k, v, visible, scale))
+    return torch.cat(out, dim=1)
 
 
 def masked_attention(q, k, v, visible, scale):
@@ -145,18 +158,20 @@ def select_blocks(scores, pos, *, block_size, init_blocks, topk, window_size):
     return chosen & ~future
 
 
-def sparse_key_mask(q, k, *, block_size, kernel_size, kernel_stride, init_blocks, topk, window_size,
-                    normalizer, scale):
-    """Key visibility [B, HKV, Tq, Tk] for the (sparse) queries q, which are the last Tq of the Tk keys."""
-    tq, tk = q.shape[1], k.shape[1]
-    pos = torch.arange(tk - tq, tk, device=q.device)
-    k_cmp = compress_keys(k, kernel_size, kernel_stride)
-    lse_from = None
-    if normalizer == "coarse":
-        ck, cs = 4 * kernel_size, 4 * kernel_stride
-        lse_from = (compress_keys(k, ck, cs), ck, cs)
-    elif normalizer != "exact":
+def compressed_keys(k, kernel_size, kernel_stride, normalizer):
+    """(k_cmp, (k_coarse, kernel, stride) or None): what block scoring needs from the keys, computed once."""
+    if normalizer not in ("exact", "coarse"):
         raise ValueError(f"normalizer must be 'exact' or 'coarse', got {normalizer!r}")
+    k_cmp = (compress_keys(k, kernel_size, kernel_stride), kernel_size, kernel_stride)
+    if normalizer == "exact":
+        return k_cmp, None
+    ck, cs = 4 * kernel_size, 4 * kernel_stride  # InfLLM-V2's coarse normaliser: 128 / 64 for 32 / 16
+    return k_cmp, (compress_keys(k, ck, cs), ck, cs)
+
+
+def sparse_key_mask(q, tk, pos, compressed, *, block_size, init_blocks, topk, window_size, scale):
+    """Key visibility [B, HKV, Tq, Tk] of queries q at document positions ``pos`` (all >= dense_len)."""
+    (k_cmp, kernel_size, kernel_stride), lse_from = compressed
     win = group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_from)
     nb = math.ceil(tk / block_size)
     scores = block_scores_from_windows(win, nb, block_size, kernel_size, kernel_stride)
