@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -57,6 +58,15 @@ CONFIGS = [
     ("dense", "lm", 2, "long", 1), ("hybrid", "lm", 2, "long", 1),
 ]
 COST_S = {"short": 30, "long": 50}  # rough wall time of one configuration, to respect the deadline
+
+# Knobs (environment, read by every phase):
+#   ACCUM=N       micro-steps per optimizer step (default 1): the optimizer step and its gradient reduction are
+#                 paid once per N micro-batches, as in real runs with large global batches
+#   LONG_CKPT=0   no activation checkpointing on the long rows (default 1: checkpointing on)
+#   ONLY=k1,k2    run only these configuration keys (e.g. dense-lm-zero2-short-2gpu), in CONFIGS order
+ACCUM = int(os.environ.get("ACCUM", "1"))
+LONG_CKPT = os.environ.get("LONG_CKPT", "1") != "0"
+ONLY = [k for k in os.environ.get("ONLY", "").split(",") if k]
 
 
 def key(c) -> str:
@@ -141,12 +151,14 @@ def overrides(work: Path, c, peak: float | None) -> list[str]:
     model, stage, zero, which, gpus = c
     seq = size_of(work)[which]
     micro, steps = (2, 8) if which == "short" else (1, 5)
+    if ACCUM > 1:
+        steps = 5 if which == "short" else 4
     out = [f"model.path={work / model}", f"output_dir={work / 'runs' / key(c)}",
            f"stage={'distill' if stage == 'distill' else 'lm'}",
            f"deepspeed=zero{zero}", f"data.files=[{work / 'corpus.jsonl'}]", f"data.cache_dir={work / 'datasets'}",
            f"trainer.seq_len={seq}", f"trainer.micro_batch_size={micro}",
-           f"trainer.global_batch_tokens={seq * micro * gpus}", f"trainer.max_steps={steps}",
-           f"trainer.activation_checkpointing={'true' if which == 'long' else 'false'}",
+           f"trainer.global_batch_tokens={seq * micro * gpus * ACCUM}", f"trainer.max_steps={steps}",
+           f"trainer.activation_checkpointing={'true' if which == 'long' and LONG_CKPT else 'false'}",
            f"trainer.loss_chunk_tokens={min(seq, 8192)}", "trainer.precision=bf16", "trainer.save_every=0",
            "trainer.save_final=false", "trainer.export=false", "optim.lr=1e-5", "optim.warmup_steps=0",
            "optim.schedule=constant", f"logging.peak_tflops={peak if peak else 'null'}", "resume=never",
@@ -168,7 +180,9 @@ def _decide(results: Path, c, deadline: float) -> str:
     done = _done(results).get(key(c))
     if done is not None:
         return "done" if done["status"] != "started" else "crashed (process died or hung)"
-    return "skipped (time budget)" if time.time() + COST_S[c[3]] > deadline else "run"
+    if ONLY and key(c) not in ONLY:
+        return "not selected"
+    return "skipped (time budget)" if time.time() + COST_S[c[3]] * max(1, ACCUM // 2) > deadline else "run"
 
 
 def run(work: Path, gpus: int, deadline: float) -> None:
@@ -188,7 +202,7 @@ def run(work: Path, gpus: int, deadline: float) -> None:
         decision = [_decide(results, c, deadline) if dist.is_main else None]
         torch.distributed.broadcast_object_list(decision, src=0)
         if decision[0] != "run":
-            if dist.is_main and decision[0] != "done":
+            if dist.is_main and decision[0] not in ("done", "not selected"):
                 _record(results, {"key": k, "status": decision[0]})
             continue
         if dist.is_main:
@@ -235,8 +249,11 @@ def report(work: Path, out: Path) -> str:
              f"per GPU), DeepSpeed, bf16; models of hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
              f"{m['num_attention_heads']} query / {m['num_key_value_heads']} KV heads, head dim {m['head_dim']}, "
              f"vocab {m['vocab_size']}; hybrid = InfLLM-V2 sparse layers (1/4, uniform) + Lightning layers. Median "
-             f"tokens/s after 2 warm-up steps; {_seq(spec, (0, 0, 0, 'long'))} rows use activation checkpointing (not "
-             "counted in MFU).", "",
+             f"tokens/s after 2 warm-up steps; {ACCUM} micro-batch(es) per optimizer step (micro-batch 2 × "
+             f"{_seq(spec, (0, 0, 0, 'short'))} or "
+             f"1 × {_seq(spec, (0, 0, 0, 'long'))} rows per GPU); {_seq(spec, (0, 0, 0, 'long'))} rows "
+             + ("use activation checkpointing (recompute not counted in MFU)." if LONG_CKPT else
+                "without activation checkpointing."), "",
              "| model | stage | ZeRO | GPUs | seq | tokens/s | tokens/s/GPU | MFU | peak mem GB | hybrid / dense |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in CONFIGS:
