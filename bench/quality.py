@@ -7,8 +7,11 @@ distilled with the same tokens, scored at the teacher's context length L and at 
 
 Steps, each the salatrain command a user would type (run in this process), folders under --out:
     teacher/   (--preset gpu/small) a Llama-style dense model with 16 query heads per KV head, pretrained here for
-               a few minutes on the machine's Python library sources with a BPE tokenizer trained on them
-    corpus/    train.jsonl / heldout.jsonl (docs and sources, split by document)
+               a few minutes on the machine's Python library sources with a BPE tokenizer trained on them, a
+               quarter of its rows synthetic retrieval samples (the probe tasks, training seeds) so that it
+               can retrieve and the plans have something to keep or lose
+    corpus/    train.jsonl / heldout.jsonl (docs and sources, split by document); retrieval.jsonl (gpu/small:
+               retrieval samples, 20% of the training tokens, for align and distill)
     align/     salatrain train recipe=halo_align          (one align run serves both plans)
     select/    salatrain select method=halo (sweep)        uniform/: salatrain select method=uniform
     halo/, uniform/                 salatrain convert     (the aligned Lightning layers, the same sparse settings)
@@ -45,11 +48,13 @@ PRESETS = {
     # A pretrained-here teacher on one H100: 16 layers, hidden 1024, 16 query heads per KV head (the InfLLM-V2
     # kernels' tile), context 1024. Budgets sized for < 9 minutes including the pretraining.
     "gpu": dict(
-        pretrain=dict(seconds=150, hidden=1024, layers=16, heads=16, kv_heads=1, intermediate=2816, vocab=8192,
-                      batch_rows=32, lr=1.5e-3, text_bytes=100_000_000),
+        pretrain=dict(seconds=180, hidden=1024, layers=16, heads=16, kv_heads=1, intermediate=2816, vocab=8192,
+                      batch_rows=32, lr=1.5e-3, text_bytes=100_000_000, retrieval_mix=0.25,
+                      retrieval_lengths=[512, 1024], retrieval_pool=400),
+        retrieval_corpus=dict(fraction=0.2, lengths=[512, 1024]),
         context=1024, train_seq=1024, align_tokens=2_097_152, align_batch=32768, align_lr=1e-3,
         distill_tokens=3_145_728, distill_batch=32768, distill_lr=3e-4, precision="bf16", corpus_bytes=12_000_000,
-        sweep_len=1024, sweep_samples=4, sweep_tasks=["passkey", "kv_retrieval"], sweep_text=4096,
+        sweep_len=1024, sweep_samples=8, sweep_tasks=["passkey", "niah_multikey", "kv_retrieval"], sweep_text=4096,
         eval_tasks=["passkey", "niah_multikey", "kv_retrieval", "variable_tracking"], eval_samples=16,
         eval_text_windows=16, chunk_tokens=None,
         sparse=dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=4, window_size=256,
@@ -58,7 +63,9 @@ PRESETS = {
     # The gpu preset in miniature, for a CPU rehearsal of the whole script (a minute or two).
     "small": dict(
         pretrain=dict(seconds=20, hidden=64, layers=12, heads=16, kv_heads=1, intermediate=128, vocab=512,
-                      batch_rows=8, lr=3e-3, text_bytes=3_000_000),
+                      batch_rows=8, lr=3e-3, text_bytes=3_000_000, retrieval_mix=0.25, retrieval_lengths=[256],
+                      retrieval_pool=20, retrieval_tasks=["passkey"]),
+        retrieval_corpus=dict(fraction=0.2, lengths=[256]),
         context=256, train_seq=128, align_tokens=512, align_batch=256, align_lr=1e-2,
         distill_tokens=512, distill_batch=256, distill_lr=1e-3, precision="fp32", corpus_bytes=300_000,
         sweep_len=256, sweep_samples=1, sweep_tasks=["passkey"], sweep_text=128,
@@ -90,6 +97,27 @@ def hydra_list(items) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the teacher
+
+TRAIN_PROBE_SEED = 10_000  # retrieval samples for training; eval uses seed 0 and the sweep seed 1: no overlap
+
+
+def retrieval_samples(tok, tasks, lengths, per_task: int, seed: int) -> list[list[int]]:
+    """Token ids (prompt + answer) of synthetic retrieval samples of every task at every length."""
+    from salatrain.eval.probes import make_samples
+
+    return [list(s.prompt_ids + s.answer_ids) for task in tasks for n in lengths
+            for s in make_samples(tok, task, n, per_task, seed)]
+
+
+def write_retrieval_corpus(path: Path, tok, text_tokens: int, fraction: float, tasks, lengths) -> int:
+    """jsonl of retrieval samples as text, about fraction / (1 - fraction) × text_tokens tokens in all."""
+    want = int(text_tokens * fraction / (1 - fraction))
+    per_task = max(1, want // (len(tasks) * sum(lengths)))
+    rows = retrieval_samples(tok, tasks, lengths, per_task, TRAIN_PROBE_SEED + 1)
+    with open(path, "w") as fh:
+        for ids in rows:
+            fh.write(json.dumps({"text": tok.decode(ids, skip_special_tokens=True)}) + "\n")
+    return sum(len(r) for r in rows)
 
 
 def pretrain_teacher(out: Path, p: dict, context: int, device: str) -> Path:
@@ -123,6 +151,13 @@ def pretrain_teacher(out: Path, p: dict, context: int, device: str) -> Path:
     data = torch.from_numpy(np.concatenate([np.array(enc.ids + [eos], dtype=np.int32)
                                             for enc in bpe.encode_batch(texts)]))
     log(f"teacher: {data.numel() / 1e6:.1f}M tokens")
+    mix = p.get("retrieval_mix", 0.0)
+    tasks = p.get("retrieval_tasks", ["passkey", "niah_multikey", "kv_retrieval", "variable_tracking"])
+    pool = retrieval_samples(tok, tasks, p["retrieval_lengths"], p["retrieval_pool"], TRAIN_PROBE_SEED) if mix else []
+    n_probe = round(mix * p["batch_rows"])
+    if pool:
+        log(f"teacher: {n_probe} of {p['batch_rows']} rows per step are retrieval samples (a pool of {len(pool)}: "
+            f"{', '.join(tasks)} at {p['retrieval_lengths']} tokens), the rest text")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=p["hidden"], intermediate_size=p["intermediate"],
                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
@@ -140,10 +175,17 @@ def pretrain_teacher(out: Path, p: dict, context: int, device: str) -> Path:
         lr = p["lr"] * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        starts = torch.randint(0, data.numel() - context, (p["batch_rows"],), generator=gen)
-        batch = torch.stack([data[s : s + context] for s in starts.tolist()]).long().to(device)
+        starts = torch.randint(0, data.numel() - context, (p["batch_rows"] - n_probe,), generator=gen)
+        rows = [data[s : s + context].long() for s in starts.tolist()]
+        labels = list(rows)
+        for i in torch.randint(0, max(1, len(pool)), (n_probe,), generator=gen).tolist():
+            ids = torch.tensor(pool[i][:context], dtype=torch.long)
+            pad = context - ids.numel()
+            rows.append(torch.cat([ids, ids.new_full((pad,), eos)]))
+            labels.append(torch.cat([ids, ids.new_full((pad,), -100)]))
+        batch, labels = torch.stack(rows).to(device), torch.stack(labels).to(device)
         with autocast:
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(input_ids=batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -174,7 +216,7 @@ def train_args(c: dict, recipe: str, tokens: int, batch: int, lr: float, out: Pa
 
 
 RESERVE_AFTER_PRETRAIN_S = 270  # corpus, align, select, convert x2, distill x2, eval at the gpu preset's sizes
-RESERVE_AFTER_DISTILL_S = 130  # two stage start-ups (kernel compiles) and exports, eval
+RESERVE_AFTER_DISTILL_S = 100  # two stage start-ups (kernel compiles) and exports, eval
 
 
 def pretrain_seconds(p: dict, deadline: float | None) -> float:
@@ -194,7 +236,7 @@ def distill_budget(c: dict, out: Path, deadline: float | None) -> int:
     rows = [json.loads(line) for line in (out / "align" / "metrics.jsonl").read_text().splitlines()]
     rates = sorted(r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
     align_rate = rates[len(rates) // 2]
-    rate = align_rate / 2.5  # distillation: student forward+backward and a teacher forward per token
+    rate = align_rate / 1.5  # distillation vs align: measured 1.1-1.4x slower per token on an H200
     fit = int(rate * max(0.0, deadline - time.time() - RESERVE_AFTER_DISTILL_S) / 2)
     fit -= fit % c["distill_batch"]
     if fit < tokens:
@@ -217,11 +259,24 @@ def run(c: dict, out: Path, device: str, deadline: float | None) -> dict:
     if not (out / "corpus" / "train.jsonl").is_file():
         write_corpus(out / "corpus", sources, c["corpus_bytes"], c["corpus_bytes"] // 20, 20)
     data, held = out / "corpus" / "train.jsonl", out / "corpus" / "heldout.jsonl"
+    if "retrieval_corpus" in c:  # the same task mix the teacher saw, so distillation can transfer it
+        from transformers import AutoTokenizer
+
+        probes = out / "corpus" / "retrieval.jsonl"
+        if not probes.is_file():
+            rc = c["retrieval_corpus"]
+            tok = AutoTokenizer.from_pretrained(teacher)
+            text_tokens = sum(len(tok(json.loads(line)["text"]).input_ids) for line in data.open())
+            n = write_retrieval_corpus(probes.with_suffix(".tmp"), tok, text_tokens, rc["fraction"], c["eval_tasks"],
+                                       rc["lengths"])
+            probes.with_suffix(".tmp").rename(probes)
+            log(f"corpus: {text_tokens / 1e6:.1f}M text tokens + {n / 1e6:.2f}M tokens of retrieval samples")
+        data = f"{data},{probes}"
     if not (out / "align" / "align_report.json").is_file():
         salatrain(*train_args(c, "halo_align", c["align_tokens"], c["align_batch"], c["align_lr"], out / "align",
                               data=data, model=teacher))
     sweep = [f"sweep.probes.tasks={hydra_list(c['sweep_tasks'])}", f"sweep.probes.lengths=[{c['sweep_len']}]",
-             f"sweep.probes.num_samples={c['sweep_samples']}", f"sweep.text.files=[{held}]",
+             f"sweep.probes.num_samples={c['sweep_samples']}", "sweep.probes.seed=1", f"sweep.text.files=[{held}]",
              f"sweep.text.seq_len={min(c['context'], c['sweep_text'])}", f"sweep.text.max_tokens={c['sweep_text']}"]
     plans = {"halo": ["select", f"model={teacher}", f"aligned={out / 'align'}", "method=halo", *sweep],
              "uniform": ["select", f"model={teacher}", "method=uniform"]}
