@@ -7,9 +7,9 @@ distilled with the same tokens, scored at the teacher's context length L and at 
 
 Steps, each the salatrain command a user would type (run in this process), folders under --out:
     teacher/   (--preset gpu/small) a Llama-style dense model with 16 query heads per KV head, pretrained here for
-               a few minutes on the machine's Python library sources with a BPE tokenizer trained on them; 3/8
-               of its rows are synthetic retrieval samples (the probe tasks, training seeds; loss on the answer,
-               added to the text loss) so that it can retrieve and the plans have something to keep or lose
+               a few minutes on the machine's Python library sources with a BPE tokenizer trained on them, a
+               quarter of its rows synthetic retrieval samples (the probe tasks, training seeds) so that it
+               can retrieve and the plans have something to keep or lose
     corpus/    train.jsonl / heldout.jsonl (docs and sources, split by document); retrieval.jsonl (gpu/small:
                retrieval samples, 20% of the training tokens, for align and distill)
     align/     salatrain train recipe=halo_align          (one align run serves both plans)
@@ -48,8 +48,8 @@ PRESETS = {
     # A pretrained-here teacher on one H100: 16 layers, hidden 1024, 16 query heads per KV head (the InfLLM-V2
     # kernels' tile), context 1024. Budgets sized for < 9 minutes including the pretraining.
     "gpu": dict(
-        pretrain=dict(seconds=200, hidden=1024, layers=16, heads=16, kv_heads=1, intermediate=2816, vocab=8192,
-                      batch_rows=32, lr=1.5e-3, text_bytes=100_000_000, retrieval_mix=0.375,
+        pretrain=dict(seconds=180, hidden=1024, layers=16, heads=16, kv_heads=1, intermediate=2816, vocab=8192,
+                      batch_rows=32, lr=1.5e-3, text_bytes=100_000_000, retrieval_mix=0.25,
                       retrieval_lengths=[512, 1024], retrieval_pool=400),
         retrieval_corpus=dict(fraction=0.2, lengths=[512, 1024]),
         context=1024, train_seq=1024, align_tokens=2_097_152, align_batch=32768, align_lr=1e-3,
@@ -101,12 +101,11 @@ def hydra_list(items) -> str:
 TRAIN_PROBE_SEED = 10_000  # retrieval samples for training; eval uses seed 0 and the sweep seed 1: no overlap
 
 
-def retrieval_samples(tok, tasks, lengths, per_task: int, seed: int) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + answer, number of answer tokens) of synthetic retrieval samples of every task at
-    every length."""
+def retrieval_samples(tok, tasks, lengths, per_task: int, seed: int) -> list[list[int]]:
+    """Token ids (prompt + answer) of synthetic retrieval samples of every task at every length."""
     from salatrain.eval.probes import make_samples
 
-    return [(list(s.prompt_ids + s.answer_ids), len(s.answer_ids)) for task in tasks for n in lengths
+    return [list(s.prompt_ids + s.answer_ids) for task in tasks for n in lengths
             for s in make_samples(tok, task, n, per_task, seed)]
 
 
@@ -116,9 +115,9 @@ def write_retrieval_corpus(path: Path, tok, text_tokens: int, fraction: float, t
     per_task = max(1, want // (len(tasks) * sum(lengths)))
     rows = retrieval_samples(tok, tasks, lengths, per_task, TRAIN_PROBE_SEED + 1)
     with open(path, "w") as fh:
-        for ids, _ in rows:
+        for ids in rows:
             fh.write(json.dumps({"text": tok.decode(ids, skip_special_tokens=True)}) + "\n")
-    return sum(len(ids) for ids, _ in rows)
+    return sum(len(r) for r in rows)
 
 
 def pretrain_teacher(out: Path, p: dict, context: int, device: str) -> Path:
@@ -170,51 +169,35 @@ def pretrain_teacher(out: Path, p: dict, context: int, device: str) -> Path:
                             fused=device == "cuda")
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
     gen = torch.Generator().manual_seed(0)
-    ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
-    t0, step, tokens, acc = time.time(), 0, 0, float("nan")
+    t0, step, tokens = time.time(), 0, 0
     while (elapsed := time.time() - t0) < p["seconds"]:
         frac = elapsed / p["seconds"]
         lr = p["lr"] * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        # text rows: next-token loss everywhere; retrieval rows: loss on the answer tokens only, averaged on its
-        # own and added (inside the batch mean a few answer tokens would carry no weight)
         starts = torch.randint(0, data.numel() - context, (p["batch_rows"] - n_probe,), generator=gen)
         rows = [data[s : s + context].long() for s in starts.tolist()]
-        answers = []
+        labels = list(rows)
         for i in torch.randint(0, max(1, len(pool)), (n_probe,), generator=gen).tolist():
-            ids, n_ans = pool[i]
-            ids = torch.tensor(ids[:context], dtype=torch.long)
-            target = torch.full((context,), -100, dtype=torch.long)
-            target[ids.numel() - n_ans : ids.numel()] = ids[ids.numel() - n_ans :]
-            rows.append(torch.cat([ids, ids.new_full((context - ids.numel(),), eos)]))
-            answers.append(target)
-        batch = torch.stack(rows).to(device)
+            ids = torch.tensor(pool[i][:context], dtype=torch.long)
+            pad = context - ids.numel()
+            rows.append(torch.cat([ids, ids.new_full((pad,), eos)]))
+            labels.append(torch.cat([ids, ids.new_full((pad,), -100)]))
+        batch, labels = torch.stack(rows).to(device), torch.stack(labels).to(device)
         with autocast:
-            logits = model(input_ids=batch).logits[:, :-1].float()
-        n_text = len(rows) - len(answers)
-        loss = ce(logits[:n_text].flatten(0, 1), batch[:n_text, 1:].flatten())
-        if answers:
-            target = torch.stack(answers).to(device)[:, 1:]
-            ans_logits = logits[n_text:]
-            loss_ans = ce(ans_logits.flatten(0, 1), target.flatten())
-            hit = target != -100
-            acc = (ans_logits.argmax(-1)[hit] == target[hit]).float().mean().item() if step % 50 == 49 else acc
-            loss = loss + loss_ans
+            loss = model(input_ids=batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + batch.numel()
         if step % 50 == 0:
-            extra = f", retrieval answer-token accuracy {acc:.2f}" if pool else ""
-            log(f"teacher: step {step}, loss {loss.item():.3f}{extra}, {tokens / (time.time() - t0):.0f} tok/s")
+            log(f"teacher: step {step}, loss {loss.item():.3f}, {tokens / (time.time() - t0):.0f} tok/s")
     log(f"teacher: {step} steps, {tokens / 1e6:.1f}M tokens, final loss {loss.item():.3f}")
     out.mkdir(parents=True, exist_ok=True)
     model.float().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "pretrain.json").write_text(json.dumps({"steps": step, "tokens": tokens, "loss": loss.item(),
-                                                   "retrieval_answer_accuracy": acc,
                                                    "seconds": round(time.time() - t0, 1), **p}, indent=2))
     return out
 
