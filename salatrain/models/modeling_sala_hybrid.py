@@ -356,9 +356,32 @@ class SparseAttention(_Projections):
                     sub = SeqInfo(seq.positions[b : b + 1, -real:])
                     o[b : b + 1, -real:] = self._attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
-        if _use_kernels(q, k, self.kernel_backend, "infllmv2_attn"):
+        if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn"):
             return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
         return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
+
+    def _triton_fits(self, q) -> bool:
+        """Whether the Triton kernels take this layer's block geometry; if not, CUDA runs the PyTorch reference
+        (with one warning) unless the backend was forced to 'triton'."""
+        if not q.is_cuda or self.kernel_backend == "torch" or sparse_params_fit_triton(self.sparse_params):
+            return True
+        p = self.sparse_params
+        why = (f"block_size={p['block_size']}, kernel_size={p['kernel_size']}, kernel_stride={p['kernel_stride']}: "
+               "the Triton InfLLM-V2 kernels need a power-of-two block_size >= 16, kernel_stride dividing block_size "
+               "(power-of-two ratio) and kernel_size, and kernel_size <= block_size + kernel_stride")
+        if self.kernel_backend == "triton":
+            raise ValueError(why)
+        if ("geometry", why) not in _checked:
+            _checked[("geometry", why)] = True
+            logger.warning("infllmv2_attn: %s; using the PyTorch reference (slow)", why)
+        return False
+
+
+def sparse_params_fit_triton(p: dict) -> bool:
+    """The block geometries the Triton InfLLM-V2 kernels support (salatrain_kernels.infllm_v2's limits)."""
+    bs, ks, st = p["block_size"], p["kernel_size"], p["kernel_stride"]
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return pow2(bs) and bs >= 16 and bs % st == 0 and pow2(bs // st) and ks % st == 0 and ks <= bs + st
 
 
 MIXERS = {"full_attention": FullAttention, "linear_attention": LightningAttention, "sparse_attention": SparseAttention}
