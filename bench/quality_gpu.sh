@@ -22,21 +22,7 @@ log() { echo "[quality_gpu +$(( $(date +%s) - T0 ))s] $*"; }
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
-if ! python3 -c "import deepspeed, hydra, datasets" >/dev/null 2>&1; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    log "installing .whl/ into /tmp/site"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "deepspeed, hydra-core or datasets missing and no .whl/ (fill it with ../shared/tools/gpu-wheels.sh)" >&2
-    exit 1
-  fi
-fi
-if ! python3 -c "import salatrain, salatrain_kernels" >/dev/null 2>&1; then
-  log "installing salatrain (editable)"
-  python3 -m pip install -q --no-deps --no-build-isolation -e .
-fi
+source bench/gpu_env.sh
 
 if [ "$SIZE" = small ]; then PRESET=small; DEVICE=cpu; else PRESET=gpu; DEVICE=cuda; fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,

@@ -22,14 +22,14 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in cols]
 
     def cell(c, w):
-        return str(c).rjust(w) if _is_number(str(c)) else str(c).ljust(w)
+        return str(c).rjust(w) if is_number(str(c)) else str(c).ljust(w)
 
     lines = ["  ".join(cell(c, w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
     try:
         float(s)
         return True

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
+from ..eval.report import is_number
 from .config import StepSpec
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,9 @@ def format_value(v: Any) -> str:
     if isinstance(v, dict):
         return "{" + ",".join(f"{k}:{format_value(x)}" for k, x in v.items()) + "}"
     s = str(v)
-    if _SAFE.match(s) and s.lower() not in _WORDS and not _is_number(s):
+    if _SAFE.match(s) and s.lower() not in _WORDS and not is_number(s):
         return s
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def flatten(args: dict, prefix: str = "") -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ..data import IGNORE, num_targets
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
-from ..models.loading import dense_config
+from ..models.loading import dense_config, load_dense_as_hybrid
 from ..models.modeling_sala_hybrid import LightningAttention, SparseAttention
 
 log = logging.getLogger(__name__)
@@ -38,30 +38,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> SalaHybridForCa
 
 
 def _load_dense(ckpt: CheckpointDir, dtype: torch.dtype) -> SalaHybridForCausalLM:
-    """``load_dense_as_hybrid`` without its random initialisation, parameters built directly in ``dtype``."""
-    from transformers.initialization import no_init_weights
-
-    from ..models.families import family_for
-
-    config, family = dense_config(ckpt), family_for(ckpt.model_type)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
     try:
-        with no_init_weights():  # every weight comes from the checkpoint
-            model = SalaHybridForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    with ckpt.reader() as reader:
-        state = {k: reader.get(k) for k in ckpt.key_files() if not family.is_dropped(k)}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{ckpt.path}: missing {missing[:3]}, unexpected {unexpected[:3]} weights")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+        return load_dense_as_hybrid(ckpt, dtype=dtype)
+    except ValueError as e:  # keys that do not match the family's layout: the user's checkpoint
+        raise UserError(str(e)) from None
 
 
 def disable_sparse(model: nn.Module) -> None:
