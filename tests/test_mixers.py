@@ -190,3 +190,23 @@ def test_model_knows_which_block_geometries_the_triton_kernels_take():
                 assert sparse_params_fit_triton(dict(block_size=bs, kernel_size=ks, kernel_stride=st)) == ok, (bs, ks, st)
                 seen.add(ok)
     assert seen == {True, False}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_sparse_layer_with_a_geometry_the_kernels_do_not_take_runs_the_reference(caplog):
+    cfg = SalaHybridConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           mixer_types=["sparse_attention"],
+                           sparse_config=dict(block_size=24, kernel_size=12, kernel_stride=6, init_blocks=1, topk=2,
+                                              window_size=24, dense_len=30))
+    layer = SparseAttention(cfg, 0).cuda()
+    x = torch.randn(1, 100, 64, device="cuda")
+    seq = SeqInfo(torch.arange(100, device="cuda").view(1, -1))
+    with caplog.at_level("WARNING"):
+        out = layer(x, None, seq, None)
+    assert "PyTorch reference" in caplog.text
+    ref = layer.cpu()(x.cpu(), None, SeqInfo(seq.positions.cpu()), None)
+    assert torch.allclose(out.cpu(), ref, atol=1e-5)
+    layer.cuda().kernel_backend = "triton"
+    with pytest.raises(ValueError, match="power-of-two block_size"):
+        layer(x, None, seq, None)
