@@ -536,6 +536,9 @@ class AttnPlan:
         self.blocks_per_step = max(1, 64 // block_size)  # 64-key tiles (the interpreter takes a whole list)
         self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
         self.dkdv_chunk = 4096 if interpreting() else DKDV_CHUNK
+        # gathered dk/dv: query rows (TP queries x G heads, padded) per step; local dk/dv: programs per group
+        self.dkdv_rows = 256 if interpreting() else (32 if self.prec == "ieee" else 64)
+        self.dkdv_nsplit = min(self.group, 4)
         has_sparse = any(p0 + n > dense_len for p0, n in zip(layout.qpos0, layout.qlen))
         self.window = local_window if has_sparse else 0
         rows = layout.num_rows
@@ -651,7 +654,7 @@ class AttnPlan:
                 )
         kdoc, kstart = self.key_tiles
         if kdoc.numel():
-            nsplit = min(self.group, 4)
+            nsplit = self.dkdv_nsplit
             _local_dkdv_kernel[(kdoc.numel(), self.kv_heads, nsplit)](
                 q3, k3, v3, do3, lse, delta, dk, dv, kdoc, kstart, *self.docs, self.dense_len,
                 q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
@@ -667,8 +670,7 @@ class AttnPlan:
         if chunks[0].numel() == 0:
             return
         group_pad = next_pow2(self.group)
-        rows = 256 if interpreting() else (32 if self.prec == "ieee" else 64)
-        per_step = max(1, rows // group_pad)
+        per_step = max(1, self.dkdv_rows // group_pad)
         _gather_dkdv_kernel[(chunks[0].numel(),)](
             q3, k3, v3, do3, lse, delta, dk, dv, *chunks, entry_row, gb_krow0, gb_kend,
             self.layout.row_pos, self.layout.row_kbase, num_gblocks,

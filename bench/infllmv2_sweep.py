@@ -1,0 +1,126 @@
+"""Where the InfLLM-V2 fwd+bwd time goes, and what the attention stage's launch settings are worth (GPU).
+
+    python bench/infllmv2_sweep.py [--T 32768 131072] [--out FILE]
+
+1. A CUDA-time breakdown of one forward+backward per kernel (torch.profiler), at SALA shapes (bf16, batch 1,
+   32 query / 2 KV heads, head dim 128, block 64, kernel 32/16, topk 64, window 2048, dense_len 8192).
+2. Forward+backward median time (triton.testing.do_bench) with one AttnPlan setting changed at a time:
+   dkdv_rows (query rows per gathered dk/dv step), dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local
+   dk/dv programs per group), blocks_per_step (64-key blocks per gathered forward/dq step). Every variant is
+   checked against the default's output and gradients first (bf16 tolerance) and dropped if it disagrees.
+Prints markdown; --out appends it to a file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_infllmv2 import HKV, HQ, SALA, D  # noqa: E402  (also makes salatrain_kernels importable)
+
+import salatrain_kernels.infllm_v2.attention as attn  # noqa: E402
+from salatrain_kernels.infllm_v2 import infllmv2_attn  # noqa: E402
+
+VARIANTS = [
+    ("default", {}),
+    ("dkdv_rows=128", {"dkdv_rows": 128}),
+    ("dkdv_rows=32", {"dkdv_rows": 32}),
+    ("dkdv_chunk=128", {"dkdv_chunk": 128}),
+    ("dkdv_chunk=1024", {"dkdv_chunk": 1024}),
+    ("dkdv_nsplit=2", {"dkdv_nsplit": 2}),
+    ("dkdv_nsplit=8", {"dkdv_nsplit": 8}),
+    ("blocks_per_step=2", {"blocks_per_step": 2}),
+]
+
+
+def with_settings(overrides: dict):
+    """Patch AttnPlan so every plan built inside infllmv2_attn takes these attribute values."""
+    original = attn.AttnPlan.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        for k, v in overrides.items():
+            setattr(self, k, v)
+
+    return original, init
+
+
+def step(q, k, v, do):
+    for t in (q, k, v):
+        t.grad = None
+    o = infllmv2_attn(q, k, v, **SALA)
+    o.backward(do)
+    return o
+
+
+def profile(T: int, q, k, v, do) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    step(q, k, v, do)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        step(q, k, v, do)
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    total = sum(per.values())
+    lines = [f"CUDA time of one forward+backward at T = {T // 1024}K: {total / 1e3:.1f} ms", "",
+             "| kernel | ms | share |", "|---|---|---|"]
+    for name, us in sorted(per.items(), key=lambda x: -x[1])[:14]:
+        lines.append(f"| `{name[:70]}` | {us / 1e3:.2f} | {us / total * 100:.1f}% |")
+    return lines
+
+
+def main() -> None:
+    import triton
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    lines = [f"## InfLLM-V2 fwd+bwd breakdown and launch settings — {torch.cuda.get_device_name()}", ""]
+    for T in a.T:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, T, HQ, D, generator=g).cuda().bfloat16().requires_grad_()
+        k, v = (torch.randn(1, T, HKV, D, generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
+        do = torch.randn(1, T, HQ, D, generator=g).cuda().bfloat16()
+        lines += profile(T, q, k, v, do) + [""]
+        ref = [x.float() for x in (step(q, k, v, do).detach(), q.grad, k.grad, v.grad)]
+        rows = ["| setting | fwd+bwd ms | vs default |", "|---|---|---|"]
+        base = None
+        for name, overrides in VARIANTS:
+            original, init = with_settings(overrides)
+            attn.AttnPlan.__init__ = init
+            try:
+                got = [x.float() for x in (step(q, k, v, do).detach(), q.grad, k.grad, v.grad)]
+                err = max(((x - y).abs().max() / y.abs().max().clamp(min=1e-6)).item() for x, y in zip(got, ref))
+                if err > 2e-2:
+                    rows.append(f"| {name} | disagrees with default (rel. {err:.1e}) | |")
+                    continue
+                ms = triton.testing.do_bench(lambda: step(q, k, v, do), warmup=50, rep=400)
+            except Exception as e:  # a setting the kernels cannot compile: recorded, next one
+                rows.append(f"| {name} | failed: {type(e).__name__} {str(e).splitlines()[0][:80] if str(e) else ''} | |")
+                continue
+            finally:
+                attn.AttnPlan.__init__ = original
+            base = base or ms
+            rows.append(f"| {name} | {ms:.2f} | {base / ms:.2f}× |")
+            print(f"[sweep] T={T} {name}: {ms:.2f} ms", flush=True)
+        lines += [f"Settings at T = {T // 1024}K (one changed at a time):", ""] + rows + [""]
+        del q, k, v, do, ref
+        torch.cuda.empty_cache()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        with open(a.out, "a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
