@@ -5,7 +5,7 @@
 1. A CUDA-time breakdown of one forward+backward per kernel (torch.profiler), at SALA shapes (bf16, batch 1,
    32 query / 2 KV heads, head dim 128, block 64, kernel 32/16, topk 64, window 2048, dense_len 8192).
 2. Forward+backward median time (triton.testing.do_bench) with one AttnPlan setting changed at a time:
-   dkdv_rows (query rows per gathered dk/dv step), dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local
+   dkdv_bn x dkdv_bm (local dk/dv key tile x query step), dkdv_rows (query rows per gathered dk/dv step), dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local
    dk/dv programs per group), blocks_per_step (64-key blocks per gathered forward/dq step). Every variant is
    checked against the default's output and gradients first (bf16 tolerance) and dropped if it disagrees.
 Prints markdown; --out appends it to a file.
@@ -27,6 +27,9 @@ from salatrain_kernels.infllm_v2 import infllmv2_attn  # noqa: E402
 
 VARIANTS = [
     ("default", {}),
+    ("local dk/dv 64 keys x 64 queries", {"dkdv_bn": 64, "dkdv_bm": 64}),
+    ("local dk/dv 128 keys x 64 queries", {"dkdv_bn": 128, "dkdv_bm": 64}),
+    ("local dk/dv 64 keys x 32 queries", {"dkdv_bn": 64, "dkdv_bm": 32}),
     ("dkdv_rows=128", {"dkdv_rows": 128}),
     ("dkdv_rows=32", {"dkdv_rows": 32}),
     ("dkdv_chunk=128", {"dkdv_chunk": 128}),

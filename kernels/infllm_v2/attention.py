@@ -7,8 +7,9 @@ Local tile kernels (flash-attention style: BM consecutive queries of one head ×
 exp2 domain, fp32 accumulators) handle each row's contiguous key range [lo(t), t]: dense rows lo = 0; with a
 local window W (the fused op passes window_size), sparse rows lo = first block of positions t-W+1..t, so the
 ~33 window blocks that neighbouring queries share are read once per tile instead of once per query.
-Backward: dq per query tile; dk/dv per key tile, the G heads of a group split over NSPLIT programs that add
-into fp32 buffers with atomics.
+Backward: dq per query tile; dk/dv per key tile (128 keys x 32-query steps for 16-bit inputs, as Triton's
+flash-attention backward), the G heads of a group split over NSPLIT programs that add into fp32 buffers with
+atomics.
 
 Gather kernels: one program per (query, KV group) holds the G heads of the group as the rows of an [M, D] tile
 (M = G rounded up to a power of two, at least 16 for tl.dot) and walks the query's block list (only entries
@@ -539,6 +540,10 @@ class AttnPlan:
         # gathered dk/dv: query rows (TP queries x G heads, padded) per step; local dk/dv: programs per group
         self.dkdv_rows = 256 if interpreting() else (32 if self.prec == "ieee" else 64)
         self.dkdv_nsplit = min(self.group, 4)
+        # local dk/dv: key tile x query step (Triton's flash-attention backward uses 128 keys x 32 queries; the
+        # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
+        wide_keys = not small and self.bd <= 128
+        self.dkdv_bn, self.dkdv_bm = (128, 32) if wide_keys else (self.local_bn, self.dq_tile_m)
         has_sparse = any(p0 + n > dense_len for p0, n in zip(layout.qpos0, layout.qlen))
         self.window = local_window if has_sparse else 0
         rows = layout.num_rows
@@ -555,8 +560,7 @@ class AttnPlan:
             for lo, hi in bounds
         ]
         qend = [p0 + n for p0, n in zip(layout.qpos0, layout.qlen)]
-        key_hi = [n if self.window else min(e, dense_len) for n, e in zip(layout.length, qend)]
-        self.key_tiles = layout.key_tiles(self.local_bn, key_hi)
+        self.key_hi = [n if self.window else min(e, dense_len) for n, e in zip(layout.length, qend)]
         self.docs = [layout.doc_tensor(x) for x in (layout.kstart, layout.length, layout.qstart, layout.qpos0, qend)]
 
     def list_lengths(self, idx3: torch.Tensor) -> torch.Tensor:
@@ -652,13 +656,13 @@ class AttnPlan:
                     **self._local_meta(self.dq_tile_m), HAS_PART=bool(n_sparse and self.window),
                     num_warps=4, num_stages=2,
                 )
-        kdoc, kstart = self.key_tiles
+        kdoc, kstart = self.layout.key_tiles(self.dkdv_bn, self.key_hi)
         if kdoc.numel():
             nsplit = self.dkdv_nsplit
             _local_dkdv_kernel[(kdoc.numel(), self.kv_heads, nsplit)](
                 q3, k3, v3, do3, lse, delta, dk, dv, kdoc, kstart, *self.docs, self.dense_len,
                 q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
-                scale_log2, self.scale, **self._local_meta(self.dq_tile_m), NSPLIT=nsplit,
+                scale_log2, self.scale, **dict(self._local_meta(self.dkdv_bm), BN=self.dkdv_bn), NSPLIT=nsplit,
                 num_warps=8 if wide else 4, num_stages=2,
             )
         if any(ch.sparse_rows.numel() for ch in self.chunks):
