@@ -15,7 +15,6 @@ both passes; attention: 4·D per visible key, backward = 2.5x forward) against t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -35,20 +34,8 @@ BASELINES = {
 }
 
 
-def ensure_kernels_package():
-    """Import salatrain_kernels; in a checkout without the installed mapping, serve kernels/ under that name."""
-    try:
-        import salatrain_kernels  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "salatrain_kernels":
-            raise
-        root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-        spec = importlib.util.spec_from_file_location("salatrain_kernels", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["salatrain_kernels"] = mod
-        spec.loader.exec_module(mod)
-
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import ensure_kernels_package  # noqa: E402
 
 ensure_kernels_package()
 from salatrain_kernels.infllm_v2 import (  # noqa: E402

@@ -12,7 +12,6 @@ norms/RoPE/gate: the gap to "triton" is what fusing buys) and the fla + torch-op
 """
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
 
@@ -22,20 +21,8 @@ H, D, HIDDEN, CHUNK = 32, 128, 4096, 64
 EPS = 1e-6
 
 
-def ensure_kernels_package():
-    """Import salatrain_kernels; in a checkout without the installed mapping, serve kernels/ under that name."""
-    try:
-        import salatrain_kernels  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "salatrain_kernels":
-            raise
-        root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-        spec = importlib.util.spec_from_file_location("salatrain_kernels", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["salatrain_kernels"] = mod
-        spec.loader.exec_module(mod)
-
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import ensure_kernels_package  # noqa: E402
 
 ensure_kernels_package()
 from salatrain_kernels.lightning import lightning_attn, lightning_attn_naive  # noqa: E402
