@@ -30,14 +30,17 @@ def plot_scores(path: Path, plan: dict) -> Path:
     ax.set_ylabel("score" if has_scores else "kept")
     kept_idx = [i for i, k in zip(idx, kept) if k]
     ax.set_title(f"{plan['method']}: {len(kept_idx)} of {len(idx)} layers stay sparse attention {kept_idx}"
-                 "\n(red = kept, F = forced)", fontsize=9)
+                 "\n(red = kept: * by score, F forced by keep_first/keep_last/include)", fontsize=9)
+    if has_scores and plan["method"] == "halo" and any(h >= 50 for h in heights):
+        ax.axhline(50, color="black", lw=0.6, ls=":")
+        ax.annotate("clip at 50", (idx[0] - 0.5, 50), fontsize=7, va="bottom")
     if has_metrics:
         ax = axes[1]
         width = 0.4
         ax.bar([i - width / 2 for i in idx], [row["retrieval_drop"] for row in layers], width, label="retrieval drop")
         ax.bar([i + width / 2 for i in idx], [row["commonsense_drop"] for row in layers], width,
                label="commonsense drop")
-        ax.set_ylabel("max_j m_j − m_i")
+        ax.set_ylabel("drop when linearised\n(best layer − this layer)", fontsize=8)
         ax.legend(fontsize=8)
     axes[-1].set_xlabel("layer")
     axes[-1].set_xticks(idx)
