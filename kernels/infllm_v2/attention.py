@@ -285,6 +285,22 @@ def _local_dkdv_kernel(
     tl.atomic_add(dv_ptr + out_off, dv, mask=out_mask)
 
 
+@triton.jit
+def _gathered_keys(idx_k, s0, n_k, t_k, jj, BS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """Key positions of list entries s0.. of a gather step (jj = 0..NBI·BS·TOK-1) and which are visible."""
+    if ONE_BLOCK:  # one block per step: a scalar block index
+        blk = tl.load(idx_k + s0)
+        kp = blk * BS + jj
+        k_ok = kp <= t_k
+    else:
+        slot = s0 + jj // BS
+        s_ok = slot < n_k
+        blk = tl.load(idx_k + slot, mask=s_ok, other=0)
+        kp = blk * BS + jj % BS
+        k_ok = s_ok & (kp <= t_k)
+    return kp, k_ok
+
+
 # ---------------------------------------------------------------------------------------------- sparse rows
 @triton.jit
 def _gather_fwd_kernel(
@@ -327,16 +343,7 @@ def _gather_fwd_kernel(
     l_i = tl.full([TOK * M], 0.0, tl.float32)
     acc = tl.full([TOK * M, BD], 0.0, tl.float32)
     for s0 in range(0, n_max, NBI):
-        if NBI * TOK == 1:  # one block per step: a scalar block index
-            blk = tl.load(idx_k + s0)
-            kp = blk * BS + jj
-            k_ok = kp <= t_k
-        else:
-            slot = s0 + jj // BS
-            s_ok = slot < n_k
-            blk = tl.load(idx_k + slot, mask=s_ok, other=0)
-            kp = blk * BS + jj % BS
-            k_ok = s_ok & (kp <= t_k)
+        kp, k_ok = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
         kv_off = kv_base + kp.to(tl.int64) * stride_kr
         kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
@@ -401,16 +408,7 @@ def _gather_dq_kernel(
     same_tok = tok_m[:, None] == tok_k[None, :]
     dq = tl.full([TOK * M, BD], 0.0, tl.float32)
     for s0 in range(0, n_max, NBI):
-        if NBI * TOK == 1:  # one block per step: a scalar block index
-            blk = tl.load(idx_k + s0)
-            kp = blk * BS + jj
-            k_ok = kp <= t_k
-        else:
-            slot = s0 + jj // BS
-            s_ok = slot < n_k
-            blk = tl.load(idx_k + slot, mask=s_ok, other=0)
-            kp = blk * BS + jj % BS
-            k_ok = s_ok & (kp <= t_k)
+        kp, k_ok = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
         kv_off = kv_base + kp.to(tl.int64) * stride_kr
         kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)

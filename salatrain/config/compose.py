@@ -52,6 +52,19 @@ def closest(key: str, valid: list[str]) -> str | None:
     return next((v for v in valid if v.rsplit(".", 1)[-1] == hits[0]), None) if hits else None
 
 
+def pick_recipe(overrides: list[str], available: list[str], unknown: str, listing: str) -> str:
+    """The ``recipe=<name>`` of the overrides, which must be one of ``available``; one-line errors otherwise
+    (``unknown``: "unknown <what>", ``listing``: what the list of names is called)."""
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
+    if recipe is None:
+        raise UserError(f"missing recipe=<name>; {listing}: {', '.join(available)}")
+    if recipe not in available:
+        hint = closest(recipe, available)
+        raise UserError(f"unknown {unknown} {recipe!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                        + f" ({listing}: {', '.join(available)})")
+    return recipe
+
+
 def compose_config(
     config_name: str,
     overrides: list[str],

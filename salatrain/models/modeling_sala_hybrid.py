@@ -326,6 +326,7 @@ class SparseAttention(_Projections):
         self.nope_logit_scale = sc.pop("nope_logit_scale")
         self.nope_logit_scale_base = sc.pop("nope_logit_scale_base")
         self.sparse_params = sc
+        self.triton_geometry = sparse_params_fit_triton(sc)
         if config.qk_norm:
             self.q_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -363,7 +364,7 @@ class SparseAttention(_Projections):
     def _triton_fits(self, q) -> bool:
         """Whether the Triton kernels take this layer's block geometry; if not, CUDA runs the PyTorch reference
         (with one warning) unless the backend was forced to 'triton'."""
-        if not q.is_cuda or self.kernel_backend == "torch" or sparse_params_fit_triton(self.sparse_params):
+        if not q.is_cuda or self.kernel_backend == "torch" or self.triton_geometry:
             return True
         p = self.sparse_params
         why = (f"block_size={p['block_size']}, kernel_size={p['kernel_size']}, kernel_stride={p['kernel_stride']}: "

@@ -34,17 +34,9 @@ def prepare_overrides(command_name: str, overrides: list[str]) -> list[str]:
 
 
 def config_name(overrides: list[str]) -> str:
-    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
-    available = pipeline_recipes()
-    if recipe is None:
-        raise UserError(f"missing recipe=<name>; pipeline recipes: {', '.join(available)}")
-    if recipe not in available:
-        from ..config.compose import closest
+    from ..config.compose import pick_recipe
 
-        hint = closest(recipe, available)
-        raise UserError(f"unknown pipeline recipe {recipe!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                        + f" (pipeline recipes: {', '.join(available)})")
-    return PREFIX + recipe
+    return PREFIX + pick_recipe(overrides, pipeline_recipes(), "pipeline recipe", "pipeline recipes")
 
 
 def compose_pipeline(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from importlib import resources
 
-from ..errors import UserError
 from .config import TrainConfig
 
 SCHEMA = TrainConfig
@@ -26,17 +25,9 @@ def stage_recipes() -> list[str]:
 
 
 def config_name(overrides: list[str]) -> str:
-    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
-    available = stage_recipes()
-    if recipe is None:
-        raise UserError(f"missing recipe=<name>; stage recipes: {', '.join(available)}")
-    if recipe not in available:
-        from ..config.compose import closest
+    from ..config.compose import pick_recipe
 
-        hint = closest(recipe, available)
-        raise UserError(f"unknown recipe {recipe!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                        + f" (stage recipes: {', '.join(available)})")
-    return recipe
+    return pick_recipe(overrides, stage_recipes(), "recipe", "stage recipes")
 
 
 def compose_train(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
