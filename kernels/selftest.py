@@ -25,13 +25,15 @@ def _device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
-def _compare(name, fn, ref, inputs, dtype):
-    """Run fn and ref on the same inputs (ref in fp32); compare outputs and input gradients."""
+def _compare(name, fn, ref, inputs, dtype, generator):
+    """Run fn and ref on the same inputs (ref in fp32); compare outputs and input gradients. Random numbers
+    come from ``generator`` only, so the caller's RNG streams (dropout under activation checkpointing) are
+    left as they were."""
     tol = TOLERANCE[dtype]
     lo = [x.detach().to(dtype).requires_grad_(x.is_floating_point()) for x in inputs]
     hi = [x.detach().float().requires_grad_(x.is_floating_point()) for x in inputs]
     out, expected = fn(*lo), ref(*hi)
-    g = torch.randn_like(expected)
+    g = torch.randn(expected.shape, device=expected.device, generator=generator)
     (out.float() * g).sum().backward()
     (expected * g).sum().backward()
     checks = {"output": (out, expected)}
@@ -49,7 +51,12 @@ def _compare(name, fn, ref, inputs, dtype):
 def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int = 1, head_dim: int = 64,
               seq_len: int = 200) -> None:
     """``what`` is "lightning_attn" or "infllmv2_attn"; raises KernelSelfTestError on mismatch. ``seq_len``
-    (Lightning) spans several chunks; InfLLM-V2 always uses 512 tokens so that its sparse path runs."""
+    (Lightning) spans several chunks; InfLLM-V2 always uses 512 tokens so that its sparse path runs.
+
+    It runs its own forward and backward, so it needs grad mode and must not run inside another autograd
+    context (``no_grad``, ``inference_mode``, an activation-checkpointed region): call it from a thread of its
+    own, as the model does (``run_isolated`` in the modeling file)."""
+    device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
     if what == "lightning_attn":
         from .lightning import lightning_attn, lightning_attn_naive
@@ -59,7 +66,7 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
         inputs = [torch.randn(shape, device=device, generator=g) for _ in range(3)]
         decay = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device=device)
         _compare(what, lambda q, k, v: lightning_attn(q, k, v, decay, backend="triton")[0],
-                 lambda q, k, v: lightning_attn_naive(q, k, v, decay)[0], inputs, dtype)
+                 lambda q, k, v: lightning_attn_naive(q, k, v, decay)[0], inputs, dtype, g)
         from .lightning import fused
 
         w = [1 + 0.1 * torch.randn(head_dim, device=device, generator=g) for _ in range(2)]
@@ -71,13 +78,13 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
                      lambda q, k: fused.qk_norm_rope(q, k, w[0].to(q.dtype), w[1].to(q.dtype), cos.to(q.dtype),
                                                      sin.to(q.dtype), 1e-6, backend="triton")[i],
                      lambda q, k: fused.qk_norm_rope_torch(q, k, w[0], w[1], cos, sin, 1e-6)[i],
-                     inputs[:2], dtype)
+                     inputs[:2], dtype, g)
         n = h * head_dim
         ow = 1 + 0.1 * torch.randn(n, device=device, generator=g)
         _compare(f"{what} (fused norm+gate)",
                  lambda o, z: fused.out_norm_gate(o, z, ow.to(o.dtype), 1e-6, backend="triton"),
                  lambda o, z: fused.out_norm_gate_torch(o, z, ow, 1e-6),
-                 [torch.randn(1, shape[1], n, device=device, generator=g) for _ in range(2)], dtype)
+                 [torch.randn(1, shape[1], n, device=device, generator=g) for _ in range(2)], dtype, g)
     elif what == "infllmv2_attn":
         from .infllm_v2 import infllmv2_attn, infllmv2_attn_naive
 
@@ -87,6 +94,6 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
         q = torch.randn(1, t, num_heads, head_dim, device=device, generator=g)
         k, v = (torch.randn(1, t, num_kv_heads, head_dim, device=device, generator=g) for _ in range(2))
         _compare(what, lambda q, k, v: infllmv2_attn(q, k, v, backend="triton", **params),
-                 lambda q, k, v: infllmv2_attn_naive(q, k, v, **params), [q, k, v], dtype)
+                 lambda q, k, v: infllmv2_attn_naive(q, k, v, **params), [q, k, v], dtype, g)
     else:
         raise ValueError(f"unknown kernel {what!r}")

@@ -10,10 +10,13 @@ Legend: B batch, T new tokens, Tk tokens incl. cached ones, H query heads, HKV k
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
+import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,10 +197,16 @@ def _fused_ops():
     return importlib.import_module("salatrain_kernels.lightning.fused")
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str) -> bool:
     """True when the Triton kernels should run (CUDA tensors, salatrain_kernels importable, self-test passed
-    for this device, dtype and head shape). The first decision per kernel is logged."""
-    if backend == "torch" or _kernels is None or not q.is_cuda:
+    for this device, dtype and head shape). On CPU they run only when forced (backend 'triton') under Triton's
+    interpreter (TRITON_INTERPRET=1). The first decision per kernel is logged."""
+    on_device = q.is_cuda or (backend == "triton" and _interpreting())
+    if backend == "torch" or _kernels is None or not on_device:
         if backend == "triton":
             raise RuntimeError(f"kernel backend 'triton' needs CUDA tensors and salatrain_kernels ({what})")
         if _kernels is None and q.is_cuda and ("missing", what) not in _checked:
@@ -205,13 +214,42 @@ def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str) -> b
             logger.warning("%s: salatrain_kernels is not importable; using the PyTorch reference (slow)", what)
         return False
     shape = dict(num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3])
-    key = (what, q.device.index, q.dtype, tuple(shape.values()))
+    key = (what, q.device.type, q.device.index, q.dtype, tuple(shape.values()))
     if key not in _checked:
-        _kernels.self_test(what, device=q.device, dtype=q.dtype, **shape)  # raises on mismatch
+        run_isolated(_kernels.self_test, what, device=q.device, dtype=q.dtype, **shape)  # raises on mismatch
         _checked[key] = True
         logger.info("%s: Triton kernels from salatrain_kernels on %s (%s, self-test passed)", what,
-                    torch.cuda.get_device_name(q.device), q.dtype)
+                    torch.cuda.get_device_name(q.device) if q.is_cuda else "CPU (Triton interpreter)", q.dtype)
     return True
+
+
+def run_isolated(fn, *args, **kwargs):
+    """Call ``fn`` in a fresh thread and return its result (re-raising its exception here).
+
+    Autograd state is thread-local: grad mode, ``inference_mode`` and the saved-tensor hooks through which
+    activation checkpointing counts what a forward saves. A self-test that runs its own backward inside the
+    caller's forward would otherwise fail under ``no_grad``/``inference_mode`` (``generate``) and make a
+    checkpointed layer's recomputation save a different number of tensors than its first forward. The thread
+    starts with grad enabled, no inference mode and no hooks, on the caller's CUDA device."""
+    device = kwargs.get("device")
+    box: dict = {}
+
+    def target():
+        try:
+            with contextlib.ExitStack() as stack:
+                if isinstance(device, torch.device) and device.type == "cuda":
+                    stack.enter_context(torch.cuda.device(device))
+                stack.enter_context(torch.enable_grad())
+                box["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="salatrain-kernel-self-test", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,7 +324,8 @@ class LightningAttention(_Projections):
         decode = state is not None and q.shape[1] == 1
         fused = None if decode or not _use_kernels(q, k, self.kernel_backend, "lightning_attn") else _fused_ops()
         if fused is not None and self.use_rope:
-            q, k = fused.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.variance_epsilon)
+            q, k = fused.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.variance_epsilon,
+                                      backend="triton")
         else:
             q, k = self.q_norm(q), self.k_norm(k)
             if self.use_rope:
@@ -299,7 +338,8 @@ class LightningAttention(_Projections):
             o, state = lightning_step(q, k, v, decay, state)
         elif fused is not None:
             o, state = _kernels.lightning_attn(
-                q, k, v, decay, initial_state=state, output_final_state=cache is not None, cu_seqlens=seq.cu_seqlens
+                q, k, v, decay, initial_state=state, output_final_state=cache is not None, cu_seqlens=seq.cu_seqlens,
+                backend="triton",
             )
         else:
             o, state = lightning_attn_torch(
@@ -309,7 +349,8 @@ class LightningAttention(_Projections):
         if cache is not None:
             cache.states[self.layer_idx] = state
         if fused is not None:
-            o = fused.out_norm_gate(o.flatten(2), self.z_proj(x), self.o_norm.weight, self.o_norm.variance_epsilon)
+            o = fused.out_norm_gate(o.flatten(2), self.z_proj(x), self.o_norm.weight, self.o_norm.variance_epsilon,
+                                    backend="triton")
         else:
             o = self.o_norm(o.flatten(2)) * torch.sigmoid(self.z_proj(x))
         return self.o_proj(o)
@@ -358,7 +399,7 @@ class SparseAttention(_Projections):
                     o[b : b + 1, -real:] = self._attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn"):
-            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
+            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton", **self.sparse_params)
         return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
 
     def _triton_fits(self, q) -> bool:
