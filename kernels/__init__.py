@@ -2,6 +2,7 @@
 
     lightning_attn   fixed-decay linear attention (Lightning), forward and backward
     infllmv2_attn    InfLLM-V2 block-sparse attention (scoring, selection, attention)
+    logit_loss_rows  row-wise KL(teacher ‖ student) / cross-entropy over the vocabulary, with the logit gradient
     self_test        checks a kernel against its reference on a small case of the caller's shapes
 
 On CPU the Triton kernels run only under ``TRITON_INTERPRET=1`` (set before importing the kernel modules);
@@ -16,6 +17,7 @@ import importlib
 _EXPORTS = {
     "lightning_attn": ".lightning",
     "infllmv2_attn": ".infllm_v2",
+    "logit_loss_rows": ".logit_loss",
     "self_test": ".selftest",
 }
 

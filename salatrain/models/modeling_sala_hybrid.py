@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -146,6 +147,15 @@ class SeqInfo:
     past_len: int = 0
     cu_seqlens: torch.Tensor | None = None
     left_pad: torch.Tensor | None = None
+    _max_doc_len: int | None = None
+
+    @property
+    def max_doc_len(self) -> int:
+        """Length of the longest document (one host read per forward, shared by every layer)."""
+        if self._max_doc_len is None:
+            cu = self.cu_seqlens
+            self._max_doc_len = int((cu[1:] - cu[:-1]).max()) if cu is not None else int(self.positions.shape[-1])
+        return self._max_doc_len
 
 
 class SalaHybridCache:
@@ -398,6 +408,9 @@ class SparseAttention(_Projections):
                     sub = SeqInfo(seq.positions[b : b + 1, -real:])
                     o[b : b + 1, -real:] = self._attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
+        if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= self.sparse_params["dense_len"]:
+            # every query sits at a document position < dense_len: InfLLM-V2 is exactly dense causal attention
+            return softmax_attention(q, k, v, seq, None, scale=self.head_dim**-0.5)
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn"):
             return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton", **self.sparse_params)
         return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
@@ -432,6 +445,9 @@ MIXERS = {"full_attention": FullAttention, "linear_attention": LightningAttentio
 def softmax_attention(q, k, v, seq: SeqInfo, sliding_window: int | None, scale: float) -> torch.Tensor:
     """Causal GQA softmax attention of the T new queries over Tk keys; documents, padding, sliding window."""
     if seq.cu_seqlens is not None:
+        o = _varlen_flash(q, k, v, seq, sliding_window, scale)
+        if o is not None:
+            return o
         bounds = seq.cu_seqlens.tolist()
         outs = [
             _sdpa(q[:, s:e], k[:, s:e], v[:, s:e], None, sliding_window, scale) for s, e in zip(bounds[:-1], bounds[1:])
@@ -440,14 +456,54 @@ def softmax_attention(q, k, v, seq: SeqInfo, sliding_window: int | None, scale: 
     return _sdpa(q, k, v, seq.left_pad, sliding_window, scale)
 
 
+def _varlen_api():
+    """torch's variable-length FlashAttention (torch.nn.attention.varlen) and its keyword arguments, or None.
+    Its signature moved between torch releases (is_causal vs window_size, GQA), so it is read, not assumed."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+_VARLEN = _varlen_api()
+
+
+def _varlen_flash(q, k, v, seq: SeqInfo, sliding_window: int | None, scale: float) -> torch.Tensor | None:
+    """Packed documents [1, T, H, D] in one varlen FlashAttention call (CUDA, 16-bit, no cache), else None."""
+    if (_VARLEN is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[1] != k.shape[1]
+            or q.shape[-1] % 8 or q.shape[-1] > 256):
+        return None
+    fn, params = _VARLEN
+    if sliding_window is not None and "window_size" not in params:
+        return None
+    q3, k3, v3 = q[0], k[0], v[0]
+    kw = {}
+    if q3.shape[1] != k3.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            group = q3.shape[1] // k3.shape[1]
+            k3, v3 = k3.repeat_interleave(group, dim=1), v3.repeat_interleave(group, dim=1)
+    if "scale" in params:
+        kw["scale"] = scale
+    elif abs(scale * q3.shape[-1] ** 0.5 - 1.0) > 1e-6:
+        q3 = q3 * (scale * q3.shape[-1] ** 0.5)
+    if "window_size" in params:
+        kw["window_size"] = (sliding_window - 1 if sliding_window is not None else -1, 0)
+    if "is_causal" in params:
+        kw["is_causal"] = True
+    cu, n = seq.cu_seqlens.to(torch.int32), seq.max_doc_len
+    return fn(q3.contiguous(), k3.contiguous(), v3.contiguous(), cu, cu, n, n, **kw).unsqueeze(0)
+
+
 def _sdpa(q, k, v, left_pad, sliding_window, scale):
     b, t, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if hkv != h:
-        kh, vh = kh.repeat_interleave(h // hkv, dim=1), vh.repeat_interleave(h // hkv, dim=1)
+    gqa = {"enable_gqa": True} if hkv != h else {}
     if left_pad is None and sliding_window is None and t == tk:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **gqa)
         return o.transpose(1, 2)
     qi = torch.arange(tk - t, tk, device=q.device).view(-1, 1)
     ki = torch.arange(tk, device=q.device).view(1, -1)
@@ -457,7 +513,7 @@ def _sdpa(q, k, v, left_pad, sliding_window, scale):
     if left_pad is not None:
         mask = mask & (ki.view(1, 1, 1, tk) >= left_pad.view(-1, 1, 1, 1))
         mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: attend anywhere, output unused
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, **gqa)
     return o.transpose(1, 2)
 
 

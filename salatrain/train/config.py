@@ -52,6 +52,7 @@ class TrainerSettings:
     loss_chunk_tokens: int = 2048  # lm_head + loss computed this many tokens at a time
     export: bool = True  # write the HF checkpoint into output_dir at the end
     save_final: bool = True  # false (benchmarks): no checkpoint at the end, hence no export
+    profile_steps: list[int] = field(default_factory=list)  # [first, last]: time phases, then one step's kernels
 
 
 @dataclass
@@ -151,6 +152,10 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_tokens", "loss_chunk_tokens",
                 "max_bad_steps", "log_every"):
         _positive(getattr(cfg.trainer, key), f"trainer.{key}")
+    prof = list(cfg.trainer.profile_steps)
+    if prof and (len(prof) != 2 or not 1 <= prof[0] <= prof[1] < cfg.trainer.max_steps):
+        raise UserError(f"trainer.profile_steps takes [first,last] with 1 <= first <= last < trainer.max_steps="
+                        f"{cfg.trainer.max_steps} (the step after last is traced), got {prof}")
     if cfg.trainer.save_every < 0 or cfg.trainer.keep_checkpoints < 1:
         raise UserError("trainer.save_every must be >= 0 and trainer.keep_checkpoints >= 1")
     if cfg.trainer.global_batch_tokens % cfg.trainer.seq_len:

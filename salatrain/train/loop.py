@@ -31,6 +31,7 @@ from . import engine, faults
 from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save_rng, tag, write_state
 from .config import TrainConfig, rows_per_step, validate
 from .optim import Schedule, build_optimizer, param_groups, select_trainable
+from .profile import StepProfiler, phase
 from .stages import (AlignStage, DistillStage, LMStage, base_has_qk_norm, disable_sparse,
                      enable_activation_checkpointing, load_model, mixer_types, warn_rope)
 from .tiny import resolve
@@ -87,6 +88,8 @@ class Run:
         if self.start is not None:
             self._restore(self.start)
         self.logger = RunLogger(self.out, cfg.logging.wandb, _to_dict(cfg), self.dist.is_main, self.state.step)
+        self.profiler = StepProfiler(cfg.trainer.profile_steps, self.dist.device, self.out,
+                                     self.rows * cfg.trainer.seq_len)
 
     # ---------------------------------------------------------------------------------------------- setup
 
@@ -216,7 +219,8 @@ class Run:
         cfg = self.cfg
         last_loss = None
         for step in range(self.state.step + 1, cfg.trainer.max_steps + 1):
-            row = self._train_step(step)
+            with self.profiler.step(step):
+                row = self._train_step(step)
             last_loss = row["loss"] if row["loss"] is not None else last_loss
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 self.logger.log(row)
@@ -240,30 +244,38 @@ class Run:
 
     def _train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
-        batches = [self.data.batch(self._rows_of(self.state.rows, m)) for m in range(self.gas)]
         dev = self.dist.device
-        local = torch.tensor([float(sum(self.stage.count(b) for b in batches))], device=dev)
-        count = float(engine.all_reduce(local)[0])
+        with phase("data"):
+            batches = [self.data.batch(self._rows_of(self.state.rows, m)) for m in range(self.gas)]
+            local = torch.tensor([float(sum(self.stage.count(b) for b in batches))])
+            batches = [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in batches]
+        with phase("sync"):
+            count = float(engine.all_reduce(local.to(dev))[0])
         scale = self.dist.world_size * self.gas / max(count, 1.0)
         lr = self.schedule.lr
         loss_sum, stats = torch.zeros((), dtype=torch.float64, device=dev), {}
         ok = torch.ones(1, device=dev)
         for i, b in enumerate(batches):
-            loss, st = self.eng(**{k: v.to(dev) for k, v in b.items()})
+            with phase("forward"):
+                loss, st = self.eng(**b)
             if faults.nan_loss(step):
                 loss = loss * float("nan")
             ok = ok * torch.isfinite(loss.detach()).float()
-            self.eng.backward(loss * scale)
+            with phase("backward"):
+                self.eng.backward(loss * scale)
             if i == len(batches) - 1:  # the optimizer steps now: every rank skips it if any loss was not finite
-                finite = bool(engine.all_reduce(ok, "min")[0] > 0)
+                with phase("sync"):
+                    finite = bool(engine.all_reduce(ok, "min")[0] > 0)
                 self.optimizer.skip_next = not finite
-            self.eng.step()
+            with phase("optimizer"):
+                self.eng.step()
             loss_sum += loss.detach().double()
             for k, v in st.items():
                 stats[k] = stats.get(k, 0) + v.double()
         self.optimizer.skip_next = False
         self.schedule.step()
-        totals = self._reduce(loss_sum, stats)
+        with phase("sync"):
+            totals = self._reduce(loss_sum, stats)
         return self._account(step, finite, count, totals, lr, time.perf_counter() - t0)
 
     def _reduce(self, loss_sum: torch.Tensor, stats: dict) -> dict:

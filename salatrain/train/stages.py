@@ -23,6 +23,7 @@ from ..hf_checkpoint import CheckpointDir
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
 from ..models.loading import dense_config, load_dense_as_hybrid
 from ..models.modeling_sala_hybrid import LightningAttention, SparseAttention
+from .profile import phase
 
 log = logging.getLogger(__name__)
 NO_SPARSE = 1 << 62  # dense_len that keeps every query dense
@@ -70,12 +71,9 @@ def enable_activation_checkpointing(model: SalaHybridForCausalLM) -> None:
 
 
 def head_of(model: SalaHybridForCausalLM):
-    scale = model.config.logit_scale
+    from .losses import Head
 
-    def head(h):
-        return model.lm_head(h * scale if scale != 1.0 else h)
-
-    return head
+    return Head(model.lm_head, float(model.config.logit_scale))
 
 
 def targets(h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,11 +92,13 @@ class LMStage(nn.Module):
         return num_targets(batch["labels"])
 
     def forward(self, input_ids, position_ids, labels):
-        h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        h_M, t_M, _ = targets(h, labels)
+        with phase("student"):
+            h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         from .losses import chunked_cross_entropy
 
-        return chunked_cross_entropy(h_M, t_M, head_of(self.student), self.chunk), {}
+        with phase("loss"):
+            h_M, t_M, _ = targets(h, labels)
+            return chunked_cross_entropy(h_M, t_M, head_of(self.student), self.chunk), {}
 
 
 class DistillStage(nn.Module):
@@ -121,12 +121,15 @@ class DistillStage(nn.Module):
         from .losses import chunked_kl
 
         teacher = self._teacher[0]
-        h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        with torch.no_grad():
+        with phase("student"):
+            h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        with phase("teacher"), torch.no_grad():
             ht = teacher.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        hs_M, t_M, mask = targets(h, labels)
-        ht_M = ht[:, :-1][mask]
-        kl, ce = chunked_kl(hs_M, ht_M, t_M, head_of(self.student), head_of(teacher), self.chunk, self.temperature)
+        with phase("loss"):
+            hs_M, t_M, mask = targets(h, labels)
+            ht_M = ht[:, :-1][mask]
+            kl, ce = chunked_kl(hs_M, ht_M, t_M, head_of(self.student), head_of(teacher), self.chunk,
+                                self.temperature)
         return kl, {"kl": kl.detach(), "lm_loss": ce}
 
 
@@ -176,13 +179,14 @@ class AlignStage(nn.Module):
 
     def forward(self, input_ids, position_ids, labels=None):
         self._captured.clear()
-        with torch.no_grad():
+        with phase("teacher"), torch.no_grad():
             self._teacher[0].model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         per_layer = []
-        for i, layer in enumerate(self.student.model.layers):
-            x, rope, seq, target = self._captured[i]
-            out = layer.self_attn(x, rope, seq, None)
-            per_layer.append((out.float() - target.float()).pow(2).mean(-1).sum())
+        with phase("student"):
+            for i, layer in enumerate(self.student.model.layers):
+                x, rope, seq, target = self._captured[i]
+                out = layer.self_attn(x, rope, seq, None)
+                per_layer.append((out.float() - target.float()).pow(2).mean(-1).sum())
         self._captured.clear()
         per_layer = torch.stack(per_layer)
         return per_layer.sum(), {"layer_mse": per_layer.detach()}

@@ -1,0 +1,148 @@
+"""Where a training step's time goes: ``trainer.profile_steps=[first,last]``.
+
+Steps first..last run with the device synchronised at every phase boundary and each phase timed (data,
+forward with its student / teacher / loss parts, backward, optimizer, host synchronisation); the step after
+``last`` runs under ``torch.profiler`` and its device kernels are summed by kind (matmul, Lightning kernels,
+InfLLM-V2 kernels, softmax attention, logit loss, elementwise and the rest). Synchronising costs a little
+overlap, so the phases add up to slightly more than an unprofiled step; tokens/s in metrics.jsonl of the
+other steps is the throughput. Written to ``output_dir/profile.json`` and ``profile.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+KINDS = [  # first match wins, on the kernel's name
+    ("logit loss", r"logit_loss"),
+    ("Lightning kernels", r"lightning|_scan|_chunk_|qk_norm_rope|out_norm_gate"),
+    ("InfLLM-V2 kernels", r"infllm|_gather|_window|_score|_select|block_attn"),
+    ("softmax attention (flash/cuDNN)", r"flash|fmha|cudnn|attention|sdpa"),
+    ("matmul", r"gemm|cutlass|nvjet|sm90_xmma|xmma|matmul|ampere_|hopper"),
+    ("optimizer (multi-tensor)", r"multi_tensor|adam|foreach"),
+    ("copies and casts", r"copy|cast|convert|Memcpy|Memset|fill"),
+    ("reductions", r"reduce|norm|sum|softmax|max"),
+]
+
+_ACTIVE: "StepProfiler | None" = None
+
+
+def phase(name: str):
+    """Time the enclosed block as phase ``name`` when a profiled step is running (nested phases are named
+    parent/child); otherwise nothing."""
+    return _ACTIVE.phase(name) if _ACTIVE is not None and _ACTIVE.timing else contextlib.nullcontext()
+
+
+def kind_of(kernel: str) -> str:
+    low = kernel.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern.lower(), low):
+            return kind
+    return "elementwise and other"
+
+
+class StepProfiler:
+    def __init__(self, steps, device: torch.device, out_dir: Path, tokens_per_step: int):
+        self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (0, -1)
+        self.device, self.out_dir, self.tokens = device, Path(out_dir), tokens_per_step
+        self.timing = False
+        self.times: dict[str, float] = {}
+        self.stack: list[str] = []
+        self.steps_timed = 0
+        self.kernels: dict[str, float] = {}
+        self._torch_prof = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.last >= self.first > 0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._sync()
+        self.stack.append(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            key = "/".join(self.stack)
+            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t0
+            self.stack.pop()
+
+    @contextlib.contextmanager
+    def step(self, step: int):
+        """Wrap one optimizer step of the loop."""
+        global _ACTIVE
+        if not self.enabled or step < self.first or step > self.last + 1:
+            yield
+            return
+        _ACTIVE = self
+        self.timing = step <= self.last
+        try:
+            if self.timing:
+                with self.phase("step"):
+                    yield
+                self.steps_timed += 1
+            else:
+                self._sync()
+                with torch.profiler.profile(activities=self._activities()) as prof:
+                    yield
+                    self._sync()
+                self._collect(prof)
+                self.write()
+        finally:
+            _ACTIVE = None
+            self.timing = False
+
+    def _activities(self):
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        return acts
+
+    def _collect(self, prof) -> None:
+        cuda = torch.autograd.DeviceType.CUDA
+        for evt in prof.events():
+            if evt.device_type == cuda:  # a kernel, memcpy or memset on the device
+                self.kernels[evt.name] = self.kernels.get(evt.name, 0.0) + evt.time_range.elapsed_us() / 1e6
+
+    def summary(self) -> dict:
+        n = max(self.steps_timed, 1)
+        phases = {k: v / n for k, v in sorted(self.times.items(), key=lambda kv: kv[0])}
+        kinds: dict[str, float] = {}
+        for name, sec in self.kernels.items():
+            kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + sec
+        top = sorted(self.kernels.items(), key=lambda kv: -kv[1])[:25]
+        step = phases.get("step", 0.0)
+        return {"steps_timed": self.steps_timed, "tokens_per_step": self.tokens,
+                "synchronised_tokens_per_s": self.tokens / step if step else None,
+                "phase_seconds_per_step": phases, "kernel_seconds_by_kind": dict(sorted(kinds.items(),
+                                                                                        key=lambda kv: -kv[1])),
+                "top_kernels_seconds": dict(top)}
+
+    def write(self) -> None:
+        s = self.summary()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "profile.json").write_text(json.dumps(s, indent=2))
+        step = s["phase_seconds_per_step"].get("step", 0.0) or 1.0
+        lines = [f"profiled steps: {s['steps_timed']} (synchronised at phase boundaries), "
+                 f"{self.tokens} tokens per step", "", "| phase | ms per step | share |", "|---|---|---|"]
+        for k, v in s["phase_seconds_per_step"].items():
+            lines.append(f"| {k} | {v * 1e3:.1f} | {v / step:.0%} |")
+        total = sum(s["kernel_seconds_by_kind"].values()) or 1.0
+        lines += ["", "| device kernels (one step, torch.profiler) | ms | share |", "|---|---|---|"]
+        for k, v in s["kernel_seconds_by_kind"].items():
+            lines.append(f"| {k} | {v * 1e3:.1f} | {v / total:.0%} |")
+        lines += ["", "| top kernels | ms |", "|---|---|"]
+        for k, v in s["top_kernels_seconds"].items():
+            lines.append(f"| `{k[:90]}` | {v * 1e3:.2f} |")
+        (self.out_dir / "profile.md").write_text("\n".join(lines) + "\n")
