@@ -210,3 +210,19 @@ def test_cuda_sparse_layer_with_a_geometry_the_kernels_do_not_take_runs_the_refe
     layer.cuda().kernel_backend = "triton"
     with pytest.raises(ValueError, match="power-of-two block_size"):
         layer(x, None, seq, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("hkv,window", [(3, None), (9, None), (3, 37)])
+def test_cuda_packed_documents_through_varlen_flash_equal_one_call_per_document(hkv, window):
+    from salatrain.models.modeling_sala_hybrid import _sdpa, softmax_attention
+
+    lens = [1, 130, 77, 600, 64]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (x.cuda().to(torch.bfloat16) for x in _qkv(1, sum(lens), 9, 64, hkv=hkv, dtype=torch.float32))
+    pos = torch.cat([torch.arange(n) for n in lens]).view(1, -1).cuda()
+    out = softmax_attention(q, k, v, SeqInfo(pos, 0, cu), window, scale=0.125)
+    b = cu.tolist()
+    ref = torch.cat([_sdpa(q[:, s:e].float(), k[:, s:e].float(), v[:, s:e].float(), None, window, 0.125)
+                     for s, e in zip(b[:-1], b[1:])], dim=1)
+    assert (out.float() - ref).abs().max() < 2e-2
