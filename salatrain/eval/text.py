@@ -5,6 +5,8 @@ Built-in corpora (no download):
     stdlib   the standard library's ``*.py`` sources (``sysconfig.get_paths()["stdlib"]``; tests, site-packages
              and pydoc_data left out), in sorted path order
     site     the ``*.py`` sources of the installed packages (purelib and platlib; tests left out)
+A corpus source may also be a ``.jsonl`` / ``.jsonl.gz`` file of {"text", "id"} records (e.g. the prose that
+bench/make_prose.py collects); ids default to ``<file name>:<line>``.
 Files: ``.jsonl`` holds one document per line (``text_field``); any other file is one document.
 """
 
@@ -36,8 +38,31 @@ def builtin_documents(name: str) -> Iterator[tuple[str, str]]:
         paths = sysconfig.get_paths()
         for root in dict.fromkeys([paths["purelib"], paths["platlib"]]):
             yield from _sources("site", Path(root), skip=_SKIP_DIRS - {"site-packages", "dist-packages"})
+    elif is_corpus_file(name):
+        yield from _jsonl_documents(Path(name).expanduser())
     else:
-        raise UserError(f"unknown built-in corpus {name!r}; choose from {list(BUILTIN)}")
+        raise UserError(f"unknown built-in corpus {name!r}; choose from {list(BUILTIN)} or give a .jsonl(.gz) file")
+
+
+def is_corpus_file(name: str) -> bool:
+    return name.endswith((".jsonl", ".jsonl.gz")) and Path(name).expanduser().is_file()
+
+
+def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise UserError(f'{path}:{n}: expected an object with a string field "text"')
+            yield str(rec.get("id") or f"{path.name}:{n}"), rec["text"]
 
 
 def _sources(prefix: str, root: Path, skip: set[str] = _SKIP_DIRS) -> Iterator[tuple[str, str]]:

@@ -67,6 +67,64 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Elementwise fusion: the small models this converts spend as much time in norms, RoPE and gates (a dozen
+# memory-bound kernels each, forward and backward) as in their matmuls. ``set_fused_elementwise(True)`` (the
+# trainer does it on CUDA) runs each of these functions as one torch.compile'd kernel pair for CUDA tensors;
+# the math is the same code, so eager and fused agree to rounding.
+# ----------------------------------------------------------------------------------------------------------------
+
+_FUSE = {"on": False}
+
+
+def set_fused_elementwise(on: bool) -> None:
+    """Fuse the elementwise blocks (RMSNorm, RoPE, SwiGLU, sigmoid gates) with torch.compile on CUDA."""
+    _FUSE["on"] = bool(on)
+
+
+def _fusable(fn):
+    compiled = []
+
+    def run(*args):
+        if _FUSE["on"] and args[0].is_cuda and compiled != [None]:
+            if not compiled:
+                compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
+            try:
+                return compiled[0](*args)
+            except Exception as e:  # a toolchain that cannot compile: eager from now on, said once
+                if torch.compiler.is_compiling():
+                    raise
+                logger.warning("%s: torch.compile failed (%s: %s); running it unfused", fn.__name__,
+                               type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                compiled[:] = [None]
+        return fn(*args)
+
+    run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn
+    return run
+
+
+@_fusable
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: weight · (x_fp32 · rsqrt(mean(x²) + eps)).to(dtype)."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@_fusable
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@_fusable
+def sigmoid_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return o * torch.sigmoid(gate)
+
+
+@_fusable
+def norm_sigmoid_gate(o: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor) -> torch.Tensor:
+    return rms_norm.__wrapped__(o, weight, eps) * torch.sigmoid(gate)
+
+
 class SalaRMSNorm(nn.Module):
     """RMSNorm in transformers' convention: weight · (x_fp32 · rsqrt(mean(x²) + eps)).to(dtype)."""
 
@@ -76,10 +134,7 @@ class SalaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class SalaRotaryEmbedding(nn.Module):
@@ -115,6 +170,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@_fusable
 def apply_rope(x_BTHD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
     cos, sin = cos_BTD.unsqueeze(2), sin_BTD.unsqueeze(2)
     return x_BTHD * cos + rotate_half(x_BTHD) * sin
@@ -128,8 +184,11 @@ class SalaMLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.silu:
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -362,7 +421,7 @@ class LightningAttention(_Projections):
             o = fused.out_norm_gate(o.flatten(2), self.z_proj(x), self.o_norm.weight, self.o_norm.variance_epsilon,
                                     backend="triton")
         else:
-            o = self.o_norm(o.flatten(2)) * torch.sigmoid(self.z_proj(x))
+            o = norm_sigmoid_gate(o.flatten(2), self.o_norm.weight, self.o_norm.variance_epsilon, self.z_proj(x))
         return self.o_proj(o)
 
 
@@ -396,7 +455,7 @@ class SparseAttention(_Projections):
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)
         o = self._attend(q, k, v, seq)
-        o = o.flatten(2) * torch.sigmoid(self.g_proj(x))
+        o = sigmoid_gate(o.flatten(2), self.g_proj(x))
         return self.o_proj(o)
 
     def _attend(self, q, k, v, seq: SeqInfo):
@@ -533,8 +592,10 @@ class SalaHybridDecoderLayer(GradientCheckpointingLayer):
         self.residual_scale = config.residual_scale
 
     def forward(self, hidden_states, rope, seq, cache=None):
-        h = hidden_states + self.residual_scale * self.self_attn(self.input_layernorm(hidden_states), rope, seq, cache)
-        return h + self.residual_scale * self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(hidden_states), rope, seq, cache)
+        h = hidden_states + (a if self.residual_scale == 1.0 else self.residual_scale * a)
+        m = self.mlp(self.post_attention_layernorm(h))
+        return h + (m if self.residual_scale == 1.0 else self.residual_scale * m)
 
 
 class SalaHybridPreTrainedModel(PreTrainedModel):

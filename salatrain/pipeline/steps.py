@@ -111,11 +111,12 @@ def _corpus(name, spec, step_dir, ctx) -> Prepared:
     command = ["corpus", *overrides(args), f"output_dir={format_value(str(step_dir))}"]
 
     def check():
-        from ..eval.text import BUILTIN
+        from ..eval.text import BUILTIN, is_corpus_file
 
-        bad = [s for s in args["sources"] if s not in BUILTIN]
+        bad = [s for s in args["sources"] if s not in BUILTIN and not is_corpus_file(str(s))]
         if bad:
-            raise UserError(f"step {name} (corpus): unknown source(s) {bad}; choose from {list(BUILTIN)}")
+            raise UserError(f"step {name} (corpus): unknown source(s) {bad}; choose from {list(BUILTIN)} or "
+                            "existing .jsonl(.gz) files")
 
     return Prepared(command, outputs, check, lambda: write_corpus(step_dir, **args))
 
@@ -123,7 +124,8 @@ def _corpus(name, spec, step_dir, ctx) -> Prepared:
 def write_corpus(out: Path, sources: list[str], max_train_bytes: int, max_heldout_bytes: int,
                  heldout_every: int) -> dict:
     """train.jsonl / heldout.jsonl ({"text": ...} per document) from built-in corpora, split by document id;
-    sources are interleaved document by document so a byte budget samples all of them."""
+    sources are interleaved document by document so a byte budget samples all of them. A source listed twice
+    is repeated in train.jsonl (a weight); held-out documents are written once."""
     from ..eval.text import builtin_documents, is_heldout
 
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +133,7 @@ def write_corpus(out: Path, sources: list[str], max_train_bytes: int, max_heldou
     sizes = {"train": 0, "heldout": 0}
     docs = {"train": 0, "heldout": 0}
     limits = {"train": max_train_bytes, "heldout": max_heldout_bytes}
+    seen: set[str] = set()
     with open(out / "train.jsonl", "w") as tr, open(out / "heldout.jsonl", "w") as ho:
         files = {"train": tr, "heldout": ho}
         while iters and any(sizes[k] < limits[k] for k in sizes):
@@ -141,8 +144,10 @@ def write_corpus(out: Path, sources: list[str], max_train_bytes: int, max_heldou
                     continue
                 doc_id, text = item
                 split = "heldout" if is_heldout(doc_id, heldout_every) else "train"
-                if sizes[split] >= limits[split] or not text.strip():
+                if sizes[split] >= limits[split] or not text.strip() or (split == "heldout" and doc_id in seen):
                     continue
+                if split == "heldout":
+                    seen.add(doc_id)
                 files[split].write(json.dumps({"text": text, "id": doc_id}) + "\n")
                 sizes[split] += len(text.encode())
                 docs[split] += 1

@@ -53,6 +53,7 @@ class TrainerSettings:
     export: bool = True  # write the HF checkpoint into output_dir at the end
     save_final: bool = True  # false (benchmarks): no checkpoint at the end, hence no export
     profile_steps: list[int] = field(default_factory=list)  # [first, last]: time phases, then one step's kernels
+    fuse_elementwise: bool = True  # CUDA: norms, RoPE, SwiGLU and gates as torch.compile'd kernels
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, copy_side_files
 from ..logging import RunLogger
+from ..models.modeling_sala_hybrid import set_fused_elementwise
 from . import engine, faults
 from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save_rng, tag, write_state
 from .config import TrainConfig, rows_per_step, validate
@@ -123,6 +124,7 @@ class Run:
         self.dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
         self.teacher = None
         if cfg.stage.loss == "mse_align":
+            set_fused_elementwise(cfg.trainer.fuse_elementwise and self.dist.device.type == "cuda")
             self.base = CheckpointDir(self._tokenizer_dir(), what="base model")
             if self.base.model_type == "sala_hybrid":
                 raise UserError(f"align needs the dense base model, got the hybrid checkpoint {self.base.path}")
@@ -131,6 +133,7 @@ class Run:
         else:
             self.base = None
             student = load_model(self.paths["model"], self.dtype)
+            set_fused_elementwise(cfg.trainer.fuse_elementwise and self.dist.device.type == "cuda")
             student.set_kernel_backend(cfg.model.kernel_backend)
             if not cfg.stage.sparse_attention:
                 disable_sparse(student)

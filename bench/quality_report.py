@@ -1,0 +1,131 @@
+"""Tables of bench/quality_gpu.sh runs: teacher vs each plan's hybrid on held-out prose and code perplexity and
+the retrieval probes, the tokens each step spent, and the distillation curve (KL against tokens).
+
+    python bench/quality_report.py --work /tmp/salatrain-quality --out bench-out [--seed 0]
+
+Reads <work>/<plan>-seed<N>/ (the pipeline folders); writes <out>/table.md, <out>/results.json and
+<out>/distill.png, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect(work: Path) -> dict:
+    runs = {}
+    for run in sorted(p for p in work.iterdir() if p.is_dir() and "-seed" in p.name):
+        ev, code = _json(run / "07_eval" / "eval.json"), _json(run / "08_eval_code" / "eval.json")
+        mixers = (_json(run / "04_convert" / "config.json") or {}).get("mixer_types") or []
+        steps = {}
+        for d in sorted(run.glob("0*_*")):
+            rep = _json(d / "stage_report.json")
+            if rep:
+                steps[d.name.split("_", 1)[1]] = {"tokens": rep.get("tokens"), "steps": rep.get("steps"),
+                                                  "final_loss": rep.get("final_loss"), "seconds": rep.get("seconds")}
+        curve = []
+        metrics = run / "05_distill" / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                r = json.loads(line)
+                if r.get("kl") is not None:
+                    curve.append((r["tokens"], r["kl"], r.get("tokens_per_s")))
+        runs[run.name] = {"eval": ev, "eval_code": code, "sparse_layers": [i for i, m in enumerate(mixers)
+                                                                          if m == "sparse_attention"],
+                          "steps": steps, "pipeline": _json(run / "pipeline.json"), "distill_curve": curve}
+    return runs
+
+
+def _ppl(ev, name):
+    if not ev or name not in ev["results"]:
+        return None
+    p = ev["results"][name]["perplexity"]
+    return next(iter(p.values()))["perplexity"] if p else None
+
+
+def table(runs: dict) -> str:
+    rows, teacher = [], None
+    lengths, tasks = [], []
+    for run_name, r in runs.items():
+        ev = r["eval"]
+        if not ev:
+            rows.append(f"| {run_name} | (no eval) |")
+            continue
+        names = [m["name"] for m in ev["models"]]
+        hybrid = names[0]
+        tasks = list(ev["results"][hybrid]["probes"])
+        lengths = list(next(iter(ev["results"][hybrid]["probes"].values()))) if tasks else []
+        for name in ([hybrid] if teacher else [hybrid, "teacher"]):
+            if name not in names:
+                continue
+            res = ev["results"][name]
+            prose, code = _ppl(ev, name), _ppl(r["eval_code"], name)
+            if name == "teacher":
+                teacher = (prose, code)
+            label = "teacher" if name == "teacher" else f"{run_name} {r['sparse_layers']}"
+            cells = [f"{prose:.2f}" if prose else "-", f"{code:.2f}" if code else "-"]
+            if name != "teacher" and teacher and prose and code:
+                cells = [f"{prose:.2f} ({prose / teacher[0]:.2f}×)", f"{code:.2f} ({code / teacher[1]:.2f}×)"]
+            for t in tasks:
+                for n in lengths:
+                    c = res["probes"][t][n]
+                    cells.append(f"{c['exact_match']:.2f} / {c['answer_logprob']:.2f}")
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    head = ["model (sparse layers)", "ppl prose @2K", "ppl code @2K"] + [f"{t} @{n}" for t in tasks for n in lengths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + rows
+    lines += ["", "Probe cells: exact match / mean answer log-probability; perplexity ratios against the teacher.",
+              "", "| run | step | tokens | steps | seconds |", "|---|---|---|---|---|"]
+    for run_name, r in runs.items():
+        for step, s in r["steps"].items():
+            lines.append(f"| {run_name} | {step} | {s['tokens']:,} | {s['steps']} | {s['seconds']} |")
+        curve = r["distill_curve"]
+        if curve:
+            tps = sorted(c[2] for c in curve if c[2])
+            lines.append(f"| {run_name} | distill median tokens/s | {tps[len(tps) // 2]:,.0f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in runs.items():
+        if r["distill_curve"]:
+            tokens, kl, _ = zip(*r["distill_curve"])
+            ax.plot([t / 1e6 for t in tokens], kl, label=name)
+    ax.set_xlabel("distillation tokens (millions)")
+    ax.set_ylabel("KL(teacher ‖ hybrid) per token")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", default=None)
+    args = ap.parse_args()
+    runs = collect(args.work)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(runs, indent=1))
+    text = table(runs)
+    (args.out / "table.md").write_text(text)
+    if any(r["distill_curve"] for r in runs.values()):
+        plot(runs, args.out / "distill.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
