@@ -58,6 +58,12 @@ with open(out / "heldout_prose.jsonl", "w") as prose, open(out / "heldout_code.j
 EOF
 fi
 C=$WORK/corpus
+# the fused elementwise kernels against eager on this GPU; unfused training if they disagree or fail
+if python3 -c "import torch; raise SystemExit(not torch.cuda.is_available())" && ! CUDA_VISIBLE_DEVICES=0 \
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_mixers.py -k fused_elementwise > "$OUT/fused_check.log" 2>&1; then
+  log "fused elementwise check failed ($OUT/fused_check.log): training unfused"
+  for s in align distill finetune; do EXTRA+=("steps.$s.args.trainer.fuse_elementwise=false"); done
+fi
 
 i=0; pids=()
 for plan in ${PLANS//,/ }; do

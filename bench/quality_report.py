@@ -52,6 +52,11 @@ def _ppl(ev, name):
 def table(runs: dict) -> str:
     rows, teacher = [], None
     lengths, tasks = [], []
+    for r in runs.values():  # the teacher first, so every hybrid row gets its ratios
+        if r["eval"] and "teacher" in r["eval"]["results"]:
+            teacher = (_ppl(r["eval"], "teacher"), _ppl(r["eval_code"], "teacher"))
+            break
+    teacher_row = None
     for run_name, r in runs.items():
         ev = r["eval"]
         if not ev:
@@ -61,16 +66,16 @@ def table(runs: dict) -> str:
         hybrid = names[0]
         tasks = list(ev["results"][hybrid]["probes"])
         lengths = list(next(iter(ev["results"][hybrid]["probes"].values()))) if tasks else []
-        for name in ([hybrid] if teacher else [hybrid, "teacher"]):
+        for name in ([hybrid] if teacher_row else ["teacher", hybrid]):
             if name not in names:
                 continue
             res = ev["results"][name]
             prose, code = _ppl(ev, name), _ppl(r["eval_code"], name)
             if name == "teacher":
-                teacher = (prose, code)
+                teacher_row = True
             label = "teacher" if name == "teacher" else f"{run_name} {r['sparse_layers']}"
             cells = [f"{prose:.2f}" if prose else "-", f"{code:.2f}" if code else "-"]
-            if name != "teacher" and teacher and prose and code:
+            if name != "teacher" and teacher and teacher[0] and teacher[1] and prose and code:
                 cells = [f"{prose:.2f} ({prose / teacher[0]:.2f}×)", f"{code:.2f} ({code / teacher[1]:.2f}×)"]
             for t in tasks:
                 for n in lengths:

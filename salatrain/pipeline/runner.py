@@ -180,6 +180,9 @@ def _summary(cfg: PipelineConfig, record: dict, steps: list[Step]) -> None:
     hybrid = next((s.prepared.outputs["hybrid"] for s in reversed(steps) if "hybrid" in s.prepared.outputs), None)
     if hybrid is None:
         return
+    gap = quality_gap(steps)
+    if gap:
+        print("\n" + gap)
     print(f"\nhybrid checkpoint (HF format): {hybrid}\n"
           f"  load: AutoModelForCausalLM.from_pretrained({hybrid!r}, trust_remote_code=True)")
     if cfg.continue_with:
@@ -187,3 +190,33 @@ def _summary(cfg: PipelineConfig, record: dict, steps: list[Step]) -> None:
               f"data.files=[<your data>] output_dir=<dir>\n"
               f"  or the whole conversion at full budget: salatrain pipeline recipe=halo model={record['model']} "
               "data=[<your data>] output_dir=<dir>")
+
+
+def quality_gap(steps: list[Step]) -> str | None:
+    """How far the pipeline's hybrid is from its teacher, from the last eval step's eval.json, in plain words,
+    with the budget the GPU recipe spends (docs/quality.md)."""
+    ev_path = next((Path(s.prepared.outputs["eval"]) for s in reversed(steps) if "eval" in s.prepared.outputs), None)
+    if ev_path is None or not ev_path.is_file():
+        return None
+    ev = json.loads(ev_path.read_text())
+    res = ev.get("results", {})
+    if "hybrid" not in res or "teacher" not in res:
+        return None
+    lines = ["how far the hybrid is from its teacher (held-out data):"]
+    for seq, p in res["hybrid"]["perplexity"].items():
+        t = res["teacher"]["perplexity"].get(seq)
+        if t:
+            lines.append(f"  perplexity @{seq}: {p['perplexity']:.1f} vs {t['perplexity']:.1f} "
+                         f"({p['perplexity'] / t['perplexity']:.1f}x the teacher's)")
+    for task, by_len in res["hybrid"]["probes"].items():
+        for length, v in by_len.items():
+            t = res["teacher"]["probes"].get(task, {}).get(length)
+            if t:
+                lines.append(f"  {task} @{length} exact match: {v['exact_match']:.2f} vs {t['exact_match']:.2f}")
+    trained = sum(json.loads((s.dir / "stage_report.json").read_text()).get("tokens", 0) for s in steps
+                  if s.kind == "train" and (s.dir / "stage_report.json").is_file())
+    lines.append(f"this run trained on {trained:,} tokens in all. Closing the gap takes a GPU budget: the recipe "
+                 "halo_smollm2 (bash bench/quality_gpu.sh plan=halo seed=0) distills SmolLM2-135M on tens of "
+                 "millions of tokens in under 25 minutes on one H200; what that reaches, and the tokens it "
+                 "needs: docs/quality.md")
+    return "\n".join(lines)
