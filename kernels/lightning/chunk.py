@@ -37,6 +37,7 @@ meant for tests. Offsets are int64 where they scale with T, so T * H * D may exc
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -84,10 +85,16 @@ def _mm(x, y, acc, IEEE: tl.constexpr):
     return r
 
 
+# Tuned results persist in Triton's cache directory where this Triton can (cache_results): every training
+# stage is a new process, and each would otherwise re-benchmark every config for every key it meets.
+_AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 @triton.autotune(
     configs=_CONFIGS,
     key=["H", "D", "IS_VARLEN", "IEEE", "N_HINT", "NTASK"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    **_AUTOTUNE_CACHE,
 )
 @triton.jit(do_not_specialize=[
     "x0_sa", "x0_sc", "rev0", "use_in0", "use_out0", "x1_sa", "x1_sc", "rev1", "use_in1", "use_out1",
