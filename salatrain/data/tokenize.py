@@ -13,8 +13,6 @@ import json
 
 from ..errors import UserError
 
-COLUMNS = ("input_ids", "loss_mask", "length")
-
 
 def encode_text(text: str, tokenizer, append_eos: bool) -> tuple[list[int], list[int]]:
     ids = tokenizer(text)["input_ids"]

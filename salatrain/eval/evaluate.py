@@ -25,7 +25,7 @@ from . import lm_eval_adapter
 from .config import EvalConfig
 from .loading import check_model_dir, load_model, resolve_device, resolve_dtype
 from .probes import TASKS, make_samples
-from ..logging import log_wandb_table, wandb_run
+from ..tracking import log_wandb_table, wandb_run
 from .report import check_output_file, check_wandb, format_table, write_json_atomic
 from .scoring import chance, perplexity, score_sample, summarize
 from .text import BUILTIN, builtin_documents, read_documents, token_windows

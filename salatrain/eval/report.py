@@ -1,5 +1,5 @@
 """Reporting shared by `salatrain eval` and `salatrain select`: plain-text tables, atomic JSON files and the W&B
-settings (runs are started by ``salatrain.logging.wandb_run``, only when the mode is not ``disabled``)."""
+settings (runs are started by ``salatrain.tracking.wandb_run``, only when the mode is not ``disabled``)."""
 
 from __future__ import annotations
 

@@ -249,9 +249,6 @@ class SalaHybridCache:
                 if t is not None:
                     store[i] = t.index_select(0, beam_idx.to(t.device))
 
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in (self.keys, self.values, self.states) for t in s if t is not None)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernel dispatch

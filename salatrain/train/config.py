@@ -21,7 +21,6 @@ from ..errors import UserError
 
 LOSSES = ("mse_align", "kl", "lm")
 SCHEDULES = ("constant", "linear", "cosine", "wsd", "exponential")
-RESUME_WORDS = ("auto", "never")
 
 
 @dataclass

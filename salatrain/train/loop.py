@@ -26,8 +26,8 @@ import torch
 
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, copy_side_files
-from ..logging import RunLogger
 from ..models.modeling_sala_hybrid import set_fused_elementwise
+from ..tracking import RunLogger
 from . import engine, faults
 from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save_rng, tag, write_state
 from .config import TrainConfig, rows_per_step, validate
