@@ -15,7 +15,6 @@ both passes; attention: 4·D per visible key, backward = 2.5x forward) against t
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 
@@ -38,10 +37,6 @@ BASELINES = {
 }
 
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import ensure_kernels_package  # noqa: E402
-
-ensure_kernels_package()
 from salatrain_kernels.infllm_v2 import (  # noqa: E402
     infllmv2_attn,
     infllmv2_block_attn_naive,
@@ -51,9 +46,10 @@ from salatrain_kernels.infllm_v2 import (  # noqa: E402
     infllmv2_select_naive,
     selection_margin,
 )
-from salatrain_kernels.infllm_v2.attention import AttnPlan, SparseAttnFn, window_split_exact  # noqa: E402
+from salatrain_kernels.infllm_v2.plan import AttnPlan, SparseAttnFn, window_split_exact  # noqa: E402
 from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, score_chunks, select_blocks  # noqa: E402
-from salatrain_kernels.infllm_v2.layout import DocLayout, SparseParams  # noqa: E402
+from salatrain_kernels.infllm_v2.layout import DocLayout  # noqa: E402
+from salatrain_kernels.infllm_v2.params import SparseParams  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ baselines

@@ -21,10 +21,6 @@ H, D, HIDDEN, CHUNK = 32, 128, 4096, 64
 EPS = 1e-6
 
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import ensure_kernels_package  # noqa: E402
-
-ensure_kernels_package()
 from salatrain_kernels.lightning import lightning_attn, lightning_attn_naive  # noqa: E402
 from salatrain_kernels.lightning.fused import (  # noqa: E402
     out_norm_gate, out_norm_gate_torch, qk_norm_rope, qk_norm_rope_torch,

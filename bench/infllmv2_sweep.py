@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infllmv2 import HKV, HQ, SALA, D  # noqa: E402  (also makes salatrain_kernels importable)
 
-import salatrain_kernels.infllm_v2.attention as attn  # noqa: E402
+import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
 from salatrain_kernels.infllm_v2 import infllmv2_attn  # noqa: E402
 
 VARIANTS = [

@@ -97,9 +97,6 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
     sys.path.insert(0, str(HERE))
-    import bench_common
-
-    bench_common.ensure_kernels_package()
     T_list = args.T or (QUICK_T if args.quick else DEFAULT_T)
     t0 = time.time()
     ceilings = measure_ceilings()

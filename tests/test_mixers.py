@@ -179,14 +179,13 @@ def test_model_mixers_agree_with_kernel_references(normalizer):
 def test_model_knows_which_block_geometries_the_triton_kernels_take():
     """The model's check (it picks the PyTorch path on CUDA for the rest) agrees with the kernels' own limits."""
     from salatrain.models.modeling_sala_hybrid import sparse_params_fit_triton
-    from salatrain_kernels.infllm_v2.layout import SparseParams
+    from salatrain_kernels.infllm_v2.params import triton_attention_ok, triton_scoring_ok
 
     seen = set()
     for bs in (8, 16, 24, 32, 48, 64, 128):
         for st in (2, 4, 6, 8, 16, 32):
             for ks in (st, 2 * st, 3 * st, 4 * st, 5 * st, st + 1):
-                p = SparseParams(block_size=bs, kernel_size=ks, kernel_stride=st)
-                ok = p.triton_scoring_ok() and p.triton_attention_ok()
+                ok = triton_scoring_ok(bs, ks, st) and triton_attention_ok(bs)
                 assert sparse_params_fit_triton(dict(block_size=bs, kernel_size=ks, kernel_stride=st)) == ok, (bs, ks, st)
                 seen.add(ok)
     assert seen == {True, False}

@@ -28,11 +28,14 @@ Selection is not differentiated (indices are constants): gradients flow through 
 When the visible set covers every block (t < K · B_s) the output equals dense causal attention. Heads of a
 GQA group share the visible blocks. No RoPE is applied here.
 
-Public API (each stage has a pure-PyTorch reference of the same signature in naive.py):
+Public API (each has a pure-PyTorch reference of the same signature, ``*_torch`` in naive.py, which is what
+backend="torch" runs and what the model runs without the kernels):
   infllmv2_attn(q, k, v, ...)                 the full op (interface.py)
   infllmv2_block_scores(q, k, ...)            (a) [B, HKV, Tq, NBM] fp32 block scores (score.py)
   infllmv2_select(block_scores, ...)          (b) [B, HKV, Tq, K] int32 visible blocks (selection.py)
-  infllmv2_block_attn(q, k, v, block_idx, ...) (c) attention over given blocks + dense rows (attention.py)
+  infllmv2_block_attn(q, k, v, block_idx, ...) (c) attention over given blocks + dense rows (attention.py:
+                                              window.py, gather.py, plan.py)
+  triton_geometry_problem(block_size, kernel_size, kernel_stride)   None, or why the kernels cannot take it
 How it runs (Triton; details in each module):
   scoring    one program = BQ queries x the G heads of a KV group (>= 128 rows): pass 1 log-sum-exp over the
              normaliser windows, pass 2 probabilities summed over the group and max-pooled into blocks; every
@@ -46,30 +49,32 @@ How it runs (Triton; details in each module):
              send the dense prefix to torch SDPA (FlashAttention).
 `python -m salatrain_kernels.infllm_v2.compile_check` compiles every kernel for sm_90 without a GPU.
 
-Triton limits: block_size a power of two >= 16; kernel_stride divides block_size (power-of-two ratio) and
-kernel_size; any head dim (padded to a power of two >= 16) and any G (padded to a power of two, >= 16 rows
-per tl.dot). backend="torch" accepts any parameters.
-"""
-from .attention import infllmv2_block_attn
-from .interface import infllmv2_attn
-from .naive import (
-    infllmv2_attn_naive,
-    infllmv2_block_attn_naive,
-    infllmv2_block_scores_naive,
-    infllmv2_select_naive,
-    selection_margin,
-)
-from .score import infllmv2_block_scores
-from .selection import infllmv2_select
+Triton limits: the block geometry in params.py (block_size a power of two >= 16; kernel_stride divides
+block_size with a power-of-two ratio, and kernel_size); any head dim (padded to a power of two >= 16) and any
+G (padded to a power of two, >= 16 rows per tl.dot). backend="torch" accepts any parameters.
 
-__all__ = [
-    "infllmv2_attn",
-    "infllmv2_block_scores",
-    "infllmv2_select",
-    "infllmv2_block_attn",
-    "infllmv2_attn_naive",
-    "infllmv2_block_scores_naive",
-    "infllmv2_select_naive",
-    "infllmv2_block_attn_naive",
-    "selection_margin",
-]
+Attributes load lazily, so the references (naive.py) import without Triton.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "infllmv2_attn": ".interface",
+    "infllmv2_block_scores": ".score",
+    "infllmv2_select": ".selection",
+    "infllmv2_block_attn": ".attention",
+    "triton_geometry_problem": ".params",
+    "infllmv2_attn_naive": ".naive",
+    "infllmv2_block_scores_naive": ".naive",
+    "infllmv2_select_naive": ".naive",
+    "infllmv2_block_attn_naive": ".naive",
+    "selection_margin": ".naive",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,9 +21,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention as A
+from . import gather as GA
+from . import plan as PL
 from . import score as S
 from . import selection as SEL
+from . import window as W
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -87,7 +89,7 @@ def jobs():
                               NBT=8 if small else 16, BCN=32 if small else 64, WRITE_ALL=False, PREC=prec)
                 out.append((f"scores {dt} {gname} {norm}", S._block_scores_kernel, score_args, consts,
                             tuned([(8, 2), (8, 3), (4, 2)])))
-            for kind, fn in (("fwd", A._gather_fwd_kernel), ("dq", A._gather_dq_kernel)):
+            for kind, fn in (("fwd", GA._gather_fwd_kernel), ("dq", GA._gather_dq_kernel)):
                 args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "o_ptr", "lse_ptr",
                         "delta_ptr", "dq_ptr"), **_ptrs("i32", "idx_ptr", "count_ptr", "rows_ptr", "row_pos_ptr",
                         "row_kbase_ptr"), **_ints("n_rows", "out_row_base", "stride_qr", "stride_qh", "stride_kr",
@@ -102,7 +104,7 @@ def jobs():
                     **_ints("num_gblocks", "stride_qr", "stride_qh", "stride_kr", "stride_kh", "stride_lr",
                             "stride_dkr", "stride_dkh"), "scale_log2": "fp32", "scale": "fp32"}
             consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, PREC=prec)
-            out.append((f"gather_dkdv {dt} {gname}", A._gather_dkdv_kernel, args, consts, [(8, 2)]))
+            out.append((f"gather_dkdv {dt} {gname}", GA._gather_dkdv_kernel, args, consts, [(8, 2)]))
         bm, bn, bmq = (64, 32, 32) if small else (128, 64, 64)
         common = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr"),
                   **_ptrs("fp32", "lse_ptr", "part_o_ptr", "part_lse_ptr", "delta_ptr", "part_ptr", "dk_ptr",
@@ -115,13 +117,13 @@ def jobs():
                           "stride_dkh"), "scale_log2": "fp32", "scale": "fp32"}
         for win, part in ((2048, True), (0, False)):
             local = dict(G=16, D=128, BD=128, BN=bn, BS=64, WIN=win, PREC=prec)
-            out.append((f"local_fwd {dt} win{win}", A._local_fwd_kernel, common, dict(local, BM=bm, HAS_PART=part),
+            out.append((f"local_fwd {dt} win{win}", W._local_fwd_kernel, common, dict(local, BM=bm, HAS_PART=part),
                         [(8, 2)] if small else [(8, 3), (8, 2)]))
-            out.append((f"local_dq {dt} win{win}", A._local_dq_kernel, common, dict(local, BM=bmq, HAS_PART=part),
+            out.append((f"local_dq {dt} win{win}", W._local_dq_kernel, common, dict(local, BM=bmq, HAS_PART=part),
                         [(4, 2)]))
-            out.append((f"local_dkdv {dt} win{win}", A._local_dkdv_kernel, common, dict(local, BM=bmq, NSPLIT=4),
+            out.append((f"local_dkdv {dt} win{win}", W._local_dkdv_kernel, common, dict(local, BM=bmq, NSPLIT=4),
                         [(8, 2)]))
-        out.append((f"delta {dt}", A._delta_kernel, {**_ptrs(dt, "o_ptr", "do_ptr"), **_ptrs("fp32", "delta_ptr"),
+        out.append((f"delta {dt}", PL._delta_kernel, {**_ptrs(dt, "o_ptr", "do_ptr"), **_ptrs("fp32", "delta_ptr"),
                     "n": "i32"}, dict(D=128, BD=128, BLOCK=64), [(4, 2)]))
     sel_args = {**_ptrs("fp32", "score_ptr", "tail_ptr"), **_ptrs("i32", "idx_ptr", "row_pos_ptr"),
                 **_ints("row_lo", "row_hi", "score_row_base", "num_blocks", "dense_len", "stride_sh", "stride_sr",

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttnPlan, SparseAttnFn, window_split_exact
-from .layout import DocLayout, SparseParams, check_qkv
+from ..utils import resolve_backend
+from .layout import DocLayout
 from .naive import infllmv2_attn_naive
-from .score import BlockScorer, resolve_backend
+from .params import SparseParams, check_qkv
+from .plan import AttnPlan, SparseAttnFn, window_split_exact
+from .score import BlockScorer
 from .selection import select_rows
 
 __all__ = ["infllmv2_attn", "select_blocks", "score_chunks", "dense_causal_sdpa"]
@@ -94,12 +96,9 @@ def infllmv2_attn(
             cu_seqlens=cu_seqlens, normalizer=normalizer, coarse_kernel_size=coarse_kernel_size,
             coarse_kernel_stride=coarse_kernel_stride,
         )
-    if not (params.triton_scoring_ok() and params.triton_attention_ok()):
-        raise ValueError(
-            "Triton InfLLM-V2 needs a power-of-two block_size >= 16, kernel_stride | block_size with a power-of-two "
-            "ratio, kernel_stride | kernel_size and kernel_size <= block_size + kernel_stride; got "
-            f"{block_size}/{kernel_size}/{kernel_stride} (use backend='torch')"
-        )
+    problem = params.geometry_problem()
+    if problem:
+        raise ValueError(f"{problem} (use backend='torch')")
     seqlen_q, dim = q.shape[1], q.shape[3]
     scale = dim**-0.5 if scale is None else scale
     prefix = min(dense_len, seqlen_q)

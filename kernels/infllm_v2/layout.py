@@ -1,4 +1,4 @@
-"""Plumbing shared by the InfLLM-V2 kernels: parameters, document layout, row/tile tables, key compression.
+"""Plumbing shared by the InfLLM-V2 kernels: document layout, row/tile tables, key compression.
 
 Every kernel works on flattened rows: query row r in [0, R = B·Tq) of q viewed as [R, HQ, D], key row in
 [0, B·Tk) of k viewed as [B·Tk, HKV, D]. A *document* is a batch element, or one cu_seqlens segment; a
@@ -7,105 +7,9 @@ per-document data, device side for per-row data) so kernels never branch on varl
 """
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
-
-POISON_OUTPUTS = False  # tests set this: fresh outputs start as NaN / INT_MIN so unwritten elements show
-
-
-def new_empty(shape, dtype, device) -> torch.Tensor:
-    """torch.empty, or a poisoned tensor when POISON_OUTPUTS is set."""
-    if not POISON_OUTPUTS:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products (tf32 would change which blocks win); 16-bit inputs use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@dataclass(frozen=True)
-class SparseParams:
-    """InfLLM-V2 settings (defaults: MiniCPM4 / SALA)."""
-
-    block_size: int = 64
-    kernel_size: int = 32
-    kernel_stride: int = 16
-    init_blocks: int = 1
-    topk: int = 64
-    window_size: int = 2048
-    dense_len: int = 8192
-    normalizer: str = "exact"
-    coarse_kernel_size: int | None = None
-    coarse_kernel_stride: int | None = None
-
-    def __post_init__(self):
-        for name in ("block_size", "kernel_size", "kernel_stride", "topk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("init_blocks", "window_size", "dense_len"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.normalizer not in ("exact", "coarse"):
-            raise ValueError(f"normalizer must be 'exact' or 'coarse', got {self.normalizer!r}")
-
-    @property
-    def num_selected(self) -> int:
-        """K: blocks visible to one sparse query (topk chosen incl. init + the local window's blocks)."""
-        return self.topk + self.window_size // self.block_size
-
-    @property
-    def coarse(self) -> tuple[int, int]:
-        """(kernel, stride) of the coarse compression that provides the 'coarse' softmax normaliser."""
-        return (self.coarse_kernel_size or 4 * self.kernel_size, self.coarse_kernel_stride or 4 * self.kernel_stride)
-
-    def triton_scoring_ok(self) -> bool:
-        """Scoring kernel: stride | block_size (power-of-two ratio), stride | kernel_size, windows span <= 2 blocks."""
-        ratio = self.block_size // self.kernel_stride
-        return (
-            self.block_size % self.kernel_stride == 0
-            and ratio == next_pow2(ratio)
-            and self.kernel_size % self.kernel_stride == 0
-            and self.kernel_size <= self.block_size + self.kernel_stride
-        )
-
-    def triton_attention_ok(self) -> bool:
-        return self.block_size >= 16 and self.block_size == next_pow2(self.block_size)
-
-
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cu_seqlens) -> None:
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q, k must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
-    if v is not None and v.shape != k.shape:
-        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"batch/head_dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"query heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
-    if q.dtype != k.dtype or (v is not None and v.dtype != k.dtype):
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {None if v is None else v.dtype}")
-    if q.shape[1] > k.shape[1]:
-        raise ValueError(f"Tq={q.shape[1]} must be <= Tk={k.shape[1]} (queries are the last Tq positions)")
-    if cu_seqlens is not None:
-        if q.shape[0] != 1 or q.shape[1] != k.shape[1]:
-            raise ValueError("cu_seqlens needs B = 1 and Tq = Tk")
-        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-            raise ValueError("cu_seqlens must be a 1-D int32 tensor [N+1]")
 
 
 def _int32(values, device) -> torch.Tensor:
@@ -255,50 +159,3 @@ def compress_keys(k_rows: torch.Tensor, window_rows: torch.Tensor, kernel_size: 
     taps = torch.arange(kernel_size, device=window_rows.device)
     members = k_rows.index_select(0, (window_rows[:, None] + taps).flatten())  # kernel/stride x the keys
     return members.view(window_rows.numel(), kernel_size, *k_rows.shape[1:]).mean(1, dtype=torch.float32).to(dtype)
-
-
-LOG2E = 1.0 / math.log(2.0)
-
-
-TUNE_MIN_ROWS = 16384
-
-
-class Tunable:
-    """A @triton.jit kernel and an autotuned twin over (num_warps, num_stages) candidates. The twin runs only
-    where speed matters (`should_tune`); everything else (tests, fp32, small groups, short sequences) runs one
-    fixed setting, so it compiles one variant and never benchmarks."""
-
-    def __init__(self, kernel, options: list[tuple[int, int]], key: list[str]):
-        self.kernel, self.options = kernel, options
-        configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in options]
-        self.tuned = triton.autotune(configs=configs, key=key)(kernel)
-
-    def launch(self, grid, tune: bool, *args, default: tuple[int, int] | None = None, **kwargs):
-        if tune and not interpreting():
-            self.tuned[grid](*args, **kwargs)
-        else:
-            warps, stages = default or self.options[0]
-            self.kernel[grid](*args, **kwargs, num_warps=warps, num_stages=stages)
-
-
-def should_tune(q_rows: torch.Tensor, group: int) -> bool:
-    """The production path: CUDA, 16-bit inputs, G >= 16, at least TUNE_MIN_ROWS query rows."""
-    return q_rows.is_cuda and q_rows.dtype != torch.float32 and group >= 16 and q_rows.shape[0] >= TUNE_MIN_ROWS
-
-
-# Reductions used inside the kernels. Compiled: the triton.language ones. Interpreted (CPU tests): the same
-# reduction through tl.reduce / tl.associative_scan with the standard combine functions, which the interpreter
-# runs in numpy directly; calling the @jit wrappers would re-patch the language on every call (~5 ms each).
-if interpreting():
-
-    def row_sum(x, axis):
-        return tl.reduce(x, axis, tl.standard._sum_combine)
-
-    def row_max(x, axis):
-        return tl.reduce(x, axis, tl.standard._elementwise_max)
-
-    def row_cumsum(x, axis):
-        return tl.associative_scan(x, axis, tl.standard._sum_combine)
-
-else:
-    row_sum, row_max, row_cumsum = tl.sum, tl.max, tl.cumsum

@@ -23,24 +23,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import (
+from ..utils import (
     LOG2E,
-    DocLayout,
-    SparseParams,
-    check_qkv,
-    compress_keys,
+    Tunable,
     dot_precision,
     interpreting,
     new_empty,
     next_pow2,
+    resolve_backend,
     row_max,
     row_sum,
     should_tune,
-    Tunable,
 )
+from .layout import DocLayout, compress_keys
 from .naive import infllmv2_block_scores_naive
+from .params import SparseParams, check_qkv, triton_scoring_ok
 
-__all__ = ["infllmv2_block_scores", "BlockScorer", "combine_tail", "resolve_backend"]
+__all__ = ["infllmv2_block_scores", "BlockScorer", "combine_tail"]
 
 
 @triton.jit
@@ -143,17 +142,6 @@ def _block_scores_kernel(
 _block_scores = Tunable(_block_scores_kernel, [(8, 2), (8, 3), (4, 2)], key=["G", "D", "BQ", "NKS", "R"])
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """'auto' -> Triton on CUDA tensors, the PyTorch reference elsewhere."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if tensor.is_cuda else "torch"
-    if backend == "triton" and not tensor.is_cuda and not interpreting():
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing)")
-    return backend
-
-
 class BlockScorer:
     """Compressed keys and per-document tables of one call; `run` scores a set of query tiles."""
 
@@ -171,7 +159,8 @@ class BlockScorer:
             nks, nstride, nfirst, ncount, self.kn = params.kernel_size, params.kernel_stride, cfirst, ccount, self.kc
         self.norm_kernel = (nks, nstride)
         nblocks = [-(-n // params.block_size) for n in layout.length]
-        self.docs = [layout.doc_tensor(x) for x in (cfirst, ccount, nfirst, ncount, nblocks)]
+        tables = dict(cfirst=cfirst, ccount=ccount, nfirst=nfirst, ncount=ncount, nblocks=nblocks)
+        self.docs = {f"doc_{name}_ptr": layout.doc_tensor(x) for name, x in tables.items()}
         self.num_blocks = layout.max_blocks(params.block_size)
         ratio = params.block_size // params.kernel_stride
         self.ratio, self.kernel_ratio = ratio, params.kernel_size // params.kernel_stride
@@ -201,12 +190,12 @@ class BlockScorer:
         nks, nstride = self.norm_kernel
         _block_scores.launch(
             (n_tiles, self.kv_heads), should_tune(q3, self.group),
-            q3, self.kc, self.kn, own, tail,
-            row0, nrows, docs, self.layout.row_pos, *self.docs,
-            n_tiles, row_base, own.shape[-1],
-            q3.stride(0), q3.stride(1), self.kc.stride(0), self.kc.stride(1), self.kn.stride(0), self.kn.stride(1),
-            own.stride(0), own.stride(1),
-            self.scale * LOG2E,
+            q_ptr=q3, kc_ptr=self.kc, kn_ptr=self.kn, out_ptr=own, tail_ptr=tail,
+            tile_row0_ptr=row0, tile_nrows_ptr=nrows, tile_doc_ptr=docs, row_pos_ptr=self.layout.row_pos,
+            **self.docs, n_tiles=n_tiles, row_base=row_base, num_blocks_out=own.shape[-1],
+            stride_qr=q3.stride(0), stride_qh=q3.stride(1), stride_cr=self.kc.stride(0), stride_ch=self.kc.stride(1),
+            stride_nr=self.kn.stride(0), stride_nh=self.kn.stride(1), stride_oh=own.stride(0), stride_or=own.stride(1),
+            scale_log2=self.scale * LOG2E,
             G=self.group, GP=self.group_pad, BQ=self.rows_per_tile, D=dim, BD=max(16, next_pow2(dim)),
             KS=self.params.kernel_size, KSTRIDE=self.params.kernel_stride, R=self.ratio, C=self.kernel_ratio,
             NKS=nks, NSTRIDE=nstride, NBT=self.blocks_per_tile, BCN=self.cols_per_step, WRITE_ALL=write_all,
@@ -251,14 +240,10 @@ def infllmv2_block_scores(
         cu_seqlens=cu_seqlens, normalizer=normalizer, coarse_kernel_size=coarse_kernel_size,
         coarse_kernel_stride=coarse_kernel_stride,
     )
-    backend = resolve_backend(backend, q)
-    if backend == "torch":
+    if resolve_backend(backend, q) == "torch":
         return infllmv2_block_scores_naive(q, k, **kwargs)
-    if not params.triton_scoring_ok():
-        raise ValueError(
-            "Triton scoring needs kernel_stride | block_size (power-of-two ratio), kernel_stride | kernel_size and "
-            "kernel_size <= block_size + kernel_stride; use backend='torch'"
-        )
+    if not triton_scoring_ok(block_size, kernel_size, kernel_stride):
+        raise ValueError(f"{params.geometry_problem()} (use backend='torch')")
     batch, seqlen_q, heads, dim = q.shape
     kv_heads = k.shape[2]
     scale = dim**-0.5 if scale is None else scale

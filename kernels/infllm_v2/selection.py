@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import DocLayout, SparseParams, new_empty, next_pow2, row_cumsum, row_sum
+from ..utils import new_empty, next_pow2, resolve_backend, row_cumsum, row_sum
+from .layout import DocLayout
 from .naive import infllmv2_select_naive
-from .score import resolve_backend
+from .params import SparseParams
 
 __all__ = ["infllmv2_select", "select_rows"]
 
@@ -100,9 +101,10 @@ def select_rows(
     grid = (triton.cdiv(row_hi - row_lo, rows_per_prog), kv_heads)
     k = params.num_selected
     _select_kernel[grid](
-        scores, scores if tail is None else tail, block_idx, layout.row_pos,
-        row_lo, row_hi, score_row_base, num_blocks, params.dense_len,
-        scores.stride(0), scores.stride(1), block_idx.stride(0), block_idx.stride(1),
+        score_ptr=scores, tail_ptr=scores if tail is None else tail, idx_ptr=block_idx, row_pos_ptr=layout.row_pos,
+        row_lo=row_lo, row_hi=row_hi, score_row_base=score_row_base, num_blocks=num_blocks,
+        dense_len=params.dense_len, stride_sh=scores.stride(0), stride_sr=scores.stride(1),
+        stride_ih=block_idx.stride(0), stride_ir=block_idx.stride(1),
         BS=params.block_size, INIT=params.init_blocks, WIN=params.window_size, K=k, KP=next_pow2(k),
         NBP=nbp, BR=rows_per_prog, SKIP_DENSE=skip_dense, HAS_TAIL=tail is not None,
         num_warps=4 if rows_per_prog * nbp <= 2048 else (8 if nbp <= 8192 else 16),

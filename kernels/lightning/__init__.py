@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import resolve_backend
 from .naive import lightning_attn_chunk_torch, lightning_attn_naive
 
 __all__ = ["lightning_attn", "lightning_attn_naive", "lightning_attn_chunk_torch"]
 
-BACKENDS = ("auto", "triton", "torch", "fla")
 MAX_HEAD_DIM = 256
 
 
@@ -61,14 +61,6 @@ def _validate(q, k, v, decay, initial_state, cu_seqlens):
     return num_seqs
 
 
-def _resolve_backend(backend, q):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if q.is_cuda else "torch"
-    return backend
-
-
 def _fla(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
     try:
         from fla.ops.simple_gla import chunk_simple_gla
@@ -85,7 +77,7 @@ def lightning_attn(q, k, v, decay, *, scale=None, initial_state=None, output_fin
     """Lightning attention (see the module docstring). Returns (o, final_state or None)."""
     num_seqs = _validate(q, k, v, decay, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = _resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, extra=("fla",))
     if backend == "torch":
         return lightning_attn_chunk_torch(q, k, v, decay, scale=scale, initial_state=initial_state,
                                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)

@@ -36,21 +36,18 @@ meant for tests. Offsets are int64 where they scale with T, so T * H * D may exc
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Test-only: fill every buffer the kernels are meant to overwrite with NaN, so an unwritten element shows.
-POISON = os.environ.get("SALATRAIN_KERNELS_POISON", "0") == "1"
+from ..utils import device_guard, interpreting, new_empty, next_pow2
+
 CHUNK = 64
 MAX_TASKS = 3
 
-if _INTERPRET:
+if interpreting():
     _CONFIGS = [triton.Config({"BV": 32}, num_warps=4, num_stages=1)]
 else:
     _CONFIGS = [
@@ -207,26 +204,21 @@ class ScanTask:
         d = a.shape[-1]
         self.x_strides = x_strides if x_strides is not None else (d, 1)
 
-    def args(self, dummy):
-        return (
-            self.a, self.b, self.c, self.out,
-            self.x_in if self.x_in is not None else dummy,
-            self.x_out if self.x_out is not None else dummy,
-            self.x_strides[0], self.x_strides[1],
-            int(self.reverse), int(self.x_in is not None), int(self.x_out is not None),
-        )
+    def args(self, i, dummy):
+        """The scan kernel's arguments of task slot i (absent states point at `dummy`)."""
+        return {
+            f"a{i}": self.a, f"b{i}": self.b, f"c{i}": self.c, f"o{i}": self.out,
+            f"x{i}_in": self.x_in if self.x_in is not None else dummy,
+            f"x{i}_out": self.x_out if self.x_out is not None else dummy,
+            f"x{i}_sa": self.x_strides[0], f"x{i}_sc": self.x_strides[1],
+            f"rev{i}": int(self.reverse), f"use_in{i}": int(self.x_in is not None),
+            f"use_out{i}": int(self.x_out is not None),
+        }
 
 
 def new_buffer(like, shape=None, dtype=None):
-    """torch.empty(_like), NaN-filled when POISON is on."""
-    dtype = like.dtype if dtype is None else dtype
-    out = torch.empty(like.shape if shape is None else shape, dtype=dtype, device=like.device)
-    return out.fill_(float("nan")) if POISON else out
-
-
-def device_guard(t):
-    """Launch on t's GPU even when another one is current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """An output buffer on like's device (like's shape and dtype unless given); poisoned in tests."""
+    return new_empty(like.shape if shape is None else shape, like.dtype if dtype is None else dtype, like.device)
 
 
 def _seq_bucket(num_seqs: int) -> int:
@@ -246,10 +238,10 @@ def run_scan(tasks, decay, scale, num_seqs, cu_seqlens=None):
             assert x.shape == (B, T, H, D) and x.is_contiguous()
         if t.x_out is not None:
             assert t.x_out.dtype == torch.float32 and t.x_out.is_contiguous()
-    BD = max(16, triton.next_power_of_2(D))
+    BD = max(16, next_pow2(D))
     padded = list(tasks) + [tasks[0]] * (MAX_TASKS - len(tasks))
     dummy = torch.empty(1, dtype=torch.float32, device=a.device)  # stands in for absent states
-    args = [x for t in padded for x in t.args(dummy)]
+    slots = {name: value for i, t in enumerate(padded) for name, value in t.args(i, dummy).items()}
     is_varlen = cu_seqlens is not None
 
     def grid(meta):
@@ -257,9 +249,8 @@ def run_scan(tasks, decay, scale, num_seqs, cu_seqlens=None):
 
     with device_guard(a):
         _scan_kernel[grid](
-            *args,
-            cu_seqlens if is_varlen else decay, decay, float(scale), T,
-            _seq_bucket(num_seqs), len(tasks), H,
+            **slots, cu_seqlens=cu_seqlens if is_varlen else decay, decay=decay, scale=float(scale), T=T,
+            N_HINT=_seq_bucket(num_seqs), NTASK=len(tasks), H=H,
             D=D, BD=BD, BT=CHUNK, IS_VARLEN=is_varlen, IEEE=a.dtype == torch.float32,
         )
 

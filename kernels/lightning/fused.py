@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import device_guard, new_buffer
+from ..utils import device_guard, next_pow2, resolve_backend
+from .chunk import new_buffer
 
 # Programs per launch: forwards take one row each; backwards loop over a few rows to bound the weight-gradient
 # partials ([programs, D] for q/k, [programs, H*D] for the output norm).
@@ -175,10 +176,11 @@ class QKNormRopeFunction(torch.autograd.Function):
         num_prog, per_prog = _programs(B * T, MAX_PROGRAMS_FWD)
         with device_guard(q):
             _qk_norm_rope_fwd_kernel[(num_prog,)](
-                q, k, qo, ko, q_weight, k_weight, cos, sin, B * T, T, cos_bstride, eps, per_prog,
-                HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
-                BD=triton.next_power_of_2(D),
-                num_warps=_row_warps(triton.next_power_of_2(max(HQ, HK)) * triton.next_power_of_2(D)))
+                q=q, k=k, qo=qo, ko=ko, qw=q_weight, kw=k_weight, cos=cos, sin=sin, n_tok=B * T, T=T,
+                cos_bstride=cos_bstride, eps=eps, TOK_PER_PROG=per_prog,
+                HQ=HQ, HK=HK, D=D, BHQ=next_pow2(HQ), BHK=next_pow2(HK),
+                BD=next_pow2(D),
+                num_warps=_row_warps(next_pow2(max(HQ, HK)) * next_pow2(D)))
         ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
         ctx.eps, ctx.cos_bstride = eps, cos_bstride
         return qo, ko
@@ -196,11 +198,11 @@ class QKNormRopeFunction(torch.autograd.Function):
         dkw = new_buffer(q, (num_prog, D), torch.float32)
         with device_guard(q):
             _qk_norm_rope_bwd_kernel[(num_prog,)](
-                q, k, dqo, dko, dq, dk, q_weight, k_weight, dqw, dkw, cos, sin,
-                B * T, T, ctx.cos_bstride, ctx.eps, per_prog,
-                HQ=HQ, HK=HK, D=D, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
-                BD=triton.next_power_of_2(D),
-                num_warps=_row_warps(triton.next_power_of_2(max(HQ, HK)) * triton.next_power_of_2(D)))
+                q=q, k=k, dqo=dqo, dko=dko, dq=dq, dk=dk, qw=q_weight, kw=k_weight, dqw_part=dqw, dkw_part=dkw,
+                cos=cos, sin=sin, n_tok=B * T, T=T, cos_bstride=ctx.cos_bstride, eps=ctx.eps, TOK_PER_PROG=per_prog,
+                HQ=HQ, HK=HK, D=D, BHQ=next_pow2(HQ), BHK=next_pow2(HK),
+                BD=next_pow2(D),
+                num_warps=_row_warps(next_pow2(max(HQ, HK)) * next_pow2(D)))
         return (dq, dk, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype), None, None, None)
 
 
@@ -263,10 +265,10 @@ class OutNormGateFunction(torch.autograd.Function):
         rows = o.numel() // N
         y = new_buffer(o)
         num_prog, per_prog = _programs(rows, MAX_PROGRAMS_FWD)
-        BN = triton.next_power_of_2(N)
+        BN = next_pow2(N)
         with device_guard(o):
-            _out_norm_gate_fwd_kernel[(num_prog,)](o, z, weight, y, rows, eps, per_prog, N=N, BN=BN,
-                                                    num_warps=_row_warps(BN))
+            _out_norm_gate_fwd_kernel[(num_prog,)](o=o, z=z, w=weight, y=y, n_rows=rows, eps=eps,
+                                                    ROWS_PER_PROG=per_prog, N=N, BN=BN, num_warps=_row_warps(BN))
         ctx.save_for_backward(o, z, weight)
         ctx.eps = eps
         return y
@@ -279,17 +281,12 @@ class OutNormGateFunction(torch.autograd.Function):
         do, dz = new_buffer(o), new_buffer(z)
         num_prog, per_prog = _programs(rows, MAX_PROGRAMS_OUT_BWD)
         dw = new_buffer(o, (num_prog, N), torch.float32)
-        BN = triton.next_power_of_2(N)
+        BN = next_pow2(N)
         with device_guard(o):
-            _out_norm_gate_bwd_kernel[(num_prog,)](o, z, weight, dy.contiguous(), do, dz, dw, rows, ctx.eps,
-                                                    per_prog, N=N, BN=BN, num_warps=_row_warps(BN))
+            _out_norm_gate_bwd_kernel[(num_prog,)](o=o, z=z, w=weight, dy=dy.contiguous(), do=do, dz=dz,
+                                                    dw_part=dw, n_rows=rows, eps=ctx.eps, ROWS_PER_PROG=per_prog,
+                                                    N=N, BN=BN, num_warps=_row_warps(BN))
         return do, dz, dw.sum(0).to(weight.dtype), None
-
-
-def _use_triton(backend, x):
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, *, backend="auto"):
@@ -298,7 +295,7 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, *, backend="auto"):
         raise ValueError(f"q, k must be [B, T, H, D] with equal B, T, D; got {tuple(q.shape)}, {tuple(k.shape)}")
     if q.shape[-1] % 2:
         raise ValueError("RoPE needs an even head dim")
-    if not _use_triton(backend, q):
+    if resolve_backend(backend, q) == "torch":
         return qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps)
     return QKNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, float(eps))
 
@@ -308,6 +305,6 @@ def out_norm_gate(o, z, weight, eps, *, backend="auto"):
     if o.shape != z.shape or weight.shape != (o.shape[-1],):
         raise ValueError(f"o, z must share a shape [..., N] and weight be [N]; got {tuple(o.shape)}, "
                          f"{tuple(z.shape)}, {tuple(weight.shape)}")
-    if not _use_triton(backend, o):
+    if resolve_backend(backend, o) == "torch":
         return out_norm_gate_torch(o, z, weight, eps)
     return OutNormGateFunction.apply(o, z, weight, float(eps))

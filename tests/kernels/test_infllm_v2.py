@@ -22,9 +22,9 @@ from salatrain_kernels.infllm_v2 import (
     infllmv2_block_scores_naive,
     infllmv2_select,
     infllmv2_select_naive,
-    layout,
     selection_margin,
 )
+from salatrain_kernels import utils
 
 SMALL = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=3, window_size=16, dense_len=32)
 SCORING = ("block_size", "kernel_size", "kernel_stride")
@@ -41,7 +41,7 @@ def pick(params, names):
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(layout, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(utils, "POISON", True)
 
 
 def make_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, dim, seed=0, dtype=torch.float32, device="cpu"):
@@ -207,9 +207,9 @@ def test_full_op_matches_reference(case):
 @interpreter
 def test_full_op_in_row_chunks(monkeypatch):
     """A tiny budget for the fp32 partial outputs forces several row chunks (varlen: chunks cut documents)."""
-    from salatrain_kernels.infllm_v2 import attention
+    from salatrain_kernels.infllm_v2 import plan
 
-    monkeypatch.setattr(attention, "PART_BUDGET_BYTES", 1024)  # chunks of one tile (64 rows)
+    monkeypatch.setattr(plan, "PART_BUDGET_BYTES", 1024)  # chunks of one tile (64 rows)
     q, k, v = make_qkv(1, 150, 150, 4, 2, 16, seed=11)
     kwargs = dict(SMALL, cu_seqlens=torch.tensor([0, 70, 81, 150], dtype=torch.int32))
     out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
@@ -222,9 +222,9 @@ def test_full_op_in_row_chunks(monkeypatch):
 @interpreter
 def test_full_op_gpu_code_path(monkeypatch):
     """One query per gather program and one 64-key block per step: the code path the GPU runs."""
-    from salatrain_kernels.infllm_v2 import attention
+    from salatrain_kernels.infllm_v2 import plan
 
-    monkeypatch.setattr(attention, "INTERPRETER_TOKENS", 1)
+    monkeypatch.setattr(plan, "INTERPRETER_TOKENS", 1)
     q, k, v = make_qkv(1, 200, 200, 2, 1, 16, seed=5)
     kwargs = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=2, window_size=64, dense_len=128)
     out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
@@ -253,8 +253,8 @@ def test_auto_backend_on_cpu_is_reference():
 
 
 def test_poisoning_is_active():
-    assert torch.isnan(layout.new_empty((3,), torch.float32, "cpu")).all()
-    assert (layout.new_empty((3,), torch.int32, "cpu") == torch.iinfo(torch.int32).min).all()
+    assert torch.isnan(utils.new_empty((3,), torch.float32, "cpu")).all()
+    assert (utils.new_empty((3,), torch.int32, "cpu") == torch.iinfo(torch.int32).min).all()
 
 
 @pytest.mark.parametrize(

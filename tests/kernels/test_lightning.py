@@ -10,8 +10,7 @@ import torch
 
 from salatrain_kernels.lightning import lightning_attn, lightning_attn_chunk_torch, lightning_attn_naive
 from salatrain_kernels.lightning.fused import out_norm_gate, out_norm_gate_torch, qk_norm_rope, qk_norm_rope_torch
-
-from salatrain_kernels.lightning import chunk as lightning_chunk
+from salatrain_kernels import utils
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -22,7 +21,7 @@ REF_DTYPE = torch.float64
 @pytest.fixture(autouse=True)
 def poison_fresh_buffers(monkeypatch):
     """Every buffer the kernels should overwrite starts as NaN, so an element they forget to write fails."""
-    monkeypatch.setattr(lightning_chunk, "POISON", True)
+    monkeypatch.setattr(utils, "POISON", True)
 
 
 def alibi_decay(H):

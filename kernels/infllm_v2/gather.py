@@ -1,0 +1,219 @@
+"""Gather kernels of stage (c): the listed blocks of each sparse query row, forward, dq and dk/dv.
+
+One program per (query, KV group) holds the G heads of the group as the rows of an [M, D] tile (M = G rounded
+up to a power of two, at least 16 for tl.dot) and walks the query's block list (only the entries before its
+local window when the window goes to the local tile kernels), loading each K/V block once for the whole
+group. For G < 16 the tile is padded to 16 rows: the MMA does 16/G times the useful work, while memory traffic
+per (query, group) — the real cost of gathered blocks — is unchanged. Under the interpreter a program takes
+TOK queries at once (block-diagonal tiles) to cut interpreter overhead; TOK = 1 is the GPU code path.
+
+dq walks the same lists. dk/dv use the transposed map (``AttnPlan.key_map``): the (group, block, query)
+entries sorted by (group, block) and cut into chunks; a program loads its K/V block once, gathers TP queries ×
+G heads of q/dO per step and adds dk/dv into fp32 buffers with atomics (so the last bits of dk/dv may vary run
+to run).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..utils import Tunable, row_max, row_sum
+
+
+@triton.jit
+def _query_rows(rows_ptr, n_rows, hk, G: tl.constexpr, M: tl.constexpr, TOK: tl.constexpr):
+    """The tile's rows (TOK queries × M head slots): query of each row, head, validity and query row (int64)."""
+    mm = tl.arange(0, TOK * M)
+    tok_m = mm // M
+    g = mm % M
+    heads = hk * G + g
+    row_m_ok = (tl.program_id(0) * TOK + tok_m < n_rows) & (g < G)
+    r_m = tl.load(rows_ptr + tl.program_id(0) * TOK + tok_m, mask=row_m_ok, other=0).to(tl.int64)
+    return tok_m, heads, row_m_ok, r_m
+
+
+@triton.jit
+def _key_lanes(rows_ptr, n_rows, count_ptr, row_pos_ptr, row_kbase_ptr, idx_ptr, hk,
+               stride_kr, stride_kh, stride_ih, stride_ir, stride_ch, TOK: tl.constexpr, BN: tl.constexpr):
+    """Per key lane of a step (TOK × BN): its query, offset jj in the step, and that query's position t_k, list
+    length n_k, first K/V element and block list; n_max = the longest list of the program."""
+    kk = tl.arange(0, TOK * BN)
+    tok_k = kk // BN
+    jj = kk % BN
+    if TOK == 1:  # one query per program (GPU): its row data are scalars, addresses stay simple
+        r_k = tl.load(rows_ptr + tl.program_id(0))
+        n_k = tl.load(count_ptr + hk * stride_ch + r_k)
+        n_max = n_k
+    else:  # several queries per program (interpreter): per key-lane copies of each query's row data
+        r_k = tl.load(rows_ptr + tl.program_id(0) * TOK + tok_k, mask=tl.program_id(0) * TOK + tok_k < n_rows, other=0)
+        n_k = tl.load(count_ptr + hk * stride_ch + r_k, mask=tl.program_id(0) * TOK + tok_k < n_rows, other=0)
+        n_max = row_max(n_k, 0)
+    t_k = tl.load(row_pos_ptr + r_k)
+    kv_base = tl.load(row_kbase_ptr + r_k).to(tl.int64) * stride_kr + hk * stride_kh
+    idx_k = idx_ptr + hk * stride_ih + r_k.to(tl.int64) * stride_ir
+    return tok_k, jj, n_k, n_max, t_k, kv_base, idx_k
+
+
+@triton.jit
+def _gathered_keys(idx_k, s0, n_k, t_k, jj, BS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """Key positions of list entries s0.. of a gather step (jj = 0..NBI·BS·TOK-1) and which are visible."""
+    if ONE_BLOCK:  # one block per step: a scalar block index
+        blk = tl.load(idx_k + s0)
+        kp = blk * BS + jj
+        k_ok = kp <= t_k
+    else:
+        slot = s0 + jj // BS
+        s_ok = slot < n_k
+        blk = tl.load(idx_k + slot, mask=s_ok, other=0)
+        kp = blk * BS + jj % BS
+        k_ok = s_ok & (kp <= t_k)
+    return kp, k_ok
+
+
+@triton.jit
+def _gather_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, count_ptr,
+    rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_or, stride_oh, stride_lr, stride_ih, stride_ir, stride_ch,
+    scale_log2,
+    G: tl.constexpr, M: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    NBI: tl.constexpr, PREC: tl.constexpr,
+):
+    # rows of the tile: TOK queries x M head slots; keys: TOK x (NBI blocks of BS keys), block-diagonal
+    BN: tl.constexpr = NBI * BS
+    hk = tl.program_id(1)
+    tok_m, heads, row_m_ok, r_m = _query_rows(rows_ptr, n_rows, hk, G, M, TOK)
+    tok_k, jj, n_k, n_max, t_k, kv_base, idx_k = _key_lanes(
+        rows_ptr, n_rows, count_ptr, row_pos_ptr, row_kbase_ptr, idx_ptr, hk,
+        stride_kr, stride_kh, stride_ih, stride_ir, stride_ch, TOK, BN)
+    d = tl.arange(0, BD)
+    dm = d < D
+    q = tl.load(q_ptr + (r_m * stride_qr + heads * stride_qh)[:, None] + d[None, :],
+                mask=row_m_ok[:, None] & dm[None, :], other=0.0)
+    same_tok = tok_m[:, None] == tok_k[None, :]
+    m_i = tl.full([TOK * M], float("-inf"), tl.float32)
+    l_i = tl.full([TOK * M], 0.0, tl.float32)
+    acc = tl.full([TOK * M, BD], 0.0, tl.float32)
+    for s0 in range(0, n_max, NBI):
+        kp, k_ok = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
+        kv_off = kv_base + kp.to(tl.int64) * stride_kr
+        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+        s = tl.where(same_tok & k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, row_max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + row_sum(p, 1)
+        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+    l_ok = l_i > 0
+    l_div = tl.where(l_ok, l_i, 1.0)
+    o = acc / l_div[:, None]
+    r_out = r_m - out_row_base
+    tl.store(o_ptr + (r_out * stride_or + heads * stride_oh)[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_m_ok[:, None] & dm[None, :])
+    tl.store(lse_ptr + r_out * stride_lr + heads, tl.where(l_ok, m_i + tl.log2(l_div), float("inf")),
+             mask=row_m_ok)
+
+
+@triton.jit
+def _gather_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, count_ptr,
+    rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_ih, stride_ir, stride_ch, stride_dqr, stride_dqh,
+    scale_log2, scale,
+    G: tl.constexpr, M: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    NBI: tl.constexpr, PREC: tl.constexpr,
+):
+    BN: tl.constexpr = NBI * BS
+    hk = tl.program_id(1)
+    tok_m, heads, row_m_ok, r_m = _query_rows(rows_ptr, n_rows, hk, G, M, TOK)
+    tok_k, jj, n_k, n_max, t_k, kv_base, idx_k = _key_lanes(
+        rows_ptr, n_rows, count_ptr, row_pos_ptr, row_kbase_ptr, idx_ptr, hk,
+        stride_kr, stride_kh, stride_ih, stride_ir, stride_ch, TOK, BN)
+    d = tl.arange(0, BD)
+    dm = d < D
+    qd_off = (r_m * stride_qr + heads * stride_qh)[:, None] + d[None, :]
+    qd_mask = row_m_ok[:, None] & dm[None, :]
+    q = tl.load(q_ptr + qd_off, mask=qd_mask, other=0.0)
+    do = tl.load(do_ptr + qd_off, mask=qd_mask, other=0.0)
+    lse = tl.load(lse_ptr + r_m * stride_lr + heads, mask=row_m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + r_m * stride_lr + heads, mask=row_m_ok, other=0.0)
+    same_tok = tok_m[:, None] == tok_k[None, :]
+    dq = tl.full([TOK * M, BD], 0.0, tl.float32)
+    for s0 in range(0, n_max, NBI):
+        kp, k_ok = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
+        kv_off = kv_base + kp.to(tl.int64) * stride_kr
+        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+        p = tl.where(same_tok & k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+    dq_off = ((r_m - out_row_base) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _gather_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    chunk_key_ptr, chunk_e0_ptr, chunk_e1_ptr, entry_row_ptr, gb_krow0_ptr, gb_kend_ptr,
+    row_pos_ptr, row_kbase_ptr,
+    num_gblocks,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_dkr, stride_dkh,
+    scale_log2, scale,
+    G: tl.constexpr, GP: tl.constexpr, TP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    M: tl.constexpr = TP * GP
+    c = tl.program_id(0)
+    key = tl.load(chunk_key_ptr + c)
+    e0 = tl.load(chunk_e0_ptr + c)
+    e1 = tl.load(chunk_e1_ptr + c)
+    hk = key // num_gblocks
+    gb = key % num_gblocks
+    krow0 = tl.load(gb_krow0_ptr + gb)
+    kend = tl.load(gb_kend_ptr + gb)
+    krow = krow0 + tl.arange(0, BS)
+    k_ok = krow < kend
+    d = tl.arange(0, BD)
+    dm = d < D
+    kv_off = krow.to(tl.int64) * stride_kr + hk * stride_kh
+    kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+    vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+    dk = tl.full([BS, BD], 0.0, tl.float32)
+    dv = tl.full([BS, BD], 0.0, tl.float32)
+    mm = tl.arange(0, M)
+    ti = mm // GP
+    g = mm % GP
+    heads = hk * G + g
+    for e in range(e0, e1, TP):
+        ent = e + ti
+        e_ok = (ent < e1) & (g < G)
+        r = tl.load(entry_row_ptr + ent, mask=e_ok, other=0)
+        q_krow = tl.load(row_kbase_ptr + r, mask=e_ok, other=0) + tl.load(row_pos_ptr + r, mask=e_ok, other=0)
+        r64 = r.to(tl.int64)
+        qd_off = (r64 * stride_qr + heads * stride_qh)[:, None] + d[None, :]
+        qd_mask = e_ok[:, None] & dm[None, :]
+        q = tl.load(q_ptr + qd_off, mask=qd_mask, other=0.0)
+        do = tl.load(do_ptr + qd_off, mask=qd_mask, other=0.0)
+        lse = tl.load(lse_ptr + r64 * stride_lr + heads, mask=e_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + r64 * stride_lr + heads, mask=e_ok, other=0.0)
+        s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, M]
+        vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
+        p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(vt, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    out_off = krow.to(tl.int64)[:, None] * stride_dkr + hk * stride_dkh + d[None, :]
+    out_mask = k_ok[:, None] & dm[None, :]
+    tl.atomic_add(dk_ptr + out_off, dk * scale, mask=out_mask)
+    tl.atomic_add(dv_ptr + out_off, dv, mask=out_mask)
+
+
+gather_fwd = Tunable(_gather_fwd_kernel, [(4, 3), (4, 2), (8, 3)], key=["G", "D", "BS", "NBI"])
+gather_dq = Tunable(_gather_dq_kernel, [(4, 2), (4, 3), (8, 2)], key=["G", "D", "BS", "NBI"])

@@ -1,0 +1,305 @@
+"""The launch plan of stage (c): row chunks, tile tables and launch settings of one attention call, and the
+forward and backward that run the window (window.py) and gather (gather.py) kernels from it.
+
+With a local window W > 0 a sparse row's softmax is split in two: the gather kernel writes its normalised
+partial output and log-sum-exp (fp32, for one chunk of rows at a time: PART_BUDGET_BYTES), the local kernel
+starts its online softmax from them and writes the final row. The backward needs no merge beyond dq: with the
+final lse and delta = rowsum(dO·O), the two key sets contribute independently (dq partials merged the same
+way as o). Gathered dk/dv run over the transposed block lists (`key_map`) in chunks of at most DKDV_CHUNK
+queries per block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import LOG2E, dot_precision, interpreting, new_empty, next_pow2, row_sum, should_tune
+from .gather import _gather_dkdv_kernel, gather_dq, gather_fwd
+from .layout import DocLayout
+from .window import _local_dkdv_kernel, _local_dq_kernel, local_fwd
+
+__all__ = ["AttnPlan", "SparseAttnFn", "sort_block_lists", "window_split_exact"]
+
+DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks)
+INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
+PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
+
+
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, n, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr):
+    """delta[i] = sum_d o[i, d] · do[i, d] over the flattened (row, head) pairs."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, BD)
+    mask = (i < n)[:, None] & (d < D)[None, :]
+    off = i.to(tl.int64)[:, None] * D + d[None, :]
+    o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + i, row_sum(o * do, 1), mask=i < n)
+
+
+def _qk_strides(q3: torch.Tensor, k3: torch.Tensor) -> dict:
+    return dict(stride_qr=q3.stride(0), stride_qh=q3.stride(1), stride_kr=k3.stride(0), stride_kh=k3.stride(1))
+
+
+@dataclass
+class RowChunk:
+    """Rows [lo, hi): local tiles (first row, rows, doc) for the forward and for dq (their own tile height),
+    and the sparse rows gathered, latest first."""
+
+    lo: int
+    hi: int
+    tiles: tuple
+    sparse_rows: torch.Tensor
+    dq_tiles: tuple
+
+
+class AttnPlan:
+    """Row/tile tables and launch settings of one attention call (shared by forward and backward).
+
+    local_window > 0 moves each sparse row's window blocks to the local tile kernels; it is exact only when
+    the visible set always contains the whole window (the caller checks; see `window_split_exact`).
+    """
+
+    def __init__(self, layout: DocLayout, heads: int, kv_heads: int, dim: int, dtype, block_size: int,
+                 scale: float, dense_len: int, local_window: int = 0, part_budget_bytes: int | None = None):
+        self.layout, self.heads, self.kv_heads, self.dim = layout, heads, kv_heads, dim
+        self.group = heads // kv_heads
+        self.block_size, self.scale, self.dense_len = block_size, scale, dense_len
+        self.prec = dot_precision(dtype)
+        self.bd = max(16, next_pow2(dim))
+        # tile sizes: 16-bit inputs use tensor-core tiles; fp32 ("ieee" FMA dots, tests only) small ones that
+        # keep shared memory far below the limit; the interpreter takes big tiles (fewer steps)
+        small = self.prec == "ieee" and not interpreting()
+        self.tile_m = 64 if interpreting() or small or self.bd > 128 else 128
+        self.local_bn = 32 if small else 64
+        # dq takes its own (smaller) tiles; the interpreter uses a height unlike tile_m so CPU tests cover that
+        self.dq_tile_m = 32 if small or interpreting() else 64
+        self.fwd_config = (8, 2) if small else ((8, 3) if self.tile_m == 128 else (4, 2))
+        self.gather_rows = max(16, next_pow2(self.group))
+        self.blocks_per_step = max(1, 64 // block_size)  # 64-key tiles (the interpreter takes a whole list)
+        self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
+        self.dkdv_chunk = 4096 if interpreting() else DKDV_CHUNK
+        # gathered dk/dv: query rows (TP queries x G heads, padded) per step; local dk/dv: programs per group
+        self.dkdv_rows = 256 if interpreting() else (32 if self.prec == "ieee" else 64)
+        self.dkdv_nsplit = min(self.group, 4)
+        # local dk/dv: key tile x query step (Triton's flash-attention backward uses 128 keys x 32 queries; the
+        # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
+        wide_keys = not small and self.bd <= 128
+        self.dkdv_bn, self.dkdv_bm = (128, 32) if wide_keys else (self.local_bn, self.dq_tile_m)
+        has_sparse = any(p0 + n > dense_len for p0, n in zip(layout.qpos0, layout.qlen))
+        self.window = local_window if has_sparse else 0
+        rows = layout.num_rows
+        if self.window:
+            budget = PART_BUDGET_BYTES if part_budget_bytes is None else part_budget_bytes
+            per_chunk = max(self.tile_m, budget // (4 * heads * (dim + 1)))
+            bounds = [(lo, min(lo + per_chunk, rows)) for lo in range(0, rows, per_chunk)]
+            local_pos_hi = 2**62
+        else:
+            bounds, local_pos_hi = [(0, rows)], dense_len
+        self.chunks = [
+            RowChunk(lo, hi, layout.tiles(self.tile_m, 0, local_pos_hi, lo, hi), layout.rows(dense_len, 2**62, lo, hi),
+                     layout.tiles(self.dq_tile_m, 0, local_pos_hi, lo, hi))
+            for lo, hi in bounds
+        ]
+        qend = [p0 + n for p0, n in zip(layout.qpos0, layout.qlen)]
+        self.key_hi = [n if self.window else min(e, dense_len) for n, e in zip(layout.length, qend)]
+        tables = dict(kstart=layout.kstart, len=layout.length, qstart=layout.qstart, qpos0=layout.qpos0, qend=qend)
+        self.docs = {f"doc_{name}_ptr": layout.doc_tensor(x) for name, x in tables.items()}
+        self.row_tables = dict(row_pos_ptr=layout.row_pos, row_kbase_ptr=layout.row_kbase)
+
+    def list_lengths(self, idx3: torch.Tensor) -> torch.Tensor:
+        """Entries of each list the gather kernels take [HKV, R] int32: the valid ones (listed first),
+        before the local window when there is one."""
+        valid = idx3 >= 0
+        if self.window:
+            first_local = torch.clamp(self.layout.row_pos.long() - self.window + 1, min=0) // self.block_size
+            valid &= idx3 < first_local[None, :, None]
+        return valid.sum(-1, dtype=torch.int32)
+
+    def _blocks_per_step(self, k_slots: int) -> int:
+        return next_pow2(k_slots) if interpreting() and self.tokens_per_prog > 1 else self.blocks_per_step
+
+    def _gather_meta(self, k_slots):
+        return dict(G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,
+                    BS=self.block_size, NBI=self._blocks_per_step(k_slots), PREC=self.prec)
+
+    def _local_meta(self, tile_m=None):
+        return dict(G=self.group, D=self.dim, BD=self.bd, BM=tile_m or self.tile_m, BN=self.local_bn,
+                    BS=self.block_size, WIN=self.window, PREC=self.prec)
+
+    # forward ------------------------------------------------------------------------------------------
+    def forward(self, q3, k3, v3, idx3):
+        rows = q3.shape[0]
+        o = new_empty(q3.shape, q3.dtype, q3.device)
+        lse = new_empty((rows, self.heads), torch.float32, q3.device)
+        counts = self.list_lengths(idx3)
+        scale_log2 = self.scale * LOG2E
+        tune = should_tune(q3, self.group)
+        for ch in self.chunks:
+            part_o, part_lse, base = o, lse, 0
+            n_sparse = ch.sparse_rows.numel()
+            if n_sparse and self.window:
+                part_o = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device)
+                part_lse = new_empty((ch.hi - ch.lo, self.heads), torch.float32, q3.device)
+                base = ch.lo
+            if n_sparse:
+                gather_fwd.launch(
+                    (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
+                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, idx_ptr=idx3, count_ptr=counts,
+                    rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables, out_row_base=base,
+                    **_qk_strides(q3, k3), stride_or=part_o.stride(0), stride_oh=part_o.stride(1),
+                    stride_lr=part_lse.stride(0), stride_ih=idx3.stride(0), stride_ir=idx3.stride(1),
+                    stride_ch=counts.stride(0), scale_log2=scale_log2, **self._gather_meta(idx3.shape[-1]),
+                )
+            row0, nrows, _ = ch.tiles
+            if row0.numel():
+                local_fwd.launch(
+                    (row0.numel(), self.heads), tune and self.tile_m == 128,
+                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=o, lse_ptr=lse, part_o_ptr=part_o, part_lse_ptr=part_lse,
+                    tile_row0_ptr=row0, tile_nrows_ptr=nrows, **self.row_tables,
+                    n_tiles=row0.numel(), part_row_base=base, dense_len=self.dense_len,
+                    **_qk_strides(q3, k3), stride_or=o.stride(0), stride_oh=o.stride(1), stride_lr=lse.stride(0),
+                    stride_pr=part_o.stride(0), stride_ph=part_o.stride(1), stride_plr=part_lse.stride(0),
+                    scale_log2=scale_log2, **self._local_meta(), HAS_PART=bool(n_sparse and self.window),
+                    default=self.fwd_config,
+                )
+        return o, lse
+
+    # backward -----------------------------------------------------------------------------------------
+    def backward(self, do3, q3, k3, v3, o3, lse, idx3):
+        rows_heads = q3.shape[0] * self.heads
+        delta = torch.empty((q3.shape[0], self.heads), dtype=torch.float32, device=q3.device)
+        _delta_kernel[(triton.cdiv(rows_heads, 64),)](o_ptr=o3, do_ptr=do3, delta_ptr=delta, n=rows_heads,
+                                                      D=self.dim, BD=self.bd, BLOCK=64)
+        dq = new_empty(q3.shape, q3.dtype, q3.device)
+        dk = torch.zeros(k3.shape, dtype=torch.float32, device=k3.device)
+        dv = torch.zeros(k3.shape, dtype=torch.float32, device=k3.device)
+        counts = self.list_lengths(idx3)
+        grads = dict(q_ptr=q3, k_ptr=k3, v_ptr=v3, do_ptr=do3, lse_ptr=lse, delta_ptr=delta, **_qk_strides(q3, k3),
+                     stride_lr=lse.stride(0), scale_log2=self.scale * LOG2E, scale=self.scale)
+        wide = self.bd >= 128
+        tune = should_tune(q3, self.group)
+        for ch in self.chunks:
+            part, base = dq, 0
+            n_sparse = ch.sparse_rows.numel()
+            if n_sparse and self.window:
+                part, base = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device), ch.lo
+            if n_sparse:
+                gather_dq.launch(
+                    (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
+                    **grads, dq_ptr=part, idx_ptr=idx3, count_ptr=counts, rows_ptr=ch.sparse_rows, n_rows=n_sparse,
+                    **self.row_tables, out_row_base=base, stride_ih=idx3.stride(0), stride_ir=idx3.stride(1),
+                    stride_ch=counts.stride(0), stride_dqr=part.stride(0), stride_dqh=part.stride(1),
+                    **self._gather_meta(idx3.shape[-1]),
+                )
+            row0, nrows, _ = ch.dq_tiles  # tiles of dq_tile_m rows: the kernel's BM must cover each tile
+            if row0.numel():
+                _local_dq_kernel[(row0.numel(), self.heads)](
+                    **grads, dq_ptr=dq, part_ptr=part, tile_row0_ptr=row0, tile_nrows_ptr=nrows, **self.row_tables,
+                    n_tiles=row0.numel(), part_row_base=base, dense_len=self.dense_len,
+                    stride_pr=part.stride(0), stride_ph=part.stride(1),
+                    **self._local_meta(self.dq_tile_m), HAS_PART=bool(n_sparse and self.window),
+                    num_warps=4, num_stages=2,
+                )
+        kdoc, kstart = self.layout.key_tiles(self.dkdv_bn, self.key_hi)
+        if kdoc.numel():
+            nsplit = self.dkdv_nsplit
+            _local_dkdv_kernel[(kdoc.numel(), self.kv_heads, nsplit)](
+                **grads, dk_ptr=dk, dv_ptr=dv, ktile_doc_ptr=kdoc, ktile_start_ptr=kstart, **self.docs,
+                dense_len=self.dense_len, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
+                **dict(self._local_meta(self.dkdv_bm), BN=self.dkdv_bn), NSPLIT=nsplit,
+                num_warps=8 if wide else 4, num_stages=2,
+            )
+        if any(ch.sparse_rows.numel() for ch in self.chunks):
+            self._gather_dkdv(grads, idx3, counts, dk, dv, 8 if wide else 4)
+        return dq, dk.to(k3.dtype), dv.to(v3.dtype)
+
+    def _gather_dkdv(self, grads, idx3, counts, dk, dv, num_warps):
+        chunks, entry_row, gb_krow0, gb_kend, num_gblocks = self.key_map(idx3, counts)
+        if chunks[0].numel() == 0:
+            return
+        group_pad = next_pow2(self.group)
+        per_step = max(1, self.dkdv_rows // group_pad)
+        _gather_dkdv_kernel[(chunks[0].numel(),)](
+            **grads, dk_ptr=dk, dv_ptr=dv, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1], chunk_e1_ptr=chunks[2],
+            entry_row_ptr=entry_row, gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend, **self.row_tables,
+            num_gblocks=num_gblocks, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
+            G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, PREC=self.prec,
+            num_warps=num_warps, num_stages=2,
+        )
+
+    def key_map(self, idx3, counts):
+        """Transposed block lists: (group, global block) -> the sparse rows that selected it, in chunks.
+
+        Only the entries the gather kernels take (the first `counts` of each list). Returns ((chunk key, first
+        entry, end entry), entry_row, block first key row, block end key row, number of global blocks);
+        chunk key = group · num_gblocks + global block.
+        """
+        layout = self.layout
+        rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()
+        base, gb_krow0, gb_kend = layout.global_blocks(self.block_size)
+        num_gblocks = gb_krow0.numel()
+        row_doc_base = torch.repeat_interleave(
+            layout.doc_tensor(base), layout.doc_tensor(layout.qlen).long(), output_size=layout.num_rows
+        )
+        lists = idx3.index_select(1, rows)  # [HKV, NS, K]
+        taken = torch.arange(lists.shape[-1], device=idx3.device) < counts.index_select(1, rows)[..., None]
+        n_keys = self.kv_heads * num_gblocks
+        key_dtype = torch.int32 if n_keys < 2**31 - 1 else torch.int64
+        heads_off = (torch.arange(self.kv_heads, device=idx3.device) * num_gblocks)[:, None, None]
+        keys = (lists + row_doc_base[rows][None, :, None] + heads_off).to(key_dtype)
+        keys = torch.where(taken, keys, torch.full_like(keys, n_keys)).flatten()
+        sorted_keys, order = torch.sort(keys)
+        counts_per_key = torch.bincount(sorted_keys.long(), minlength=n_keys + 1)[:n_keys]
+        n_entries = int(counts_per_key.sum())
+        entry_row = rows[(order[:n_entries] // lists.shape[-1]) % rows.numel()].int()
+        starts = torch.cumsum(counts_per_key, 0) - counts_per_key
+        per_key = (counts_per_key + self.dkdv_chunk - 1) // self.dkdv_chunk
+        n_chunks = int(per_key.sum())
+        chunk_key = torch.repeat_interleave(torch.arange(n_keys, device=idx3.device), per_key, output_size=n_chunks)
+        first_chunk = torch.cumsum(per_key, 0) - per_key
+        within = torch.arange(n_chunks, device=idx3.device) - first_chunk[chunk_key]
+        e0 = starts[chunk_key] + within * self.dkdv_chunk
+        e1 = torch.minimum(e0 + self.dkdv_chunk, starts[chunk_key] + counts_per_key[chunk_key])
+        chunks = (chunk_key.int(), e0.int(), e1.int())
+        return chunks, entry_row, gb_krow0, gb_kend, num_gblocks
+
+
+def window_split_exact(init_blocks: int, topk: int, window_size: int, block_size: int) -> bool:
+    """The window's blocks (at most (W-1)//B_s + 2) plus the init blocks always fit in K: every visible set
+    contains the whole local window, so it can be computed by the local tile kernels."""
+    num_selected = topk + window_size // block_size
+    return window_size > 0 and init_blocks + (window_size - 1) // block_size + 2 <= num_selected
+
+
+class SparseAttnFn(torch.autograd.Function):
+    """o = attention(q, k, v) over dense rows and listed blocks; block lists are constants."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx3, plan: AttnPlan):
+        batch, seqlen_q, heads, dim = q.shape
+        q3 = q.contiguous().view(batch * seqlen_q, heads, dim)
+        k3 = k.contiguous().view(-1, k.shape[2], dim)
+        v3 = v.contiguous().view(-1, v.shape[2], dim)
+        o3, lse = plan.forward(q3, k3, v3, idx3)
+        ctx.save_for_backward(q3, k3, v3, o3, lse, idx3)
+        ctx.plan, ctx.shapes = plan, (q.shape, k.shape)
+        return o3.view(q.shape)
+
+    @staticmethod
+    def backward(ctx, do):
+        q3, k3, v3, o3, lse, idx3 = ctx.saved_tensors
+        q_shape, k_shape = ctx.shapes
+        do3 = do.contiguous().view(q3.shape)
+        dq, dk, dv = ctx.plan.backward(do3, q3, k3, v3, o3, lse, idx3)
+        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), None, None
+
+
+def sort_block_lists(idx3: torch.Tensor) -> torch.Tensor:
+    """Valid entries first in ascending order, -1 after: the layout the kernels walk."""
+    big = torch.iinfo(torch.int32).max
+    ordered = torch.sort(torch.where(idx3 < 0, big, idx3), dim=-1).values
+    return torch.where(ordered == big, -1, ordered).int()
