@@ -15,10 +15,26 @@ both passes; attention: 4·D per visible key, backward = 2.5x forward) against t
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
 import torch
+
+from salatrain_kernels.infllm_v2 import (
+    infllmv2_attn,
+    infllmv2_block_scores,
+    infllmv2_block_scores_torch,
+    infllmv2_select,
+    infllmv2_select_torch,
+)
+from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, score_chunks, select_blocks
+from salatrain_kernels.infllm_v2.layout import DocLayout
+from salatrain_kernels.infllm_v2.params import SparseParams
+from salatrain_kernels.infllm_v2.plan import AttnPlan, SparseAttnFn, window_split_exact
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
+from tests.helpers.naive import infllmv2_block_attn_naive, selection_margin  # noqa: E402  (as the kernel tests)
 
 HQ, HKV, D = 32, 2, 128
 SALA = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=64, window_size=2048, dense_len=8192)
@@ -35,21 +51,6 @@ BASELINES = {
     "fla parallel_nsa top16x64": "fla.ops.nsa.parallel_nsa: compression attention + top-16 selection of 64-token "
                                  "blocks + selected attention (window 0); skipped when fla is not installed",
 }
-
-
-from salatrain_kernels.infllm_v2 import (  # noqa: E402
-    infllmv2_attn,
-    infllmv2_block_attn_naive,
-    infllmv2_block_scores,
-    infllmv2_block_scores_naive,
-    infllmv2_select,
-    infllmv2_select_naive,
-    selection_margin,
-)
-from salatrain_kernels.infllm_v2.plan import AttnPlan, SparseAttnFn, window_split_exact  # noqa: E402
-from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, score_chunks, select_blocks  # noqa: E402
-from salatrain_kernels.infllm_v2.layout import DocLayout  # noqa: E402
-from salatrain_kernels.infllm_v2.params import SparseParams  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ baselines
@@ -107,8 +108,8 @@ def gate(device, dtype, normalizer):
     sel_kw = {n: GATE[n] for n in ("block_size", "init_blocks", "topk", "window_size")}
     sel_kw["seqlen_k"] = T
     idx = infllmv2_select(infllmv2_block_scores(q, k, backend="triton", **score_kw), backend="triton", **sel_kw)
-    ref_scores = infllmv2_block_scores_naive(q.float(), k.float(), **score_kw)
-    ref_idx = infllmv2_select_naive(ref_scores, **sel_kw)
+    ref_scores = infllmv2_block_scores_torch(q.float(), k.float(), **score_kw)
+    ref_idx = infllmv2_select_torch(ref_scores, **sel_kw)
     mismatch = (idx != ref_idx).any(-1)[..., GATE["dense_len"]:].float().mean().item()
     margin = selection_margin(idx, ref_scores, **sel_kw)[..., GATE["dense_len"]:].min().item()
     allowed = (6e-2 if dtype != torch.float32 else 1e-5) * ref_scores[torch.isfinite(ref_scores)].abs().max().item()

@@ -17,14 +17,14 @@ import sys
 
 import torch
 
+from salatrain_kernels.lightning import lightning_attn
+from salatrain_kernels.lightning.fused import out_norm_gate, out_norm_gate_torch, qk_norm_rope, qk_norm_rope_torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
+from tests.helpers.naive import lightning_naive  # noqa: E402  (the oracle the kernel tests use)
+
 H, D, HIDDEN, CHUNK = 32, 128, 4096, 64
 EPS = 1e-6
-
-
-from salatrain_kernels.lightning import lightning_attn, lightning_attn_naive  # noqa: E402
-from salatrain_kernels.lightning.fused import (  # noqa: E402
-    out_norm_gate, out_norm_gate_torch, qk_norm_rope, qk_norm_rope_torch,
-)
 
 
 def fla_core():
@@ -135,8 +135,8 @@ def gate_core(device, dtype):
     cu = torch.tensor([0, 100, 401, T], dtype=torch.int32, device=device)
     decay = alibi_decay(nh, device)
     got = _core_outputs(lightning_attn, q, k, v, decay, h0, do, cu, backend="triton")
-    ref = _core_outputs(lightning_attn_naive, *(x.float() for x in (q, k, v)), decay, h0, do.float(), cu)
-    lowp = _core_outputs(lightning_attn_naive, q, k, v, decay, h0, do, cu, compute_dtype=dtype)
+    ref = _core_outputs(lightning_naive, *(x.float() for x in (q, k, v)), decay, h0, do.float(), cu)
+    lowp = _core_outputs(lightning_naive, q, k, v, decay, h0, do, cu, compute_dtype=dtype)
     notes = []
     for name, a, r, lp in zip(["o", "final", "dq", "dk", "dv", "dh0"], got, ref, lowp):
         ok, note = _rule(a, r, lp, 1e-4)
@@ -152,7 +152,7 @@ def gate_fla(device, dtype, chunk_simple_gla):
     q, k, v = (torch.randn(1, 500, 4, D, generator=g).to(device, dtype) for _ in range(3))
     decay = alibi_decay(4, device)
     o = make_core_fla(chunk_simple_gla)(q, k, v, decay)
-    ref = lightning_attn_naive(q.float(), k.float(), v.float(), decay)[0]
+    ref = lightning_naive(q.float(), k.float(), v.float(), decay)[0]
     rel = ((o.float() - ref).abs().max() / ref.abs().max()).item()
     return rel < 2e-2, f"max rel err {rel:.1e}"
 

@@ -59,14 +59,14 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
     if what == "lightning_attn":
-        from .lightning import lightning_attn, lightning_attn_naive
+        from .lightning import lightning_attn, lightning_attn_torch
 
         h = min(num_heads, 8)
         shape = (1, seq_len, h, head_dim)
         inputs = [torch.randn(shape, device=device, generator=g) for _ in range(3)]
         decay = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device=device)
         _compare(what, lambda q, k, v: lightning_attn(q, k, v, decay, backend="triton")[0],
-                 lambda q, k, v: lightning_attn_naive(q, k, v, decay)[0], inputs, dtype, g)
+                 lambda q, k, v: lightning_attn_torch(q, k, v, decay)[0], inputs, dtype, g)
         from .lightning import fused
 
         w = [1 + 0.1 * torch.randn(head_dim, device=device, generator=g) for _ in range(2)]
@@ -86,7 +86,7 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
                  lambda o, z: fused.out_norm_gate_torch(o, z, ow, 1e-6),
                  [torch.randn(1, shape[1], n, device=device, generator=g) for _ in range(2)], dtype, g)
     elif what == "infllmv2_attn":
-        from .infllm_v2 import infllmv2_attn, infllmv2_attn_naive
+        from .infllm_v2 import infllmv2_attn, infllmv2_attn_torch
 
         params = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=2, window_size=64,
                       dense_len=128)
@@ -94,6 +94,6 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
         q = torch.randn(1, t, num_heads, head_dim, device=device, generator=g)
         k, v = (torch.randn(1, t, num_kv_heads, head_dim, device=device, generator=g) for _ in range(2))
         _compare(what, lambda q, k, v: infllmv2_attn(q, k, v, backend="triton", **params),
-                 lambda q, k, v: infllmv2_attn_naive(q, k, v, **params), [q, k, v], dtype, g)
+                 lambda q, k, v: infllmv2_attn_torch(q, k, v, **params), [q, k, v], dtype, g)
     else:
         raise ValueError(f"unknown kernel {what!r}")

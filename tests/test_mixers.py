@@ -1,13 +1,20 @@
-"""The model's PyTorch mixers against independent references (tests/helpers/naive.py)."""
+"""The mixers' PyTorch references (salatrain_kernels' naive.py of each op: what backend "torch" runs, what the
+model runs without the kernels and what it exports) against independent oracles (tests/helpers/naive.py), and
+the model's mixer layers."""
 
 import pytest
 import torch
 
 from salatrain.models import SalaHybridConfig
-from salatrain.models.lightning_attention import lightning_attn_torch, lightning_step
 from salatrain.models.modeling_sala_hybrid import FullAttention, SeqInfo, SparseAttention
-from salatrain.models.sparse_attention import infllmv2_attn_torch
-from tests.helpers.naive import infllmv2_naive, lightning_quadratic
+from salatrain_kernels.infllm_v2.naive import (
+    infllmv2_attn_torch,
+    infllmv2_block_attn_torch,
+    infllmv2_block_scores_torch,
+    infllmv2_select_torch,
+)
+from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
+from tests.helpers.naive import infllmv2_block_attn_naive, infllmv2_naive, lightning_naive
 
 SMALL_SPARSE = dict(block_size=8, kernel_size=4, kernel_stride=2, init_blocks=1, topk=2, window_size=8)
 
@@ -27,7 +34,7 @@ def _decay(h):
 def test_lightning_chunked_equals_recurrent_and_quadratic(t):
     q, k, v = _qkv(2, t, 3, 16)
     s = _decay(3)
-    ref = lightning_quadratic(q, k, v, s, 16**-0.5)
+    ref = lightning_naive(q, k, v, s, scale=16**-0.5)[0]
     chunked, state = lightning_attn_torch(q, k, v, s, output_final_state=True)
     recurrent, rstate = lightning_step(q, k, v, s, torch.zeros(2, 3, 16, 16, dtype=torch.float64))
     assert torch.allclose(chunked, ref, atol=1e-10)
@@ -53,7 +60,7 @@ def test_lightning_packed_documents_do_not_mix():
     packed, states = lightning_attn_torch(q, k, v, s, cu_seqlens=cu, output_final_state=True)
     assert states.shape == (3, 2, 8, 8)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        ref = lightning_quadratic(q[:, a:b], k[:, a:b], v[:, a:b], s, 8**-0.5)
+        ref = lightning_naive(q[:, a:b], k[:, a:b], v[:, a:b], s, scale=8**-0.5)[0]
         assert torch.allclose(packed[:, a:b], ref, atol=1e-10)
 
 
@@ -79,7 +86,7 @@ def test_sparse_equals_naive_rule(hq, hkv, t, dense_len):
 @pytest.mark.parametrize("budget", [1, 7 * 77 * 4])
 def test_sparse_row_chunks_equal_one_pass(monkeypatch, budget):
     """The reference processes query rows in chunks to bound memory; chunking changes nothing, fwd or bwd."""
-    import salatrain.models.sparse_attention as sa
+    import salatrain_kernels.infllm_v2.naive as sa
 
     q, k, v = (x.requires_grad_() for x in _qkv(1, 77, 4, 8, hkv=2, seed=5))
     params = dict(SMALL_SPARSE, dense_len=33)
@@ -154,41 +161,49 @@ def test_sparse_layer_after_conversion_equals_dense_layer_without_rope():
 
 
 @pytest.mark.parametrize("normalizer", ["exact", "coarse"])
-def test_model_mixers_agree_with_kernel_references(normalizer):
-    """The model's PyTorch mixers (exported with checkpoints) and salatrain_kernels' references (what the
-    Triton kernels are tested against) are independent implementations of the same definitions."""
-    from salatrain_kernels.infllm_v2 import infllmv2_attn_naive
-    from salatrain_kernels.lightning import lightning_attn_naive
-
+def test_reference_stages_compose_to_the_full_op(normalizer):
+    """Block scores -> selection -> attention over the listed blocks (the three stage references the Triton
+    stages are tested against) give the full op, padded and packed."""
     q, k, v = _qkv(1, 150, 6, 16, hkv=2, dtype=torch.float32, seed=11)
-    params = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=2, window_size=16,
-                  dense_len=40, normalizer=normalizer)
-    ours = infllmv2_attn_torch(q, k, v, **params)
-    theirs = infllmv2_attn_naive(q, k, v, **params)
-    assert torch.allclose(ours, theirs, atol=1e-5)
-    cu = torch.tensor([0, 60, 150], dtype=torch.int32)
-    assert torch.allclose(infllmv2_attn_torch(q, k, v, cu_seqlens=cu, **params),
-                          infllmv2_attn_naive(q, k, v, cu_seqlens=cu, **params), atol=1e-5)
-    q, k, v = _qkv(2, 130, 3, 16, dtype=torch.float32, seed=12)
-    s = _decay(3).float()
-    o1, s1 = lightning_attn_torch(q, k, v, s, output_final_state=True)
-    o2, s2 = lightning_attn_naive(q, k, v, s, output_final_state=True)
-    assert torch.allclose(o1, o2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-4)
+    scoring = dict(block_size=16, kernel_size=8, kernel_stride=4, normalizer=normalizer)
+    selection = dict(block_size=16, init_blocks=1, topk=2, window_size=16)
+    for cu in (None, torch.tensor([0, 60, 150], dtype=torch.int32)):
+        scores = infllmv2_block_scores_torch(q, k, cu_seqlens=cu, **scoring)
+        idx = infllmv2_select_torch(scores, cu_seqlens=cu, **selection)
+        staged = infllmv2_block_attn_torch(q, k, v, idx, block_size=16, dense_len=40, cu_seqlens=cu)
+        full = infllmv2_attn_torch(q, k, v, cu_seqlens=cu, dense_len=40, **{**scoring, **selection})
+        assert torch.allclose(staged, full, atol=1e-6)
 
 
-def test_model_knows_which_block_geometries_the_triton_kernels_take():
-    """The model's check (it picks the PyTorch path on CUDA for the rest) agrees with the kernels' own limits."""
-    from salatrain.models.modeling_sala_hybrid import sparse_params_fit_triton
-    from salatrain_kernels.infllm_v2.params import triton_attention_ok, triton_scoring_ok
+def test_reference_block_attention_equals_oracle_on_any_lists():
+    """Stage (c) on lists in any order with holes, out-of-range ids and empty lists (rows that give 0)."""
+    q, k, v = _qkv(2, 37, 4, 8, hkv=2, seed=3)
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(-1, 6, (2, 2, 37, 4), generator=g, dtype=torch.int32)
+    idx[:, :, ::5] = -1
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = infllmv2_block_attn_torch(q, k, v, idx, block_size=8, dense_len=9)
+    ref = infllmv2_block_attn_naive(q, k, v, idx, block_size=8, dense_len=9, upcast=False)  # softmax in fp32
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert (out[:, 10::5] == 0).all() and (out[:, :10:5] != 0).all()  # empty lists: 0 past dense_len, else dense
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-6)
 
-    seen = set()
-    for bs in (8, 16, 24, 32, 48, 64, 128):
-        for st in (2, 4, 6, 8, 16, 32):
-            for ks in (st, 2 * st, 3 * st, 4 * st, 5 * st, st + 1):
-                ok = triton_scoring_ok(bs, ks, st) and triton_attention_ok(bs)
-                assert sparse_params_fit_triton(dict(block_size=bs, kernel_size=ks, kernel_stride=st)) == ok, (bs, ks, st)
-                seen.add(ok)
-    assert seen == {True, False}
+
+def test_sparse_layer_asks_the_kernels_which_block_geometries_they_take():
+    """The geometry rule lives in salatrain_kernels; a sparse layer records its verdict (on CUDA the layer runs
+    the PyTorch reference for geometries the kernels do not take)."""
+    from salatrain_kernels.infllm_v2 import triton_geometry_problem
+
+    assert triton_geometry_problem(64, 32, 16) is None and triton_geometry_problem(16, 8, 4) is None
+    for bad in ((24, 12, 6), (8, 4, 2), (64, 40, 16), (64, 96, 16), (64, 32, 24), (48, 16, 16)):
+        assert "power-of-two block_size" in triton_geometry_problem(*bad), bad
+    for sparse, verdict in ((dict(block_size=24, kernel_size=12, kernel_stride=6), triton_geometry_problem(24, 12, 6)),
+                            ({}, None)):
+        cfg = SalaHybridConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, mixer_types=["sparse_attention"],
+                               sparse_config=sparse)
+        assert SparseAttention(cfg, 0).triton_misfit == verdict
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -64,11 +64,10 @@ _EXPORTS = {
     "infllmv2_select": ".selection",
     "infllmv2_block_attn": ".attention",
     "triton_geometry_problem": ".params",
-    "infllmv2_attn_naive": ".naive",
-    "infllmv2_block_scores_naive": ".naive",
-    "infllmv2_select_naive": ".naive",
-    "infllmv2_block_attn_naive": ".naive",
-    "selection_margin": ".naive",
+    "infllmv2_attn_torch": ".naive",
+    "infllmv2_block_scores_torch": ".naive",
+    "infllmv2_select_torch": ".naive",
+    "infllmv2_block_attn_torch": ".naive",
 }
 
 __all__ = list(_EXPORTS)

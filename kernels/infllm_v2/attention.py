@@ -17,7 +17,7 @@ import torch
 
 from ..utils import resolve_backend
 from .layout import DocLayout
-from .naive import infllmv2_block_attn_naive
+from .naive import infllmv2_block_attn_torch
 from .params import ATTENTION_RULE, check_qkv, triton_attention_ok
 from .plan import AttnPlan, SparseAttnFn, sort_block_lists
 
@@ -49,7 +49,7 @@ def infllmv2_block_attn(
         raise ValueError(f"block_idx {tuple(block_idx.shape)} must be [B, HKV, Tq, K] = "
                          f"[{batch}, {kv_heads}, {seqlen_q}, K]")
     if resolve_backend(backend, q) == "torch":
-        return infllmv2_block_attn_naive(
+        return infllmv2_block_attn_torch(
             q, k, v, block_idx, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens, dense_len=dense_len
         )
     if not triton_attention_ok(block_size):

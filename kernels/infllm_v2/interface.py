@@ -10,7 +10,7 @@ import torch
 
 from ..utils import resolve_backend
 from .layout import DocLayout
-from .naive import infllmv2_attn_naive
+from .naive import infllmv2_attn_torch
 from .params import SparseParams, check_qkv
 from .plan import AttnPlan, SparseAttnFn, window_split_exact
 from .score import BlockScorer
@@ -90,7 +90,7 @@ def infllmv2_attn(
         coarse_kernel_size=coarse_kernel_size, coarse_kernel_stride=coarse_kernel_stride,
     )
     if resolve_backend(backend, q) == "torch":
-        return infllmv2_attn_naive(
+        return infllmv2_attn_torch(
             q, k, v, block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
             init_blocks=init_blocks, topk=topk, window_size=window_size, dense_len=dense_len, scale=scale,
             cu_seqlens=cu_seqlens, normalizer=normalizer, coarse_kernel_size=coarse_kernel_size,

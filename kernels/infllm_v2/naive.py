@@ -1,214 +1,43 @@
-"""Pure-PyTorch references for InfLLM-V2 sparse attention: fp32, per document, obviously right.
+"""InfLLM-V2 sparse attention in pure PyTorch: the one reference of the op. Imports torch only.
 
-Same signatures as the Triton entry points (see ``__init__`` for the exact semantics). Memory is
-O(HQ · Tq · Tk) per document: meant for tests and small CPU runs, not for long sequences.
+Where it is used: backend="torch" of salatrain_kernels.infllm_v2 (each entry point below has the signature of
+its Triton twin: the full op and the three stages), the kernels' self-test, and the model's sparse mixer when
+the kernels do not run. It lives in salatrain_kernels because the kernels may not import application code
+while the model may import the kernels; ``save_pretrained`` copies this file next to the weights as
+``sparse_attention.py`` (``copy_model_code`` in modeling_sala_hybrid.py), which is where an exported
+checkpoint imports it from, so the export still needs only torch and transformers. Keep it free of imports
+other than torch and the standard library.
 
-Legend: q [B, Tq, HQ, D]; k, v [B, Tk, HKV, D]; G = HQ // HKV; the queries are the last Tq positions.
-With ``cu_seqlens`` (int32 [N+1], B = 1, Tq = Tk) every document is processed on its own.
+Legend: B batch, Tq queries (the last Tq of Tk keys), HQ query heads, HKV key/value heads, G = HQ/HKV,
+D head dim, J compressed windows, NB blocks. Positions count from the start of the document; with
+cu_seqlens (int32 [N+1], B = 1, Tq = Tk) every document is processed on its own.
+
+A query at position t < dense_len attends densely. Otherwise (selection is shared by the G heads of a group):
+  1. compressed keys: mean of K over windows [j·stride, j·stride + kernel) inside the document;
+  2. p_h(j) = softmax_j(scale · q·k_cmp[j]) over windows ending at or before t, summed over the group
+     (normalizer="coarse": the normaliser is the log-sum-exp over coarser windows, 4x kernel and stride);
+  3. block score = max over those windows overlapping the block (−inf if none);
+  4. init blocks and blocks holding one of the last window_size tokens score +inf, future blocks −inf;
+     the first topk + window_size/block_size blocks by (score desc, index asc) are visible, future ones dropped;
+  5. exact softmax attention over the visible blocks (causal inside the current block).
+Selection is not differentiated; gradients flow through step 5. Query rows are processed in chunks of
+ROW_BUDGET // (Tk · HQ) rows, so masks, scores and attention weights take O(T) extra memory per step.
+Attention runs in the inputs' dtype; block scores in fp32.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-__all__ = [
-    "compress_keys_naive",
-    "infllmv2_block_scores_naive",
-    "infllmv2_select_naive",
-    "infllmv2_block_attn_naive",
-    "infllmv2_attn_naive",
-    "selection_margin",
-]
+# Query rows per step × keys × query heads: bounds the masks and attention weights of one step, so long
+# contexts run in O(T) extra memory per step instead of O(T²).
+ROW_BUDGET = 1 << 24
 
 
-def _doc_slices(batch: int, seqlen_q: int, seqlen_k: int, cu_seqlens):
-    """Yield (batch index, query slice, key slice, position of the first query) for every document."""
-    if cu_seqlens is None:
-        for b in range(batch):
-            yield b, slice(0, seqlen_q), slice(0, seqlen_k), seqlen_k - seqlen_q
-        return
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        yield 0, slice(start, end), slice(start, end), 0
-
-
-def compress_keys_naive(k: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
-    """Mean of k [L, HKV, D] over windows [j·stride, j·stride + kernel_size) inside L -> [nc, HKV, D] fp32."""
-    length = k.shape[0]
-    if length < kernel_size:
-        return k.new_zeros(0, *k.shape[1:], dtype=torch.float32)
-    return k.float().unfold(0, kernel_size, kernel_stride).mean(-1)
-
-
-def _window_scores(q, kc, kernel_size, kernel_stride, pos, scale):
-    """scale · q·kc for every (head, query, window) and the mask of windows ended by each query."""
-    logits = torch.einsum("thd,jhd->htj", q.float(), kc) * scale  # kc already repeated per head
-    ends = torch.arange(kc.shape[0], device=q.device) * kernel_stride + kernel_size - 1
-    return logits, ends[None, :] <= pos[:, None]
-
-
-def _doc_block_scores(q, k, pos, block_size, kernel_size, kernel_stride, scale, normalizer, coarse):
-    """Block scores [HKV, Tq, nb] of one document (q [Tq, HQ, D], k [L, HKV, D], pos [Tq])."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    group = heads // kv_heads
-    length = k.shape[0]
-    num_blocks = -(-length // block_size)
-    kc = compress_keys_naive(k, kernel_size, kernel_stride).repeat_interleave(group, dim=1)
-    logits, seen = _window_scores(q, kc, kernel_size, kernel_stride, pos, scale)
-    masked = logits.masked_fill(~seen, -math.inf)
-    if normalizer == "exact":
-        lse = torch.logsumexp(masked, dim=-1, keepdim=True)
-    else:
-        kc2 = compress_keys_naive(k, *coarse).repeat_interleave(group, dim=1)
-        logits2, seen2 = _window_scores(q, kc2, *coarse, pos, scale)
-        lse = torch.logsumexp(logits2.masked_fill(~seen2, -math.inf), dim=-1, keepdim=True)
-    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, math.inf))  # no window: p = 0
-    prob = torch.exp(masked - lse).masked_fill(~seen, 0.0)
-    group_prob = prob.view(kv_heads, group, *prob.shape[1:]).sum(1)  # [HKV, Tq, nc]
-    starts = torch.arange(kc.shape[0], device=q.device) * kernel_stride
-    blocks = torch.arange(num_blocks, device=q.device)
-    overlap = (starts[None, :] < (blocks[:, None] + 1) * block_size) & (
-        starts[None, :] + kernel_size - 1 >= blocks[:, None] * block_size
-    )  # [nb, nc]
-    usable = overlap[None, :, :] & seen[:, None, :]  # [Tq, nb, nc]
-    candidates = group_prob[:, :, None, :].masked_fill(~usable[None], -math.inf)
-    if candidates.shape[-1] == 0:
-        return torch.full((kv_heads, q.shape[0], num_blocks), -math.inf, device=q.device)
-    return candidates.amax(-1)
-
-
-def infllmv2_block_scores_naive(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    block_size: int = 64,
-    kernel_size: int = 32,
-    kernel_stride: int = 16,
-    scale: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    normalizer: str = "exact",
-    coarse_kernel_size: int | None = None,
-    coarse_kernel_stride: int | None = None,
-) -> torch.Tensor:
-    """Block scores [B, HKV, Tq, NBM] fp32; NBM = blocks of the longest document, -inf past a document."""
-    batch, seqlen_q, _, dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    scale = dim**-0.5 if scale is None else scale
-    coarse = (coarse_kernel_size or 4 * kernel_size, coarse_kernel_stride or 4 * kernel_stride)
-    docs = list(_doc_slices(batch, seqlen_q, seqlen_k, cu_seqlens))
-    max_blocks = max(-(-(ks.stop - ks.start) // block_size) for _, _, ks, _ in docs)
-    out = torch.full((batch, kv_heads, seqlen_q, max_blocks), -math.inf, device=q.device)
-    for b, qs, ks, pos0 in docs:
-        pos = torch.arange(qs.stop - qs.start, device=q.device) + pos0
-        scores = _doc_block_scores(
-            q[b, qs], k[b, ks], pos, block_size, kernel_size, kernel_stride, scale, normalizer, coarse
-        )
-        out[b, :, qs, : scores.shape[-1]] = scores
-    return out
-
-
-def _doc_select(scores, pos, block_size, init_blocks, num_selected, window_size):
-    """Visible blocks [HKV, Tq, K] of one document, ascending, -1 padded (scores [HKV, Tq, nb])."""
-    num_blocks = scores.shape[-1]
-    blocks = torch.arange(num_blocks, device=scores.device)
-    current = (pos // block_size)[:, None]
-    first_local = (torch.clamp(pos - window_size + 1, min=0) // block_size)[:, None]
-    forced = (blocks[None, :] < init_blocks) | ((blocks[None, :] >= first_local) & (blocks[None, :] <= current))
-    future = blocks[None, :] > current
-    ranked = scores.masked_fill(forced[None], math.inf).masked_fill(future[None], -math.inf)
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :num_selected]
-    order = order.masked_fill(order > current[None], num_blocks)  # drop future blocks
-    order = torch.sort(order, dim=-1).values
-    out = torch.full((*scores.shape[:2], num_selected), -1, dtype=torch.int32, device=scores.device)
-    out[..., : order.shape[-1]] = torch.where(order == num_blocks, -1, order).int()
-    return out
-
-
-def infllmv2_select_naive(
-    block_scores: torch.Tensor,
-    *,
-    seqlen_k: int | None = None,
-    block_size: int = 64,
-    init_blocks: int = 1,
-    topk: int = 64,
-    window_size: int = 2048,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """block_scores [B, HKV, Tq, NBM] -> visible block indices [B, HKV, Tq, K] int32, ascending, -1 padded.
-
-    K = topk + window_size // block_size. ``seqlen_k`` (default Tq) places the queries: the last Tq positions.
-    """
-    batch, kv_heads, seqlen_q, _ = block_scores.shape
-    seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
-    num_selected = topk + window_size // block_size
-    out = torch.full((batch, kv_heads, seqlen_q, num_selected), -1, dtype=torch.int32, device=block_scores.device)
-    for b, qs, ks, pos0 in _doc_slices(batch, seqlen_q, seqlen_k, cu_seqlens):
-        num_blocks = -(-(ks.stop - ks.start) // block_size)
-        pos = torch.arange(qs.stop - qs.start, device=block_scores.device) + pos0
-        scores = block_scores[b, :, qs, :num_blocks].float()
-        out[b, :, qs] = _doc_select(scores, pos, block_size, init_blocks, num_selected, window_size)
-    return out
-
-
-def _doc_attention(q, k, v, visible, scale, upcast):
-    """Softmax attention of q [Tq, HQ, D] over k, v [L, HKV, D] where visible [HQ, Tq, L]; empty rows give 0."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    if upcast:
-        q, k, v = q.float(), k.float(), v.float()
-    logits = torch.einsum("thd,shd->hts", q, k).float() * scale
-    has_key = visible.any(-1, keepdim=True)
-    logits = torch.where(has_key, logits.masked_fill(~visible, -math.inf), torch.zeros_like(logits))
-    prob = torch.softmax(logits, dim=-1) * visible
-    return torch.einsum("hts,shd->thd", prob.to(v.dtype), v)
-
-
-def _doc_visible(block_idx, pos, length, block_size, dense_len, group):
-    """Key visibility [HQ, Tq, L] from block lists [HKV, Tq, K] (dense rows: every key <= t)."""
-    num_blocks = -(-length // block_size)
-    chosen = torch.zeros(*block_idx.shape[:2], num_blocks + 1, dtype=torch.bool, device=block_idx.device)
-    slots = torch.where((block_idx < 0) | (block_idx >= num_blocks), num_blocks, block_idx).long()
-    chosen.scatter_(-1, slots, True)
-    keys = torch.arange(length, device=block_idx.device)
-    in_block = chosen[..., keys // block_size]  # [HKV, Tq, L]
-    causal = keys[None, :] <= pos[:, None]
-    dense = (pos < dense_len)[:, None]
-    visible = causal[None] & (in_block | dense[None])
-    return visible.repeat_interleave(group, dim=0)
-
-
-def infllmv2_block_attn_naive(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_idx: torch.Tensor,
-    *,
-    block_size: int = 64,
-    scale: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    dense_len: int = 0,
-    upcast: bool = True,
-) -> torch.Tensor:
-    """Attention of each query over its listed blocks (block_idx [B, HKV, Tq, K], -1 = unused), causal.
-
-    Queries at position < dense_len ignore their list and attend to every key <= t. ``upcast=False`` keeps
-    the matmuls in the input dtype (the "PyTorch in low precision" side of the tolerance rule).
-    """
-    batch, seqlen_q, heads, dim = q.shape
-    seqlen_k = k.shape[1]
-    group = heads // k.shape[2]
-    scale = dim**-0.5 if scale is None else scale
-    per_batch = [[] for _ in range(batch)]
-    for b, qs, ks, pos0 in _doc_slices(batch, seqlen_q, seqlen_k, cu_seqlens):
-        pos = torch.arange(qs.stop - qs.start, device=q.device) + pos0
-        visible = _doc_visible(block_idx[b, :, qs], pos, ks.stop - ks.start, block_size, dense_len, group)
-        per_batch[b].append(_doc_attention(q[b, qs], k[b, ks], v[b, ks], visible, scale, upcast))
-    return torch.stack([torch.cat(pieces, dim=0) for pieces in per_batch]).to(q.dtype)
-
-
-def infllmv2_attn_naive(
+# ---------------------------------------------------------------------------------------------- entry points
+def infllmv2_attn_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -225,35 +54,50 @@ def infllmv2_attn_naive(
     normalizer: str = "exact",
     coarse_kernel_size: int | None = None,
     coarse_kernel_stride: int | None = None,
-    upcast: bool = True,
 ) -> torch.Tensor:
-    """Full InfLLM-V2 attention: block scores -> selection (no gradient) -> attention over visible blocks."""
-    seqlen_k = k.shape[1]
-    longest = seqlen_k if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    if longest <= dense_len:  # every query attends densely: nothing to select
-        block_idx = torch.full((*k.shape[:1], k.shape[2], q.shape[1], 1), -1, dtype=torch.int32, device=q.device)
-        return infllmv2_block_attn_naive(
-            q, k, v, block_idx, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens, dense_len=dense_len,
-            upcast=upcast,
-        )
-    with torch.no_grad():
-        scores = infllmv2_block_scores_naive(
-            q, k, block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, scale=scale,
-            cu_seqlens=cu_seqlens, normalizer=normalizer, coarse_kernel_size=coarse_kernel_size,
-            coarse_kernel_stride=coarse_kernel_stride,
-        )
-        block_idx = infllmv2_select_naive(
-            scores, seqlen_k=seqlen_k, block_size=block_size, init_blocks=init_blocks, topk=topk,
-            window_size=window_size, cu_seqlens=cu_seqlens,
-        )
-    return infllmv2_block_attn_naive(
-        q, k, v, block_idx, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens, dense_len=dense_len,
-        upcast=upcast,
-    )
+    """The full op. q [B, Tq, HQ, D]; k, v [B, Tk, HKV, D] with Tq <= Tk. Returns o [B, Tq, HQ, D] in q's dtype."""
+    scoring = dict(kernel_size=kernel_size, kernel_stride=kernel_stride, normalizer=normalizer,
+                   coarse=(coarse_kernel_size, coarse_kernel_stride))
+    selection = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs = []
+    for qs, ks in _spans(q.shape[0], q.shape[1], k.shape[1], cu_seqlens):
+        outs.append(_attend_document(q[:, qs], k[:, ks], v[:, ks], scale, dense_len, scoring, selection))
+    return torch.cat(outs, dim=1)
 
 
-def selection_margin(
-    block_idx: torch.Tensor,
+def infllmv2_block_scores_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 64,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    normalizer: str = "exact",
+    coarse_kernel_size: int | None = None,
+    coarse_kernel_stride: int | None = None,
+) -> torch.Tensor:
+    """Stage (a), steps 1-3: block scores [B, HKV, Tq, NBM] fp32; NBM = blocks of the longest document, −inf
+    past a document's blocks and where no window has ended."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    spans = _spans(q.shape[0], q.shape[1], k.shape[1], cu_seqlens)
+    max_blocks = max(_num_blocks(ks.stop - ks.start, block_size) for _, ks in spans)
+    out = torch.full((q.shape[0], k.shape[2], q.shape[1], max_blocks), -math.inf, device=q.device)
+    for qs, ks in spans:
+        qd, kd = q[:, qs], k[:, ks]
+        tk = kd.shape[1]
+        pos = _positions(qd.shape[1], tk, q.device)
+        compressed = compressed_keys(kd, kernel_size, kernel_stride, normalizer, (coarse_kernel_size, coarse_kernel_stride))
+        nb = _num_blocks(tk, block_size)
+        for rows in _row_chunks(qd.shape[1], tk * q.shape[2]):
+            scores = block_scores(qd[:, rows], pos[rows], compressed, scale, nb, block_size)
+            out[:, :, qs.start + rows.start : qs.start + rows.stop, :nb] = scores
+    return out
+
+
+def infllmv2_select_torch(
     block_scores: torch.Tensor,
     *,
     seqlen_k: int | None = None,
@@ -263,35 +107,235 @@ def selection_margin(
     window_size: int = 2048,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """How well block_idx [B, HKV, Tq, K] is a top-K of block_scores [B, HKV, Tq, NBM] (after forcing) per row.
-
-    Returns [B, HKV, Tq] fp32: (lowest score chosen) - (highest score left out) among the past blocks; >= 0
-    for an exact selection (+inf when every past block is visible), slightly negative when the selection was
-    made from scores that differ from these by rounding, -inf when a forced block is missing, the count is
-    wrong or an index repeats.
-    """
+    """Stage (b), step 4: block_scores [B, HKV, Tq, NBM] -> visible blocks [B, HKV, Tq, K] int32, ascending,
+    −1 padded; K = topk + window_size // block_size. The queries are the last Tq of seqlen_k (default Tq)
+    positions."""
     batch, kv_heads, seqlen_q, _ = block_scores.shape
     seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
     num_selected = topk + window_size // block_size
-    out = torch.empty(batch, kv_heads, seqlen_q, device=block_scores.device)
-    for b, qs, ks, pos0 in _doc_slices(batch, seqlen_q, seqlen_k, cu_seqlens):
-        num_blocks = -(-(ks.stop - ks.start) // block_size)
-        pos = torch.arange(qs.stop - qs.start, device=block_scores.device) + pos0
-        blocks = torch.arange(num_blocks, device=block_scores.device)
-        current = (pos // block_size)[:, None]
-        first_local = (torch.clamp(pos - window_size + 1, min=0) // block_size)[:, None]
-        forced = (blocks < init_blocks) | ((blocks >= first_local) & (blocks <= current))
-        past = blocks <= current  # [Tq, nb]
-        ranked = block_scores[b, :, qs, :num_blocks].float().masked_fill(forced[None], math.inf)
-        idx = block_idx[b, :, qs].long()
-        chosen = torch.zeros(*idx.shape[:2], num_blocks + 1, dtype=torch.long, device=idx.device)
-        chosen.scatter_add_(-1, torch.where(idx < 0, num_blocks, idx), torch.ones_like(idx))
-        chosen = chosen[..., :num_blocks]
-        lowest_in = ranked.masked_fill(chosen == 0, math.inf).amin(-1)
-        highest_out = ranked.masked_fill((chosen > 0) | ~past[None], -math.inf).amax(-1)
-        margin = lowest_in - highest_out
-        margin = torch.where(torch.isnan(margin), torch.full_like(margin, math.inf), margin)  # inf - inf
-        bad = (chosen > 1).any(-1) | (chosen > 0).logical_and(~past[None]).any(-1)
-        bad |= chosen.sum(-1) != torch.clamp(current[:, 0] + 1, max=num_selected)[None]
-        out[b, :, qs] = torch.where(bad, torch.full_like(margin, -math.inf), margin)
+    out = torch.full((batch, kv_heads, seqlen_q, num_selected), -1, dtype=torch.int32, device=block_scores.device)
+    for qs, ks in _spans(batch, seqlen_q, seqlen_k, cu_seqlens):
+        tk = ks.stop - ks.start
+        pos = _positions(qs.stop - qs.start, tk, block_scores.device)
+        scores = block_scores[:, :, qs, : _num_blocks(tk, block_size)].float()
+        chosen = select_blocks(scores, pos, block_size=block_size, init_blocks=init_blocks, topk=topk,
+                               window_size=window_size)
+        out[:, :, qs] = _block_lists(chosen, num_selected)
     return out
+
+
+def infllmv2_block_attn_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    dense_len: int = 0,
+) -> torch.Tensor:
+    """Stage (c), step 5: attention of each query over the blocks listed for its group (block_idx [B, HKV, Tq,
+    K], any order, −1 = unused), causal. Queries at position < dense_len ignore their list and attend to every
+    key <= t; a query with no visible key outputs 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs = []
+    for qs, ks in _spans(q.shape[0], q.shape[1], k.shape[1], cu_seqlens):
+        qd, kd, vd, idx = q[:, qs], k[:, ks], v[:, ks], block_idx[:, :, qs]
+        tk = kd.shape[1]
+        pos = _positions(qd.shape[1], tk, q.device)
+        nb = _num_blocks(tk, block_size)
+        for rows in _row_chunks(qd.shape[1], tk * q.shape[2]):
+            p = pos[rows]
+            listed = _keys_in_blocks(_block_mask(idx[:, :, rows], nb), tk, block_size)
+            visible = _causal(p, tk) & (listed | (p < dense_len).view(-1, 1))
+            outs.append(masked_attention(qd[:, rows], kd, vd, visible, scale))
+    return torch.cat(outs, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- the full op
+def _attend_document(q, k, v, scale, dense_len, scoring, selection):
+    """One document (or a batch of equal-length rows): q its last Tq positions, k/v all Tk. Row chunks."""
+    tq, tk = q.shape[1], k.shape[1]
+    pos = _positions(tq, tk, q.device)
+    block_size = selection["block_size"]
+    compressed = compressed_keys(k, **scoring) if tk > dense_len else None
+    out = []
+    for rows in _row_chunks(tq, tk * q.shape[2]):
+        p, qc = pos[rows], q[:, rows]
+        visible = _causal(p, tk).view(1, 1, len(p), tk).expand(q.shape[0], k.shape[2], -1, -1)
+        sparse = p >= dense_len
+        if compressed is not None and bool(sparse.any()):
+            ps = p[sparse]
+            scores = block_scores(qc[:, sparse], ps, compressed, scale, _num_blocks(tk, block_size), block_size)
+            chosen = select_blocks(scores, ps, **selection)
+            visible = visible.clone()
+            visible[:, :, sparse] = _keys_in_blocks(chosen, tk, block_size) & _causal(ps, tk)
+        out.append(masked_attention(qc, k, v, visible, scale))
+    return torch.cat(out, dim=1)
+
+
+# ------------------------------------------------------------------------------------- steps 1-3: scoring
+def compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
+    """Mean of K over windows [j·stride, j·stride + kernel): k [B, Tk, HKV, D] → [B, HKV, J, D] fp32."""
+    if k.shape[1] < kernel_size:
+        return k.new_zeros(k.shape[0], k.shape[2], 0, k.shape[3], dtype=torch.float32)
+    win = k.float().unfold(1, kernel_size, kernel_stride)  # [B, J, HKV, D, kernel]
+    return win.mean(-1).permute(0, 2, 1, 3)
+
+
+def compressed_keys(k, kernel_size, kernel_stride, normalizer, coarse=(None, None)):
+    """((k_cmp, kernel, stride), (k_coarse, kernel, stride) or None): what scoring needs from the keys, once.
+    The coarse normaliser's windows default to 4x kernel and stride (InfLLM-V2's 128 / 64 for 32 / 16)."""
+    if normalizer not in ("exact", "coarse"):
+        raise ValueError(f"normalizer must be 'exact' or 'coarse', got {normalizer!r}")
+    k_cmp = (compress_keys(k, kernel_size, kernel_stride), kernel_size, kernel_stride)
+    if normalizer == "exact":
+        return k_cmp, None
+    ck, cs = coarse[0] or 4 * kernel_size, coarse[1] or 4 * kernel_stride
+    return k_cmp, (compress_keys(k, ck, cs), ck, cs)
+
+
+def block_scores(q, pos, compressed, scale, num_blocks, block_size):
+    """Block scores [B, HKV, Tq, NB] fp32 of queries q [B, Tq, HQ, D] at document positions pos [Tq]."""
+    (k_cmp, kernel_size, kernel_stride), lse_from = compressed
+    win = group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_from)
+    return block_scores_from_windows(win, num_blocks, block_size, kernel_size, kernel_stride)
+
+
+def group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_from=None):
+    """Σ over the group of softmax_j(scale·q·k_cmp[j]) over windows ending <= pos: [B, HKV, Tq, J] fp32.
+
+    ``lse_from`` = (k_coarse, coarse_kernel, coarse_stride) replaces the exact normaliser by the log-sum-exp
+    over a coarser compression (InfLLM-V2's approximation). Windows not yet complete are −inf.
+    """
+    b, tq, hq, d = q.shape
+    hkv, nj = k_cmp.shape[1], k_cmp.shape[2]
+    g = hq // hkv
+    qg = q.float().view(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
+    logits = torch.einsum("bhgtd,bhjd->bhgtj", qg, k_cmp) * scale
+    done = _windows_ended(nj, kernel_size, kernel_stride, pos)  # [Tq, J]
+    logits = logits.masked_fill(~done, float("-inf"))
+    if lse_from is None:
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    else:
+        k_coarse, ck, cs = lse_from
+        coarse = torch.einsum("bhgtd,bhjd->bhgtj", qg, k_coarse) * scale
+        coarse = coarse.masked_fill(~_windows_ended(k_coarse.shape[2], ck, cs, pos), float("-inf"))
+        lse = torch.logsumexp(coarse, dim=-1, keepdim=True)
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # no coarse window yet: every p is 0
+    probs = torch.exp(logits - lse).nan_to_num(0.0)  # rows with no finished window: all zero
+    probs = probs.sum(2)
+    return probs.masked_fill(~done, float("-inf"))
+
+
+def _windows_ended(num_windows, kernel_size, kernel_stride, pos):
+    """[Tq, J]: window j (ending at j·stride + kernel − 1) has ended by each query position."""
+    ends = torch.arange(num_windows, device=pos.device) * kernel_stride + kernel_size - 1
+    return ends.view(1, -1) <= pos.view(-1, 1)
+
+
+def block_scores_from_windows(win, num_blocks, block_size, kernel_size, kernel_stride):
+    """Max over the windows overlapping each block: win [B, HKV, Tq, J] → [B, HKV, Tq, NB] (−inf if none)."""
+    nj = win.shape[-1]
+    out = win.new_full((*win.shape[:-1], num_blocks), float("-inf"))
+    if nj == 0:
+        return out
+    starts = torch.arange(nj, device=win.device) * kernel_stride
+    first = starts // block_size
+    last = (starts + kernel_size - 1) // block_size
+    for off in range(int((last - first).max()) + 1):
+        blk = first + off
+        ok = (blk <= last) & (blk < num_blocks)
+        src = win.masked_fill(~ok, float("-inf"))
+        out.scatter_reduce_(-1, blk.clamp(max=num_blocks - 1).expand_as(src), src, reduce="amax")
+    return out
+
+
+# ------------------------------------------------------------------------------------ step 4: selection
+def select_blocks(scores, pos, *, block_size, init_blocks, topk, window_size):
+    """Visible-block indicator [B, HKV, Tq, NB] (bool) from block scores and query positions (step 4)."""
+    nb = scores.shape[-1]
+    blk = torch.arange(nb, device=scores.device)
+    first_local = ((pos - window_size + 1).clamp(min=0) // block_size).view(-1, 1)
+    cur = (pos // block_size).view(-1, 1)
+    forced = (blk.view(1, -1) < init_blocks) | ((blk >= first_local) & (blk <= cur))
+    future = blk.view(1, -1) > cur
+    scores = scores.masked_fill(forced, float("inf")).masked_fill(future, float("-inf"))
+    budget = min(nb, topk + window_size // block_size)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :budget]
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+    return chosen & ~future
+
+
+def _block_lists(chosen: torch.Tensor, num_selected: int) -> torch.Tensor:
+    """Block indicator [..., NB] → ascending block indices [..., K] int32, −1 padded."""
+    nb = chosen.shape[-1]
+    idx = torch.where(chosen, torch.arange(nb, device=chosen.device), nb)
+    idx = torch.sort(idx, dim=-1).values[..., :num_selected]
+    lists = torch.where(idx == nb, -1, idx).int()
+    if lists.shape[-1] < num_selected:
+        lists = torch.nn.functional.pad(lists, (0, num_selected - lists.shape[-1]), value=-1)
+    return lists
+
+
+def _block_mask(block_idx: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Block lists [..., K] (−1 or out-of-range entries ignored) → indicator [..., NB] bool."""
+    slots = torch.where((block_idx < 0) | (block_idx >= num_blocks), num_blocks, block_idx).long()
+    chosen = torch.zeros(*block_idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=block_idx.device)
+    return chosen.scatter_(-1, slots, True)[..., :num_blocks]
+
+
+# ------------------------------------------------------------------------------------ step 5: attention
+def masked_attention(q, k, v, visible, scale):
+    """Softmax attention with a boolean mask shared by each GQA group (visible [B, HKV, Tq, Tk]), in q's dtype.
+    A row without any visible key outputs 0."""
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    has_key = visible.any(-1, keepdim=True)
+    empty_rows = not bool(has_key.all())
+    if empty_rows:
+        visible = visible | ~has_key  # attend anywhere, then zero the row
+    qg = q.view(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
+    kk, vv = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, HKV, 1, Tk, D]
+    o = torch.nn.functional.scaled_dot_product_attention(qg, kk, vv, attn_mask=visible.unsqueeze(2), scale=scale)
+    if empty_rows:
+        o = o * has_key.unsqueeze(2)
+    return o.permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+def _spans(batch: int, seqlen_q: int, seqlen_k: int, cu_seqlens) -> list[tuple[slice, slice]]:
+    """(query slice, key slice) along the sequence of each document: the whole batch at once without
+    cu_seqlens (the queries are the last seqlen_q of seqlen_k positions), else each cu_seqlens segment."""
+    if cu_seqlens is None:
+        return [(slice(0, seqlen_q), slice(0, seqlen_k))]
+    if batch != 1 or seqlen_q != seqlen_k:
+        raise ValueError("cu_seqlens requires batch size 1 and as many queries as keys")
+    bounds = cu_seqlens.tolist()
+    return [(slice(s, e), slice(s, e)) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def _positions(tq: int, tk: int, device) -> torch.Tensor:
+    """Document positions of the last tq of tk keys."""
+    return torch.arange(tk - tq, tk, device=device)
+
+
+def _num_blocks(tk: int, block_size: int) -> int:
+    return -(-tk // block_size)
+
+
+def _row_chunks(tq: int, per_row: int) -> list[slice]:
+    rows = max(1, ROW_BUDGET // max(1, per_row))
+    return [slice(a, min(a + rows, tq)) for a in range(0, tq, rows)]
+
+
+def _causal(pos: torch.Tensor, tk: int) -> torch.Tensor:
+    """[Tq, Tk]: key j is at or before each query position."""
+    return pos.view(-1, 1) >= torch.arange(tk, device=pos.device).view(1, -1)
+
+
+def _keys_in_blocks(blocks: torch.Tensor, tk: int, block_size: int) -> torch.Tensor:
+    """Block indicator [..., NB] → key indicator [..., Tk]."""
+    return blocks.repeat_interleave(block_size, dim=-1)[..., :tk]

@@ -36,7 +36,7 @@ from ..utils import (
     should_tune,
 )
 from .layout import DocLayout, compress_keys
-from .naive import infllmv2_block_scores_naive
+from .naive import infllmv2_block_scores_torch
 from .params import SparseParams, check_qkv, triton_scoring_ok
 
 __all__ = ["infllmv2_block_scores", "BlockScorer", "combine_tail"]
@@ -241,7 +241,7 @@ def infllmv2_block_scores(
         coarse_kernel_stride=coarse_kernel_stride,
     )
     if resolve_backend(backend, q) == "torch":
-        return infllmv2_block_scores_naive(q, k, **kwargs)
+        return infllmv2_block_scores_torch(q, k, **kwargs)
     if not triton_scoring_ok(block_size, kernel_size, kernel_stride):
         raise ValueError(f"{params.geometry_problem()} (use backend='torch')")
     batch, seqlen_q, heads, dim = q.shape

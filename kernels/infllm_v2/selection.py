@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..utils import new_empty, next_pow2, resolve_backend, row_cumsum, row_sum
 from .layout import DocLayout
-from .naive import infllmv2_select_naive
+from .naive import infllmv2_select_torch
 from .params import SparseParams
 
 __all__ = ["infllmv2_select", "select_rows"]
@@ -130,7 +130,7 @@ def infllmv2_select(
     seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
     kwargs = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size)
     if resolve_backend(backend, block_scores) == "torch":
-        return infllmv2_select_naive(block_scores, seqlen_k=seqlen_k, cu_seqlens=cu_seqlens, **kwargs)
+        return infllmv2_select_torch(block_scores, seqlen_k=seqlen_k, cu_seqlens=cu_seqlens, **kwargs)
     params = SparseParams(**kwargs)
     layout = DocLayout.from_shape(batch, seqlen_q, seqlen_k, block_scores.device, cu_seqlens)
     if num_blocks < layout.max_blocks(block_size):

@@ -8,7 +8,7 @@ Per head h with lam_h = exp(-s_h) and state S [D_k, D_v] (fp32):
 No feature map. The state resets at document boundaries.
 
     lightning_attn(q, k, v, decay, *, scale=None, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, backend="auto") -> (o, final_state)
+                   cu_seqlens=None, chunk_size=64, backend="auto") -> (o, final_state)
 
     q, k, v        [B, T, H, D], one of bf16 / fp16 / fp32 (all the same), any D from 1 to 256 (the Triton
                    kernel pads D to a power of two >= 16 internally; powers of two waste nothing)
@@ -17,24 +17,29 @@ No feature map. The state resets at document boundaries.
     initial_state  [N, H, D, D] fp32 or None, state[n, h] = S with shape [D_k, D_v]; differentiable
     cu_seqlens     int32/int64 [N+1] document offsets (FlashAttention convention); requires B = 1.
                    Without it N = B.
-    backend        "auto": Triton for CUDA tensors, the chunked PyTorch form otherwise
+    chunk_size     tokens per chunk of the chunked form (the result does not depend on it); the Triton
+                   kernel takes a power of two from 16 to 128 (TRITON_CHUNK_SIZES), fla only 64
+    backend        "auto": Triton for CUDA tensors, the PyTorch reference otherwise
                    "triton": the Triton kernel (on CPU only under TRITON_INTERPRET=1, set before import)
-                   "torch": chunked PyTorch (fp32 inside; autograd; fine on GPU up to ~32K tokens)
+                   "torch": the PyTorch reference, naive.lightning_attn_torch (chunked, fp32 inside, autograd)
                    "fla": flash-linear-attention's chunk_simple_gla with g_gamma = -decay (if installed)
     returns        o like q; final_state [N, H, D, D] fp32, or None unless output_final_state.
 
 Cost of the Triton path (chunk.py): forward one scan pass, backward three passes in one launch; each pass
-is ~4*T*H*D*(64 + D) FLOPs on tensor cores and reads q/k/v-sized inputs once. No [T/64, H, D, D]
-intermediate states are stored: the state lives in registers, so memory is O(B*T*H*D).
+is ~4*T*H*D*(C + D) FLOPs (C = chunk_size) on tensor cores and reads q/k/v-sized inputs once. No
+[T/C, H, D, D] intermediate states are stored: the state lives in registers, so memory is O(B*T*H*D).
 """
 from __future__ import annotations
 
 import torch
 
 from ..utils import resolve_backend
-from .naive import lightning_attn_chunk_torch, lightning_attn_naive
+from .naive import lightning_attn_torch, lightning_step
 
-__all__ = ["lightning_attn", "lightning_attn_naive", "lightning_attn_chunk_torch"]
+__all__ = ["lightning_attn", "lightning_attn_torch", "lightning_step", "TRITON_CHUNK_SIZES"]
+
+TRITON_CHUNK_SIZES = (16, 32, 64, 128)  # the scan kernel's token tile (tl.dot needs >= 16; 128 already spills)
+FLA_CHUNK_SIZE = 64
 
 MAX_HEAD_DIM = 256
 
@@ -73,19 +78,25 @@ def _fla(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
 
 
 def lightning_attn(q, k, v, decay, *, scale=None, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, backend="auto"):
+                   cu_seqlens=None, chunk_size=64, backend="auto"):
     """Lightning attention (see the module docstring). Returns (o, final_state or None)."""
     num_seqs = _validate(q, k, v, decay, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(backend, q, extra=("fla",))
     if backend == "torch":
-        return lightning_attn_chunk_torch(q, k, v, decay, scale=scale, initial_state=initial_state,
-                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return lightning_attn_torch(q, k, v, decay, scale=scale, initial_state=initial_state,
+                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                    chunk_size=chunk_size)
     if backend == "fla":
+        if chunk_size != FLA_CHUNK_SIZE:
+            raise ValueError(f"chunk_size={chunk_size}: backend='fla' uses fla's chunks of {FLA_CHUNK_SIZE}")
         return _fla(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens)
+    if chunk_size not in TRITON_CHUNK_SIZES:
+        raise ValueError(f"chunk_size={chunk_size}: the Triton Lightning kernel takes one of {TRITON_CHUNK_SIZES} "
+                         "(use backend='torch' for others)")
     from .chunk import LightningAttnFunction
 
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device).contiguous()
     return LightningAttnFunction.apply(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens,
-                                       num_seqs)
+                                       num_seqs, chunk_size)

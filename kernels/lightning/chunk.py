@@ -19,11 +19,11 @@ state "before" the first one (lam times the gradient at t=0). Outputs are multip
 (dS_t is the gradient w.r.t. the state S_t; dS_T comes from the final state's gradient.)
 
 Each program owns one (document, head, BV-column tile of the output) and walks the document chunk by chunk
-(BT = 64 tokens): it loads a, b [BT, D] and c [BT, BV], computes the chunk's masked score matrix
-(a b^T) * lam^|i-j| on tensor cores, adds the inter-chunk term a X, and updates X in registers. Nothing of
+(BT = chunk_size tokens, 64 by default): it loads a, b [BT, D] and c [BT, BV], computes the chunk's masked
+score matrix (a b^T) * lam^|i-j| on tensor cores, adds the inter-chunk term a X, and updates X in registers. Nothing of
 size T x D x D is ever written to memory. The three backward passes run in one launch (grid axis 1), so
 even batch 1 puts 3 * H * D/BV programs on the GPU. BV, warps and pipeline stages are autotuned per
-(H, D, dtype, number of sequences, number of passes).
+(H, D, BT, dtype, number of sequences, number of passes).
 
 Cost per pass and (token, head): 2*(BT*D + BT*BV) * D/BV + 4*D*D FLOPs (the score matrix is recomputed
 for each of the D/BV column tiles); memory traffic is one read of a, b, c and one write of out (a and b
@@ -44,7 +44,6 @@ import triton.language as tl
 
 from ..utils import device_guard, interpreting, new_empty, next_pow2
 
-CHUNK = 64
 MAX_TASKS = 3
 
 if interpreting():
@@ -89,7 +88,7 @@ _AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signatur
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["H", "D", "IS_VARLEN", "IEEE", "N_HINT", "NTASK"],
+    key=["H", "D", "BT", "IS_VARLEN", "IEEE", "N_HINT", "NTASK"],
     prune_configs_by={"early_config_prune": _prune_configs},
     **_AUTOTUNE_CACHE,
 )
@@ -228,8 +227,9 @@ def _seq_bucket(num_seqs: int) -> int:
     return 1 if num_seqs <= 1 else 4 if num_seqs <= 4 else 16 if num_seqs <= 16 else 64
 
 
-def run_scan(tasks, decay, scale, num_seqs, cu_seqlens=None):
-    """Launch 1..3 scan passes at once. Inputs [B, T, H, D] contiguous; num_seqs = B or len(cu_seqlens)-1."""
+def run_scan(tasks, decay, scale, num_seqs, cu_seqlens, chunk_size):
+    """Launch 1..3 scan passes at once. Inputs [B, T, H, D] contiguous; num_seqs = B or len(cu_seqlens)-1;
+    chunk_size tokens per chunk (a power of two >= 16)."""
     assert 1 <= len(tasks) <= MAX_TASKS
     a = tasks[0].a
     B, T, H, D = a.shape
@@ -251,19 +251,19 @@ def run_scan(tasks, decay, scale, num_seqs, cu_seqlens=None):
         _scan_kernel[grid](
             **slots, cu_seqlens=cu_seqlens if is_varlen else decay, decay=decay, scale=float(scale), T=T,
             N_HINT=_seq_bucket(num_seqs), NTASK=len(tasks), H=H,
-            D=D, BD=BD, BT=CHUNK, IS_VARLEN=is_varlen, IEEE=a.dtype == torch.float32,
+            D=D, BD=BD, BT=chunk_size, IS_VARLEN=is_varlen, IEEE=a.dtype == torch.float32,
         )
 
 
-def lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, num_seqs):
+def lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, num_seqs, chunk_size):
     o = new_buffer(q)
     B, T, H, D = q.shape
     final = new_buffer(q, (num_seqs, H, D, D), torch.float32) if output_final_state else None
-    run_scan([ScanTask(q, k, v, o, x_in=initial_state, x_out=final)], decay, scale, num_seqs, cu_seqlens)
+    run_scan([ScanTask(q, k, v, o, x_in=initial_state, x_out=final)], decay, scale, num_seqs, cu_seqlens, chunk_size)
     return o, final
 
 
-def lightning_bwd(q, k, v, decay, scale, initial_state, do, d_final, cu_seqlens, num_seqs, needs):
+def lightning_bwd(q, k, v, decay, scale, initial_state, do, d_final, cu_seqlens, num_seqs, chunk_size, needs):
     """Gradients (dq, dk, dv, d_initial_state); entries of ``needs`` that are False come back None."""
     need_dq, need_dk, need_dv, need_dh0 = needs
     need_dh0 = need_dh0 and initial_state is not None
@@ -281,7 +281,7 @@ def lightning_bwd(q, k, v, decay, scale, initial_state, do, d_final, cu_seqlens,
     if dv is not None:
         tasks.append(ScanTask(k, q, do, dv, reverse=True, x_in=g, x_out=dh0))
     if tasks:
-        run_scan(tasks, decay, scale, num_seqs, cu_seqlens)
+        run_scan(tasks, decay, scale, num_seqs, cu_seqlens, chunk_size)
     if dh0 is not None:
         dh0.mul_(scale)
     return dq, dk, (dv if need_dv else None), dh0
@@ -291,14 +291,15 @@ class LightningAttnFunction(torch.autograd.Function):
     """Autograd wrapper; ``decay`` gets no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, num_seqs):
+    def forward(ctx, q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, num_seqs, chunk_size):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         decay = decay.detach().float().contiguous()
         if initial_state is not None:
             initial_state = initial_state.float().contiguous()
-        o, final = lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, num_seqs)
+        o, final = lightning_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, num_seqs,
+                                 chunk_size)
         ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens)
-        ctx.scale, ctx.num_seqs = scale, num_seqs
+        ctx.scale, ctx.num_seqs, ctx.chunk_size = scale, num_seqs, chunk_size
         return o, final
 
     @staticmethod
@@ -307,5 +308,5 @@ class LightningAttnFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
                  ctx.needs_input_grad[5])
         dq, dk, dv, dh0 = lightning_bwd(q, k, v, decay, ctx.scale, initial_state, do.to(q.dtype).contiguous(), d_final,
-                                        cu_seqlens, ctx.num_seqs, needs)
-        return dq, dk, dv, None, None, dh0, None, None, None
+                                        cu_seqlens, ctx.num_seqs, ctx.chunk_size, needs)
+        return dq, dk, dv, None, None, dh0, None, None, None, None

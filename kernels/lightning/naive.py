@@ -1,121 +1,117 @@
-"""Pure-PyTorch Lightning attention: the quadratic reference and a chunked form for the "torch" backend.
+"""Lightning attention (fixed-decay linear attention) in pure PyTorch: the one reference of the op, in chunked
+form and as a recurrent step. Imports torch only.
 
-Both have the signature of ``lightning_attn`` (minus ``backend``) and get their gradients from autograd.
+Where it is used: backend="torch" of salatrain_kernels.lightning (``lightning_attn_torch`` has the signature
+of ``lightning_attn``), the kernels' self-test, and the model's Lightning mixer when the kernels do not run
+(and for decoding, ``lightning_step``). It lives in salatrain_kernels because the kernels may not import
+application code while the model may import the kernels; ``save_pretrained`` copies this file next to the
+weights as ``lightning_attention.py`` (``copy_model_code`` in modeling_sala_hybrid.py), which is where an
+exported checkpoint imports it from, so the export still needs only torch and transformers. Keep it free of
+imports other than torch and the standard library.
 
-    lightning_attn_naive   o = scale * ((Q K^T) * lam^(t-s) * [s<=t]) V + scale * lam^(t+1) Q S0, per document.
-                           O(T^2) time and memory per head; computes in fp32 (fp64 for fp64 inputs), or in
-                           ``compute_dtype`` to measure what plain PyTorch loses in low precision.
-    lightning_attn_chunk_torch
-                           chunks of 64: intra-chunk masked attention + inter-chunk Q S, with the states of all
-                           chunks from one decay-weighted sum over chunk contributions. O(T*64 + (T/64)^2)
-                           per head, fp32; memory [T/64, H, D, D] fp32 (268 MB at T=8K, H=32, D=128).
+Legend: B batch, T tokens, H heads, D head dim, C chunk length, N chunks (or documents).
+Per head h with λ_h = exp(-s_h):   S_t = λ_h S_{t-1} + k_t v_tᵀ,   o_t = S_tᵀ (scale · q_t)
+The state S is [D_k, D_v] and kept in fp32 (fp64 for fp64 inputs). The decay gets no gradient. Memory is
+O(T) per head: chunk by chunk, with the state carried across chunks.
 """
+
 from __future__ import annotations
 
 import torch
 
-CHUNK = 64
 
+def lightning_attn_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked Lightning attention. q, k, v [B, T, H, D]; decay [H] (s_h > 0); state fp32 [N, H, D, D].
 
-def _docs(x, cu_seqlens):
-    """Split [B, T, ...] into per-document [T_n, ...] views (B docs, or the cu_seqlens docs of batch 0)."""
+    With ``cu_seqlens`` ([N+1], B must be 1) every document starts from its own initial state (zeros if none)
+    and nothing crosses a boundary. Returns (o [B, T, H, D] in q's dtype, final_state or None).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is None:
-        return [x[b] for b in range(x.shape[0])]
+        o, state = _chunked(q, k, v, decay, scale, initial_state, chunk_size)
+        return o, (state if output_final_state else None)
+    if q.shape[0] != 1:
+        raise ValueError("cu_seqlens requires batch size 1 (packed documents)")
     bounds = cu_seqlens.tolist()
-    return [x[0, bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+    outs, states = [], []
+    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init = None if initial_state is None else initial_state[n : n + 1]
+        o, s = _chunked(q[:, start:end], k[:, start:end], v[:, start:end], decay, scale, init, chunk_size)
+        outs.append(o)
+        states.append(s)
+    o = torch.cat(outs, dim=1)
+    return o, (torch.cat(states, dim=0) if output_final_state else None)
 
 
-def _join(outs, like, cu_seqlens):
-    if cu_seqlens is None:
-        return torch.stack(outs, 0)
-    return torch.cat(outs, 0).unsqueeze(0)
+def _chunked(q, k, v, decay, scale, initial_state, chunk_size):
+    """One sequence per batch row. Returns (o, final_state)."""
+    b, t, h, d = q.shape
+    dv = v.shape[-1]
+    dtype = q.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    state = (
+        torch.zeros(b, h, d, dv, dtype=work, device=q.device)
+        if initial_state is None
+        else initial_state.to(work).clone()
+    )
+    if t == 0:
+        return q.new_zeros(b, 0, h, dv), state.float()
+    c = chunk_size
+    n = (t + c - 1) // c
+    pad = n * c - t
+    # [B, H, N, C, D]
+    qc, kc, vc = (
+        torch.nn.functional.pad(x.to(work), (0, 0, 0, 0, 0, pad)).view(b, n, c, h, -1).permute(0, 3, 1, 2, 4)
+        for x in (q, k, v)
+    )
+    qc = qc * scale
+    s = decay.detach().to(device=q.device, dtype=work).view(1, h, 1, 1)
+    idx = torch.arange(c, device=q.device, dtype=work)
+    diff = idx.view(-1, 1) - idx.view(1, -1)
+    # intra-chunk mask λ^(i-j) for j <= i
+    mask = torch.exp(-s.unsqueeze(-1) * diff.clamp(min=0)) * (diff >= 0)  # [1, H, 1, C, C]
+    attn = torch.einsum("bhncd,bhnsd->bhncs", qc, kc) * mask
+    o = torch.einsum("bhncs,bhnsd->bhncd", attn, vc)
+    # inter-chunk: o_i += λ^(i+1) q_i S_prev; chunk state contribution Σ_j λ^(L-1-j) k_j v_jᵀ
+    q_decay = torch.exp(-s.view(1, h, 1) * (idx + 1).view(1, 1, -1))  # [1, H, C]
+    lens = [c] * (n - 1) + [c - pad]
+    o_inter = []
+    for i in range(n):
+        length = lens[i]
+        o_inter.append(torch.einsum("bhcd,bhde->bhce", qc[:, :, i] * q_decay.unsqueeze(-1), state))
+        k_decay = torch.exp(-s.view(1, h, 1) * (length - 1 - idx[:length]).view(1, 1, -1))  # [1, H, L]
+        contrib = torch.einsum("bhcd,bhce->bhde", kc[:, :, i, :length] * k_decay.unsqueeze(-1), vc[:, :, i, :length])
+        state = torch.exp(-s * length) * state + contrib
+    o = o + torch.stack(o_inter, dim=2)
+    o = o.permute(0, 2, 3, 1, 4).reshape(b, n * c, h, dv)[:, :t]
+    return o.to(dtype), state.float() if work != torch.float64 else state
 
 
-def _naive_doc(q, k, v, s, scale, h0):
-    """One document. q, k, v [T, H, D]; s [H]; h0 [H, D, D] or None -> (o [T, H, D], final [H, D, D])."""
-    T = q.shape[0]
-    t = torch.arange(T, device=q.device)
-    dist = (t[:, None] - t[None, :]).to(s.dtype)
-    mask = torch.exp(-s[:, None, None] * dist.clamp(min=0)) * (dist >= 0)
-    scores = torch.einsum("thd,shd->hts", q, k) * mask.to(q.dtype)
-    o = torch.einsum("hts,shd->thd", scores, v)
-    tail = torch.exp(-s[None, :] * (T - 1 - t[:, None]).to(s.dtype)).to(q.dtype)  # [T, H]
-    final = torch.einsum("thk,thv->hkv", k * tail[..., None], v)
-    if h0 is not None:
-        head = torch.exp(-s[None, :] * (t[:, None] + 1).to(s.dtype)).to(q.dtype)
-        o = o + torch.einsum("thk,hkv->thv", q * head[..., None], h0)
-        final = final + torch.exp(-s * T).to(q.dtype)[:, None, None] * h0
-    return o * scale, final
+def lightning_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, state: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recurrent form, one token at a time: q, k, v [B, T, H, D], state fp32 [B, H, D, D] → (o, new state).
 
-
-def _check_and_prepare(q, k, v, decay, scale, initial_state, cu_seqlens):
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs batch size 1, got {q.shape[0]}")
-    return q.shape[-1] ** -0.5 if scale is None else scale
-
-
-def lightning_attn_naive(q, k, v, decay, *, scale=None, initial_state=None, output_final_state=False,
-                         cu_seqlens=None, compute_dtype=None):
-    """Quadratic reference. q, k, v [B, T, H, D]; decay [H] (s_h, lam_h = exp(-s_h));
-    initial_state [N, H, D, D] fp32 or None. Returns (o like q, final_state [N, H, D, D] fp32 or None)."""
-    scale = _check_and_prepare(q, k, v, decay, scale, initial_state, cu_seqlens)
-    if compute_dtype is None:
-        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = decay.detach().to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
-    outs, finals = [], []
-    docs = zip(_docs(q, cu_seqlens), _docs(k, cu_seqlens), _docs(v, cu_seqlens))
-    for n, (qn, kn, vn) in enumerate(docs):
-        h0 = None if initial_state is None else initial_state[n].to(compute_dtype)
-        o, final = _naive_doc(qn.to(compute_dtype), kn.to(compute_dtype), vn.to(compute_dtype), s, scale, h0)
-        outs.append(o.to(q.dtype))
-        finals.append(final.float() if compute_dtype != torch.float64 else final)
-    o = _join(outs, q, cu_seqlens)
-    return o, (torch.stack(finals, 0) if output_final_state else None)
-
-
-def _chunk_doc(q, k, v, s, scale, h0, chunk=CHUNK):
-    """One document in chunked form, fp32. q, k, v [T, H, D] -> (o [T, H, D], final [H, D, D])."""
-    T, H, D = q.shape
-    nc = -(-T // chunk)
-    pad = nc * chunk - T
-    qc, kc, vc = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(nc, chunk, H, D) for x in (q, k, v))
-    i = torch.arange(chunk, device=q.device, dtype=s.dtype)
-    dist = i[:, None] - i[None, :]
-    mask = torch.exp(-s[:, None, None] * dist.clamp(min=0)) * (dist >= 0)  # [H, C, C]
-    scores = torch.einsum("nihd,njhd->nhij", qc, kc) * mask
-    o = torch.einsum("nhij,njhd->nihd", scores, vc)
-    # per-chunk contributions to the state at the chunk's last row, then states entering each chunk
-    k_tail = kc * torch.exp(-s[None, :] * (chunk - 1 - i)[:, None])[None, :, :, None]  # [nc, C, H, D]
-    contrib = torch.einsum("njhk,njhv->nhkv", k_tail, vc)
-    c = torch.arange(nc, device=q.device, dtype=s.dtype)
-    gap = c[:, None] - 1 - c[None, :]  # chunk n receives chunk m < n decayed by lam^(C*(n-1-m))
-    weight = torch.exp(-s[:, None, None] * chunk * gap.clamp(min=0)) * (gap >= 0)  # [H, nc, nc]
-    states = torch.einsum("hnm,mhkv->nhkv", weight, contrib)
-    if h0 is not None:
-        states = states + torch.exp(-s[None, :] * chunk * c[:, None])[..., None, None] * h0
-    q_head = qc * torch.exp(-s[None, :] * (i + 1)[:, None])[None, :, :, None]
-    o = o + torch.einsum("nihk,nhkv->nihv", q_head, states)
-    o = o.reshape(nc * chunk, H, D)[:T] * scale
-    t = torch.arange(T, device=q.device, dtype=s.dtype)
-    tail = torch.exp(-s[None, :] * (T - 1 - t)[:, None])
-    final = torch.einsum("thk,thv->hkv", k * tail[..., None], v)
-    if h0 is not None:
-        final = final + torch.exp(-s * T)[:, None, None] * h0
-    return o, final
-
-
-def lightning_attn_chunk_torch(q, k, v, decay, *, scale=None, initial_state=None, output_final_state=False,
-                               cu_seqlens=None):
-    """Chunked PyTorch form (fp32 inside), same signature and results as ``lightning_attn_naive``."""
-    scale = _check_and_prepare(q, k, v, decay, scale, initial_state, cu_seqlens)
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = decay.detach().to(cdt)
-    outs, finals = [], []
-    docs = zip(_docs(q, cu_seqlens), _docs(k, cu_seqlens), _docs(v, cu_seqlens))
-    for n, (qn, kn, vn) in enumerate(docs):
-        h0 = None if initial_state is None else initial_state[n].to(cdt)
-        o, final = _chunk_doc(qn.to(cdt), kn.to(cdt), vn.to(cdt), s, scale, h0)
-        outs.append(o.to(q.dtype))
-        finals.append(final if cdt == torch.float64 else final.float())
-    o = _join(outs, q, cu_seqlens)
-    return o, (torch.stack(finals, 0) if output_final_state else None)
+    O(1) memory per token; used for decoding (T = 1) and as an independent check of the chunked form.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lam = torch.exp(-decay.detach().to(device=q.device, dtype=work)).view(1, -1, 1, 1)
+    state = state.to(work)
+    outs = []
+    for i in range(q.shape[1]):
+        state = lam * state + torch.einsum("bhd,bhe->bhde", k[:, i].to(work), v[:, i].to(work))
+        outs.append(torch.einsum("bhde,bhd->bhe", state, q[:, i].to(work) * scale))
+    o = torch.stack(outs, dim=1).to(q.dtype)
+    return o, (state if work == torch.float64 else state.float())

@@ -1,9 +1,11 @@
 """The salatrain hybrid model: a decoder whose layers mix Lightning, InfLLM-V2 and softmax attention.
 
 Imports torch and transformers only, so it can be exported next to the weights and loaded with
-``trust_remote_code=True``. The Triton kernels of ``salatrain_kernels`` are used for CUDA tensors when that
-package is importable (after a one-time self-test against the references); otherwise the PyTorch mixers in
-``lightning_attention.py`` and ``sparse_attention.py`` run.
+``trust_remote_code=True``. The PyTorch references of the two mixers are salatrain_kernels' ``naive.py``
+modules; an exported checkpoint carries copies of them as ``lightning_attention.py`` and
+``sparse_attention.py`` and imports those when salatrain_kernels is not installed. The Triton kernels of
+``salatrain_kernels`` are used for CUDA tensors when that package is importable (after a one-time self-test
+against the references).
 
 Legend: B batch, T new tokens, Tk tokens incl. cached ones, H query heads, HKV key/value heads, D head dim.
 """
@@ -17,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +35,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .configuration_sala_hybrid import SalaHybridConfig
-from .lightning_attention import lightning_attn_torch, lightning_step
-from .sparse_attention import infllmv2_attn_torch
+
+try:  # the mixers' PyTorch references, one module per op, and the kernels' block-geometry rule
+    from salatrain_kernels.infllm_v2.naive import infllmv2_attn_torch
+    from salatrain_kernels.infllm_v2.params import triton_geometry_problem
+    from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
+except ModuleNotFoundError as e:  # an exported checkpoint without salatrain: the same files, copied next to this one
+    if e.name != "salatrain_kernels":
+        raise
+    from .lightning_attention import lightning_attn_torch, lightning_step
+    from .sparse_attention import infllmv2_attn_torch
+
+    triton_geometry_problem = None
 
 try:
     import salatrain_kernels as _kernels
@@ -42,8 +55,15 @@ except Exception:  # the exported model runs without the kernels
 
 logger = logging.getLogger(__name__)
 
-# Files written next to exported weights; each imports only torch, transformers and its siblings.
-MODEL_FILES = ("configuration_sala_hybrid.py", "modeling_sala_hybrid.py", "lightning_attention.py", "sparse_attention.py")
+# Files written next to exported weights (name -> the module it is copied from); each imports only torch,
+# transformers and its siblings. The references come from salatrain_kernels, or from this file's siblings in an
+# exported checkpoint.
+MODEL_FILES = {
+    "configuration_sala_hybrid.py": SalaHybridConfig.__module__,
+    "modeling_sala_hybrid.py": __name__,
+    "lightning_attention.py": lightning_attn_torch.__module__,
+    "sparse_attention.py": infllmv2_attn_torch.__module__,
+}
 AUTO_MAP = {
     "AutoConfig": "configuration_sala_hybrid.SalaHybridConfig",
     "AutoModel": "modeling_sala_hybrid.SalaHybridModel",
@@ -52,10 +72,11 @@ AUTO_MAP = {
 
 
 def copy_model_code(save_directory) -> None:
-    here, out = Path(__file__).parent, Path(save_directory)
-    for name in MODEL_FILES:
-        if (here / name).resolve() != (out / name).resolve():
-            shutil.copy2(here / name, out / name)
+    out = Path(save_directory)
+    for name, module in MODEL_FILES.items():
+        source = Path(sys.modules[module].__file__)
+        if source.resolve() != (out / name).resolve():
+            shutil.copy2(source, out / name)
 
 
 # transformers renamed the cache argument/output from `past_key_values` to `cache` in 5.2x.
@@ -405,7 +426,7 @@ class LightningAttention(_Projections):
         elif fused is not None:
             o, state = _kernels.lightning_attn(
                 q, k, v, decay, initial_state=state, output_final_state=cache is not None, cu_seqlens=seq.cu_seqlens,
-                backend="triton",
+                backend="triton", chunk_size=self.chunk_size,
             )
         else:
             o, state = lightning_attn_torch(
@@ -433,7 +454,8 @@ class SparseAttention(_Projections):
         self.nope_logit_scale = sc.pop("nope_logit_scale")
         self.nope_logit_scale_base = sc.pop("nope_logit_scale_base")
         self.sparse_params = sc
-        self.triton_geometry = sparse_params_fit_triton(sc)
+        geometry = (sc["block_size"], sc["kernel_size"], sc["kernel_stride"])
+        self.triton_misfit = triton_geometry_problem(*geometry) if triton_geometry_problem else None
         if config.qk_norm:
             self.q_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -474,25 +496,15 @@ class SparseAttention(_Projections):
     def _triton_fits(self, q) -> bool:
         """Whether the Triton kernels take this layer's block geometry; if not, CUDA runs the PyTorch reference
         (with one warning) unless the backend was forced to 'triton'."""
-        if not q.is_cuda or self.kernel_backend == "torch" or self.triton_geometry:
+        why = self.triton_misfit
+        if not q.is_cuda or self.kernel_backend == "torch" or why is None:
             return True
-        p = self.sparse_params
-        why = (f"block_size={p['block_size']}, kernel_size={p['kernel_size']}, kernel_stride={p['kernel_stride']}: "
-               "the Triton InfLLM-V2 kernels need a power-of-two block_size >= 16, kernel_stride dividing block_size "
-               "(power-of-two ratio) and kernel_size, and kernel_size <= block_size + kernel_stride")
         if self.kernel_backend == "triton":
             raise ValueError(why)
         if ("geometry", why) not in _checked:
             _checked[("geometry", why)] = True
             logger.warning("infllmv2_attn: %s; using the PyTorch reference (slow)", why)
         return False
-
-
-def sparse_params_fit_triton(p: dict) -> bool:
-    """The block geometries the Triton InfLLM-V2 kernels support (salatrain_kernels.infllm_v2's limits)."""
-    bs, ks, st = p["block_size"], p["kernel_size"], p["kernel_stride"]
-    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    return pow2(bs) and bs >= 16 and bs % st == 0 and pow2(bs // st) and ks % st == 0 and ks <= bs + st
 
 
 MIXERS = {"full_attention": FullAttention, "linear_attention": LightningAttention, "sparse_attention": SparseAttention}

@@ -1,10 +1,12 @@
-"""InfLLM-V2 kernels vs their PyTorch references: each stage alone, then the full op, forward and every gradient.
+"""InfLLM-V2 kernels vs their PyTorch references (naive.py: the ``*_torch`` functions, what backend="torch"
+runs): each stage alone, then the full op, forward and every gradient.
 
 CPU: Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), fp32, small parameters (block 16, kernel 8,
 stride 4, topk 3, window 16, dense_len 32), odd lengths, G in {1, 3, 16}, varlen, Tq < Tk, both normalisers.
 Every kernel output starts NaN-poisoned, so an element a kernel forgets to write fails the comparison.
 GPU (skipped without CUDA): real shapes (T = 4096/8192, D = 128, block 64) in fp32 and bf16 with the rule
-|out - ref| <= 2 |out_torch - ref| + eps, where out_torch is the PyTorch reference in the same precision.
+|out - ref| <= 2 |out_torch - ref| + eps, where out_torch is plain PyTorch attention in the same precision
+(tests/helpers/naive.py, explicit logits).
 
     python -m pytest tests/kernels/test_infllm_v2.py -q
 """
@@ -13,18 +15,18 @@ import math
 import pytest
 import torch
 
+from salatrain_kernels import utils
 from salatrain_kernels.infllm_v2 import (
     infllmv2_attn,
-    infllmv2_attn_naive,
+    infllmv2_attn_torch,
     infllmv2_block_attn,
-    infllmv2_block_attn_naive,
+    infllmv2_block_attn_torch,
     infllmv2_block_scores,
-    infllmv2_block_scores_naive,
+    infllmv2_block_scores_torch,
     infllmv2_select,
-    infllmv2_select_naive,
-    selection_margin,
+    infllmv2_select_torch,
 )
-from salatrain_kernels import utils
+from tests.helpers.naive import infllmv2_block_attn_naive, selection_margin
 
 SMALL = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=3, window_size=16, dense_len=32)
 SCORING = ("block_size", "kernel_size", "kernel_stride")
@@ -94,7 +96,7 @@ def test_block_scores_match_reference(case, normalizer):
     q, k, _ = make_qkv(**{n: c[n] for n in ("batch", "seqlen_q", "seqlen_k", "heads", "kv_heads", "dim")})
     kwargs = dict(pick(SMALL, SCORING), normalizer=normalizer, cu_seqlens=cu)
     out = infllmv2_block_scores(q.detach(), k.detach(), backend="triton", **kwargs)
-    ref = infllmv2_block_scores_naive(q.detach(), k.detach(), **kwargs)
+    ref = infllmv2_block_scores_torch(q.detach(), k.detach(), **kwargs)
     assert out.shape == ref.shape
     finite = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(out), finite) and (out[~finite] == -math.inf).all()
@@ -107,7 +109,7 @@ def test_block_scores_three_windows_per_block_pair():
     q, k, _ = make_qkv(1, 90, 90, 4, 2, 16, seed=3)
     kwargs = dict(block_size=16, kernel_size=12, kernel_stride=4)
     out = infllmv2_block_scores(q.detach(), k.detach(), backend="triton", **kwargs)
-    ref = infllmv2_block_scores_naive(q.detach(), k.detach(), **kwargs)
+    ref = infllmv2_block_scores_torch(q.detach(), k.detach(), **kwargs)
     finite = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(out), finite)
     assert_close(out[finite], ref[finite], atol=1e-6, rtol=1e-5)
@@ -142,7 +144,7 @@ def test_select_matches_reference(shape, kwargs, ties):
     scores = tie_heavy_scores(shape) if ties else torch.rand(shape, generator=torch.Generator().manual_seed(0))
     sel = dict(pick(kwargs, SELECTION), seqlen_k=seqlen_k, cu_seqlens=cu)
     out = infllmv2_select(scores, backend="triton", **sel)
-    assert torch.equal(out, infllmv2_select_naive(scores, **sel))
+    assert torch.equal(out, infllmv2_select_torch(scores, **sel))
 
 
 # -------------------------------------------------------------------------------- (c) attention on given blocks
@@ -166,7 +168,7 @@ def test_block_attn_matches_reference(case):
     idx = random_lists(c["batch"], c["kv_heads"], c["seqlen_q"], 5, num_blocks)
     kwargs = dict(block_size=16, dense_len=dense_len, cu_seqlens=cu)
     out = infllmv2_block_attn(q, k, v, idx, backend="triton", **kwargs)
-    ref = infllmv2_block_attn_naive(q, k, v, idx, **kwargs)
+    ref = infllmv2_block_attn_torch(q, k, v, idx, **kwargs)
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -197,7 +199,7 @@ def test_full_op_matches_reference(case):
     q, k, v = make_qkv(*c.pop("shape"), seed=len(case))
     kwargs = dict(SMALL, cu_seqlens=cu, **c)
     out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
-    ref = infllmv2_attn_naive(q, k, v, **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
@@ -213,7 +215,7 @@ def test_full_op_in_row_chunks(monkeypatch):
     q, k, v = make_qkv(1, 150, 150, 4, 2, 16, seed=11)
     kwargs = dict(SMALL, cu_seqlens=torch.tensor([0, 70, 81, 150], dtype=torch.int32))
     out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
-    ref = infllmv2_attn_naive(q, k, v, **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -228,7 +230,7 @@ def test_full_op_gpu_code_path(monkeypatch):
     q, k, v = make_qkv(1, 200, 200, 2, 1, 16, seed=5)
     kwargs = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=2, window_size=64, dense_len=128)
     out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
-    ref = infllmv2_attn_naive(q, k, v, **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -240,7 +242,7 @@ def test_all_blocks_visible_equals_dense():
     q, k, v = make_qkv(1, 100, 100, 4, 2, 16, seed=7)
     sparse = infllmv2_attn(q, k, v, backend="triton", **dict(SMALL, topk=8, dense_len=0))
     dense = infllmv2_attn(q, k, v, backend="triton", **dict(SMALL, dense_len=10**9))
-    ref = infllmv2_attn_naive(q, k, v, **dict(SMALL, dense_len=10**9))
+    ref = infllmv2_attn_torch(q, k, v, **dict(SMALL, dense_len=10**9))
     assert_close(sparse, ref)
     assert_close(dense, ref)
     for got, want in zip(grads(sparse, (q, k, v)), grads(ref, (q, k, v))):
@@ -249,7 +251,7 @@ def test_all_blocks_visible_equals_dense():
 
 def test_auto_backend_on_cpu_is_reference():
     q, k, v = make_qkv(1, 50, 50, 2, 1, 16)
-    assert torch.equal(infllmv2_attn(q, k, v, **SMALL), infllmv2_attn_naive(q, k, v, **SMALL))
+    assert torch.equal(infllmv2_attn(q, k, v, **SMALL), infllmv2_attn_torch(q, k, v, **SMALL))
 
 
 def test_poisoning_is_active():
@@ -291,13 +293,13 @@ def test_gpu_scores_and_selection(dtype, normalizer):
     q, k = q.detach(), k.detach()
     kwargs = dict(pick(GPU, SCORING), normalizer=normalizer)
     out = infllmv2_block_scores(q, k, backend="triton", **kwargs)
-    ref = infllmv2_block_scores_naive(q.float(), k.float(), **kwargs)
+    ref = infllmv2_block_scores_torch(q.float(), k.float(), **kwargs)
     finite = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(out), finite)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: compressed keys are rounded to bf16 for tl.dot
     assert_close(out[finite], ref[finite], atol=tol, rtol=tol)
     sel = dict(pick(GPU, SELECTION), seqlen_k=4096)
-    assert torch.equal(infllmv2_select(out, backend="triton", **sel), infllmv2_select_naive(out, **sel))
+    assert torch.equal(infllmv2_select(out, backend="triton", **sel), infllmv2_select_torch(out, **sel))
 
 
 def gpu_case(batch, seqlen_q, seqlen_k, heads, kv_heads, dtype, cu=None, seed=0):
@@ -334,7 +336,7 @@ def test_gpu_full_op(dtype, shape, cu):
     stages = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"],
                                  cu_seqlens=cu)
     # the selection is a top-K of the fp32 reference scores up to the kernel's score error (bf16: k_cmp rounding)
-    ref_scores = infllmv2_block_scores_naive(q.detach().float(), k.detach().float(), cu_seqlens=cu,
+    ref_scores = infllmv2_block_scores_torch(q.detach().float(), k.detach().float(), cu_seqlens=cu,
                                              **pick(GPU, SCORING))
     margin = selection_margin(idx, ref_scores, seqlen_k=shape[2], cu_seqlens=cu, **pick(GPU, SELECTION))
     scale = ref_scores[torch.isfinite(ref_scores)].abs().max()

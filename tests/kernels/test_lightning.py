@@ -1,5 +1,7 @@
-"""Lightning attention kernels against their PyTorch references: forward, every gradient, varlen, states,
-chunked prefill, and the fused norm/RoPE/gate pieces.
+"""Lightning attention kernels against PyTorch: forward, every gradient, varlen, states, chunked prefill, the
+chunk size, and the fused norm/RoPE/gate pieces. The core is measured against the closed-form oracle in
+tests/helpers/naive.py (it also gives PyTorch's own low-precision error); backend "torch" runs the package's
+reference, naive.lightning_attn_torch, checked against the same oracle.
 
 On CPU the Triton kernels run in the interpreter (fp32 and fp16 at small shapes); the GPU tests (fp32 and
 bf16 at larger shapes) are skipped there. Errors follow the flash-attention rule: the kernel's error against
@@ -8,9 +10,10 @@ a high-precision reference may be at most twice PyTorch's own error in the kerne
 import pytest
 import torch
 
-from salatrain_kernels.lightning import lightning_attn, lightning_attn_chunk_torch, lightning_attn_naive
-from salatrain_kernels.lightning.fused import out_norm_gate, out_norm_gate_torch, qk_norm_rope, qk_norm_rope_torch
 from salatrain_kernels import utils
+from salatrain_kernels.lightning import TRITON_CHUNK_SIZES, lightning_attn, lightning_attn_torch
+from salatrain_kernels.lightning.fused import out_norm_gate, out_norm_gate_torch, qk_norm_rope, qk_norm_rope_torch
+from tests.helpers.naive import lightning_naive
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -61,17 +64,17 @@ def run_with_grads(fn, qkv, h0, do, dht, decay, cu_seqlens, **kw):
 NAMES = ["o", "final_state", "dq", "dk", "dv", "d_initial_state"]
 
 
-def compare_to_reference(B, T, H, D, dtype, with_state, cu_seqlens=None, rel_eps=1e-6):
+def compare_to_reference(B, T, H, D, dtype, with_state, cu_seqlens=None, rel_eps=1e-6, chunk_size=64):
     num_seqs = None if cu_seqlens is None else len(cu_seqlens) - 1
     qkv, h0, do, dht = make_inputs(B, T, H, D, dtype, with_state, num_seqs)
     decay = alibi_decay(H).to(DEVICE)
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=DEVICE)
     ref_dtype = torch.float32 if (CUDA and dtype != torch.float32) else REF_DTYPE
-    got = run_with_grads(lightning_attn, qkv, h0, do, dht, decay, cu, backend="triton")
-    ref = run_with_grads(lightning_attn_naive, [x.to(ref_dtype) for x in qkv],
+    got = run_with_grads(lightning_attn, qkv, h0, do, dht, decay, cu, backend="triton", chunk_size=chunk_size)
+    ref = run_with_grads(lightning_naive, [x.to(ref_dtype) for x in qkv],
                          None if h0 is None else h0.to(ref_dtype), do.to(ref_dtype), dht.to(ref_dtype), decay, cu,
                          compute_dtype=ref_dtype)
-    lowp = run_with_grads(lightning_attn_naive, qkv, h0, do, dht, decay, cu, compute_dtype=dtype)
+    lowp = run_with_grads(lightning_naive, qkv, h0, do, dht, decay, cu, compute_dtype=dtype)
     for name, a, r, lp in zip(NAMES, got, ref, lowp):
         check_rule(name, a, r, lp, rel_eps)
 
@@ -110,26 +113,44 @@ def test_chunked_prefill_identity():
     torch.testing.assert_close(f2, f_full, rtol=1e-5, atol=1e-5)
 
 
-def test_torch_backends_agree():
-    """The chunked PyTorch form equals the quadratic one (fp64), varlen included; "auto" on CPU is torch."""
+def test_torch_backend_matches_oracle():
+    """The PyTorch reference (backend "torch") equals the closed form (fp64), varlen and states included, with
+    any chunk size; "auto" on CPU is the reference."""
     (q, k, v), h0, _, _ = make_inputs(1, 150, 3, 8, torch.float64, True, num_seqs=2)
     decay = alibi_decay(3).to(DEVICE)
     cu = torch.tensor([0, 67, 150], device=DEVICE)
     kw = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu)
-    o_ref, f_ref = lightning_attn_naive(q, k, v, decay, **kw)
-    o_chk, f_chk = lightning_attn_chunk_torch(q, k, v, decay, **kw)
-    torch.testing.assert_close(o_chk, o_ref)
-    torch.testing.assert_close(f_chk, f_ref)
+    o_ref, f_ref = lightning_naive(q, k, v, decay, **kw)
+    for chunk_size in (64, 7):
+        o_chk, f_chk = lightning_attn(q, k, v, decay, backend="torch", chunk_size=chunk_size, **kw)
+        torch.testing.assert_close(o_chk, o_ref)
+        torch.testing.assert_close(f_chk, f_ref)
     if not CUDA:
         o_auto, _ = lightning_attn(q, k, v, decay, **kw)
-        torch.testing.assert_close(o_auto, o_ref)
+        torch.testing.assert_close(o_auto, lightning_attn_torch(q, k, v, decay, **kw)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32, 128])
+def test_triton_honours_chunk_size(chunk_size):
+    """The kernel's token tile is the chunk size asked for (the result does not depend on it)."""
+    compare_to_reference(1, 150, 2, 16, torch.float32, True, cu_seqlens=[0, 61, 150], chunk_size=chunk_size)
+
+
+def test_chunk_sizes_the_kernel_cannot_take_are_rejected():
+    (q, k, v), _, _, _ = make_inputs(1, 40, 2, 16, torch.float32, False)
+    decay = alibi_decay(2).to(DEVICE)
+    assert 48 not in TRITON_CHUNK_SIZES
+    with pytest.raises(ValueError, match="chunk_size=48"):
+        lightning_attn(q, k, v, decay, chunk_size=48, backend="triton")
+    with pytest.raises(ValueError, match="chunk_size=32"):
+        lightning_attn(q, k, v, decay, chunk_size=32, backend="fla")
 
 
 def test_naive_matches_recurrence():
-    """The quadratic reference equals the literal recurrence S_t = lam S_{t-1} + k v^T, o_t = S_t^T q_t scale."""
+    """The closed-form oracle equals the literal recurrence S_t = lam S_{t-1} + k v^T, o_t = S_t^T q_t scale."""
     (q, k, v), h0, _, _ = make_inputs(2, 20, 2, 4, torch.float64, True)
     decay = alibi_decay(2).to(DEVICE).double()
-    o, final = lightning_attn_naive(q, k, v, decay, initial_state=h0, output_final_state=True, scale=0.7)
+    o, final = lightning_naive(q, k, v, decay, initial_state=h0, output_final_state=True, scale=0.7)
     lam = torch.exp(-decay)[None, :, None, None]
     S, outs = h0.double(), []
     for t in range(q.shape[1]):
