@@ -17,6 +17,18 @@ top-level ``kernels`` package, which this folder is when the repository root is 
 
 import importlib
 
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A module ``__getattr__`` that imports ``exports[name]`` (a module relative to ``package``) on first use."""
+
+    def __getattr__(name):
+        if name in exports:
+            return getattr(importlib.import_module(exports[name], package), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 _EXPORTS = {
     "lightning_attn": ".lightning",
     "infllmv2_attn": ".infllm_v2",
@@ -25,9 +37,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -56,7 +56,7 @@ G (padded to a power of two, >= 16 rows per tl.dot). backend="torch" accepts any
 Attributes load lazily, so the references (naive.py) import without Triton.
 """
 
-import importlib
+from .. import lazy_exports
 
 _EXPORTS = {
     "infllmv2_attn": ".interface",
@@ -71,9 +71,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -17,7 +17,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..utils import Tunable, row_max, row_sum
+from ..utils import Tunable, row_max
+from .attn_steps import (
+    backward_rows, dkdv_update, dq_update, kv_tile, online_softmax, store_dkdv,
+)
 
 
 @triton.jit
@@ -100,14 +103,9 @@ def _gather_fwd_kernel(
         kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         s = tl.where(same_tok & k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, row_max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + row_sum(p, 1)
+        m_i, alpha, p, l_i = online_softmax(s, m_i, l_i)
         vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
     l_ok = l_i > 0
     l_div = tl.where(l_ok, l_i, 1.0)
     o = acc / l_div[:, None]
@@ -135,12 +133,8 @@ def _gather_dq_kernel(
         stride_kr, stride_kh, stride_ih, stride_ir, stride_ch, TOK, BN)
     d = tl.arange(0, BD)
     dm = d < D
-    qd_off = (r_m * stride_qr + heads * stride_qh)[:, None] + d[None, :]
-    qd_mask = row_m_ok[:, None] & dm[None, :]
-    q = tl.load(q_ptr + qd_off, mask=qd_mask, other=0.0)
-    do = tl.load(do_ptr + qd_off, mask=qd_mask, other=0.0)
-    lse = tl.load(lse_ptr + r_m * stride_lr + heads, mask=row_m_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + r_m * stride_lr + heads, mask=row_m_ok, other=0.0)
+    qd_off, qd_mask, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r_m, heads, row_m_ok, d, dm,
+                                                       stride_qr, stride_qh, stride_lr)
     same_tok = tok_m[:, None] == tok_k[None, :]
     dq = tl.full([TOK * M, BD], 0.0, tl.float32)
     for s0 in range(0, n_max, NBI):
@@ -150,9 +144,7 @@ def _gather_dq_kernel(
         vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         p = tl.where(same_tok & k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+        dq = dq_update(dq, p, do, kt, vt, delta, PREC)
     dq_off = ((r_m - out_row_base) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
     tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
@@ -181,9 +173,7 @@ def _gather_dkdv_kernel(
     k_ok = krow < kend
     d = tl.arange(0, BD)
     dm = d < D
-    kv_off = krow.to(tl.int64) * stride_kr + hk * stride_kh
-    kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
-    vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+    kt, vt = kv_tile(k_ptr, v_ptr, krow, k_ok, hk, d, dm, stride_kr, stride_kh)
     dk = tl.full([BS, BD], 0.0, tl.float32)
     dv = tl.full([BS, BD], 0.0, tl.float32)
     mm = tl.arange(0, M)
@@ -195,24 +185,12 @@ def _gather_dkdv_kernel(
         e_ok = (ent < e1) & (g < G)
         r = tl.load(entry_row_ptr + ent, mask=e_ok, other=0)
         q_krow = tl.load(row_kbase_ptr + r, mask=e_ok, other=0) + tl.load(row_pos_ptr + r, mask=e_ok, other=0)
-        r64 = r.to(tl.int64)
-        qd_off = (r64 * stride_qr + heads * stride_qh)[:, None] + d[None, :]
-        qd_mask = e_ok[:, None] & dm[None, :]
-        q = tl.load(q_ptr + qd_off, mask=qd_mask, other=0.0)
-        do = tl.load(do_ptr + qd_off, mask=qd_mask, other=0.0)
-        lse = tl.load(lse_ptr + r64 * stride_lr + heads, mask=e_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + r64 * stride_lr + heads, mask=e_ok, other=0.0)
+        _, _, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r.to(tl.int64), heads, e_ok, d, dm,
+                                                stride_qr, stride_qh, stride_lr)
         s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, M]
         vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
-        p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
-        dp_t = tl.dot(vt, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
-    out_off = krow.to(tl.int64)[:, None] * stride_dkr + hk * stride_dkh + d[None, :]
-    out_mask = k_ok[:, None] & dm[None, :]
-    tl.atomic_add(dk_ptr + out_off, dk * scale, mask=out_mask)
-    tl.atomic_add(dv_ptr + out_off, dv, mask=out_mask)
+        dk, dv = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
+    store_dkdv(dk_ptr, dv_ptr, dk, dv, krow, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh)
 
 
 gather_fwd = Tunable(_gather_fwd_kernel, [(4, 3), (4, 2), (8, 3)], key=["G", "D", "BS", "NBI"])

@@ -35,6 +35,7 @@ from ..utils import (
     row_sum,
     should_tune,
 )
+from .attn_steps import online_softmax
 from .layout import DocLayout, compress_keys
 from .naive import infllmv2_block_scores_torch
 from .params import SparseParams, check_qkv, triton_scoring_ok
@@ -93,10 +94,7 @@ def _block_scores_kernel(
         kn = tl.load(kn_ptr + kn_off[:, None] + d[None, :], mask=(j < n_cols)[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
         s = tl.where(j[None, :] <= nlast[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, row_max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_use) + row_sum(tl.exp2(s - m_use[:, None]), 1)
-        m_i = m_new
+        m_i, _, _, l_i = online_softmax(s, m_i, l_i)
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
 
     # pass 2: probabilities summed over the group, max-pooled into blocks

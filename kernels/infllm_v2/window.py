@@ -15,7 +15,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..utils import Tunable, row_max, row_sum
+from ..utils import Tunable
+from .attn_steps import (
+    backward_rows, dkdv_update, dq_update, kv_tile, online_softmax, store_dkdv,
+)
 
 
 @triton.jit
@@ -30,8 +33,38 @@ def _local_start(t, dense_len, BS: tl.constexpr, WIN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm, scale_log2,
-              stride_kr, BN: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+def _tile(tile_row0_ptr, tile_nrows_ptr, row_pos_ptr, row_kbase_ptr, n_tiles, dense_len, stride_kr, stride_kh,
+          G: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, WIN: tl.constexpr):
+    """The program's tile of consecutive query rows of one head (latest tiles first): the head, first row and
+    position, the K/V base of the head's group, last position, row offsets i, validity, positions t and
+    first local keys lo."""
+    tile = n_tiles - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = tl.load(tile_row0_ptr + tile)
+    nrows = tl.load(tile_nrows_ptr + tile)
+    pos0 = tl.load(row_pos_ptr + row0)
+    kv_base = tl.load(row_kbase_ptr + row0).to(tl.int64) * stride_kr + (h // G) * stride_kh
+    t_last = pos0 + nrows - 1
+    i = tl.arange(0, BM)
+    r_ok = i < nrows
+    t = pos0 + i
+    lo = _local_start(t, dense_len, BS, WIN)
+    return h, row0, pos0, kv_base, t_last, i, r_ok, t, lo
+
+
+@triton.jit
+def _key_steps(pos0, t_last, dense_len, BN: tl.constexpr, BS: tl.constexpr, WIN: tl.constexpr):
+    """Key tiles of a query tile: [k_lo, u0) and [u1, t_last] need the row masks, [u0, u1) lies inside every
+    row's range."""
+    k_lo = (_local_start(pos0, dense_len, BS, WIN) // BN) * BN
+    u0 = tl.maximum(((_local_start(t_last, dense_len, BS, WIN) + BN - 1) // BN) * BN, k_lo)
+    u1 = tl.maximum((pos0 // BN) * BN, u0)
+    return k_lo, u0, u1
+
+
+@triton.jit
+def _key_tile(k_ptr, kv_base, j0, t_last, d, dm, stride_kr, BN: tl.constexpr, MASKED: tl.constexpr):
+    """Keys j0.. of a step: positions, offsets, load mask and the K tile."""
     kp = j0 + tl.arange(0, BN)
     kv_off = kv_base + kp.to(tl.int64) * stride_kr
     if MASKED:
@@ -39,14 +72,17 @@ def _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm,
     else:
         ld_mask = dm[None, :]
     kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=ld_mask, other=0.0)
+    return kp, kv_off, ld_mask, kt
+
+
+@triton.jit
+def _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm, scale_log2,
+              stride_kr, BN: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    kp, kv_off, ld_mask, kt = _key_tile(k_ptr, kv_base, j0, t_last, d, dm, stride_kr, BN, MASKED)
     s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
     if MASKED:
         s = tl.where((kp[None, :] <= t[:, None]) & (kp[None, :] >= lo[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m_i, row_max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + row_sum(p, 1)
+    m_new, alpha, p, l_i = online_softmax(s, m_i, l_i)
     vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=ld_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
     return m_new, l_i, acc
@@ -62,17 +98,9 @@ def _local_fwd_kernel(
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     WIN: tl.constexpr, HAS_PART: tl.constexpr, PREC: tl.constexpr,
 ):
-    tile = n_tiles - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    row0 = tl.load(tile_row0_ptr + tile)
-    nrows = tl.load(tile_nrows_ptr + tile)
-    pos0 = tl.load(row_pos_ptr + row0)
-    kv_base = tl.load(row_kbase_ptr + row0).to(tl.int64) * stride_kr + (h // G) * stride_kh
-    t_last = pos0 + nrows - 1
-    i = tl.arange(0, BM)
-    r_ok = i < nrows
-    t = pos0 + i
-    lo = _local_start(t, dense_len, BS, WIN)
+    h, row0, pos0, kv_base, t_last, i, r_ok, t, lo = _tile(
+        tile_row0_ptr, tile_nrows_ptr, row_pos_ptr, row_kbase_ptr, n_tiles, dense_len, stride_kr, stride_kh,
+        G, BM, BS, WIN)
     d = tl.arange(0, BD)
     dm = d < D
     rows = (row0 + i).to(tl.int64)
@@ -90,9 +118,7 @@ def _local_fwd_kernel(
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.full([BM], 0.0, tl.float32)
         acc = tl.full([BM, BD], 0.0, tl.float32)
-    k_lo = (_local_start(pos0, dense_len, BS, WIN) // BN) * BN
-    u0 = tl.maximum(((_local_start(t_last, dense_len, BS, WIN) + BN - 1) // BN) * BN, k_lo)
-    u1 = tl.maximum((pos0 // BN) * BN, u0)  # [u0, u1): inside every row's range, no mask
+    k_lo, u0, u1 = _key_steps(pos0, t_last, dense_len, BN, BS, WIN)
     for j0 in range(k_lo, u0, BN):
         m_i, l_i, acc = _fwd_step(q, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, m_i, l_i, acc, d, dm, scale_log2,
                                   stride_kr, BN, True, PREC)
@@ -114,21 +140,13 @@ def _local_fwd_kernel(
 @triton.jit
 def _dq_step(q, do, lse, delta, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, dq, d, dm, scale_log2,
              stride_kr, BN: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    kp = j0 + tl.arange(0, BN)
-    kv_off = kv_base + kp.to(tl.int64) * stride_kr
-    if MASKED:
-        ld_mask = (kp <= t_last)[:, None] & dm[None, :]
-    else:
-        ld_mask = dm[None, :]
-    kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=ld_mask, other=0.0)
+    kp, kv_off, ld_mask, kt = _key_tile(k_ptr, kv_base, j0, t_last, d, dm, stride_kr, BN, MASKED)
     vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=ld_mask, other=0.0)
     s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
     p = tl.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where((kp[None, :] <= t[:, None]) & (kp[None, :] >= lo[:, None]), p, 0.0)
-    dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-    ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+    return dq_update(dq, p, do, kt, vt, delta, PREC)
 
 
 @triton.jit
@@ -141,30 +159,16 @@ def _local_dq_kernel(
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     WIN: tl.constexpr, HAS_PART: tl.constexpr, PREC: tl.constexpr,
 ):
-    tile = n_tiles - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    row0 = tl.load(tile_row0_ptr + tile)
-    nrows = tl.load(tile_nrows_ptr + tile)
-    pos0 = tl.load(row_pos_ptr + row0)
-    kv_base = tl.load(row_kbase_ptr + row0).to(tl.int64) * stride_kr + (h // G) * stride_kh
-    t_last = pos0 + nrows - 1
-    i = tl.arange(0, BM)
-    r_ok = i < nrows
-    t = pos0 + i
-    lo = _local_start(t, dense_len, BS, WIN)
+    h, row0, pos0, kv_base, t_last, i, r_ok, t, lo = _tile(
+        tile_row0_ptr, tile_nrows_ptr, row_pos_ptr, row_kbase_ptr, n_tiles, dense_len, stride_kr, stride_kh,
+        G, BM, BS, WIN)
     d = tl.arange(0, BD)
     dm = d < D
     rows = (row0 + i).to(tl.int64)
-    qd_off = (rows * stride_qr + h * stride_qh)[:, None] + d[None, :]
-    qd_mask = r_ok[:, None] & dm[None, :]
-    q = tl.load(q_ptr + qd_off, mask=qd_mask, other=0.0)
-    do = tl.load(do_ptr + qd_off, mask=qd_mask, other=0.0)
-    lse = tl.load(lse_ptr + rows * stride_lr + h, mask=r_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + rows * stride_lr + h, mask=r_ok, other=0.0)
+    qd_off, qd_mask, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, rows, h, r_ok, d, dm,
+                                                       stride_qr, stride_qh, stride_lr)
     dq = tl.full([BM, BD], 0.0, tl.float32)
-    k_lo = (_local_start(pos0, dense_len, BS, WIN) // BN) * BN
-    u0 = tl.maximum(((_local_start(t_last, dense_len, BS, WIN) + BN - 1) // BN) * BN, k_lo)
-    u1 = tl.maximum((pos0 // BN) * BN, u0)
+    k_lo, u0, u1 = _key_steps(pos0, t_last, dense_len, BN, BS, WIN)
     for j0 in range(k_lo, u0, BN):
         dq = _dq_step(q, do, lse, delta, k_ptr, v_ptr, kv_base, j0, t, lo, t_last, dq, d, dm, scale_log2,
                       stride_kr, BN, True, PREC)
@@ -212,9 +216,7 @@ def _local_dkdv_kernel(
         q_hi = tl.minimum(qend, tl.maximum(q_hi, (j_last // BS + 1) * BS + WIN - 1))
     d = tl.arange(0, BD)
     dm = d < D
-    kv_off = (kstart + kp).to(tl.int64) * stride_kr + hk * stride_kh
-    kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
-    vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+    kt, vt = kv_tile(k_ptr, v_ptr, kstart + kp, k_ok, hk, d, dm, stride_kr, stride_kh)
     dk = tl.full([BN, BD], 0.0, tl.float32)
     dv = tl.full([BN, BD], 0.0, tl.float32)
     im = tl.arange(0, BM)
@@ -226,22 +228,12 @@ def _local_dkdv_kernel(
             q_ok = tq < q_hi
             lo = _local_start(tq, dense_len, BS, WIN)
             rows = (qstart + tq - qpos0).to(tl.int64)
-            qd_off = (rows * stride_qr + h * stride_qh)[:, None] + d[None, :]
-            q = tl.load(q_ptr + qd_off, mask=q_ok[:, None] & dm[None, :], other=0.0)
-            do = tl.load(do_ptr + qd_off, mask=q_ok[:, None] & dm[None, :], other=0.0)
-            lse = tl.load(lse_ptr + rows * stride_lr + h, mask=q_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + rows * stride_lr + h, mask=q_ok, other=0.0)
+            _, _, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, rows, h, q_ok, d, dm,
+                                                    stride_qr, stride_qh, stride_lr)
             s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BN, BM]
             vis = (kp[:, None] <= tq[None, :]) & (kp[:, None] >= lo[None, :]) & k_ok[:, None] & q_ok[None, :]
-            p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
-            dp_t = tl.dot(vt, tl.trans(do), input_precision=PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
-    out_off = (kstart + kp).to(tl.int64)[:, None] * stride_dkr + hk * stride_dkh + d[None, :]
-    out_mask = k_ok[:, None] & dm[None, :]
-    tl.atomic_add(dk_ptr + out_off, dk * scale, mask=out_mask)
-    tl.atomic_add(dv_ptr + out_off, dv, mask=out_mask)
+            dk, dv = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
+    store_dkdv(dk_ptr, dv_ptr, dk, dv, kstart + kp, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh)
 
 
 local_fwd = Tunable(_local_fwd_kernel, [(8, 3), (8, 2)], key=["G", "D", "BM", "WIN", "HAS_PART"])

@@ -207,17 +207,23 @@ class QKNormRopeFunction(torch.autograd.Function):
 
 
 @triton.jit
+def _gate_row(o, z, row, n_rows, o_n, N: tl.constexpr):
+    """Row `row` of o and z (fp32, masked past n_rows): the mask, the row's offset, o and z."""
+    mask = o_n < N * (row < n_rows).to(tl.int32)
+    base = row.to(tl.int64) * N
+    xv = tl.load(o + base + o_n, mask=mask, other=0.0).to(tl.float32)
+    zv = tl.load(z + base + o_n, mask=mask, other=0.0).to(tl.float32)
+    return mask, base, xv, zv
+
+
+@triton.jit
 def _out_norm_gate_fwd_kernel(o, z, w, y, n_rows, eps, ROWS_PER_PROG, N: tl.constexpr, BN: tl.constexpr):
     pid = tl.program_id(0)
     o_n = tl.arange(0, BN)
     DT = y.dtype.element_ty
     wv = tl.load(w + o_n, mask=o_n < N, other=0.0).to(tl.float32)
     for i in range(0, ROWS_PER_PROG):
-        row = pid * ROWS_PER_PROG + i
-        mask = o_n < N * (row < n_rows).to(tl.int32)
-        base = row.to(tl.int64) * N
-        xv = tl.load(o + base + o_n, mask=mask, other=0.0).to(tl.float32)
-        zv = tl.load(z + base + o_n, mask=mask, other=0.0).to(tl.float32)
+        mask, base, xv, zv = _gate_row(o, z, pid * ROWS_PER_PROG + i, n_rows, o_n, N)
         r = tl.rsqrt(tl.sum(xv * xv, axis=0) / N + eps)
         yn = _rnd(wv * _rnd(xv * r, DT), DT)
         gate = _rnd(tl.sigmoid(zv), DT)
@@ -233,11 +239,7 @@ def _out_norm_gate_bwd_kernel(o, z, w, dy, do, dz, dw_part, n_rows, eps, ROWS_PE
     wv = tl.load(w + o_n, mask=o_n < N, other=0.0).to(tl.float32)
     acc_w = tl.zeros([BN], dtype=tl.float32)
     for i in range(0, ROWS_PER_PROG):
-        row = pid * ROWS_PER_PROG + i
-        mask = o_n < N * (row < n_rows).to(tl.int32)
-        base = row.to(tl.int64) * N
-        xv = tl.load(o + base + o_n, mask=mask, other=0.0).to(tl.float32)
-        zv = tl.load(z + base + o_n, mask=mask, other=0.0).to(tl.float32)
+        mask, base, xv, zv = _gate_row(o, z, pid * ROWS_PER_PROG + i, n_rows, o_n, N)
         g = tl.load(dy + base + o_n, mask=mask, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.sum(xv * xv, axis=0) / N + eps)
         n = xv * r
