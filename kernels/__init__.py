@@ -5,8 +5,8 @@
     logit_loss_rows  row-wise KL(teacher ‖ student) / cross-entropy over the vocabulary, with the logit gradient
     self_test        checks a kernel against its reference on a small case of the caller's shapes
 
-One folder per op (lightning/, infllm_v2/), its reference in ``naive.py`` (torch only: the model runs and
-exports the same file), shared launch helpers in utils.py. Imports nothing of salatrain.
+One folder per op (lightning/, infllm_v2/, logit_loss/), its reference in ``naive.py`` (torch only; the model
+runs and exports the mixers' ones), shared launch helpers in utils.py. Imports nothing of salatrain.
 
 On CPU the Triton kernels run only under ``TRITON_INTERPRET=1`` (set before importing the kernel modules);
 ``backend="auto"`` picks Triton on CUDA tensors and the PyTorch reference elsewhere.

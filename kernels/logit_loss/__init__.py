@@ -9,18 +9,18 @@ TRITON_INTERPRET=1), "torch".
 """
 from __future__ import annotations
 
+from ..utils import resolve_backend
 from .naive import logit_loss_rows_torch
 
 __all__ = ["logit_loss_rows", "logit_loss_rows_torch"]
 
 
 def logit_loss_rows(logits, teacher, target, temperature=1.0, grad_out=None, *, backend="auto"):
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    backend = resolve_backend(backend, logits)
     if logits.dim() != 2 or target.shape != logits.shape[:1] or (teacher is not None and teacher.shape != logits.shape):
         raise ValueError(f"logits [m, V], teacher [m, V] or None and target [m]; got {tuple(logits.shape)}, "
                          f"{None if teacher is None else tuple(teacher.shape)}, {tuple(target.shape)}")
-    if backend == "torch" or (backend == "auto" and not logits.is_cuda):
+    if backend == "torch":
         return logit_loss_rows_torch(logits, teacher, target, temperature, grad_out)
     from .row import logit_loss_rows_triton
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import device_guard, next_pow2
+
 BLOCK_V = 4096
 
 
@@ -94,17 +96,10 @@ def logit_loss_rows_triton(logits, teacher, target, temperature=1.0, grad_out=No
     temp = float(temperature) if has_teacher else 1.0
     t = teacher if has_teacher else logits
     g = grad_out if grad_out is not None else logits
-    block = min(BLOCK_V, triton.next_power_of_2(V))
-    with torch.cuda.device(logits.device) if logits.is_cuda else _null():
-        _logit_loss_kernel[(m,)](logits, t, target.contiguous(), loss, ce, g, logits.stride(0), t.stride(0),
-                                 g.stride(0), V, 1.0 / temp, temp, HAS_TEACHER=has_teacher, SAME_T=temp == 1.0,
+    block = min(BLOCK_V, next_pow2(V))
+    with device_guard(logits):
+        _logit_loss_kernel[(m,)](S=logits, T=t, TGT=target.contiguous(), LOSS=loss, CE=ce, G=g,
+                                 stride_s=logits.stride(0), stride_t=t.stride(0), stride_g=g.stride(0), V=V,
+                                 inv_temp=1.0 / temp, temp=temp, HAS_TEACHER=has_teacher, SAME_T=temp == 1.0,
                                  WRITE_GRAD=grad_out is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return loss, ce
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
