@@ -48,9 +48,10 @@ def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
 
 def select_blocks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
                   score_budget_bytes: int = SCORE_BUDGET_BYTES) -> torch.Tensor:
-    """Visible blocks [HKV, R, K] int32 of every sparse query row (-1 elsewhere), ascending, -1 padded."""
-    block_idx = torch.full((k3.shape[1], layout.num_rows, params.num_selected), -1, dtype=torch.int32,
-                           device=q3.device)
+    """Visible blocks [HKV, R, K] int32 of every sparse query row (-1 elsewhere), ascending, -1 padded. K is
+    min(topk + window / block_size, blocks of the longest document): a larger K would select every block."""
+    k = min(params.num_selected, layout.max_blocks(params.block_size))
+    block_idx = torch.full((k3.shape[1], layout.num_rows, k), -1, dtype=torch.int32, device=q3.device)
     for own, tail, row_lo, row_hi in score_chunks(q3, k3, layout, params, scale, score_budget_bytes):
         select_rows(own, tail, row_lo, block_idx, layout, params, row_lo, row_hi, skip_dense=True)
     return block_idx

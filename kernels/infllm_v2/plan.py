@@ -120,7 +120,14 @@ class AttnPlan:
         return valid.sum(-1, dtype=torch.int32)
 
     def _blocks_per_step(self, k_slots: int) -> int:
-        return next_pow2(k_slots) if interpreting() and self.tokens_per_prog > 1 else self.blocks_per_step
+        """Blocks per gather step. The interpreter takes a whole list per step (fewer steps), within Triton's
+        2^20-element tile limit: its tile is [TOK·M rows, TOK·NBI·BS keys], so long lists (topk near or past
+        the number of blocks) take several steps."""
+        if not (interpreting() and self.tokens_per_prog > 1):
+            return self.blocks_per_step
+        tok = self.tokens_per_prog
+        cap = max(1, (1 << 20) // (tok * tok * self.gather_rows * self.block_size))
+        return max(1, min(next_pow2(k_slots), 1 << (cap.bit_length() - 1)))
 
     def _gather_meta(self, k_slots):
         return dict(G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,

@@ -99,7 +99,9 @@ def select_rows(
     nbp = next_pow2(num_blocks)
     rows_per_prog = max(1, 4096 // nbp)
     grid = (triton.cdiv(row_hi - row_lo, rows_per_prog), kv_heads)
-    k = params.num_selected
+    # a list never holds more than the num_blocks blocks there are: K past that selects every block, so the
+    # kernel works on min(K, num_blocks) slots; slots beyond stay -1 (block_idx comes -1-filled then)
+    k = min(params.num_selected, num_blocks, block_idx.shape[-1])
     _select_kernel[grid](
         score_ptr=scores, tail_ptr=scores if tail is None else tail, idx_ptr=block_idx, row_pos_ptr=layout.row_pos,
         row_lo=row_lo, row_hi=row_hi, score_row_base=score_row_base, num_blocks=num_blocks,
@@ -138,6 +140,10 @@ def infllmv2_select(
     scores = block_scores.float().permute(1, 0, 2, 3).reshape(kv_heads, batch * seqlen_q, num_blocks)
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
-    out = new_empty((kv_heads, batch * seqlen_q, params.num_selected), torch.int32, block_scores.device)
+    if params.num_selected > num_blocks:  # the slots past the blocks that exist stay -1
+        out = torch.full((kv_heads, batch * seqlen_q, params.num_selected), -1, dtype=torch.int32,
+                         device=block_scores.device)
+    else:
+        out = new_empty((kv_heads, batch * seqlen_q, params.num_selected), torch.int32, block_scores.device)
     select_rows(scores, None, 0, out, layout, params, 0, batch * seqlen_q, skip_dense=False)
     return out.view(kv_heads, batch, seqlen_q, -1).permute(1, 0, 2, 3)

@@ -249,6 +249,31 @@ def test_all_blocks_visible_equals_dense():
         assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("topk", [17, 18, 64, 5000])
+@pytest.mark.parametrize("code_path", ["interpreter", "gpu"])
+def test_any_topk_up_to_and_past_the_number_of_blocks(monkeypatch, topk, code_path):
+    """topk near, at and far past the number of blocks (19 here) on every path: the full op (both the
+    interpreter's many-queries-per-program gather and the one-query GPU code path; compiled on a GPU), forward
+    and gradients, and the selection stage, whose lists keep K = topk + window/block slots (-1 past the blocks
+    that exist)."""
+    from salatrain_kernels.infllm_v2 import plan
+
+    if code_path == "gpu" and not CUDA:
+        monkeypatch.setattr(plan, "INTERPRETER_TOKENS", 1)
+    dev = "cuda" if CUDA else "cpu"
+    q, k, v = (x.to(dev).detach().requires_grad_() for x in make_qkv(1, 300, 300, 2, 1, 16, seed=topk))
+    kwargs = dict(SMALL, topk=topk, window_size=32, dense_len=64)
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+    scores = infllmv2_block_scores_torch(q.detach(), k.detach(), **pick(kwargs, SCORING))
+    sel = infllmv2_select(scores, backend="triton", **pick(kwargs, SELECTION))
+    want = infllmv2_select_torch(scores, **pick(kwargs, SELECTION))
+    assert sel.shape[-1] == topk + 2 and torch.equal(sel, want)
+
+
 def test_auto_backend_on_cpu_is_reference():
     q, k, v = make_qkv(1, 50, 50, 2, 1, 16)
     assert torch.equal(infllmv2_attn(q, k, v, **SMALL), infllmv2_attn_torch(q, k, v, **SMALL))
