@@ -102,31 +102,13 @@ class SequenceParallel:
         the group cannot split."""
         if self.size == 1:
             return
+        check_splittable(module, self.size)
         for m in module.modules():
             if isinstance(m, SalaHybridModel):
-                self._check_rope(m)
                 m.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
                 m.rotary_emb.register_forward_hook(self._global_rope)
             elif isinstance(m, MIXER_CLASSES):
-                self._check_heads(m)
                 m.attend = self._wrap(m)
-
-    def _check_heads(self, m) -> None:
-        n, kind = self.size, type(m).__name__
-        if m.num_heads % n:
-            raise UserError(f"trainer.sequence_parallel={n} must divide the query heads of every layer; layer "
-                            f"{m.layer_idx} ({kind}) has {m.num_heads}")
-        if m.num_kv_heads % n and n % m.num_kv_heads:
-            raise UserError(f"trainer.sequence_parallel={n} and the {m.num_kv_heads} key/value heads of layer "
-                            f"{m.layer_idx} ({kind}) must divide one another (fewer heads than ranks are replicated)")
-        if isinstance(m, SparseAttention) and m.nope_logit_scale:
-            raise UserError(f"layer {m.layer_idx}: sparse_config.nope_logit_scale is not supported with "
-                            f"trainer.sequence_parallel={n} (an inference-time option; turn it off for training)")
-
-    def _check_rope(self, model: SalaHybridModel) -> None:
-        if "dynamic" in model.rotary_emb.rope_type:
-            raise UserError(f"rope_type {model.rotary_emb.rope_type!r} (frequencies that depend on earlier batches) "
-                            f"is not supported with trainer.sequence_parallel={self.size}")
 
     def _begin_forward(self, module, args, kwargs):
         """Model pre-hook: the SP group's position_ids [B, T/N] each → the rows' global layout."""
@@ -230,6 +212,28 @@ class SequenceParallel:
                     mine = g
             self._gather_groups[replicas] = mine
         return self._gather_groups[replicas]
+
+
+def check_splittable(module: nn.Module, size: int) -> None:
+    """UserError unless every mixer under ``module`` can be split over ``size`` ranks: query heads a multiple of
+    ``size``; K/V heads a multiple or a divisor of it (then replicated); no NoPE logit scaling (its positions
+    would be the shard's); no dynamic RoPE (its frequencies depend on earlier batches)."""
+    for m in module.modules():
+        if isinstance(m, SalaHybridModel) and "dynamic" in m.rotary_emb.rope_type:
+            raise UserError(f"rope_type {m.rotary_emb.rope_type!r} (frequencies that depend on earlier batches) is "
+                            f"not supported with trainer.sequence_parallel={size}")
+        if not isinstance(m, MIXER_CLASSES):
+            continue
+        where = f"layer {m.layer_idx} ({type(m).__name__})"
+        if m.num_heads % size:
+            raise UserError(f"trainer.sequence_parallel={size} must divide the query heads of every layer; {where} "
+                            f"has {m.num_heads}")
+        if m.num_kv_heads % size and size % m.num_kv_heads:
+            raise UserError(f"trainer.sequence_parallel={size} and the {m.num_kv_heads} key/value heads of {where} "
+                            "must divide one another (fewer key/value heads than ranks are replicated)")
+        if isinstance(m, SparseAttention) and m.nope_logit_scale:
+            raise UserError(f"{where}: sparse_config.nope_logit_scale is not supported with "
+                            f"trainer.sequence_parallel={size} (an inference-time option: turn it off for training)")
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, seq: SeqInfo, params: dict, backend: str,
