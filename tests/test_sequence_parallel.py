@@ -164,12 +164,17 @@ def test_train_tiny_with_two_sequence_parallel_ranks_logs_the_losses_of_one_proc
 
 @pytest.mark.slow
 def test_data_times_sequence_parallel_resumes_exactly(tmp_path, data_cache, one_process):
-    """4 ranks = 2 data-parallel groups × 2 sequence-parallel ranks, ZeRO-2; a run resumed from its step-3
-    checkpoint logs what the uninterrupted run logged, and both what one process logs."""
-    run, resumed = tmp_path / "run", tmp_path / "resumed"
-    common = ["-m", "salatrain.cli", "train", "recipe=tiny", "trainer.sequence_parallel=2",
-              f"trainer.max_steps={STEPS}", f"data.cache_dir={data_cache}"]
-    torchrun(4, *common, f"output_dir={run}", "trainer.save_every=3")
-    torchrun(4, *common, f"output_dir={resumed}", f"resume={run / 'checkpoints' / 'step_00000003'}")
+    """4 ranks = 2 data-parallel groups × 2 sequence-parallel ranks, ZeRO-2: a run resumed from its step-3
+    checkpoint logs what the uninterrupted run logged, and both what one process logs. The same checkpoint
+    resumed with 4 sequence-parallel ranks (each GQA group of the tiny model split over 2 ranks) continues the
+    same losses: ZeRO shards over all ranks and the data position counts global rows, whatever the split."""
+    run, resumed, resplit = tmp_path / "run", tmp_path / "resumed", tmp_path / "resplit"
+    common = ["-m", "salatrain.cli", "train", "recipe=tiny", f"trainer.max_steps={STEPS}",
+              f"data.cache_dir={data_cache}"]
+    ckpt = f"resume={run / 'checkpoints' / 'step_00000003'}"
+    torchrun(4, *common, "trainer.sequence_parallel=2", f"output_dir={run}", "trainer.save_every=3")
+    torchrun(4, *common, "trainer.sequence_parallel=2", f"output_dir={resumed}", ckpt)
+    torchrun(4, *common, "trainer.sequence_parallel=4", f"output_dir={resplit}", ckpt)
     assert losses(run) == pytest.approx(losses(one_process), rel=1e-5)
     assert losses(resumed) == losses(run)[3:]
+    assert losses(resplit) == pytest.approx(losses(run)[3:], rel=1e-6)

@@ -116,10 +116,10 @@ class Run:
             self.data = build_packed(settings, self.tokenizer, self.cfg.trainer.seq_len)
         self.rows, self.gas = rows_per_step(self.cfg, self.sp.dp_size)
         if self.dist.is_main:
-            log.info("data: %d documents, %d tokens, %d rows of %d per epoch; %d rows per step (%d data-parallel "
-                     "ranks × %d micro-batches × %d), each row split over %d ranks", self.data.num_documents,
-                     self.data.num_tokens, self.data.rows_per_epoch, self.cfg.trainer.seq_len, self.rows,
-                     self.sp.dp_size, self.gas, self.cfg.trainer.micro_batch_size, self.sp.size)
+            log.info("data: %d documents, %d tokens, %d rows of %d per epoch; %d rows per step (%d ranks × %d "
+                     "micro-batches × %d)%s", self.data.num_documents, self.data.num_tokens, self.data.rows_per_epoch,
+                     self.cfg.trainer.seq_len, self.rows, self.sp.dp_size, self.gas, self.cfg.trainer.micro_batch_size,
+                     f", each row split over {self.sp.size} ranks" if self.sp.size > 1 else "")
 
     def _build_stage(self) -> None:
         cfg, seq_len = self.cfg, self.cfg.trainer.seq_len

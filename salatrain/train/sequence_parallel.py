@@ -25,6 +25,12 @@ all-to-all. RoPE stays per token (each shard's own position ids); a longrope rot
 the whole row, as on one GPU. The data loop gives the N ranks of one data-parallel group the same rows and each
 rank its sequence shard (:meth:`SequenceParallel.shard`), with next-token targets shifted before the cut.
 
+DeepSpeed's data-parallel group stays the whole world (no ``mpu``): ZeRO shards over all ranks and averages
+gradients over all of them. A row's gradient is the sum of its shards' (each all-to-all's backward hands a
+shard its part), and each rank's loss is its targets' sum over the global target count (the loop's scaling,
+unchanged), so an update is the token-weighted mean of the global batch as without sequence parallelism, and a
+checkpoint is that of a data-parallel run on as many ranks.
+
 Legend: B rows, T tokens of a row, N = sequence_parallel, H query heads, HKV key/value heads, D head dim.
 """
 
