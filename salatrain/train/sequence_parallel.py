@@ -190,10 +190,10 @@ class SequenceParallel:
         """Core of a sparse layer whose GQA groups span ``replicas`` ranks (one K/V head each after
         replication): the group's queries are gathered for block selection, attention uses this rank's."""
         group = self._gather_group(replicas)
-        params = dict(m.sparse_params)
         own = m.attend
 
         def core(q, k, v, seq: SeqInfo):
+            params = m.sparse_params  # read per call: a stage may turn selection off (dense_len = ∞)
             if seq.max_doc_len <= params["dense_len"]:  # every query is dense: no selection
                 return own(q, k, v, seq)
             backend = m.kernel_backend if m._triton_fits(q) else "torch"
