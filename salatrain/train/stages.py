@@ -1,8 +1,8 @@
 """What each loss trains, as modules DeepSpeed wraps: ``forward(input_ids, position_ids, labels)`` returns
 (sum of the loss over this micro-batch's targets, detached statistics). A sequence shard (sequence
-parallelism) comes with ``shift_labels`` (each position's own target) instead of ``labels``. Every stage keeps the trained model
-under ``.student`` with the hybrid's parameter names; a frozen teacher is held outside the module tree (it is
-placed, or sharded under ZeRO-3, separately) and never trained.
+parallelism) comes with ``shift_labels`` (each position's own target) instead of ``labels``. Every stage keeps
+the trained model under ``.student`` with the hybrid's parameter names; a frozen teacher is held outside the
+module tree (it is placed, or sharded under ZeRO-3, separately) and never trained.
 
     AlignStage   loss mse_align: one Lightning layer per attention layer of the dense teacher, fed the
                  teacher's own input to that layer (the input_layernorm output, its RoPE and document
