@@ -345,7 +345,11 @@ def run_isolated(fn, *args, **kwargs):
 
 
 class _Projections(nn.Module):
-    """Q/K/V/O projections and optional per-head q/k norms, shared by every mixer type."""
+    """Q/K/V/O projections and optional per-head q/k norms, shared by every mixer type.
+
+    Each mixer's ``attend(q, k, v, seq, ...)`` is its core attention over heads: q [B, T, h, D], k/v
+    [B, Tk, hkv, D] for any h query heads sharing hkv K/V heads as the layer's GQA does, token layout ``seq``.
+    It holds no parameters, so parallelism can wrap it from outside (``salatrain.train.sequence_parallel``)."""
 
     def __init__(self, config: SalaHybridConfig, layer_idx: int, num_kv_heads: int):
         super().__init__()
@@ -384,8 +388,11 @@ class FullAttention(_Projections):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)
-        o = softmax_attention(q, k, v, seq, self.sliding_window, scale=self.head_dim**-0.5)
+        o = self.attend(q, k, v, seq)
         return self.o_proj(o.flatten(2))
+
+    def attend(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
+        return softmax_attention(q, k, v, seq, self.sliding_window, scale=self.head_dim**-0.5)
 
 
 class LightningAttention(_Projections):
@@ -423,16 +430,8 @@ class LightningAttention(_Projections):
         decay = self.decay.to(q.device)
         if decode:
             o, state = lightning_step(q, k, v, decay, state)
-        elif fused is not None:
-            o, state = _kernels.lightning_attn(
-                q, k, v, decay, initial_state=state, output_final_state=cache is not None, cu_seqlens=seq.cu_seqlens,
-                backend="triton", chunk_size=self.chunk_size,
-            )
         else:
-            o, state = lightning_attn_torch(
-                q, k, v, decay, initial_state=state, output_final_state=cache is not None,
-                cu_seqlens=seq.cu_seqlens, chunk_size=self.chunk_size,
-            )
+            o, state = self.attend(q, k, v, seq, decay, state, cache is not None)
         if cache is not None:
             cache.states[self.layer_idx] = state
         if fused is not None:
@@ -441,6 +440,20 @@ class LightningAttention(_Projections):
         else:
             o = norm_sigmoid_gate(o.flatten(2), self.o_norm.weight, self.o_norm.variance_epsilon, self.z_proj(x))
         return self.o_proj(o)
+
+    def attend(self, q, k, v, seq: SeqInfo, decay: torch.Tensor, initial_state: torch.Tensor | None = None,
+               output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunked Lightning attention of heads whose decay rates are ``decay`` [h] (this layer's ``decay`` of
+        those heads). Returns (o, final state or None)."""
+        if _use_kernels(q, k, self.kernel_backend, "lightning_attn"):
+            return _kernels.lightning_attn(
+                q, k, v, decay, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=seq.cu_seqlens, backend="triton", chunk_size=self.chunk_size,
+            )
+        return lightning_attn_torch(
+            q, k, v, decay, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=seq.cu_seqlens, chunk_size=self.chunk_size,
+        )
 
 
 class SparseAttention(_Projections):
@@ -473,18 +486,18 @@ class SparseAttention(_Projections):
             q = q * (torch.log(seq.positions.clamp(min=0).to(q.dtype) + a) / math.log(a))[..., None, None]
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)
-        o = self._attend(q, k, v, seq)
+        o = self.attend(q, k, v, seq)
         o = sigmoid_gate(o.flatten(2), self.g_proj(x))
         return self.o_proj(o)
 
-    def _attend(self, q, k, v, seq: SeqInfo):
+    def attend(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
         if seq.left_pad is not None:  # each row's document starts after its padding; padded queries give 0
             o = q.new_zeros(q.shape)
             for b, pad in enumerate(seq.left_pad.tolist()):
                 real = min(q.shape[1], k.shape[1] - pad)
                 if real > 0:
                     sub = SeqInfo(seq.positions[b : b + 1, -real:])
-                    o[b : b + 1, -real:] = self._attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
+                    o[b : b + 1, -real:] = self.attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
         if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= self.sparse_params["dense_len"]:
             # every query sits at a document position < dense_len: InfLLM-V2 is exactly dense causal attention
