@@ -102,8 +102,8 @@ def test_out_of_memory_is_a_row(hybrid_dir, tiny_lm_dir, tmp_path, monkeypatch, 
     assert rc == 0
     rows = {(r["model"], r["length"]): r for r in json.loads((out / "bench.json").read_text())["results"]}
     assert rows[("hybrid", 96)]["status"] == "ok"
-    assert rows[("hybrid", 160)]["status"] == "oom" and "Tried to allocate 16.00 GiB" in rows[("hybrid", 160)]["note"]
-    assert rows[("hybrid", 256)]["status"] == "oom" and "not run" in rows[("hybrid", 256)]["note"]
+    assert rows[("hybrid", 160)]["oom"] == "measured" and "Tried to allocate 16.00 GiB" in rows[("hybrid", 160)]["note"]
+    assert rows[("hybrid", 256)]["oom"] == "skipped" and "not run" in rows[("hybrid", 256)]["note"]
     assert rows[("hybrid", 160)]["prefill_s"] is None and rows[("hybrid", 160)]["prefill_speedup"] is None
     assert all(rows[("dense", n)]["status"] == "ok" for n in (96, 160, 256))
     assert (out / "bench.png").is_file()
@@ -128,7 +128,7 @@ def test_memory_estimate_refuses_or_reports(hybrid_dir, tiny_lm_dir, tmp_path, c
     assert _bench(*args, "skip_unfit=true", "warmup=0") == 0
     rows = {(r["model"], r["length"]): r for r in json.loads((out / "bench.json").read_text())["results"]}
     big = rows[("hybrid", 16 * 1024 * 1024)]
-    assert big["status"] == "oom" and big["note"].startswith("not run: needs ~") and big["estimate_bytes"] > 0
+    assert big["oom"] == "estimated" and big["note"].startswith("not run: needs ~") and big["estimate_bytes"] > 0
     assert rows[("hybrid", 96)]["status"] == "ok"
 
 

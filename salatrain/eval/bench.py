@@ -17,7 +17,8 @@ enabled:
      "baseline": name of the first compare model or null,
      "results": [{"model", "length", "status": "ok" | "oom", "prefill_s", "prefill_tokens_per_s",
                   "decode_tokens_per_s", "decode_tokens", "peak_memory_bytes", "cache_bytes", "estimate_bytes",
-                  "prefill_speedup", "decode_speedup", "note"}],
+                  "prefill_speedup", "decode_speedup", "note",
+                  "oom" (OOM rows): "measured" | "estimated" (not run) | "skipped" (after a shorter length's OOM)}],
      "settings": {...the resolved config...}, "seconds": total}
 """
 
@@ -181,10 +182,12 @@ def _check_fit(models: list[ModelPlan], available: int, what: str, skip_unfit: b
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _oom_row(name: str, length: int, note: str, est: MemoryEstimate) -> dict:
-    return {"model": name, "length": length, "status": "oom", "prefill_s": None, "prefill_tokens_per_s": None,
-            "decode_tokens_per_s": None, "decode_tokens": None, "peak_memory_bytes": None, "cache_bytes": None,
-            "estimate_bytes": est.total, "note": note}
+def _oom_row(name: str, length: int, oom: str, note: str, est: MemoryEstimate) -> dict:
+    """``oom``: "measured" (the run ran out of memory), "estimated" (not run: the estimate exceeds the memory) or
+    "skipped" (not run: a shorter length or the weights ran out of memory)."""
+    return {"model": name, "length": length, "status": "oom", "oom": oom, "prefill_s": None,
+            "prefill_tokens_per_s": None, "decode_tokens_per_s": None, "decode_tokens": None,
+            "peak_memory_bytes": None, "cache_bytes": None, "estimate_bytes": est.total, "note": note}
 
 
 def _mixers(model) -> dict[str, int]:
@@ -196,52 +199,50 @@ def _mixers(model) -> dict[str, int]:
 
 
 def bench_model(mp: ModelPlan, plan: Plan, cfg: BenchConfig, progress) -> tuple[dict, list[dict]]:
-    """Load one model, run every length (shortest first); returns (model record, result rows)."""
-    rows: list[dict] = []
+    """Load one model, run every length (shortest first); returns (model record, result rows). After an
+    out-of-memory run the longer lengths are not run."""
     record = {"name": mp.name, "path": str(mp.ckpt.path), "kind": mp.kind}
-    fits = {n: e.total <= plan.available for n, e in mp.estimates.items()}
-    oom_at = None
-    model = None
+    model, oom_at = None, None
     try:
         model = load_bench_model(mp.kind, mp.ckpt.path, plan.device, plan.dtype)
     except Exception as e:  # noqa: BLE001 - only out-of-memory is turned into rows
         if not is_oom(e):
             raise
         oom_at = "loading the weights"
-    if model is None:
-        free_memory(plan.device)
-    else:
+    if model is not None:
         record.update({"class": type(model).__name__, "mixers": _mixers(model),
                        "num_params": sum(p.numel() for p in model.parameters()),
                        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
+    rows = []
     for n in plan.lengths:
-        est = mp.estimates[n]
-        label = progress()
-        if oom_at is not None:
-            rows.append(_oom_row(mp.name, n, f"not run: out of memory at {oom_at}", est))
-            log.info("%s %s: not run (out of memory at %s)", label, mp.name, oom_at)
-            continue
-        if not fits[n]:
-            rows.append(_oom_row(mp.name, n, f"not run: needs {est.describe()}, {plan.available / GIB:.1f} GiB "
-                                 f"of {plan.available_what}", est))
-            log.info("%s %s @ %s: not run, the estimate (%s) exceeds the memory", label, mp.name, format_length(n),
-                     est.describe())
-            continue
-        log.info("%s %s @ %s tokens ...", label, mp.name, format_length(n))
-        row, error = _run_one(model, n, cfg, plan.device)
-        if row is None:
-            free_memory(plan.device)
+        row = _length_row(model, mp, n, plan, cfg, oom_at, progress())
+        rows.append(row)
+        if row.get("oom") == "measured":
             oom_at = f"{format_length(n)} tokens"
-            rows.append(_oom_row(mp.name, n, f"out of memory: {error}", est))
-            log.info("%s %s @ %s: OOM (%s)", label, mp.name, format_length(n), error)
-            continue
-        rows.append({"model": mp.name, "length": n, **row, "estimate_bytes": est.total, "note": ""})
-        log.info("%s %s @ %s: prefill %.3f s (%.0f tok/s), decode %.1f tok/s, peak %.2f GiB", label, mp.name,
-                 format_length(n), row["prefill_s"], row["prefill_tokens_per_s"], row["decode_tokens_per_s"],
-                 row["peak_memory_bytes"] / GIB)
     del model
     free_memory(plan.device)
     return record, rows
+
+
+def _length_row(model, mp: ModelPlan, n: int, plan: Plan, cfg: BenchConfig, oom_at: str | None, label: str) -> dict:
+    est = mp.estimates[n]
+    where = f"{label} {mp.name} @ {format_length(n)}"
+    if oom_at is not None:
+        log.info("%s: not run (out of memory at %s)", where, oom_at)
+        return _oom_row(mp.name, n, "skipped", f"not run: out of memory at {oom_at}", est)
+    if est.total > plan.available:
+        log.info("%s: not run, the estimate (%s) exceeds the memory", where, est.describe())
+        return _oom_row(mp.name, n, "estimated", f"not run: needs {est.describe()}, {plan.available / GIB:.1f} GiB of "
+                        f"{plan.available_what}", est)
+    log.info("%s tokens ...", where)
+    row, error = _run_one(model, n, cfg, plan.device)
+    if row is None:
+        free_memory(plan.device)
+        log.info("%s: OOM (%s)", where, error)
+        return _oom_row(mp.name, n, "measured", f"out of memory: {error}", est)
+    log.info("%s: prefill %.3f s (%.0f tok/s), decode %.1f tok/s, peak %.2f GiB", where, row["prefill_s"],
+             row["prefill_tokens_per_s"], row["decode_tokens_per_s"], row["peak_memory_bytes"] / GIB)
+    return {"model": mp.name, "length": n, **row, "estimate_bytes": est.total, "note": ""}
 
 
 def _run_one(model, length: int, cfg: BenchConfig, device: torch.device) -> tuple[dict | None, str | None]:

@@ -4,6 +4,7 @@ peak or the process's peak resident memory, and what counts as running out of me
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import torch
@@ -59,8 +60,12 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.what = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                     else "peak resident memory of the process (VmHWM)")
+        if device.type == "cuda":
+            self.what = "torch.cuda.max_memory_allocated"
+        elif os.access("/proc/self/clear_refs", os.W_OK):
+            self.what = "peak resident memory of the process (VmHWM)"
+        else:
+            self.what = "peak resident memory since the process started (VmHWM could not be reset)"
 
     def reset(self) -> None:
         if self.device.type == "cuda":
@@ -70,7 +75,7 @@ class PeakMemory:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
         except OSError:
-            self.what = "peak resident memory since the process started (VmHWM could not be reset)"
+            pass
 
     def read(self) -> int:
         if self.device.type == "cuda":

@@ -52,9 +52,17 @@ def table(report: dict) -> str:
             row += [_num(r.get("prefill_speedup"), ".2f"), _num(r.get("decode_speedup"), ".2f")]
         row.append(r["note"] if oom else "")
         rows.append(row)
+    rows = _right_aligned(header, rows, skip={1, len(header) - 1})
     title = (f"{dev['name']} ({dev['type']}), {dev['dtype']}, batch {dev['batch_size']}, "
              f"decode {report['settings']['decode_tokens']} tokens; peak = {dev['memory_measure']}")
     return title + "\n" + format_table(header, rows)
+
+
+def _right_aligned(header: list[str], rows: list[list[str]], skip: set[int]) -> list[list[str]]:
+    """Pad the cells of every column but ``skip`` to the column's width, so "1K", "OOM" and "-" line up with the
+    numbers (format_table right-aligns only cells that parse as numbers)."""
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    return [[c if i in skip else c.rjust(widths[i]) for i, c in enumerate(r)] for r in rows]
 
 
 def plot(path: Path, report: dict) -> Path:
