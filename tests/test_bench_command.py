@@ -173,3 +173,17 @@ def test_bench_missing_model_and_cuda_on_a_cpu_machine(tmp_path, tiny_lm_dir, ca
     if not torch.cuda.is_available():
         assert _bench(f"model={tiny_lm_dir}", f"output_dir={tmp_path / 'b'}", "device=cuda") == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_dense_families_load_as_a_user_gets_them(dense_dirs, tmp_path):
+    """Families transformers ships run with its own class (Mistral's sliding window included); MiniCPM4, which it
+    does not ship, runs as the hybrid class with every layer full_attention."""
+    out = tmp_path / "bench"
+    rc = _bench(f"model={dense_dirs['mistral']}", f"compare=[{dense_dirs['minicpm']}]", "names=[mistral,minicpm]",
+                "lengths=[40]", "warmup=0", f"output_dir={out}")
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    kinds = {m["name"]: (m["kind"], m["class"]) for m in report["models"]}
+    assert kinds == {"mistral": ("transformers", "MistralForCausalLM"),
+                     "minicpm": ("dense-as-hybrid", "SalaHybridForCausalLM")}
+    assert all(r["status"] == "ok" for r in report["results"])

@@ -66,6 +66,21 @@ def test_softmax_attention_equals_reference_and_the_one_mask_version(monkeypatch
     assert (out - before)[real].abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("left_pad", [None, (0, 5)])
+def test_gradients_equal_the_one_mask_version(monkeypatch, left_pad):
+    """Training through a sliding-window full layer: the chunks' gradients equal the single-mask version's."""
+    monkeypatch.setattr(mh, "SDPA_MASK_ENTRIES", 64)
+    pad = None if left_pad is None else torch.tensor(left_pad)
+    grads = []
+    for fn in (mh._sdpa, _sdpa_one_mask):
+        q, k, v = (x.requires_grad_() for x in _qkv(2, 40, 40, 6, 2, seed=9))
+        out = fn(q, k, v, pad, 7, 0.3)
+        (out[_real_rows(out, 40, pad)] * torch.linspace(-1, 1, 8, dtype=out.dtype)).sum().backward()
+        grads.append((q.grad, k.grad, v.grad))
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-10
+
+
 def test_packed_documents_with_a_window_equal_each_document_alone(monkeypatch):
     monkeypatch.setattr(mh, "SDPA_MASK_ENTRIES", 48)
     lens = [1, 30, 17, 45]
