@@ -578,24 +578,64 @@ def _varlen_flash(q, k, v, seq: SeqInfo, sliding_window: int | None, scale: floa
     return fn(q3.contiguous(), k3.contiguous(), v3.contiguous(), cu, cu, n, n, **kw).unsqueeze(0)
 
 
+# Mask entries ([query rows, keys]) of one masked SDPA call: a sliding window, left padding or queries behind a
+# cache run in row chunks whose keys span [rows, rows + window - 1] (or [rows, Tk]), never [T, Tk].
+SDPA_MASK_ENTRIES = 1 << 24
+
+
 def _sdpa(q, k, v, left_pad, sliding_window, scale):
-    b, t, h, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    """Causal softmax attention of the T queries (the last T of the Tk positions) over Tk keys, [B, T, H, D].
+
+    The plain causal case (no window, no padding, T = Tk) is one SDPA call with ``is_causal`` and ``enable_gqa``.
+    Otherwise query rows go in chunks (``_query_rows``); each chunk attends to the keys it can see (for a window
+    of W, its last ``rows + W - 1``) under a [rows, keys] boolean mask, so memory is O(T·W) rather than O(T·Tk).
+    Rows that see no key (padding) attend to every key of their chunk; their outputs are not used."""
+    t, tk = q.shape[1], k.shape[1]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = {"enable_gqa": True} if hkv != h else {}
     if left_pad is None and sliding_window is None and t == tk:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **gqa)
-        return o.transpose(1, 2)
-    qi = torch.arange(tk - t, tk, device=q.device).view(-1, 1)
-    ki = torch.arange(tk, device=q.device).view(1, -1)
-    mask = (ki <= qi).view(1, 1, t, tk)
-    if sliding_window is not None:
-        mask = mask & (ki > qi - sliding_window).view(1, 1, t, tk)
+        gqa = {"enable_gqa": True} if kh.shape[1] != qh.shape[1] else {}
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **gqa).transpose(1, 2)
+    window = sliding_window if sliding_window is not None and sliding_window < tk else None
+    rows = _query_rows(t, tk, window)
+    outs = []
+    for s in range(0, t, rows):
+        e = min(t, s + rows)
+        first, last = tk - t + s, tk - t + e  # key positions of the chunk's first and one past its last query
+        lo = max(0, first - window + 1) if window is not None else 0
+        mask = _chunk_mask(first, last, lo, window, left_pad, q.device)
+        ks, vs = _expand_kv(kh[:, :, lo:last], qh.shape[1]), _expand_kv(vh[:, :, lo:last], qh.shape[1])
+        outs.append(F.scaled_dot_product_attention(qh[:, :, s:e], ks, vs, attn_mask=mask, scale=scale))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def _query_rows(t: int, tk: int, window: int | None) -> int:
+    """Query rows per masked SDPA call, so that rows × keys stays within ``SDPA_MASK_ENTRIES``: keys = Tk without
+    a window, at most rows + window − 1 with one."""
+    if window is None:
+        return max(1, min(t, SDPA_MASK_ENTRIES // tk))
+    w = window - 1
+    return max(1, min(t, int((math.sqrt(w * w + 4 * SDPA_MASK_ENTRIES) - w) // 2)))
+
+
+def _chunk_mask(first: int, last: int, lo: int, window: int | None, left_pad, device) -> torch.Tensor:
+    """[1 or B, 1, last − first, last − lo] visibility of keys lo..last−1 from the queries at first..last−1."""
+    qi = torch.arange(first, last, device=device).view(-1, 1)
+    ki = torch.arange(lo, last, device=device).view(1, -1)
+    mask = ki <= qi
+    if window is not None:
+        mask = mask & (ki > qi - window)
+    mask = mask.view(1, 1, *mask.shape)
     if left_pad is not None:
-        mask = mask & (ki.view(1, 1, 1, tk) >= left_pad.view(-1, 1, 1, 1))
-        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: attend anywhere, output unused
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, **gqa)
-    return o.transpose(1, 2)
+        mask = mask & (ki.view(1, 1, 1, -1) >= left_pad.view(-1, 1, 1, 1))
+        mask = mask | ~mask.any(-1, keepdim=True)  # rows of padding only: attend anywhere, output unused
+    return mask
+
+
+def _expand_kv(x_BHkvTD: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """K/V heads repeated to one per query head. Masked SDPA with ``enable_gqa`` takes the math backend on CUDA
+    (scores materialised in fp32), so the chunk's keys, O(rows + window), are repeated instead."""
+    group = num_heads // x_BHkvTD.shape[1]
+    return x_BHkvTD if group == 1 else x_BHkvTD.repeat_interleave(group, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
