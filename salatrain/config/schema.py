@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .ranges import above, at_least, between
 
 WANDB_MODES = ("online", "offline", "disabled")
 MISSING = "???"  # OmegaConf's marker of a mandatory value (omegaconf.MISSING), without importing it here
@@ -36,24 +37,24 @@ class LoggingSettings:
 class SparseSettings:
     """InfLLM-V2 settings of the sparse layers (DESIGN §2); MiniCPM4/SALA values by default."""
 
-    block_size: int = 64
-    kernel_size: int = 32
-    kernel_stride: int = 16
-    init_blocks: int = 1
-    topk: int = 64
-    window_size: int = 2048
-    dense_len: int = 8192
+    block_size: int = at_least(1, 64)
+    kernel_size: int = at_least(1, 32)
+    kernel_stride: int = at_least(1, 16)  # <= kernel_size: the windows cover every key
+    init_blocks: int = at_least(0, 1)
+    topk: int = at_least(1, 64)  # >= init_blocks
+    window_size: int = at_least(0, 2048)
+    dense_len: int = at_least(0, 8192)
     normalizer: str = "exact"
     use_rope: bool = False
     nope_logit_scale: bool = False
-    nope_logit_scale_base: float = 500.0
+    nope_logit_scale_base: float = above(1.0, 500.0)
 
 
 @dataclass
 class LightningSettings:
-    chunk_size: int = 64
+    chunk_size: int = at_least(1, 64)
     use_rope: bool = True
-    norm_eps: Optional[float] = None
+    norm_eps: Optional[float] = between(0.0, 1.0, None, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -61,9 +62,9 @@ class PlanSettings:
     """Exactly one of ``file``, ``sparse_layers`` or ``method`` chooses the layer plan."""
 
     file: Optional[str] = None
-    sparse_layers: Optional[list[int]] = None
+    sparse_layers: Optional[list[int]] = at_least(0, None)
     method: Optional[str] = None  # "uniform"
-    ratio: float = 0.25
+    ratio: float = between(0.0, 1.0, 0.25, lo_open=True)  # plan.method=uniform
 
 
 @dataclass
@@ -79,6 +80,6 @@ class ConvertConfig:
     dtype: str = "auto"  # auto (as stored) | float32 | bfloat16 | float16
     max_shard_size: str = "5GB"
     kl_check: bool = True
-    kl_check_tokens: int = 64
+    kl_check_tokens: int = between(2, 1 << 20, 64)
     allow_pickle: bool = False
     overwrite: bool = False
