@@ -19,9 +19,11 @@ from typing import Optional
 import torch
 from transformers.initialization import no_init_weights
 
+from .. import interrupt
 from ..errors import UserError
-from ..hf_checkpoint import CheckpointDir, atomic_output_dir, copy_side_files
+from ..hf_checkpoint import CheckpointDir, copy_side_files
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
+from ..rundir import OutputDir
 from .checkpoint import find_checkpoint, read_meta
 
 log = logging.getLogger(__name__)
@@ -41,13 +43,21 @@ class ExportConfig:
 SCHEMA = ExportConfig
 
 
-def run(cfg: ExportConfig) -> None:
+def check(cfg: ExportConfig) -> tuple[Path, OutputDir]:
+    """The checkpoint to export and the output directory, checked (nothing written)."""
     if not cfg.checkpoint or not cfg.output_dir:
         raise UserError("usage: salatrain export checkpoint=<checkpoint dir> output_dir=<dir>")
     if cfg.dtype not in ("auto", *DTYPES):
         raise UserError(f"dtype must be auto, bf16 or fp32 (got {cfg.dtype!r})")
     ckpt = find_checkpoint(cfg.checkpoint, "checkpoint")
-    with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
+    out = OutputDir(cfg.output_dir, "export", overwrite=cfg.overwrite)
+    out.check({"checkpoint": str(ckpt), "base": read_meta(ckpt).get("base")})
+    return ckpt, out
+
+
+def run(cfg: ExportConfig) -> None:
+    ckpt, out = check(cfg)
+    with out, out.atomic() as tmp:
         export_checkpoint(ckpt, tmp, dtype=None if cfg.dtype == "auto" else DTYPES[cfg.dtype])
     print(f"wrote {cfg.output_dir} from {ckpt}")
 
@@ -61,7 +71,10 @@ def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCa
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     if meta["loss"] == "mse_align":
         student = _with_base(student, meta)
-    config = SalaHybridConfig.from_pretrained(ckpt / "hf")
+    try:
+        config = SalaHybridConfig.from_pretrained(ckpt / "hf")
+    except (ValueError, OSError) as e:
+        raise UserError(f"{ckpt / 'hf'}: not a valid hybrid config ({str(e).splitlines()[0]})") from None
     with no_init_weights():  # every weight comes from the checkpoint; buffers are built from the config
         model = SalaHybridForCausalLM(config)
     missing, unexpected = model.load_state_dict(student, strict=False)
@@ -97,6 +110,11 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -
     ``out`` holds either the previous export or the new one as an HF checkpoint.
     """
     model = build_model(ckpt, dtype)
+    state = model.state_dict()
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{ckpt} holds NaN or inf in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}): the run "
+                        "diverged; nothing exported. Export an earlier checkpoint")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
@@ -107,8 +125,10 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -
             if not (tmp / old.name).exists():
                 old.unlink()
         names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json") + ["config.json"]
-        for name in names:
-            os.replace(tmp / name, out / name)
+        interrupt.check()
+        with interrupt.deferred():
+            for name in names:
+                os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
