@@ -202,7 +202,7 @@ IO_HINTS = {
     errno.EROFS: "choose an output_dir on a writable file system",
     errno.EACCES: "check the permissions or choose another path",
     errno.EPERM: "check the permissions or choose another path",
-    errno.EIO: "the device reported an error; check the disk",
+    errno.EIO: "check the disk (is it full?) or choose another output_dir",
 }
 _IO_PHRASES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
                "File too large": errno.EFBIG, "Read-only file system": errno.EROFS,

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from salatrain.cli import main
+from salatrain.rundir import OutputDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,15 @@ def test_io_errors_are_one_line_and_leave_nothing(dense, tmp_path, capsys):
     assert r.returncode == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("salatrain convert: I/O error: File too large") and "choose another output_dir" in err
     assert os.listdir(tmp_path) == ["dense"], "no output, no temporary sibling, no lock file"
+
+    # a full disk under a training run: its metrics file lands on /dev/full (ENOSPC on every write)
+    run = tmp_path / "run"
+    OutputDir(run, "train").create()
+    (run / "metrics.jsonl").symlink_to("/dev/full")
+    one_line_error(capsys, main(["train", "recipe=tiny", f"output_dir={run}", "trainer.max_steps=2",
+                                 f"data.cache_dir={tmp_path / 'cache'}"]),
+                   "salatrain train: I/O error: No space left on device", "free some space")
+    assert not (run / "checkpoints" / "latest").exists()
     if not Path("/sys/kernel").is_dir():
         pytest.skip("no sysfs: no folder that even root cannot write to")
     one_line_error(capsys, main(["convert", f"model={dense}", "output_dir=/sys/salatrain-test", "plan.method=uniform"]),

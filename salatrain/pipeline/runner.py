@@ -86,9 +86,14 @@ def _wandb(cfg: PipelineConfig) -> dict:
 
 
 def output_dir(cfg: PipelineConfig, base: str | None = None) -> OutputDir:
+    """The pipeline's folder, checked against what it reads: the model, data, held-out text, corpus files."""
     out = OutputDir(cfg.output_dir, "pipeline", overwrite=cfg.overwrite, reuse=True)
-    out.check({"model": base or (cfg.model if cfg.model != "smollm2" else None), "data": list(cfg.data),
-               "heldout": list(cfg.heldout)})
+    inputs = {"model": base or (cfg.model if cfg.model != "smollm2" else None), "data": list(cfg.data),
+              "heldout": list(cfg.heldout)}
+    for name, spec in cfg.steps.items():
+        if spec.kind == "corpus" and isinstance(spec.args.get("sources"), (list, tuple)):
+            inputs[f"steps.{name}.args.sources"] = [str(s) for s in spec.args["sources"]]
+    out.check(inputs)
     return out
 
 

@@ -9,6 +9,7 @@ variables are set here). Without CUDA, DeepSpeed runs its CPU accelerator with g
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -226,8 +227,14 @@ def release(engines) -> None:
 
 
 def save_checkpoint(engine, save_dir: Path, tag: str) -> None:
-    """Model and optimizer files of every rank under ``save_dir/tag`` (all ranks call this)."""
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state={}, save_latest=False)
+    """Model and optimizer files of every rank under ``save_dir/tag`` (all ranks call this). A failed write
+    (torch.save reports a full disk or a file-size limit as a RuntimeError about stream positions) is an
+    I/O error; the checkpoint being written is never committed."""
+    try:
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state={}, save_latest=False)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise OSError(errno.EIO, f"writing the checkpoint failed ({first})", str(save_dir / tag)) from e
 
 
 def load_checkpoint(engine, ckpt: Path) -> None:

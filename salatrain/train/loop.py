@@ -65,8 +65,10 @@ def run_stage(cfg: TrainConfig, keep_engine: bool = False) -> TrainResult:
     try:
         result = run.train()
     finally:
-        run.logger.close()
-        run.close()
+        try:
+            run.logger.close()
+        finally:
+            run.close()
     if not keep_engine:
         engine.release(result.extras.pop("engines"))
         result.extras.clear()
