@@ -155,7 +155,7 @@ def test_a_directory_held_by_another_process_fails_at_once_naming_its_pid(tmp_pa
         t0 = time.time()
         code = main(["convert", f"model={dense}", f"output_dir={out}", "plan.method=uniform", "kl_check=false"])
         one_line_error(capsys, code, f"output_dir {out} is in use by another salatrain run (PID {holder.pid} on ")
-        assert time.time() - t0 < 10 and not out.exists()
+        assert time.time() - t0 < 30 and not out.exists()
     finally:
         holder.kill()
         holder.wait()

@@ -107,13 +107,12 @@ def test_two_runs_into_one_output_dir_and_ctrl_c(tmp_path, data_cache):
         while not (out / "checkpoints" / "latest").is_file():
             assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
             time.sleep(0.2)
-        t0 = time.time()
         second = subprocess.run([*args, "trainer.max_steps=3"], env=cli_env(), capture_output=True, text=True,
                                 timeout=240)
-        err = second.stderr.strip()
+        err = second.stderr.strip()  # its only line: it stopped before loading data or a model
         assert second.returncode == 2 and len(err.splitlines()) == 1, err
         assert f"output_dir {out} is in use by another salatrain run (PID {first.pid} on " in err
-        assert time.time() - t0 < 60 and first.poll() is None
+        assert first.poll() is None
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=120)
     finally:
