@@ -188,7 +188,8 @@ def check_training_memory(cfg, student_config, stage: torch.nn.Module, teacher, 
     layers = int(getattr(student_config, "num_hidden_layers", 0))
     vocab = int(getattr(student_config, "vocab_size", 0))
     fixed["logit chunk"] = 8.0 * min(t.loss_chunk_tokens, t.seq_len * t.micro_batch_size) * vocab
-    per_token = {"layer inputs": (layers + 1) * hidden * b * t.micro_batch_size}
+    split = max(1, int(getattr(t, "sequence_parallel", 1)))  # a sequence-parallel rank holds seq_len / split
+    per_token = {"layer inputs": (layers + 1) * hidden * b * t.micro_batch_size / split}
     hint = ("lower trainer.micro_batch_size, turn on trainer.activation_checkpointing or use more ranks with "
             "a higher deepspeed.zero_stage")
     Need("trainer.seq_len", t.seq_len, fixed, per_token, hint).check(available_bytes(dist.device),

@@ -34,7 +34,7 @@ from ..rundir import OutputDir, write_text_atomic
 from ..tracking import RunLogger
 from . import engine, faults
 from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save_rng, tag, write_state
-from .config import RESUME_WORDS, TrainConfig, rows_per_step, validate
+from .config import TrainConfig, rows_per_step, validate
 from .optim import Schedule, build_optimizer, param_groups, select_trainable
 from .profile import StepProfiler, phase
 from .sequence_parallel import SequenceParallel
@@ -449,7 +449,7 @@ def run_inputs(cfg: TrainConfig, paths: dict | None = None, data_files: list | N
     paths = paths or {"model": cfg.model.path, "teacher": cfg.teacher.path}
     inputs = {"model.path": paths["model"], "teacher.path": paths["teacher"],
               "data.files": list(data_files if data_files is not None else cfg.data.files)}
-    if cfg.resume not in RESUME_WORDS:
+    if cfg.resume not in ("auto", "never"):
         own = Path(cfg.output_dir).expanduser().absolute() / "checkpoints"
         resume = Path(cfg.resume).expanduser().absolute()
         if own != resume and own not in resume.parents:
