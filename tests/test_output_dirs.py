@@ -91,6 +91,7 @@ def test_a_directory_salatrain_did_not_make_is_refused_by_every_command(tmp_path
     metrics.write_text(json.dumps(METRICS))
     commands = [["train", "recipe=tiny"], ["convert", f"model={dense}", "plan.method=uniform"],
                 ["select", f"metrics={metrics}"], ["eval", f"model={dense}"],
+                ["bench", f"model={dense}", "lengths=[64]"],
                 ["pipeline", "recipe=quickstart", f"model={dense}"]]
     for command in commands:
         code = main([*command, f"output_dir={mine}"])
