@@ -129,3 +129,18 @@ def test_two_runs_into_one_output_dir_and_ctrl_c(tmp_path, data_cache):
     rows = metrics(out)
     assert [row["step"] for row in rows] == list(range(1, step + 3)) and r.steps == step + 2
     assert json.loads((out / "stage_report.json").read_text())["steps"] == len(rows)
+
+
+def test_a_stale_deepspeed_build_lock_does_not_hang_a_cpu_run(tmp_path):
+    """DeepSpeed JIT-builds a shared-memory op at init on CPU behind a lock file; a run killed mid-build leaves the
+    lock, and every later build waits on it forever. salatrain's CPU runs never build that op."""
+    lock = tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    code = ("from salatrain.train import engine; import deepspeed.comm.comm as c; d = engine.init_distributed(); "
+            "print(d.world_size, c.cdb.shm_comm_op)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DS_ACCELERATOR": "cpu"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["1", "None"]
+    assert sorted(x.name for x in lock.parent.iterdir()) == ["lock"]  # nothing was built

@@ -62,6 +62,15 @@ def _prepare_env() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
 
 
+def _skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed would JIT-compile its shared-memory all-reduce op at init: a C++ build on a machine's first
+    run, behind a lock file in ~/.cache/torch_extensions that a run killed mid-build leaves behind, after which every
+    later run waits on it forever. salatrain's CPU runs reduce through gloo, so the op is marked unavailable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> Dist:
     """Join (or create) the process group; idempotent within a process."""
     _prepare_env()
@@ -76,7 +85,9 @@ def init_distributed() -> Dist:
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
-    with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully" on CPU
+    else:
+        _skip_shm_comm_build()
+    with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     world = torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() if cuda else world))
