@@ -139,7 +139,9 @@ def test_a_stale_deepspeed_build_lock_does_not_hang_a_cpu_run(tmp_path):
     lock.touch()
     code = ("from salatrain.train import engine; import deepspeed.comm.comm as c; d = engine.init_distributed(); "
             "print(d.world_size, c.cdb.shm_comm_op)")
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DS_ACCELERATOR": "cpu"}
+    env = {k: v for k, v in os.environ.items()  # not the process group this process may have joined
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), DS_ACCELERATOR="cpu")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["1", "None"]
