@@ -168,3 +168,18 @@ def test_every_package_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {name for name, path in MODULES.items() if path.name == "__init__.py"}
     assert found - listed == set(), "add these packages to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_the_training_loop_builds_no_test_asset_and_names_no_stage_kind():
+    """Stages are data (train/stages.py STAGES): the loop never asks which kind of stage it runs, and builtin:
+    test assets are resolved by train/config.input_paths, so the loop never reaches train/tiny.py directly."""
+    assert "salatrain.train.tiny" not in _imports("salatrain.train.loop")
+    source = MODULES["salatrain.train.loop"].read_text()
+    for kind in ("AlignStage", "DistillStage", "LMStage", "mse_align"):
+        assert kind not in source, kind
+
+
+def test_no_module_outside_the_hf_modeling_file_exceeds_500_lines():
+    long = {name: n for name, path in MODULES.items()
+            if (n := len(path.read_text().splitlines())) > 500 and name != "salatrain.models.modeling_sala_hybrid"}
+    assert long == {}, long

@@ -202,3 +202,16 @@ def rows_per_step(cfg: TrainConfig, dp_size: int) -> tuple[int, int]:
             f"{cfg.trainer.seq_len}, not a multiple of micro_batch_size × {ranks} = {per_pass}"
         )
     return rows, rows // per_pass
+
+
+def input_paths(cfg: TrainConfig) -> tuple[dict, list[str]]:
+    """({"model", "teacher"} paths, data files) the run reads, with ``builtin:`` assets built and replaced by
+    their paths (salatrain.train.tiny builds them; it is imported only when a config names one)."""
+    names = [cfg.model.path, cfg.teacher.path, *cfg.data.files]
+    if any(isinstance(n, str) and n.startswith("builtin:") for n in names):
+        from .tiny import resolve
+    else:
+        def resolve(path):
+            return path
+    paths = {"model": resolve(cfg.model.path), "teacher": resolve(cfg.teacher.path)}
+    return paths, [resolve(f) for f in cfg.data.files]

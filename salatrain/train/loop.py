@@ -29,18 +29,15 @@ from .. import interrupt
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, copy_side_files, load_tokenizer
 from ..memory import check_training_memory
-from ..models.modeling_sala_hybrid import set_fused_elementwise
 from ..rundir import OutputDir, write_text_atomic
 from ..tracking import RunLogger
 from . import engine, faults
 from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save_rng, tag, write_state
-from .config import TrainConfig, rows_per_step, validate
+from .config import TrainConfig, input_paths, rows_per_step, validate
 from .optim import Schedule, build_optimizer, param_groups, select_trainable
 from .profile import StepProfiler, phase
 from .sequence_parallel import SequenceParallel
-from .stages import (AlignStage, DistillStage, LMStage, base_has_qk_norm, disable_sparse,
-                     enable_activation_checkpointing, load_model, mixer_types, warn_rope)
-from .tiny import resolve
+from .stages import STAGES, build_stage
 
 log = logging.getLogger("salatrain.train")
 
@@ -81,8 +78,7 @@ class Run:
         self.dist = engine.init_distributed()
         self.sp = SequenceParallel(cfg.trainer.sequence_parallel, self.dist.rank, self.dist.world_size)
         self.out = Path(cfg.output_dir).expanduser().absolute()
-        self.paths = {k: resolve(v) for k, v in (("model", cfg.model.path), ("teacher", cfg.teacher.path))}
-        self.data_files = [resolve(f) for f in cfg.data.files]
+        self.paths, self.data_files = input_paths(cfg)
         self.outdir = OutputDir(cfg.output_dir, "train", overwrite=cfg.overwrite, reuse=True)
         self.outdir.check(run_inputs(cfg, self.paths, self.data_files))
         _hold_lock(self.outdir, self.dist)
@@ -102,7 +98,7 @@ class Run:
         _seed(cfg.trainer.seed)
         self._build_data()
         self._build_stage()
-        check_training_memory(cfg, self._student_config(), self.stage, self.teacher, self.dist)
+        check_training_memory(cfg, self.stage.config, self.stage, self.teacher, self.dist)
         if self.dist.is_main:
             self.outdir.create()
             write_text_atomic(self.out / "config.yaml", _to_yaml(cfg))
@@ -122,9 +118,7 @@ class Run:
     # ---------------------------------------------------------------------------------------------- setup
 
     def _tokenizer_dir(self) -> str:
-        if self.cfg.stage.loss == "mse_align":
-            return self.paths["teacher"] or self.paths["model"]
-        return self.paths["model"]
+        return STAGES[self.cfg.stage.loss].tokenizer_dir(self.paths)
 
     def _build_data(self) -> None:
         from dataclasses import replace
@@ -145,48 +139,19 @@ class Run:
                      f", each row split over {self.sp.size} ranks" if self.sp.size > 1 else "")
 
     def _build_stage(self) -> None:
-        cfg, seq_len = self.cfg, self.cfg.trainer.seq_len
+        cfg = self.cfg
         self.dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
-        self.teacher = None
-        if cfg.stage.loss == "mse_align":
-            set_fused_elementwise(cfg.trainer.fuse_elementwise and self.dist.device.type == "cuda")
-            self.base = CheckpointDir(self._tokenizer_dir(), what="base model")
-            if self.base.model_type == "sala_hybrid":
-                raise UserError(f"align needs the dense base model, got the hybrid checkpoint {self.base.path}")
-            self.teacher = load_model(str(self.base.path), self.dtype)
-            self.stage = AlignStage(self.teacher, self.base)
-        else:
-            self.base = None
-            student = load_model(self.paths["model"], self.dtype)
-            set_fused_elementwise(cfg.trainer.fuse_elementwise and self.dist.device.type == "cuda")
-            student.set_kernel_backend(cfg.model.kernel_backend)
-            if not cfg.stage.sparse_attention:
-                disable_sparse(student)
-            if cfg.trainer.activation_checkpointing:
-                enable_activation_checkpointing(student)
-            if self.dist.is_main:
-                warn_rope(student.config, seq_len, "the student")
-            if cfg.stage.loss == "kl":
-                self.teacher = load_model(self.paths["teacher"], self.dtype)
-                self.stage = DistillStage(student, cfg.trainer.loss_chunk_tokens, cfg.stage.kl_temperature)
-            else:
-                self.stage = LMStage(student, cfg.trainer.loss_chunk_tokens)
-            self.stage.train()
+        fuse = cfg.trainer.fuse_elementwise and self.dist.device.type == "cuda"
+        self.stage, self.teacher = build_stage(cfg, self.paths, self.dtype, fuse, self.dist.is_main)
         if self.teacher is not None:
-            self.teacher.set_kernel_backend(cfg.model.kernel_backend)
-            if self.dist.is_main:
-                warn_rope(self.teacher.config, seq_len, "the teacher")
-            if not cfg.stage.sparse_attention:
-                disable_sparse(self.teacher)
             self.sp.parallelize(self.teacher)
         self.sp.parallelize(self.stage)
 
     def _build_engine(self) -> None:
         cfg = self.cfg
-        mixers, qk = mixer_types(self.stage), base_has_qk_norm(self.stage)
+        mixers, qk = list(self.stage.config.mixer_types), bool(self.stage.config.qk_norm)
         named = dict(self.stage.student.named_parameters())
-        patterns = ["all"] if cfg.stage.loss == "mse_align" else list(cfg.stage.trainable)
-        trainable = select_trainable(named, patterns, mixers, qk)
+        trainable = select_trainable(named, self.stage.trainable(cfg), mixers, qk)
         self.optimizer = build_optimizer(param_groups(named, trainable, cfg.optim, mixers, qk), cfg.optim)
         self.flops = self._flops_per_token()
         self.eng = engine.initialize(self.stage, self.optimizer, engine.ds_config(cfg, self.gas))
@@ -207,14 +172,7 @@ class Run:
                      cfg.deepspeed.zero_stage, cfg.trainer.precision, self.dist.world_size)
 
     def _flops_per_token(self) -> float:
-        from .flops import train_flops_per_token
-
-        seq, sparse = self.cfg.trainer.seq_len, self.cfg.stage.sparse_attention
-        if isinstance(self.stage, AlignStage):
-            return train_flops_per_token(self.stage.student, self.stage.hybrid_config, seq, sparse,
-                                         self.teacher.model, self.teacher.config)
-        return train_flops_per_token(self.stage.student, self.stage.student.config, seq, sparse, self.teacher,
-                                     self.teacher.config if self.teacher is not None else None)
+        return self.stage.flops_per_token(self.cfg.trainer.seq_len, self.cfg.stage.sparse_attention, self.teacher)
 
     def _restore(self, ckpt: Path) -> None:
         engine.load_checkpoint(self.eng, ckpt)
@@ -386,22 +344,19 @@ class Run:
             write_state(written, self.state, self._meta())
             hf = written / "hf"
             hf.mkdir()
-            self._student_config().save_pretrained(hf)
+            self.stage.config.save_pretrained(hf)
             copy_side_files(Path(self._tokenizer_dir()), hf)
             self.store.commit(written, self.cfg.trainer.keep_checkpoints)
             log.info("saved checkpoint %s", final)
         engine.barrier()
         return final
 
-    def _student_config(self):
-        return self.stage.hybrid_config if isinstance(self.stage, AlignStage) else self.stage.student.config
-
     def _meta(self) -> dict:
-        cfg = self.cfg
+        cfg, base = self.cfg, self.stage.base
         return {"stage": cfg.stage.name, "loss": cfg.stage.loss, "zero_stage": cfg.deepspeed.zero_stage,
                 "precision": cfg.trainer.precision, "world_size": self.dist.world_size,
-                "sequence_parallel": self.sp.size, "base": str(self.base.path) if self.base is not None else None,
-                "base_fingerprint": self.base.fingerprint() if self.base is not None else None,
+                "sequence_parallel": self.sp.size, "base": str(base.path) if base is not None else None,
+                "base_fingerprint": base.fingerprint() if base is not None else None,
                 "model": self.paths["model"], "teacher": self.paths["teacher"]}
 
     def _finish(self, ckpt: Path | None, last_loss: float | None) -> TrainResult:
@@ -410,14 +365,14 @@ class Run:
                   "checkpoint": str(ckpt) if ckpt else None, "model": self.paths["model"],
                   "teacher": self.paths["teacher"],
                   "world_size": self.dist.world_size, "seconds": round(time.time() - self.t_start, 1)}
-        align = self._align_eval() if isinstance(self.stage, AlignStage) else None
+        extra = self.stage.reports(self._eval_stats)
         if self.dist.is_main:
             if self.cfg.trainer.export and ckpt is not None:
                 from .export import export_checkpoint
 
                 export_checkpoint(ckpt, self.out)
-            if align is not None:
-                write_text_atomic(self.out / "align_report.json", json.dumps(align, indent=2))
+            for name, content in extra.items():
+                write_text_atomic(self.out / name, json.dumps(content, indent=2))
             write_text_atomic(self.out / "stage_report.json", json.dumps(report, indent=2))
             self.logger.summary({"final_loss": last_loss, "steps": self.state.step})
             log.info("stage %s done: %d steps, final loss %s, outputs in %s", self.cfg.stage.name, self.state.step,
@@ -427,20 +382,18 @@ class Run:
         return TrainResult(self.out, self.state.step, last_loss, ckpt,
                            {"engine": self.eng, "stage": self.stage, "engines": engines})
 
-    def _align_eval(self) -> dict:
-        """Per-layer MSE of the aligned layers on the global batch after the last training rows."""
+    def _eval_stats(self):
+        """(statistics summed over every rank, tokens, train state) of the global batch after the last training
+        rows, without gradients: what a stage's end-of-stage report measures."""
         batches = [self.sp.shard(self.data.batch(self._rows_of(self.state.rows, m))) for m in range(self.gas)]
-        total = None
+        total: dict = {}
         with torch.no_grad():
             for b in batches:
                 _, st = self.eng(**{k: v.to(self.dist.device) for k, v in b.items()})
-                total = st["layer_mse"].double() if total is None else total + st["layer_mse"].double()
-        tokens = self.rows * self.cfg.trainer.seq_len
-        per_layer = (engine.all_reduce(total) / tokens).cpu().tolist()
-        return {"base_fingerprint": self.base.fingerprint(), "base": str(self.base.path), "per_layer_mse": per_layer,
-                "tokens": self.state.tokens, "steps": self.state.step, "seq_len": self.cfg.trainer.seq_len,
-                "eval_tokens": tokens, "mse": "mean over tokens and hidden units of (lightning - teacher attention "
-                                             "output)^2, on the rows after the training rows"}
+                for k, v in st.items():
+                    total[k] = total[k] + v.double() if k in total else v.double()
+        total = {k: engine.all_reduce(v).cpu() for k, v in sorted(total.items())}
+        return total, self.rows * self.cfg.trainer.seq_len, self.state
 
 
 def run_inputs(cfg: TrainConfig, paths: dict | None = None, data_files: list | None = None) -> dict:

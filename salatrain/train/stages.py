@@ -9,6 +9,12 @@ module tree (it is placed, or sharded under ZeRO-3, separately) and never traine
                  layout), regressing that layer's attention output; all layers in one teacher forward
     DistillStage loss kl: KL(teacher ‖ student) on next-token distributions, chunked
     LMStage      loss lm: next-token cross-entropy, chunked
+
+Stages are data for the loop (``STAGES[cfg.stage.loss]``, built by :func:`build_stage`): each gives
+``tokenizer_dir(paths)``, ``config`` (the hybrid config of what it trains: written into checkpoints),
+``base`` (the dense base it aligns to, or None), ``trainable(cfg)`` (parameter-name patterns),
+``flops_per_token(seq_len, sparse_on)``, ``count(batch)`` and ``reports(stats)`` (extra report files at the
+end), so the loop never asks which kind of stage it runs.
 """
 
 from __future__ import annotations
@@ -101,14 +107,50 @@ def count_targets(batch: dict) -> int:
     return num_targets(batch["labels"])
 
 
-class LMStage(nn.Module):
-    def __init__(self, student: SalaHybridForCausalLM, chunk: int):
+class Stage(nn.Module):
+    """A stage that trains a whole hybrid model (``student``), optionally against a frozen teacher."""
+
+    base: CheckpointDir | None = None
+
+    def __init__(self, student: SalaHybridForCausalLM):
         super().__init__()
         self.student = student
-        self.chunk = chunk
+        self._teacher: list[SalaHybridForCausalLM] = []  # a list keeps it out of the module tree
+
+    @staticmethod
+    def tokenizer_dir(paths: dict) -> str:
+        return paths["model"]
+
+    @property
+    def config(self) -> SalaHybridConfig:
+        return self.student.config
+
+    @property
+    def teacher(self) -> SalaHybridForCausalLM | None:
+        return self._teacher[0] if self._teacher else None
+
+    def trainable(self, cfg) -> list[str]:
+        return list(cfg.stage.trainable)
 
     def count(self, batch: dict) -> int:
         return count_targets(batch)
+
+    def flops_per_token(self, seq_len: int, sparse_on: bool, teacher: SalaHybridForCausalLM | None) -> float:
+        from .flops import train_flops_per_token
+
+        return train_flops_per_token(self.student, self.config, seq_len, sparse_on, teacher,
+                                     teacher.config if teacher is not None else None)
+
+    def reports(self, stats) -> dict[str, dict]:
+        """Report files written at the end of the stage ({file name: content}); ``stats()`` sums this stage's
+        statistics over the global batch after the last training rows, without gradients."""
+        return {}
+
+
+class LMStage(Stage):
+    def __init__(self, student: SalaHybridForCausalLM, chunk: int):
+        super().__init__(student)
+        self.chunk = chunk
 
     def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
         with phase("student"):
@@ -120,21 +162,16 @@ class LMStage(nn.Module):
             return chunked_cross_entropy(h_M, t_M, head_of(self.student), self.chunk), {}
 
 
-class DistillStage(nn.Module):
+class DistillStage(Stage):
     def __init__(self, student: SalaHybridForCausalLM, chunk: int, temperature: float):
-        super().__init__()
-        self.student = student
+        super().__init__(student)
         self.chunk, self.temperature = chunk, temperature
-        self._teacher: list[SalaHybridForCausalLM] = []  # a list keeps it out of the module tree
 
     def attach_teacher(self, teacher: SalaHybridForCausalLM) -> None:
         if teacher.config.vocab_size != self.student.config.vocab_size:
             raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
                              f"{self.student.config.vocab_size}")
         self._teacher[:] = [teacher]
-
-    def count(self, batch: dict) -> int:
-        return count_targets(batch)
 
     def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
         from .losses import chunked_kl
@@ -166,6 +203,7 @@ class AlignStage(nn.Module):
         from ..convert.transfer import transfer_attention
 
         n = teacher.config.num_hidden_layers
+        self.base = base
         self.hybrid_config = dense_config(base, mixer_types=["linear_attention"] * n)
         layers = []
         for i, layer in enumerate(teacher.model.layers):
@@ -193,8 +231,39 @@ class AlignStage(nn.Module):
 
         return hook
 
+    @staticmethod
+    def tokenizer_dir(paths: dict) -> str:
+        return paths["teacher"] or paths["model"]
+
+    @property
+    def config(self) -> SalaHybridConfig:
+        return self.hybrid_config
+
+    @property
+    def teacher(self) -> SalaHybridForCausalLM | None:
+        return self._teacher[0] if self._teacher else None
+
+    def trainable(self, cfg) -> list[str]:
+        return ["all"]  # every Lightning replacement
+
     def count(self, batch: dict) -> int:
         return batch["input_ids"].numel()
+
+    def flops_per_token(self, seq_len: int, sparse_on: bool, teacher: SalaHybridForCausalLM | None) -> float:
+        from .flops import train_flops_per_token
+
+        return train_flops_per_token(self.student, self.hybrid_config, seq_len, sparse_on, teacher.model,
+                                     teacher.config)
+
+    def reports(self, stats) -> dict[str, dict]:
+        """align_report.json: per-layer MSE of the aligned layers on the global batch after the training rows."""
+        total, tokens, state = stats()
+        per_layer = (total["layer_mse"] / tokens).tolist()
+        return {"align_report.json": {
+            "base_fingerprint": self.base.fingerprint(), "base": str(self.base.path), "per_layer_mse": per_layer,
+            "tokens": state.tokens, "steps": state.step, "seq_len": state.seq_len, "eval_tokens": tokens,
+            "mse": "mean over tokens and hidden units of (lightning - teacher attention output)^2, on the rows "
+                   "after the training rows"}}
 
     def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
         self._captured.clear()
@@ -211,11 +280,39 @@ class AlignStage(nn.Module):
         return per_layer.sum(), {"layer_mse": per_layer.detach()}
 
 
-def base_has_qk_norm(stage: nn.Module) -> bool:
-    cfg = stage.hybrid_config if isinstance(stage, AlignStage) else stage.student.config
-    return bool(cfg.qk_norm)
+STAGES = {"mse_align": AlignStage, "kl": DistillStage, "lm": LMStage}
 
 
-def mixer_types(stage: nn.Module) -> list[str]:
-    cfg = stage.hybrid_config if isinstance(stage, AlignStage) else stage.student.config
-    return list(cfg.mixer_types)
+def build_stage(cfg, paths: dict, dtype: torch.dtype, fuse: bool, main: bool = True):
+    """The stage ``cfg.stage.loss`` names, with its models loaded on CPU: (stage, frozen teacher or None).
+    ``main``: this rank says the warnings."""
+    from ..models.modeling_sala_hybrid import set_fused_elementwise
+
+    set_fused_elementwise(fuse)
+    seq_len, backend = cfg.trainer.seq_len, cfg.model.kernel_backend
+    if cfg.stage.loss == "mse_align":
+        base = CheckpointDir(AlignStage.tokenizer_dir(paths), what="base model")
+        if base.model_type == SalaHybridConfig.model_type:
+            raise UserError(f"align needs the dense base model, got the hybrid checkpoint {base.path}")
+        teacher = load_model(str(base.path), dtype)
+        stage = AlignStage(teacher, base)
+    else:
+        student = load_model(paths["model"], dtype)
+        student.set_kernel_backend(backend)
+        if not cfg.stage.sparse_attention:
+            disable_sparse(student)
+        if cfg.trainer.activation_checkpointing:
+            enable_activation_checkpointing(student)
+        if main:
+            warn_rope(student.config, seq_len, "the student")
+        teacher = load_model(paths["teacher"], dtype) if cfg.stage.loss == "kl" else None
+        stage = (DistillStage(student, cfg.trainer.loss_chunk_tokens, cfg.stage.kl_temperature) if teacher is not None
+                 else LMStage(student, cfg.trainer.loss_chunk_tokens))
+        stage.train()
+    if teacher is not None:
+        teacher.set_kernel_backend(backend)
+        if main:
+            warn_rope(teacher.config, seq_len, "the teacher")
+        if not cfg.stage.sparse_attention:
+            disable_sparse(teacher)
+    return stage, teacher
