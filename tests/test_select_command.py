@@ -11,7 +11,7 @@ from salatrain.cli import main
 from salatrain.eval.probes import make_samples
 from salatrain.hf_checkpoint import CheckpointDir
 from salatrain.models.loading import dense_config, load_dense_as_hybrid
-from salatrain.select.aligned import AlignedLayers
+from salatrain.select.sweep import AlignedLayers
 from salatrain.select.sweep import ActivationCache, swapped
 
 METRICS = {"layers": {"0": {"retrieval": 0.6, "commonsense": 0.31}, "1": {"retrieval": 0.2, "commonsense": 0.3},

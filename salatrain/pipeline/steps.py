@@ -258,7 +258,7 @@ def _select(name, spec, step_dir, ctx) -> Prepared:
 
     def validate(cfg):
         from ..hf_checkpoint import CheckpointDir
-        from ..select.selection import check_settings, mode_of
+        from ..select.config import check_settings, mode_of
 
         mode_of(cfg)
         if cfg.model:

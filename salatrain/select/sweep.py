@@ -9,11 +9,18 @@ Layers before i are unchanged, so the hidden states entering every layer are com
 L·(L+1)/2 layer passes per token, about (L+1)/2 full forwards, instead of L.
 
 With lm-eval tasks (``retrieval_tasks`` / ``commonsense_tasks``) each swap is a full evaluation by lm-eval.
+
+Layer i's aligned mixer comes from the align stage's output (:class:`AlignedLayers`): an HF checkpoint whose
+config has every layer ``linear_attention`` and whose ``model.layers.{i}.self_attn.*`` tensors are layer i's
+aligned Lightning mixer, plus ``align_report.json`` (``base_fingerprint``: the dense base it was aligned from).
+:func:`run_sweep` loads the dense base and the align output, builds the probe batch and the held-out text, and
+returns per-layer metrics (:class:`LayerMetrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -21,12 +28,75 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..eval.probes import ProbeSample
+from ..errors import UserError
+from ..eval import lm_eval_adapter
+from ..eval.loading import resolve_device, resolve_dtype
+from ..eval.probes import ProbeSample, make_samples
 from ..eval.scoring import answer_scores, hidden_to_logprobs
-from ..models.modeling_sala_hybrid import SeqInfo
-from .aligned import AlignedLayers
+from ..eval.text import builtin_documents, read_documents, token_windows
+from ..hf_checkpoint import CheckpointDir
+from ..models import SalaHybridConfig
+from ..models.modeling_sala_hybrid import LightningAttention, SeqInfo
+from .config import SelectConfig
 
 log = logging.getLogger(__name__)
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "vocab_size")
+
+
+class AlignedLayers:
+    """Validated align output; ``layer(i)`` builds layer i's aligned ``LightningAttention``."""
+
+    def __init__(self, path: str, base: CheckpointDir, base_config: SalaHybridConfig):
+        self.ckpt = CheckpointDir(path, what="aligned")
+        self.report = self._check_report(base)
+        try:
+            self.config = SalaHybridConfig.from_pretrained(self.ckpt.path)
+        except (ValueError, TypeError, OSError) as e:
+            raise UserError(f"{self.ckpt.path}: not a salatrain hybrid checkpoint ({str(e).splitlines()[0]})") from None
+        mixers = self.config.mixer_types
+        if self.ckpt.model_type != "sala_hybrid" or any(m != "linear_attention" for m in mixers):
+            raise UserError(f"{self.ckpt.path} is not an align output (expected every layer linear_attention)")
+        for key in _SHAPE_KEYS:
+            if getattr(self.config, key) != getattr(base_config, key):
+                raise UserError(f"aligned {key}={getattr(self.config, key)} does not match the base model's "
+                                f"{getattr(base_config, key)}")
+
+    def _check_report(self, base: CheckpointDir) -> dict:
+        path = self.ckpt.path / "align_report.json"
+        if not path.is_file():
+            log.warning("%s has no align_report.json; cannot check it was aligned from %s", self.ckpt.path, base.path)
+            return {}
+        try:
+            report = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        fp = report.get("base_fingerprint")
+        if fp and fp != base.fingerprint():
+            raise UserError(f"{self.ckpt.path} was aligned from a different base model than {base.path} "
+                            f"(fingerprint {fp} != {base.fingerprint()})")
+        return report
+
+    def layer(self, i: int, dtype: torch.dtype, device: torch.device) -> LightningAttention:
+        prefix = f"model.layers.{i}.self_attn."
+        keys = [k for k in self.ckpt.key_files() if k.startswith(prefix)]
+        with self.ckpt.reader() as r:
+            state = {k[len(prefix):]: r.get(k) for k in keys}
+        mixer = LightningAttention(self.config, i)
+        missing, unexpected = mixer.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{self.ckpt.path}: layer {i} Lightning weights do not match (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+        return mixer.to(device=device, dtype=dtype).eval()
+
+
+@dataclass
+class LayerMetrics:
+    retrieval: list[float] | None
+    commonsense: list[float] | None
+    baseline: dict | None
+    source: dict
+    cost: dict
+    raw: dict | None = None  # metrics.json to write (sweep mode)
 
 
 @dataclass
@@ -150,8 +220,6 @@ def sweep(model, aligned: AlignedLayers, samples: list[ProbeSample], windows: li
 def lm_eval_sweep(model, tokenizer, aligned: AlignedLayers, retrieval_tasks: list[str], commonsense_tasks: list[str],
                   builtin: SweepResult | None, **lm_eval_kwargs) -> SweepResult:
     """R and/or C from lm-eval tasks (mean headline metric); a metric without tasks comes from ``builtin``."""
-    from ..eval import lm_eval_adapter
-
     t0 = time.time()
     tasks = list(dict.fromkeys([*retrieval_tasks, *commonsense_tasks]))
     dtype = next(model.parameters()).dtype
@@ -176,3 +244,62 @@ def lm_eval_sweep(model, tokenizer, aligned: AlignedLayers, retrieval_tasks: lis
     cost["lm_eval_runs"] = len(layers) + 1
     cost["seconds"] = round(cost.get("seconds", 0.0) + time.time() - t0, 1)
     return SweepResult(baseline, layers, cost)
+
+
+def run_sweep(cfg: SelectConfig):
+    from ..hf_checkpoint import load_tokenizer
+    from ..models.loading import dense_config, load_dense_as_hybrid
+
+    s = cfg.sweep
+    base = CheckpointDir(cfg.model)
+    aligned = AlignedLayers(cfg.aligned, base, dense_config(base))
+    tok = load_tokenizer(base.path)
+    samples, windows = _probe_batch(tok, cfg), _heldout(tok, cfg)
+    device = resolve_device(s.device)
+    model = load_dense_as_hybrid(base, dtype=resolve_dtype(s.dtype, device)).to(device)
+    builtin = None
+    if not (s.retrieval_tasks and s.commonsense_tasks):
+        builtin = sweep(model, aligned, samples, windows, s.retrieval_metric, device)
+    result = builtin
+    if s.retrieval_tasks or s.commonsense_tasks:
+        result = lm_eval_sweep(model, tok, aligned, list(s.retrieval_tasks), list(s.commonsense_tasks), builtin,
+                               limit=s.lm_eval_limit, num_fewshot=s.lm_eval_num_fewshot)
+    source = {
+        "mode": "sweep", "model": str(base.path), "model_fingerprint": base.fingerprint(),
+        "aligned": str(aligned.ckpt.path), "align_report": aligned.report or None,
+        "retrieval": (f"lm-eval {list(s.retrieval_tasks)} (mean headline metric)" if s.retrieval_tasks else
+                      f"probes {list(s.probes.tasks)} at {list(s.probes.lengths)} tokens, {s.probes.num_samples} "
+                      f"samples each, seed {s.probes.seed}: mean {s.retrieval_metric}"),
+        "commonsense": (f"lm-eval {list(s.commonsense_tasks)} (mean headline metric)" if s.commonsense_tasks else
+                        f"-(LM loss) on {len(windows)} held-out windows of {s.text.seq_len} tokens "
+                        f"({', '.join(s.text.files) or 'built-in ' + s.text.builtin})"),
+    }
+    return LayerMetrics([m.retrieval for m in result.layers], [m.commonsense for m in result.layers],
+                        {"retrieval": result.baseline.retrieval, "commonsense": result.baseline.commonsense},
+                        source, result.cost, raw=_raw(result))
+
+
+def _probe_batch(tok, cfg: SelectConfig) -> list:
+    p = cfg.sweep.probes
+    if cfg.sweep.retrieval_tasks:
+        return []
+    try:
+        return [x for task in p.tasks for n in p.lengths for x in make_samples(tok, task, int(n), p.num_samples, p.seed)]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _heldout(tok, cfg: SelectConfig) -> list[list[int]]:
+    t = cfg.sweep.text
+    if cfg.sweep.commonsense_tasks:
+        return []
+    docs = read_documents(list(t.files), t.text_field) if t.files else [d for _, d in builtin_documents(t.builtin)]
+    return token_windows(tok, docs, t.seq_len, t.max_tokens)
+
+
+def _raw(result: SweepResult) -> dict:
+    layers = {str(i): {"retrieval": m.retrieval, "commonsense": m.commonsense, **m.detail}
+              for i, m in enumerate(result.layers)}
+    base = result.baseline
+    return {"layers": layers, "baseline": {"retrieval": base.retrieval, "commonsense": base.commonsense,
+                                           **base.detail}, "cost": result.cost}
