@@ -1,11 +1,7 @@
 """`salatrain <command> [key=value ...] [--cfg job] [-m]`: compose the command's config, validate, run.
 
-Commands register in ``COMMANDS`` with the module that defines them; each module exposes ``SCHEMA`` (its
-config dataclass), ``run(cfg)`` and optionally ``config_name(overrides)`` (to pick a recipe), ``GROUPS``
-(Hydra config groups it accepts), ``CONFIG_MODULE`` (package of its primary configs, default
-``salatrain.conf``), ``SEARCHPATH`` (more packages for its config groups), ``check(cfg)`` (what can be checked
-before any run starts: every job of a ``-m`` sweep is composed and checked before the first one runs) and
-``ignored_keys(cfg)`` (keys the chosen mode does not use: setting one is an error).
+Commands and the protocol of the modules that define them are in salatrain.commands (shared with pipeline
+steps). Every job of a ``-m`` sweep is composed and checked (``check(cfg)``) before the first one runs.
 
 Exit status: 0 done; 2 a one-line error on stderr (a mistake in the input, a corrupt file, an I/O failure, a
 run that diverged); 130 interrupted (Ctrl-C), with nothing committed after the interrupt. ``--verbose`` shows
@@ -15,35 +11,17 @@ the libraries' logs and progress bars, and the traceback behind an error.
 from __future__ import annotations
 
 import errno
-import importlib
 import logging
 import os
 import sys
 import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import interrupt
+from .commands import COMMANDS
 from .errors import UserError
 
-
-@dataclass(frozen=True)
-class Command:
-    module: str
-    summary: str
-
-
-COMMANDS: dict[str, Command] = {
-    "convert": Command("salatrain.convert.command", "dense HF checkpoint + layer plan -> hybrid checkpoint"),
-    "select": Command("salatrain.select.command", "choose which layers stay attention (layer_plan.json)"),
-    "train": Command("salatrain.train.command", "run a training stage recipe (align, distill, lm) on DeepSpeed"),
-    "export": Command("salatrain.train.export", "training checkpoint -> HF checkpoint (consolidates ZeRO-3)"),
-    "eval": Command("salatrain.eval.command", "perplexity and synthetic long-context probes"),
-    "bench": Command("salatrain.eval.bench_command", "prefill / decode speed and peak memory against prompt length"),
-    "pipeline": Command("salatrain.pipeline", "run a pipeline recipe (align -> select -> convert -> train ...)"),
-    "quickstart": Command("salatrain.pipeline", "the small offline pipeline on SmolLM2-135M (CPU, minutes)"),
-}
 
 USAGE = """usage: salatrain <command> [key=value ...] [--cfg job] [-m]
 
@@ -105,28 +83,20 @@ def _interrupted(name: str) -> int:
 
 def _run(name: str, args: list[str]) -> None:
     """Compose every job (one, or one per combination of a -m sweep), check them all, then run them."""
-    from .config.compose import check_overrides_used, to_object, to_yaml
-    from .config.store import register_schema
+    from .commands import resolve
+    from .config.compose import to_yaml
 
     show_cfg, multirun, overrides = _parse_flags(args)
-    mod = importlib.import_module(COMMANDS[name].module)
-    schema_name = getattr(mod, "SCHEMA_NAME", name)
-    register_schema(schema_name, mod.SCHEMA)
-    if hasattr(mod, "prepare_overrides"):
-        overrides = mod.prepare_overrides(name, overrides)
-    config_name = mod.config_name(overrides) if hasattr(mod, "config_name") else schema_name
-    overrides = [o for o in overrides if not o.startswith("recipe=")]
-    groups = tuple(getattr(mod, "GROUPS", ()))
-    jobs = _sweep_jobs(mod, config_name, overrides, groups) if multirun else [overrides]
+    command = resolve(name, overrides)
+    mod = command.mod
+    jobs = _sweep_jobs(command) if multirun else [command.overrides]
     typed = []
     for n, job in enumerate(jobs):
         try:
-            cfg = _compose(mod, config_name, job, groups)
             if show_cfg:
-                print(to_yaml(cfg), end="")
+                print(to_yaml(command.compose(job)), end="")
                 continue
-            obj = to_object(cfg)
-            check_overrides_used(mod, obj, job)
+            obj = command.typed(job)
             if hasattr(mod, "check"):
                 mod.check(obj)
         except UserError as e:
@@ -162,15 +132,16 @@ def _parse_flags(args: list[str]) -> tuple[bool, bool, list[str]]:
     return show_cfg, multirun, overrides
 
 
-def _sweep_jobs(mod, config_name, overrides, groups) -> list[list[str]]:
+def _sweep_jobs(command) -> list[list[str]]:
     """Comma-separated sweeps (Hydra's override grammar) as one override list per combination; each run goes
     to ``<output_dir>/<n>``."""
     from .config.compose import expand_sweeps
 
+    overrides = command.overrides
     jobs = expand_sweeps(overrides)
     base_out = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), None)
     if base_out is None and jobs:  # a recipe's own output_dir: runs go to <it>/<n> as well
-        base_out = _compose(mod, config_name, list(jobs[0]), groups).get("output_dir")
+        base_out = command.compose(list(jobs[0])).get("output_dir")
     out = []
     for n, job in enumerate(jobs):
         job = list(job)
@@ -178,14 +149,6 @@ def _sweep_jobs(mod, config_name, overrides, groups) -> list[list[str]]:
             job = [o for o in job if not o.startswith("output_dir=")] + [f"output_dir={Path(base_out) / str(n)}"]
         out.append(job)
     return out
-
-
-def _compose(mod, config_name, overrides, groups):
-    """Compose in the module's ``CONFIG_MODULE`` (default ``salatrain.conf``) plus its ``SEARCHPATH``."""
-    from .config.compose import CONFIG_MODULE, compose_config
-
-    module = getattr(mod, "CONFIG_MODULE", CONFIG_MODULE)
-    return compose_config(config_name, overrides, groups, module, tuple(getattr(mod, "SEARCHPATH", ())))
 
 
 def _fail(message: str, verbose: bool = False) -> int:

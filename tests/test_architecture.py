@@ -183,3 +183,12 @@ def test_no_module_outside_the_hf_modeling_file_exceeds_500_lines():
     long = {name: n for name, path in MODULES.items()
             if (n := len(path.read_text().splitlines())) > 500 and name != "salatrain.models.modeling_sala_hybrid"}
     assert long == {}, long
+
+
+def test_configs_are_composed_only_through_the_command_registry():
+    """The CLI and pipeline steps compose a command's config one way (salatrain.commands.resolve), so a step runs
+    exactly what `salatrain <command> <its overrides>` would."""
+    callers = {name for name, path in MODULES.items() if "compose_config(" in path.read_text()}
+    assert callers == {"salatrain.commands", "salatrain.config.compose"}, callers
+    assert "salatrain.commands" in _imports("salatrain.cli") and "salatrain.commands" in _imports(
+        "salatrain.pipeline.steps")

@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from salatrain.cli import COMMANDS, main
+from salatrain.cli import main
+from salatrain.commands import COMMANDS
 from salatrain.config.ranges import RANGE, numeric_fields
 from salatrain.errors import UserError
 from salatrain.memory import ModelShape, Need, check_eval_memory

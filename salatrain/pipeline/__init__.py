@@ -41,12 +41,9 @@ def config_name(overrides: list[str]) -> str:
 
 def compose_pipeline(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """The typed config of a pipeline recipe with Hydra ``overrides``, as the CLI builds it."""
-    from ..config.compose import compose_config, to_object
-    from ..config.store import register_schema
+    from ..commands import command_config
 
-    register_schema(SCHEMA_NAME, SCHEMA)
-    name = config_name([f"recipe={recipe}"])
-    return to_object(compose_config(name, [o for o in overrides if not o.startswith("recipe=")], (), CONFIG_MODULE))
+    return command_config("pipeline", [f"recipe={recipe}", *(o for o in overrides if not o.startswith("recipe="))])[1]
 
 
 def run(cfg: PipelineConfig) -> dict:

@@ -11,7 +11,6 @@ command (the same keys as on the command line) and knows which artifacts its fol
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..commands import command_config
 from ..errors import UserError
 from ..eval.report import is_number
 from .config import StepSpec
@@ -202,22 +202,6 @@ def _train(name, spec, step_dir, ctx) -> Prepared:
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-
-
-def command_config(command: str, ovr: list[str]):
-    """The typed config of `salatrain <command> <overrides>`, composed exactly as the CLI does."""
-    from ..cli import COMMANDS
-    from ..config.compose import CONFIG_MODULE, check_overrides_used, compose_config, to_object
-    from ..config.store import register_schema
-
-    mod = importlib.import_module(COMMANDS[command].module)
-    schema = getattr(mod, "SCHEMA_NAME", command)
-    register_schema(schema, mod.SCHEMA)
-    cfg = compose_config(schema, ovr, tuple(getattr(mod, "GROUPS", ())), getattr(mod, "CONFIG_MODULE", CONFIG_MODULE),
-                         tuple(getattr(mod, "SEARCHPATH", ())))
-    obj = to_object(cfg)
-    check_overrides_used(mod, obj, ovr)
-    return mod, obj
 
 
 def _command_step(command: str, name: str, args: dict, values: dict, outputs: dict, validate=None) -> Prepared:

@@ -34,17 +34,9 @@ def config_name(overrides: list[str]) -> str:
 def compose_train(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """The typed config of ``recipe`` with Hydra ``overrides`` (``key=value`` strings), as the CLI builds it:
     numbers in range, no override of a key the stage does not use."""
-    import sys
+    from ..commands import command_config
 
-    from ..config.compose import check_overrides_used, compose_config, to_object
-    from ..config.store import register_schema
-
-    register_schema(SCHEMA_NAME, SCHEMA)
-    overrides = [o for o in overrides if not o.startswith("recipe=")]
-    name = config_name([f"recipe={recipe}"])
-    cfg = to_object(compose_config(name, overrides, GROUPS, CONFIG_MODULE, SEARCHPATH))
-    check_overrides_used(sys.modules[__name__], cfg, overrides)
-    return cfg
+    return command_config("train", [f"recipe={recipe}", *(o for o in overrides if not o.startswith("recipe="))])[1]
 
 
 def check(cfg: TrainConfig) -> None:
