@@ -48,7 +48,8 @@ def is_corpus_file(name: str) -> bool:
     return name.endswith((".jsonl", ".jsonl.gz")) and Path(name).expanduser().is_file()
 
 
-def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
+def _jsonl_documents(path: Path, field: str = "text") -> Iterator[tuple[str, str]]:
+    """(id, text) per record of a .jsonl or .jsonl.gz file; ids default to ``<file name>:<line>``."""
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
@@ -60,9 +61,9 @@ def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise UserError(f'{path}:{n}: expected an object with a string field "text"')
-            yield str(rec.get("id") or f"{path.name}:{n}"), rec["text"]
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise UserError(f'{path}:{n}: expected an object with a string field "{field}"')
+            yield str(rec.get("id") or f"{path.name}:{n}"), rec[field]
 
 
 def _sources(prefix: str, root: Path, skip: set[str] = _SKIP_DIRS) -> Iterator[tuple[str, str]]:
@@ -92,28 +93,12 @@ def read_documents(paths: list[str], text_field: str = "text") -> list[str]:
         if not path.is_file():
             raise UserError(f"text file {path} does not exist")
         if path.suffix == ".jsonl":
-            docs.extend(_read_jsonl(path, text_field))
+            docs.extend(text for _, text in _jsonl_documents(path, text_field))
         else:
             docs.append(path.read_text(encoding="utf-8", errors="replace"))
     if not any(d.strip() for d in docs):
         raise UserError(f"no text in {', '.join(paths)}")
     return docs
-
-
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise UserError(f'{path}:{n}: expected an object with a string field "{field}"')
-            out.append(rec[field])
-    return out
 
 
 def token_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int) -> list[list[int]]:
