@@ -11,6 +11,12 @@ A query at position t < dense_len attends densely. Otherwise (selection is share
      the first topk + window_size/block_size blocks by (score desc, index asc) are visible, future ones dropped;
   5. exact softmax attention over the visible blocks (causal inside the current block).
 Selection is not differentiated; gradients flow through step 5. Imports torch only.
+
+Two rules have a second form, MiniCPM-SALA's released one (DESIGN §5):
+  dense_len_mode  "position": a query at position t is sparse iff t >= dense_len (prefill = decoding);
+                  "sequence": every query of a sequence is sparse iff its keys so far number >= dense_len
+  local_blocks    "token": the blocks holding the last window_size tokens up to t are forced visible;
+                  "block": the query's block and the window_size/block_size blocks before it
 """
 
 from __future__ import annotations
@@ -35,11 +41,15 @@ def infllmv2_attn_torch(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     normalizer: str = "exact",
+    dense_len_mode: str = "position",
+    local_blocks: str = "token",
 ) -> torch.Tensor:
     """q [B, Tq, HQ, D]; k, v [B, Tk, HKV, D] with Tq <= Tk. Returns o [B, Tq, HQ, D] in q's dtype."""
+    check_rules(dense_len_mode, local_blocks)
     params = dict(
         block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, init_blocks=init_blocks,
         topk=topk, window_size=window_size, dense_len=dense_len, normalizer=normalizer,
+        dense_len_mode=dense_len_mode, local_blocks=local_blocks,
     )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is None:
@@ -58,20 +68,21 @@ def infllmv2_attn_torch(
 ROW_BUDGET = 1 << 24
 
 
-def _attend_one(q, k, v, scale, *, dense_len, normalizer, kernel_size, kernel_stride, **select):
+def _attend_one(q, k, v, scale, *, dense_len, dense_len_mode, normalizer, kernel_size, kernel_stride, **select):
     """One document: q are its last Tq positions, k/v all Tk. Processes query rows in chunks."""
     tq, tk = q.shape[1], k.shape[1]
     pos = torch.arange(tk - tq, tk, device=q.device)
     keys = torch.arange(tk, device=q.device)
+    is_sparse = sparse_queries(pos, tk, dense_len, dense_len_mode)
     cmp = None
-    if tk > dense_len and pos[-1] >= dense_len:
+    if bool(is_sparse.any()):
         cmp = compressed_keys(k, kernel_size, kernel_stride, normalizer)
     rows = max(1, ROW_BUDGET // (tk * q.shape[2]))
     out = []
     for a in range(0, tq, rows):
         p, qc = pos[a : a + rows], q[:, a : a + rows]
         visible = (p.view(-1, 1) >= keys.view(1, -1)).view(1, 1, len(p), tk).expand(q.shape[0], k.shape[2], -1, -1)
-        sparse = p >= dense_len
+        sparse = is_sparse[a : a + rows]
         if cmp is not None and bool(sparse.any()):
             visible = visible.clone()
             visible[:, :, sparse] = sparse_key_mask(qc[:, sparse], tk, p[sparse], cmp, scale=scale, **select)
@@ -143,11 +154,11 @@ def block_scores_from_windows(win, num_blocks, block_size, kernel_size, kernel_s
     return out
 
 
-def select_blocks(scores, pos, *, block_size, init_blocks, topk, window_size):
+def select_blocks(scores, pos, *, block_size, init_blocks, topk, window_size, local_blocks="token"):
     """Visible-block indicator [B, HKV, Tq, NB] (bool) from block scores and query positions (DESIGN step 4)."""
     nb = scores.shape[-1]
     blk = torch.arange(nb, device=scores.device)
-    first_local = ((pos - window_size + 1).clamp(min=0) // block_size).view(-1, 1)
+    first_local = first_local_block(pos, block_size, window_size, local_blocks).view(-1, 1)
     cur = (pos // block_size).view(-1, 1)
     forced = (blk.view(1, -1) < init_blocks) | ((blk >= first_local) & (blk <= cur))
     future = blk.view(1, -1) > cur
@@ -169,14 +180,59 @@ def compressed_keys(k, kernel_size, kernel_stride, normalizer):
     return k_cmp, (compress_keys(k, ck, cs), ck, cs)
 
 
-def sparse_key_mask(q, tk, pos, compressed, *, block_size, init_blocks, topk, window_size, scale):
+def sparse_key_mask(q, tk, pos, compressed, *, block_size, init_blocks, topk, window_size, scale,
+                    local_blocks="token"):
     """Key visibility [B, HKV, Tq, Tk] of queries q at document positions ``pos`` (all >= dense_len)."""
     (k_cmp, kernel_size, kernel_stride), lse_from = compressed
     win = group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_from)
     nb = math.ceil(tk / block_size)
     scores = block_scores_from_windows(win, nb, block_size, kernel_size, kernel_stride)
     blocks = select_blocks(scores, pos, block_size=block_size, init_blocks=init_blocks, topk=topk,
-                           window_size=window_size)
+                           window_size=window_size, local_blocks=local_blocks)
     keys = blocks.repeat_interleave(block_size, dim=-1)[..., :tk]
     causal = pos.view(-1, 1) >= torch.arange(tk, device=q.device).view(1, -1)
     return keys & causal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two selection rules (salatrain's per-position / per-token forms and MiniCPM-SALA's released ones)
+# ---------------------------------------------------------------------------------------------------------------
+
+DENSE_LEN_MODES = ("position", "sequence")
+LOCAL_BLOCK_RULES = ("token", "block")
+DEFAULT_RULES = {"dense_len_mode": "position", "local_blocks": "token"}
+
+
+def check_rules(dense_len_mode: str, local_blocks: str) -> None:
+    if dense_len_mode not in DENSE_LEN_MODES:
+        raise ValueError(f"dense_len_mode must be one of {', '.join(DENSE_LEN_MODES)}, got {dense_len_mode!r}")
+    if local_blocks not in LOCAL_BLOCK_RULES:
+        raise ValueError(f"local_blocks must be one of {', '.join(LOCAL_BLOCK_RULES)}, got {local_blocks!r}")
+
+
+def sparse_queries(pos: torch.Tensor, num_keys: int, dense_len: int, dense_len_mode: str) -> torch.Tensor:
+    """Which queries (document positions ``pos`` [Tq], ``num_keys`` keys so far) select blocks: bool [Tq].
+
+    position: t >= dense_len, so a query's rule never depends on what follows it.
+    sequence: all of them once the sequence holds dense_len keys (MiniCPM-SALA), none before; a query at
+    t < dense_len is then dense while decoding and sparse in a prefill of dense_len tokens or more.
+    """
+    if dense_len_mode == "sequence":
+        return torch.full_like(pos, num_keys >= dense_len, dtype=torch.bool)
+    return pos >= dense_len
+
+
+def dense_prefix_len(dense_len: int, dense_len_mode: str) -> int:
+    """The longest fresh sequence (no cache) whose queries all attend densely."""
+    return dense_len - 1 if dense_len_mode == "sequence" else dense_len
+
+
+def first_local_block(pos: torch.Tensor, block_size: int, window_size: int, local_blocks: str) -> torch.Tensor:
+    """First block forced visible as local context for queries at ``pos``; the local run ends at the query's block.
+
+    token: the block holding token t - window_size + 1 (32 or 33 blocks for SALA's values);
+    block: window_size / block_size blocks before the query's block (always 33 for SALA's values).
+    """
+    if local_blocks == "block":
+        return (pos // block_size - window_size // block_size).clamp(min=0)
+    return (pos - window_size + 1).clamp(min=0) // block_size
