@@ -22,6 +22,7 @@ from salatrain.errors import UserError
 from salatrain.hf_checkpoint import CheckpointDir
 from salatrain.models import SalaHybridForCausalLM
 from salatrain.models.loading import dense_config, load_dense_as_hybrid
+from tests.helpers.checkpoints import LONG, SHORT, make_dense_checkpoint
 from tests.helpers.sala_released import make_sala_checkpoint, released_logits, sala_config
 
 
@@ -271,12 +272,15 @@ def test_exported_sala_loads_and_generates_without_salatrain(sala_dir, imported,
     _loads_and_generates_without_salatrain(out, SalaHybridForCausalLM.from_pretrained(imported), tmp_path)
 
 
-def test_minicpm4_conversion_exports_cleanly(dense_dirs, tmp_path):
-    """A MiniCPM4 base with μP scales: convert → export; the released loader reproduces salatrain's hybrid."""
-    from tests.helpers.checkpoints import make_dense_checkpoint
+LONGROPE = {"rope_type": "longrope", "long_factor": LONG, "short_factor": SHORT, "original_max_position_embeddings": 512}
 
-    base = make_dense_checkpoint("minicpm", tmp_path / "minicpm4", seed=3,
-                                 minicpm_scales={"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 16})
+
+@pytest.mark.parametrize("rope", [None, LONGROPE], ids=["rope", "longrope"])
+def test_minicpm4_conversion_exports_cleanly(tmp_path, rope):
+    """A MiniCPM4 base with μP scales (and LongRoPE at its trained length): convert → export; the released loader
+    reproduces salatrain's hybrid."""
+    base = make_dense_checkpoint("minicpm", tmp_path / "minicpm4", seed=3, minicpm_scales={
+        "scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 16, "rope_scaling": rope})
     hybrid, out = tmp_path / "h", tmp_path / "exp"
     assert run_cli("convert", f"model={base}", f"output_dir={hybrid}", "plan.sparse_layers=[0,3]", "sparse.dense_len=32",
                    "sparse.block_size=8", "sparse.kernel_size=4", "sparse.kernel_stride=2", "sparse.topk=2",
@@ -288,7 +292,17 @@ def test_minicpm4_conversion_exports_cleanly(dense_dirs, tmp_path):
     assert cfg["mixer_types"] == ["minicpm4", "lightning-attn", "lightning-attn", "minicpm4"]
     assert (cfg["scale_emb"], cfg["scale_depth"], cfg["dim_model_base"]) == (12.0, 1.4, 16)
     assert "model.layers.0.self_attn.o_gate.weight" in load_file(str(out / "model.safetensors"))
+    assert cfg["rope_scaling"] == rope
     _loads_and_generates_without_salatrain(out, SalaHybridForCausalLM.from_pretrained(hybrid), tmp_path)
+
+
+def test_longrope_beyond_its_trained_length_is_refused(tmp_path):
+    """The released LongRoPE applies the long factors at every length once max_position_embeddings exceeds the
+    original length; salatrain's switches by length: the two would differ, so the export refuses."""
+    base = make_dense_checkpoint("minicpm", tmp_path / "minicpm4", minicpm_scales={
+        "rope_scaling": {**LONGROPE, "original_max_position_embeddings": 256}})
+    one_line_error(*run_cli("convert", f"model={base}", f"output_dir={tmp_path / 'o'}", "plan.method=uniform",
+                            "format=minicpm_sala"), "max_position_embeddings=512 != original_max_position_embeddings=256")
 
 
 def test_default_rules_export_with_a_note(dense_dirs, tmp_path, caplog):

@@ -182,7 +182,7 @@ def compressed_keys(k, kernel_size, kernel_stride, normalizer):
 
 def sparse_key_mask(q, tk, pos, compressed, *, block_size, init_blocks, topk, window_size, scale,
                     local_blocks="token"):
-    """Key visibility [B, HKV, Tq, Tk] of queries q at document positions ``pos`` (all >= dense_len)."""
+    """Key visibility [B, HKV, Tq, Tk] of queries q at document positions ``pos`` (all of them selecting blocks)."""
     (k_cmp, kernel_size, kernel_stride), lse_from = compressed
     win = group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_from)
     nb = math.ceil(tk / block_size)
