@@ -26,6 +26,8 @@ SPARSE_DEFAULTS = {
     "window_size": 2048,
     "dense_len": 8192,
     "normalizer": "exact",  # "exact" softmax normaliser or InfLLM-V2's "coarse" (kernel 128 / stride 64)
+    "dense_len_mode": "position",  # sparse iff the query's position >= dense_len; "sequence": iff the keys so far do
+    "local_blocks": "token",  # local window of the last window_size tokens; "block": query block + window/block before
     "use_rope": False,  # HyPE: NoPE in sparse layers; True keeps the base RoPE (short conversions)
     "nope_logit_scale": False,  # HALO: scale logits by log(t + a) / log(a) at positions t
     "nope_logit_scale_base": 500.0,
@@ -56,6 +58,8 @@ class SalaHybridConfig(PreTrainedConfig):
         scale_emb, scale_depth, dim_model_base
                                   MiniCPM μP: embeddings × scale_emb, residual branches ×
                                   scale_depth/sqrt(num_layers), logits of hidden/(hidden_size/dim_model_base)
+        imported_config_extra     config.json entries of an imported checkpoint (MiniCPM-SALA) that the hybrid
+                                  does not model, written back unchanged when exporting to that format
     """
 
     model_type = "sala_hybrid"
@@ -90,6 +94,7 @@ class SalaHybridConfig(PreTrainedConfig):
     sparse_config: dict | None = None
     lightning_config: dict | None = None
     base_model_type: str = "llama"
+    imported_config_extra: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -121,6 +126,9 @@ class SalaHybridConfig(PreTrainedConfig):
         unknown = set(self.sparse_config) - set(SPARSE_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown sparse_config key(s) {sorted(unknown)}; known: {sorted(SPARSE_DEFAULTS)}")
+        for key, allowed in (("dense_len_mode", ("position", "sequence")), ("local_blocks", ("token", "block"))):
+            if self.sparse_config[key] not in allowed:
+                raise ValueError(f"sparse_config {key} must be one of {list(allowed)}, got {self.sparse_config[key]!r}")
         unknown = set(self.lightning_config) - set(LIGHTNING_DEFAULTS)
         if unknown:
             raise ValueError(

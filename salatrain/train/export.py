@@ -1,13 +1,16 @@
-"""`salatrain export checkpoint=<dir> output_dir=<dir>`: a training checkpoint → an HF checkpoint.
+"""`salatrain export checkpoint=<dir> output_dir=<dir> [format=minicpm_sala]`: a training checkpoint → an HF checkpoint.
 
 ``checkpoint`` is a ``checkpoints/step_*`` directory or a training output_dir (its latest checkpoint). ZeRO-3
 shards are consolidated on CPU in one process. The result is written with ``save_pretrained`` (config with
 ``auto_map``, the modeling files, safetensors) plus the tokenizer files; ``from_pretrained`` loads it.
 An align checkpoint holds only the Lightning layers: the rest comes from its dense base model.
+``format=minicpm_sala`` writes MiniCPM-SALA's released schema instead (convert/minicpm_sala.py); its
+``checkpoint`` may also be a salatrain HF hybrid directory (a convert or train output).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,10 +22,11 @@ from typing import Optional
 import torch
 from transformers.initialization import no_init_weights
 
+from ..convert import minicpm_sala as released
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, atomic_output_dir, copy_side_files
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
-from .checkpoint import find_checkpoint, read_meta
+from .checkpoint import find_checkpoint, is_complete, read_meta
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -35,6 +39,7 @@ class ExportConfig:
     checkpoint: Optional[str] = None
     output_dir: Optional[str] = None
     dtype: str = "auto"  # auto (the training precision) | bf16 | fp32
+    format: str = "salatrain"  # salatrain | minicpm_sala (MiniCPM-SALA's released schema and loaders)
     overwrite: bool = False
 
 
@@ -46,10 +51,33 @@ def run(cfg: ExportConfig) -> None:
         raise UserError("usage: salatrain export checkpoint=<checkpoint dir> output_dir=<dir>")
     if cfg.dtype not in ("auto", *DTYPES):
         raise UserError(f"dtype must be auto, bf16 or fp32 (got {cfg.dtype!r})")
+    released.check_format(cfg.format)
+    dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    if cfg.format == "minicpm_sala" and _is_hybrid_dir(Path(cfg.checkpoint).expanduser()):
+        with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
+            released.export_hf_dir(Path(cfg.checkpoint).expanduser(), tmp, dtype=dtype)
+        print(f"wrote {cfg.output_dir} (minicpm_sala) from {cfg.checkpoint}")
+        return
     ckpt = find_checkpoint(cfg.checkpoint, "checkpoint")
     with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
-        export_checkpoint(ckpt, tmp, dtype=None if cfg.dtype == "auto" else DTYPES[cfg.dtype])
-    print(f"wrote {cfg.output_dir} from {ckpt}")
+        if cfg.format == "minicpm_sala":
+            released.check_released(SalaHybridConfig.from_pretrained(ckpt / "hf"))
+            model = build_model(ckpt, dtype)
+            released.write_released(model.config, model.state_dict().items(), tmp, side_files_from=ckpt / "hf")
+        else:
+            export_checkpoint(ckpt, tmp, dtype=dtype)
+    print(f"wrote {cfg.output_dir} ({cfg.format}) from {ckpt}")
+
+
+def _is_hybrid_dir(path: Path) -> bool:
+    """An HF directory of salatrain's hybrid (not a training checkpoint or output_dir)."""
+    cfg = path / "config.json"
+    if not cfg.is_file() or (path / "checkpoints").is_dir() or is_complete(path):
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == SalaHybridConfig.model_type
+    except json.JSONDecodeError:
+        return False
 
 
 def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCausalLM:
