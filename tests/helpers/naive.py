@@ -191,8 +191,10 @@ def selection_margin(
     topk: int = 64,
     window_size: int = 2048,
     cu_seqlens: torch.Tensor | None = None,
+    local_blocks: str = "token",
 ) -> torch.Tensor:
     """How well block_idx [B, HKV, Tq, K] is a top-K of block_scores [B, HKV, Tq, NBM] (after forcing) per row.
+    local_blocks="block" forces the query's block and the window_size // block_size blocks before it.
 
     Returns [B, HKV, Tq] fp32: (lowest score chosen) - (highest score left out) among the past blocks; >= 0
     for an exact selection (+inf when every past block is visible), slightly negative when the selection was
@@ -208,7 +210,10 @@ def selection_margin(
         pos = torch.arange(qs.stop - qs.start, device=block_scores.device) + pos0
         blocks = torch.arange(num_blocks, device=block_scores.device)
         current = (pos // block_size)[:, None]
-        first_local = (torch.clamp(pos - window_size + 1, min=0) // block_size)[:, None]
+        if local_blocks == "block":
+            first_local = torch.clamp(pos // block_size - window_size // block_size, min=0)[:, None]
+        else:
+            first_local = (torch.clamp(pos - window_size + 1, min=0) // block_size)[:, None]
         forced = (blocks < init_blocks) | ((blocks >= first_local) & (blocks <= current))
         past = blocks <= current  # [Tq, nb]
         ranked = block_scores[b, :, qs, :num_blocks].float().masked_fill(forced[None], math.inf)
