@@ -91,8 +91,8 @@ def test_released_rules_matter_on_this_checkpoint(sala_dir):
     ids = _ids(45, seed=45)
     ref = released_logits(sala_dir, ids[0].tolist())
     for layer in model.model.layers:
-        if hasattr(layer.self_attn, "select_rules"):
-            layer.self_attn.select_rules = {"dense_len_mode": "position", "local_blocks": "token"}
+        if hasattr(layer.self_attn, "sparse_params"):
+            layer.self_attn.sparse_params.update(dense_len_mode="position", local_blocks="token")
     with torch.no_grad():
         out = model(ids, use_cache=False).logits[0].double()
     assert (out - ref).abs().max() > 1e-3

@@ -6,19 +6,23 @@
                            window_size/block_size blocks before it)
 
 The PyTorch reference against the independent oracle under each rule; prefill against step-by-step decoding;
-the model's kernel dispatch for layers on the released rules.
+a sparse layer on each rule combination runs the Triton kernels (the interpreter on CPU) and matches the
+reference. The kernels against the reference under each rule: tests/kernels/test_infllm_v2.py.
 """
 
 import pytest
 import torch
 
 from salatrain.models import SalaHybridConfig
+from salatrain.models import modeling_sala_hybrid as modeling
 from salatrain.models.modeling_sala_hybrid import SeqInfo, SparseAttention
 from salatrain_kernels.infllm_v2.naive import first_local_block, infllmv2_attn_torch
 from tests.helpers.naive import infllmv2_naive
 
 # 2 init/local + topk: 3 visible blocks of 8 = 24 tokens, dense_len 40: queries 24..38 are where the rules differ
 SMALL = dict(block_size=8, kernel_size=4, kernel_stride=2, init_blocks=1, topk=2, window_size=8, dense_len=40)
+# the same shape of parameters in a block geometry the Triton kernels take (3 visible blocks of 16 = 48 tokens)
+KERNEL_SMALL = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=2, window_size=16, dense_len=64)
 RULES = [(mode, local) for mode in ("position", "sequence") for local in ("token", "block")]
 
 
@@ -85,26 +89,49 @@ def test_sequence_mode_prefill_and_decoding_differ_exactly_before_dense_len(loca
     assert torch.allclose(short, dense[:, :last_dense], atol=1e-12)  # a prefill shorter than dense_len: all dense
 
 
-def _layer(backend, mode="sequence", local="block", seed=0):
+def _layer(backend, mode="sequence", local="block", seed=0, params=SMALL, dtype=torch.float64):
     torch.manual_seed(seed)
     cfg = SalaHybridConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, mixer_types=["sparse_attention"],
-                           sparse_config={**SMALL, "dense_len_mode": mode, "local_blocks": local})
-    layer = SparseAttention(cfg, 0).double()
+                           sparse_config={**params, "dense_len_mode": mode, "local_blocks": local})
+    layer = SparseAttention(cfg, 0).to(dtype)
     layer.kernel_backend = backend
     return layer
 
 
-def test_layer_on_released_rules_runs_the_reference_and_refuses_forced_kernels():
-    x = torch.randn(1, 50, 32, dtype=torch.float64)
-    seq = SeqInfo(torch.arange(50).view(1, -1))
-    out = _layer("auto")(x, None, seq, None)
-    assert torch.allclose(out, _layer("torch")(x, None, seq, None), atol=1e-12)
-    with pytest.raises(ValueError) as e:
-        _layer("triton")(x, None, seq, None)
-    msg = str(e.value)
-    assert "sparse.dense_len_mode=sequence" in msg and "do not implement the released selection rules" in msg
-    assert "\n" not in msg
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("mode,local", RULES)
+def test_layer_runs_the_kernels_under_each_rule(monkeypatch, mode, local):
+    """kernel_backend=triton takes every rule combination: the kernels run (their start-up self-test is asked for
+    this layer's rules) and match the reference, forward and gradients, for packed documents on both sides of
+    dense_len and for a decoding step after them. fp32; the interpreter on CPU, compiled on a GPU."""
+    tested = []
+    monkeypatch.setattr(modeling, "_checked", {})
+    monkeypatch.setattr(modeling._kernels, "self_test", lambda what, **kw: tested.append((what, kw)))
+    kernels, reference = (_layer(b, mode, local, params=KERNEL_SMALL, dtype=torch.float32).to(DEVICE)
+                          for b in ("triton", "torch"))
+    cu = torch.tensor([0, 90, 121], dtype=torch.int32, device=DEVICE)  # 90 keys >= dense_len > 31
+    seq = SeqInfo(modeling._positions_from_cu_seqlens(cu, 121).view(1, -1), cu_seqlens=cu)
+    x = torch.randn(1, 121, 32, device=DEVICE)
+    outs, grads = [], []
+    for layer in (kernels, reference):
+        xg = x.clone().requires_grad_()
+        out = layer(xg, None, seq, None)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([xg.grad] + [p.grad for p in (layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight)])
+    assert [what for what, _ in tested] == ["infllmv2_attn"]
+    assert (tested[0][1]["dense_len_mode"], tested[0][1]["local_blocks"]) == (mode, local)
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    q = torch.randn(1, 1, 4, 8, device=DEVICE)  # a decoding step: one query after 90 cached keys
+    k, v = (torch.randn(1, 91, 2, 8, device=DEVICE) for _ in range(2))
+    step = SeqInfo(torch.tensor([[90]], device=DEVICE), past_len=90)
+    decoded = [layer._attend(q, k, v, step) for layer in (kernels, reference)]
+    torch.testing.assert_close(decoded[0], decoded[1], atol=2e-5, rtol=2e-5)
 
 
 def test_sequence_mode_layer_is_dense_below_dense_len_and_sparse_from_it():

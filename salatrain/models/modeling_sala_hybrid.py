@@ -37,14 +37,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from .configuration_sala_hybrid import SalaHybridConfig
 
 try:  # the mixers' PyTorch references, one module per op, and the kernels' block-geometry rule
-    from salatrain_kernels.infllm_v2.naive import DEFAULT_RULES, dense_prefix_len, infllmv2_attn_torch
+    from salatrain_kernels.infllm_v2.naive import dense_prefix_len, infllmv2_attn_torch
     from salatrain_kernels.infllm_v2.params import triton_geometry_problem
     from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
 except ModuleNotFoundError as e:  # an exported checkpoint without salatrain: the same files, copied next to this one
     if e.name != "salatrain_kernels":
         raise
     from .lightning_attention import lightning_attn_torch, lightning_step
-    from .sparse_attention import DEFAULT_RULES, dense_prefix_len, infllmv2_attn_torch
+    from .sparse_attention import dense_prefix_len, infllmv2_attn_torch
 
     triton_geometry_problem = None
 
@@ -288,10 +288,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str) -> bool:
+def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str, **options) -> bool:
     """True when the Triton kernels should run (CUDA tensors, salatrain_kernels importable, self-test passed
-    for this device, dtype and head shape). On CPU they run only when forced (backend 'triton') under Triton's
-    interpreter (TRITON_INTERPRET=1). The first decision per kernel is logged."""
+    for this device, dtype, head shape and `options`, the kernel's own ones the self-test takes). On CPU they run
+    only when forced (backend 'triton') under Triton's interpreter (TRITON_INTERPRET=1). The first decision per
+    kernel is logged."""
     on_device = q.is_cuda or (backend == "triton" and _interpreting())
     if backend == "torch" or _kernels is None or not on_device:
         if backend == "triton":
@@ -301,9 +302,10 @@ def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str) -> b
             logger.warning("%s: salatrain_kernels is not importable; using the PyTorch reference (slow)", what)
         return False
     shape = dict(num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3])
-    key = (what, q.device.type, q.device.index, q.dtype, tuple(shape.values()))
+    key = (what, q.device.type, q.device.index, q.dtype, tuple(shape.values()), tuple(sorted(options.items())))
     if key not in _checked:
-        run_isolated(_kernels.self_test, what, device=q.device, dtype=q.dtype, **shape)  # raises on mismatch
+        # raises on mismatch
+        run_isolated(_kernels.self_test, what, device=q.device, dtype=q.dtype, **shape, **options)
         _checked[key] = True
         logger.info("%s: Triton kernels from salatrain_kernels on %s (%s, self-test passed)", what,
                     torch.cuda.get_device_name(q.device) if q.is_cuda else "CPU (Triton interpreter)", q.dtype)
@@ -445,7 +447,9 @@ class LightningAttention(_Projections):
 
 class SparseAttention(_Projections):
     """InfLLM-V2 sparse attention (NoPE by default) with a sigmoid output gate σ(W_g x); no extra parameters
-    for the block selection. Queries at document positions < dense_len attend densely."""
+    for the block selection. Queries at document positions < dense_len attend densely (dense_len_mode
+    "position"; under "sequence", every query of a document shorter than dense_len). The kernels and the
+    reference take both forms of both selection rules."""
 
     def __init__(self, config: SalaHybridConfig, layer_idx: int):
         super().__init__(config, layer_idx, config.num_key_value_heads)
@@ -453,7 +457,6 @@ class SparseAttention(_Projections):
         self.use_rope = sc.pop("use_rope")
         self.nope_logit_scale = sc.pop("nope_logit_scale")
         self.nope_logit_scale_base = sc.pop("nope_logit_scale_base")
-        self.select_rules = {k: sc.pop(k) for k in DEFAULT_RULES}  # the reference takes both forms, the kernels one
         self.sparse_params = sc
         geometry = (sc["block_size"], sc["kernel_size"], sc["kernel_stride"])
         self.triton_misfit = triton_geometry_problem(*geometry) if triton_geometry_problem else None
@@ -487,31 +490,14 @@ class SparseAttention(_Projections):
                     sub = SeqInfo(seq.positions[b : b + 1, -real:])
                     o[b : b + 1, -real:] = self._attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
-        dense_upto = dense_prefix_len(self.sparse_params["dense_len"], self.select_rules["dense_len_mode"])
+        dense_upto = dense_prefix_len(self.sparse_params["dense_len"], self.sparse_params["dense_len_mode"])
         if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= dense_upto:
             # every query attends densely (dense_len not reached): InfLLM-V2 is exactly dense causal attention
             return softmax_attention(q, k, v, seq, None, scale=self.head_dim**-0.5)
-        if self._kernel_rules(q) and self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn"):
+        rules = {name: self.sparse_params[name] for name in ("dense_len_mode", "local_blocks")}
+        if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):
             return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton", **self.sparse_params)
-        return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params, **self.select_rules)
-
-    def _kernel_rules(self, q) -> bool:
-        """Whether the Triton kernels implement this layer's selection rules (salatrain's: dense_len_mode=position,
-        local_blocks=token). The released rules (MiniCPM-SALA) run the PyTorch reference, with one warning on
-        CUDA; forcing the backend to 'triton' is an error."""
-        if self.select_rules == DEFAULT_RULES or self.kernel_backend == "torch":
-            return True
-        rules = ", ".join(f"sparse.{k}={v}" for k, v in self.select_rules.items())
-        if self.kernel_backend == "triton":
-            raise ValueError(f"sparse layer {self.layer_idx} uses {rules}: the Triton "
-                             "InfLLM-V2 kernels do not implement the released selection rules yet; use "
-                             "kernel_backend=auto (PyTorch reference) or sparse.dense_len_mode=position "
-                             "sparse.local_blocks=token")
-        if q.is_cuda and ("rules", rules) not in _checked:
-            _checked[("rules", rules)] = True
-            logger.warning("infllmv2_attn: %s (MiniCPM-SALA's selection rules) are not in the Triton kernels yet; "
-                           "using the PyTorch reference (slow)", rules)
-        return False
+        return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
 
     def _triton_fits(self, q) -> bool:
         """Whether the Triton kernels take this layer's block geometry; if not, CUDA runs the PyTorch reference
