@@ -147,10 +147,13 @@ def infllmv2_block_attn_torch(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     dense_len: int = 0,
+    dense_len_mode: str = "position",
 ) -> torch.Tensor:
     """Stage (c), step 5: attention of each query over the blocks listed for its group (block_idx [B, HKV, Tq,
-    K], any order, −1 = unused), causal. Queries at position < dense_len ignore their list and attend to every
-    key <= t; a query with no visible key outputs 0."""
+    K], any order, −1 = unused), causal. Dense queries (position < dense_len; under dense_len_mode="sequence"
+    every query of a document shorter than dense_len) ignore their list and attend to every key <= t; a query
+    with no visible key outputs 0."""
+    check_rules(dense_len_mode, "token")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs = []
     for qs, ks in _spans(q.shape[0], q.shape[1], k.shape[1], cu_seqlens):
@@ -158,10 +161,11 @@ def infllmv2_block_attn_torch(
         tk = kd.shape[1]
         pos = _positions(qd.shape[1], tk, q.device)
         nb = _num_blocks(tk, block_size)
+        dense = ~sparse_queries(pos, tk, dense_len, dense_len_mode)
         for rows in _row_chunks(qd.shape[1], tk * q.shape[2]):
             p = pos[rows]
             listed = _keys_in_blocks(_block_mask(idx[:, :, rows], nb), tk, block_size)
-            visible = _causal(p, tk) & (listed | (p < dense_len).view(-1, 1))
+            visible = _causal(p, tk) & (listed | dense[rows].view(-1, 1))
             outs.append(masked_attention(qd[:, rows], kd, vd, visible, scale))
     return torch.cat(outs, dim=1)
 

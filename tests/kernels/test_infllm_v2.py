@@ -161,15 +161,18 @@ ATTN_CASES = {
 
 
 @interpreter
-@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("case", list(ATTN_CASES) + ["varlen_sequence_rule"])
 def test_block_attn_matches_reference(case):
-    c = dict(ATTN_CASES[case])
+    """varlen_sequence_rule: the documents of 47 and 50 keys >= dense_len 20 use their lists at every row, the
+    one of 13 keys attends densely."""
+    mode = "sequence" if case == "varlen_sequence_rule" else "position"
+    c = dict(ATTN_CASES["varlen" if mode == "sequence" else case])
     cu, dense_len = c.pop("cu", None), c.pop("dense_len")
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     q, k, v = make_qkv(**c)
     num_blocks = -(-c["seqlen_k"] // 16) if cu is None else 3  # varlen: ids valid in every document
     idx = random_lists(c["batch"], c["kv_heads"], c["seqlen_q"], 5, num_blocks)
-    kwargs = dict(block_size=16, dense_len=dense_len, cu_seqlens=cu)
+    kwargs = dict(block_size=16, dense_len=dense_len, cu_seqlens=cu, dense_len_mode=mode)
     out = infllmv2_block_attn(q, k, v, idx, backend="triton", **kwargs)
     ref = infllmv2_block_attn_torch(q, k, v, idx, **kwargs)
     assert_close(out, ref)
