@@ -10,6 +10,11 @@ Run by bench/train_gpu.sh; its phases:
     python bench/train_bench.py run --work W --gpus 1 --deadline T
     python bench/train_bench.py report --work W --out FILE      markdown table (stdout and FILE)
 
+The last rows are long context: the hybrid at 128K tokens per row split over 2 GPUs (trainer.sequence_parallel=2)
+and at 64K on one GPU (the same tokens per GPU; the report gives their per-GPU throughput ratio). Only those:
+
+    ONLY=hybrid-lm-zero2-xlong-2gpu-sp2,hybrid-lm-zero2-xlong_half-1gpu BUDGET_S=900 bash bench/train_gpu.sh
+
 ``run`` goes through its configurations in priority order, each a few optimizer steps of `salatrain train`
 in this process, and appends one JSON line per configuration to W/results.jsonl (OOM and errors recorded,
 then the next one runs; configurations past the deadline are recorded as skipped). A configuration that was
@@ -37,15 +42,16 @@ SIZES = {
     "full": dict(model=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                             num_attention_heads=32, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
                             rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-                 short=4096, long=32768, device="cuda"),
+                 short=4096, long=32768, xlong=131072, xlong_half=65536, device="cuda"),
     # a CPU rehearsal of the whole script (orchestration only; numbers meaningless)
     "small": dict(model=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                              rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-                  short=128, long=512, device="cpu"),
+                  short=128, long=512, xlong=1024, xlong_half=512, device="cpu"),
 }
 
-# (model, stage, zero, "short"|"long" sequence, gpus) in priority order: what the GPU proof needs first.
+# (model, stage, zero, sequence, gpus[, sequence_parallel]) in priority order: what the GPU proof needs first.
+# Sequences: "short", "long", and "xlong" split over the GPUs (sequence parallel) vs "xlong_half" on one GPU.
 CONFIGS = [
     ("dense", "lm", 2, "short", 2), ("hybrid", "lm", 2, "short", 2),
     ("dense", "lm", 2, "long", 2), ("hybrid", "lm", 2, "long", 2),
@@ -56,8 +62,9 @@ CONFIGS = [
     ("dense", "lm", 3, "long", 2), ("hybrid", "lm", 3, "long", 2),
     ("hybrid", "distill", 2, "long", 2), ("hybrid", "distill", 3, "long", 2),
     ("dense", "lm", 2, "long", 1), ("hybrid", "lm", 2, "long", 1),
+    ("hybrid", "lm", 2, "xlong", 2, 2), ("hybrid", "lm", 2, "xlong_half", 1),
 ]
-COST_S = {"short": 30, "long": 50}  # rough wall time of one configuration, to respect the deadline
+COST_S = {"short": 30, "long": 50, "xlong": 150, "xlong_half": 100}  # rough wall time of one configuration
 
 # Knobs (environment, read by every phase):
 #   ACCUM=N       micro-steps per optimizer step (default 1): the optimizer step and its gradient reduction are
@@ -69,9 +76,13 @@ LONG_CKPT = os.environ.get("LONG_CKPT", "1") != "0"
 ONLY = [k for k in os.environ.get("ONLY", "").split(",") if k]
 
 
+def sp_of(c) -> int:
+    return c[5] if len(c) > 5 else 1
+
+
 def key(c) -> str:
-    model, stage, zero, seq, gpus = c
-    return f"{model}-{stage}-zero{zero}-{seq}-{gpus}gpu"
+    model, stage, zero, seq, gpus = c[:5]
+    return f"{model}-{stage}-zero{zero}-{seq}-{gpus}gpu" + (f"-sp{sp_of(c)}" if sp_of(c) > 1 else "")
 
 
 def size_of(work: Path) -> dict:
@@ -148,8 +159,8 @@ def build(work: Path, size: str) -> None:
 
 
 def overrides(work: Path, c, peak: float | None) -> list[str]:
-    model, stage, zero, which, gpus = c
-    seq = size_of(work)[which]
+    model, stage, zero, which, gpus = c[:5]
+    seq, sp, long = size_of(work)[which], sp_of(c), which != "short"
     micro, steps = (2, 8) if which == "short" else (1, 5)
     if ACCUM > 1:
         steps = 5 if which == "short" else 4
@@ -157,8 +168,9 @@ def overrides(work: Path, c, peak: float | None) -> list[str]:
            f"stage={'distill' if stage == 'distill' else 'lm'}",
            f"deepspeed=zero{zero}", f"data.files=[{work / 'corpus.jsonl'}]", f"data.cache_dir={work / 'datasets'}",
            f"trainer.seq_len={seq}", f"trainer.micro_batch_size={micro}",
-           f"trainer.global_batch_tokens={seq * micro * gpus * ACCUM}", f"trainer.max_steps={steps}",
-           f"trainer.activation_checkpointing={'true' if which == 'long' and LONG_CKPT else 'false'}",
+           f"trainer.global_batch_tokens={seq * micro * gpus // sp * ACCUM}", f"trainer.max_steps={steps}",
+           f"trainer.sequence_parallel={sp}",
+           f"trainer.activation_checkpointing={'true' if long and LONG_CKPT else 'false'}",
            f"trainer.loss_chunk_tokens={min(seq, 8192)}", "trainer.precision=bf16", "trainer.save_every=0",
            "trainer.save_final=false", "trainer.export=false", "optim.lr=1e-5", "optim.warmup_steps=0",
            "optim.schedule=constant", f"logging.peak_tflops={peak if peak else 'null'}", "resume=never",
@@ -213,7 +225,8 @@ def run(work: Path, gpus: int, deadline: float) -> None:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        row = {"key": k, "model": c[0], "stage": c[1], "zero": c[2], "seq_len": spec[c[3]], "gpus": gpus}
+        row = {"key": k, "model": c[0], "stage": c[1], "zero": c[2], "seq_len": spec[c[3]], "gpus": gpus,
+               "sequence_parallel": sp_of(c)}
         try:
             run_stage(compose_train("tiny", overrides(work, c, peak)))
             row.update(_measure(work / "runs" / k), status="ok")
@@ -251,9 +264,10 @@ def report(work: Path, out: Path) -> str:
              f"vocab {m['vocab_size']}; hybrid = InfLLM-V2 sparse layers (1/4, uniform) + Lightning layers. Median "
              f"tokens/s after 2 warm-up steps; {ACCUM} micro-batch(es) per optimizer step (micro-batch 2 × "
              f"{_seq(spec, (0, 0, 0, 'short'))} or "
-             f"1 × {_seq(spec, (0, 0, 0, 'long'))} rows per GPU); {_seq(spec, (0, 0, 0, 'long'))} rows "
+             f"1 × {_seq(spec, (0, 0, 0, 'long'))} rows per GPU); rows of {_seq(spec, (0, 0, 0, 'long'))} and more "
              + ("use activation checkpointing (recompute not counted in MFU)." if LONG_CKPT else
-                "without activation checkpointing."), "",
+                "without activation checkpointing.")
+             + " GPUs “2 (SP 2)”: each row split over both GPUs (trainer.sequence_parallel=2).", "",
              "| model | stage | ZeRO | GPUs | seq | tokens/s | tokens/s/GPU | MFU | peak mem GB | hybrid / dense |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in CONFIGS:
@@ -263,14 +277,14 @@ def report(work: Path, out: Path) -> str:
         if r.get("status") != "ok":
             if r.get("status") == "started":
                 r = dict(r, status="killed (time limit)")
-            lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[4]} | {_seq(spec, c)} | {r['status']} | | | | |")
+            lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {_gpus(c)} | {_seq(spec, c)} | {r['status']} | | | | |")
             continue
-        dense = done.get(key(("dense", c[1], c[2], c[3], c[4])))
+        dense = done.get(key(("dense", *c[1:])))
         ratio = ""
         if c[0] == "hybrid" and dense and dense.get("status") == "ok":
             ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}×"
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] else "n/a"
-        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[4]} | {_seq(spec, c)} | {r['tokens_per_s']:,.0f} | "
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {_gpus(c)} | {_seq(spec, c)} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s'] / c[4]:,.0f} | {mfu} | {r['mem_gb']:.1f} | {ratio} |")
     lines += ["", "1→2 GPU scaling (tokens/s on 2 GPUs / 2 × tokens/s on 1 GPU, ZeRO-2, lm):", ""]
     for model in ("dense", "hybrid"):
@@ -279,10 +293,20 @@ def report(work: Path, out: Path) -> str:
             if one and two and one.get("status") == two.get("status") == "ok":
                 lines.append(f"- {model} {_seq(spec, (0, 0, 0, which))}: "
                              f"{two['tokens_per_s'] / (2 * one['tokens_per_s']) * 100:.0f}%")
+    split, one = done.get(key(("hybrid", "lm", 2, "xlong", 2, 2))), done.get(key(("hybrid", "lm", 2, "xlong_half", 1)))
+    if split and one and split.get("status") == one.get("status") == "ok":
+        lines += ["", f"Sequence parallel: hybrid {_seq(spec, (0, 0, 0, 'xlong'))} rows over 2 GPUs vs "
+                      f"{_seq(spec, (0, 0, 0, 'xlong_half'))} rows on 1 GPU (the same tokens per GPU): per-GPU "
+                      f"throughput {split['tokens_per_s'] / (2 * one['tokens_per_s']) * 100:.0f}% (goal >= 90%); "
+                      f"peak memory {split['mem_gb']:.1f} vs {one['mem_gb']:.1f} GB."]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+def _gpus(c) -> str:
+    return f"{c[4]} (SP {sp_of(c)})" if sp_of(c) > 1 else str(c[4])
 
 
 def _seq(spec: dict, c) -> str:

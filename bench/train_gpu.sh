@@ -7,6 +7,9 @@
 #   bash bench/train_gpu.sh                       # on a 2-GPU machine, repo root or anywhere; < 8 minutes
 #   OUT=/path BUDGET_S=450 bash bench/train_gpu.sh
 #   SIZE=small bash bench/train_gpu.sh            # CPU rehearsal of the script (tiny models, gloo)
+#   ONLY=hybrid-lm-zero2-xlong-2gpu-sp2,hybrid-lm-zero2-xlong_half-1gpu BUDGET_S=900 bash bench/train_gpu.sh
+#                                                 # long context only: the hybrid at 128K split over 2 GPUs
+#                                                 # (trainer.sequence_parallel=2) vs 64K on 1 GPU
 #
 # Needs deepspeed, hydra-core, datasets: taken from .whl/ (../shared/tools/gpu-wheels.sh) into /tmp/site when
 # the image lacks them. Each configuration that runs out of memory, fails or hangs is recorded and skipped;

@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("salatrain.train.command", "run a training stage recipe (align, distill, lm) on DeepSpeed"),
     "export": Command("salatrain.train.export", "training checkpoint -> HF checkpoint (consolidates ZeRO-3)"),
     "eval": Command("salatrain.eval.command", "perplexity and synthetic long-context probes"),
+    "bench": Command("salatrain.eval.bench_command", "prefill / decode speed and peak memory against prompt length"),
     "pipeline": Command("salatrain.pipeline", "run a pipeline recipe (align -> select -> convert -> train ...)"),
     "quickstart": Command("salatrain.pipeline", "the small offline pipeline on SmolLM2-135M (CPU, minutes)"),
 }

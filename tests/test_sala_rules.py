@@ -130,7 +130,7 @@ def test_layer_runs_the_kernels_under_each_rule(monkeypatch, mode, local):
     q = torch.randn(1, 1, 4, 8, device=DEVICE)  # a decoding step: one query after 90 cached keys
     k, v = (torch.randn(1, 91, 2, 8, device=DEVICE) for _ in range(2))
     step = SeqInfo(torch.tensor([[90]], device=DEVICE), past_len=90)
-    decoded = [layer._attend(q, k, v, step) for layer in (kernels, reference)]
+    decoded = [layer.attend(q, k, v, step) for layer in (kernels, reference)]
     torch.testing.assert_close(decoded[0], decoded[1], atol=2e-5, rtol=2e-5)
 
 

@@ -347,7 +347,11 @@ def run_isolated(fn, *args, **kwargs):
 
 
 class _Projections(nn.Module):
-    """Q/K/V/O projections and optional per-head q/k norms, shared by every mixer type."""
+    """Q/K/V/O projections and optional per-head q/k norms, shared by every mixer type.
+
+    Each mixer's ``attend(q, k, v, seq, ...)`` is its core attention over heads: q [B, T, h, D], k/v
+    [B, Tk, hkv, D] for any h query heads sharing hkv K/V heads as the layer's GQA does, token layout ``seq``.
+    It holds no parameters, so parallelism can wrap it from outside (``salatrain.train.sequence_parallel``)."""
 
     def __init__(self, config: SalaHybridConfig, layer_idx: int, num_kv_heads: int):
         super().__init__()
@@ -386,8 +390,11 @@ class FullAttention(_Projections):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)
-        o = softmax_attention(q, k, v, seq, self.sliding_window, scale=self.head_dim**-0.5)
+        o = self.attend(q, k, v, seq)
         return self.o_proj(o.flatten(2))
+
+    def attend(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
+        return softmax_attention(q, k, v, seq, self.sliding_window, scale=self.head_dim**-0.5)
 
 
 class LightningAttention(_Projections):
@@ -425,16 +432,8 @@ class LightningAttention(_Projections):
         decay = self.decay.to(q.device)
         if decode:
             o, state = lightning_step(q, k, v, decay, state)
-        elif fused is not None:
-            o, state = _kernels.lightning_attn(
-                q, k, v, decay, initial_state=state, output_final_state=cache is not None, cu_seqlens=seq.cu_seqlens,
-                backend="triton", chunk_size=self.chunk_size,
-            )
         else:
-            o, state = lightning_attn_torch(
-                q, k, v, decay, initial_state=state, output_final_state=cache is not None,
-                cu_seqlens=seq.cu_seqlens, chunk_size=self.chunk_size,
-            )
+            o, state = self.attend(q, k, v, seq, decay, state, cache is not None)
         if cache is not None:
             cache.states[self.layer_idx] = state
         if fused is not None:
@@ -443,6 +442,20 @@ class LightningAttention(_Projections):
         else:
             o = norm_sigmoid_gate(o.flatten(2), self.o_norm.weight, self.o_norm.variance_epsilon, self.z_proj(x))
         return self.o_proj(o)
+
+    def attend(self, q, k, v, seq: SeqInfo, decay: torch.Tensor, initial_state: torch.Tensor | None = None,
+               output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunked Lightning attention of heads whose decay rates are ``decay`` [h] (this layer's ``decay`` of
+        those heads). Returns (o, final state or None)."""
+        if _use_kernels(q, k, self.kernel_backend, "lightning_attn"):
+            return _kernels.lightning_attn(
+                q, k, v, decay, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=seq.cu_seqlens, backend="triton", chunk_size=self.chunk_size,
+            )
+        return lightning_attn_torch(
+            q, k, v, decay, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=seq.cu_seqlens, chunk_size=self.chunk_size,
+        )
 
 
 class SparseAttention(_Projections):
@@ -477,18 +490,18 @@ class SparseAttention(_Projections):
             q = q * (torch.log(seq.positions.clamp(min=0).to(q.dtype) + a) / math.log(a))[..., None, None]
         if cache is not None:
             k, v = cache.append_kv(self.layer_idx, k, v)
-        o = self._attend(q, k, v, seq)
+        o = self.attend(q, k, v, seq)
         o = sigmoid_gate(o.flatten(2), self.g_proj(x))
         return self.o_proj(o)
 
-    def _attend(self, q, k, v, seq: SeqInfo):
+    def attend(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
         if seq.left_pad is not None:  # each row's document starts after its padding; padded queries give 0
             o = q.new_zeros(q.shape)
             for b, pad in enumerate(seq.left_pad.tolist()):
                 real = min(q.shape[1], k.shape[1] - pad)
                 if real > 0:
                     sub = SeqInfo(seq.positions[b : b + 1, -real:])
-                    o[b : b + 1, -real:] = self._attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
+                    o[b : b + 1, -real:] = self.attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
         dense_upto = dense_prefix_len(self.sparse_params["dense_len"], self.sparse_params["dense_len_mode"])
         if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= dense_upto:
@@ -571,24 +584,64 @@ def _varlen_flash(q, k, v, seq: SeqInfo, sliding_window: int | None, scale: floa
     return fn(q3.contiguous(), k3.contiguous(), v3.contiguous(), cu, cu, n, n, **kw).unsqueeze(0)
 
 
+# Mask entries ([query rows, keys]) of one masked SDPA call: a sliding window, left padding or queries behind a
+# cache run in row chunks whose keys span [rows, rows + window - 1] (or [rows, Tk]), never [T, Tk].
+SDPA_MASK_ENTRIES = 1 << 24
+
+
 def _sdpa(q, k, v, left_pad, sliding_window, scale):
-    b, t, h, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    """Causal softmax attention of the T queries (the last T of the Tk positions) over Tk keys, [B, T, H, D].
+
+    The plain causal case (no window, no padding, T = Tk) is one SDPA call with ``is_causal`` and ``enable_gqa``.
+    Otherwise query rows go in chunks (``_query_rows``); each chunk attends to the keys it can see (for a window
+    of W, its last ``rows + W - 1``) under a [rows, keys] boolean mask, so memory is O(T·W) rather than O(T·Tk).
+    Rows that see no key (padding) attend to every key of their chunk; their outputs are not used."""
+    t, tk = q.shape[1], k.shape[1]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = {"enable_gqa": True} if hkv != h else {}
     if left_pad is None and sliding_window is None and t == tk:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **gqa)
-        return o.transpose(1, 2)
-    qi = torch.arange(tk - t, tk, device=q.device).view(-1, 1)
-    ki = torch.arange(tk, device=q.device).view(1, -1)
-    mask = (ki <= qi).view(1, 1, t, tk)
-    if sliding_window is not None:
-        mask = mask & (ki > qi - sliding_window).view(1, 1, t, tk)
+        gqa = {"enable_gqa": True} if kh.shape[1] != qh.shape[1] else {}
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **gqa).transpose(1, 2)
+    window = sliding_window if sliding_window is not None and sliding_window < tk else None
+    rows = _query_rows(t, tk, window)
+    outs = []
+    for s in range(0, t, rows):
+        e = min(t, s + rows)
+        first, last = tk - t + s, tk - t + e  # key positions of the chunk's first and one past its last query
+        lo = max(0, first - window + 1) if window is not None else 0
+        mask = _chunk_mask(first, last, lo, window, left_pad, q.device)
+        ks, vs = _expand_kv(kh[:, :, lo:last], qh.shape[1]), _expand_kv(vh[:, :, lo:last], qh.shape[1])
+        outs.append(F.scaled_dot_product_attention(qh[:, :, s:e], ks, vs, attn_mask=mask, scale=scale))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def _query_rows(t: int, tk: int, window: int | None) -> int:
+    """Query rows per masked SDPA call, so that rows × keys stays within ``SDPA_MASK_ENTRIES``: keys = Tk without
+    a window, at most rows + window − 1 with one."""
+    if window is None:
+        return max(1, min(t, SDPA_MASK_ENTRIES // tk))
+    w = window - 1
+    return max(1, min(t, int((math.sqrt(w * w + 4 * SDPA_MASK_ENTRIES) - w) // 2)))
+
+
+def _chunk_mask(first: int, last: int, lo: int, window: int | None, left_pad, device) -> torch.Tensor:
+    """[1 or B, 1, last − first, last − lo] visibility of keys lo..last−1 from the queries at first..last−1."""
+    qi = torch.arange(first, last, device=device).view(-1, 1)
+    ki = torch.arange(lo, last, device=device).view(1, -1)
+    mask = ki <= qi
+    if window is not None:
+        mask = mask & (ki > qi - window)
+    mask = mask.view(1, 1, *mask.shape)
     if left_pad is not None:
-        mask = mask & (ki.view(1, 1, 1, tk) >= left_pad.view(-1, 1, 1, 1))
-        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: attend anywhere, output unused
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, **gqa)
-    return o.transpose(1, 2)
+        mask = mask & (ki.view(1, 1, 1, -1) >= left_pad.view(-1, 1, 1, 1))
+        mask = mask | ~mask.any(-1, keepdim=True)  # rows of padding only: attend anywhere, output unused
+    return mask
+
+
+def _expand_kv(x_BHkvTD: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """K/V heads repeated to one per query head. Masked SDPA with ``enable_gqa`` takes the math backend on CUDA
+    (scores materialised in fp32), so the chunk's keys, O(rows + window), are repeated instead."""
+    group = num_heads // x_BHkvTD.shape[1]
+    return x_BHkvTD if group == 1 else x_BHkvTD.repeat_interleave(group, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class TrainerSettings:
     save_every: int = 0  # 0: only at the end
     seq_len: int = 4096
     micro_batch_size: int = 1  # packed rows per rank per forward
+    sequence_parallel: int = 1  # ranks that split each row (DeepSpeed Ulysses); data-parallel ranks = ranks / this
     global_batch_tokens: int = 4096  # tokens per optimizer step over all ranks (seq_len × rows)
     precision: str = "bf16"  # bf16 | fp32
     activation_checkpointing: bool = False
@@ -158,6 +159,10 @@ def validate(cfg: TrainConfig) -> None:
                         f"{cfg.trainer.max_steps} (the step after last is traced), got {prof}")
     if cfg.trainer.save_every < 0 or cfg.trainer.keep_checkpoints < 1:
         raise UserError("trainer.save_every must be >= 0 and trainer.keep_checkpoints >= 1")
+    _positive(cfg.trainer.sequence_parallel, "trainer.sequence_parallel")
+    if cfg.trainer.seq_len % cfg.trainer.sequence_parallel:
+        raise UserError(f"trainer.sequence_parallel={cfg.trainer.sequence_parallel} must divide "
+                        f"trainer.seq_len={cfg.trainer.seq_len}")
     if cfg.trainer.global_batch_tokens % cfg.trainer.seq_len:
         raise UserError(f"trainer.global_batch_tokens={cfg.trainer.global_batch_tokens} is not a multiple of "
                         f"trainer.seq_len={cfg.trainer.seq_len}")
@@ -171,13 +176,15 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("optim.betas takes two values, e.g. [0.9,0.95]")
 
 
-def rows_per_step(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(global rows per optimizer step, gradient accumulation steps) for ``world_size`` ranks."""
+def rows_per_step(cfg: TrainConfig, dp_size: int) -> tuple[int, int]:
+    """(global rows per optimizer step, gradient accumulation steps) for ``dp_size`` data-parallel ranks (ranks
+    / trainer.sequence_parallel: the ranks of one sequence-parallel group share their rows)."""
     rows = cfg.trainer.global_batch_tokens // cfg.trainer.seq_len
-    per_pass = cfg.trainer.micro_batch_size * world_size
+    per_pass = cfg.trainer.micro_batch_size * dp_size
     if rows % per_pass:
+        ranks = "data-parallel ranks" if cfg.trainer.sequence_parallel > 1 else "ranks"
         raise UserError(
             f"trainer.global_batch_tokens={cfg.trainer.global_batch_tokens} is {rows} sequences of "
-            f"{cfg.trainer.seq_len}, not a multiple of micro_batch_size × ranks = {per_pass}"
+            f"{cfg.trainer.seq_len}, not a multiple of micro_batch_size × {ranks} = {per_pass}"
         )
     return rows, rows // per_pass

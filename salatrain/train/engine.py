@@ -1,5 +1,6 @@
 """DeepSpeed, and the only module of salatrain that imports it: process group, engine, frozen teacher
-placement, checkpoint files and their consolidation.
+placement, checkpoint files and their consolidation, and the sequence-parallel pieces (groups, Ulysses
+all-to-all attention) that ``sequence_parallel.py`` applies to the model.
 
 Launchers: ``deepspeed --no_local_rank``, ``torchrun`` or plain ``python`` (one process: the rendezvous
 variables are set here). Without CUDA, DeepSpeed runs its CPU accelerator with gloo (DS_ACCELERATOR=cpu).
@@ -102,6 +103,50 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
            "max": torch.distributed.ReduceOp.MAX}
     torch.distributed.all_reduce(t, op=ops[op])
     return t
+
+
+def sequence_parallel_group(size: int):
+    """This rank's group of ``size`` consecutive ranks, from DeepSpeed's sequence-parallel state (created once
+    per process and size; ``size`` > 1 divides the world size)."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+
+    try:
+        group = mpu.get_sequence_parallel_group()
+    except AssertionError:  # not created yet
+        group = None
+    if group is not None and mpu.get_sequence_parallel_world_size() == size:
+        return group
+    if group is not None:
+        mpu._release_sequence_parallel_groups()
+    mpu.initialize_sequence_parallel(size)
+    return mpu.get_sequence_parallel_group()
+
+
+def new_group(ranks: list[int]):
+    """A process group of ``ranks``; every rank of the world calls this with the same lists in the same order."""
+    import deepspeed.comm
+
+    return deepspeed.comm.new_group(ranks)
+
+
+def all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """``t`` of every rank of ``group``, in group-rank order (no gradient)."""
+    import deepspeed.comm
+
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
+    deepspeed.comm.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def ulysses_attention(local_attention, group) -> torch.nn.Module:
+    """DeepSpeed Ulysses around ``local_attention(q, k, v, *args)``: q/k/v [B, T/N, heads, D] sequence shards
+    go through an all-to-all to [B, T, heads/N, D] head shards (rank r gets the r-th contiguous slice of every
+    head dimension), the local attention runs on whole sequences, and its output goes back to [B, T/N, heads,
+    D]. Call the result as ``attn(q, k, v, 0, None, *args)`` (batch dim 0, no rotary). Head counts must be
+    multiples of the group size."""
+    from deepspeed.sequence.layer import DistributedAttention
+
+    return DistributedAttention(local_attention, group, scatter_idx=2, gather_idx=1)
 
 
 def ds_config(cfg: TrainConfig, grad_accum: int) -> dict:

@@ -33,6 +33,7 @@ from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save
 from .config import TrainConfig, rows_per_step, validate
 from .optim import Schedule, build_optimizer, param_groups, select_trainable
 from .profile import StepProfiler, phase
+from .sequence_parallel import SequenceParallel
 from .stages import (AlignStage, DistillStage, LMStage, base_has_qk_norm, disable_sparse,
                      enable_activation_checkpointing, load_model, mixer_types, warn_rope)
 from .tiny import resolve
@@ -71,6 +72,7 @@ class Run:
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.t_start = cfg, time.time()
         self.dist = engine.init_distributed()
+        self.sp = SequenceParallel(cfg.trainer.sequence_parallel, self.dist.rank, self.dist.world_size)
         self.out = Path(cfg.output_dir).expanduser().absolute()
         self.store = Store(self.out / "checkpoints")
         self.start = self.store.resolve(cfg.resume)
@@ -112,12 +114,12 @@ class Run:
         settings = replace(self.cfg.data, files=self.data_files)
         with engine.local_main_first(self.dist):
             self.data = build_packed(settings, self.tokenizer, self.cfg.trainer.seq_len)
-        self.rows, self.gas = rows_per_step(self.cfg, self.dist.world_size)
+        self.rows, self.gas = rows_per_step(self.cfg, self.sp.dp_size)
         if self.dist.is_main:
             log.info("data: %d documents, %d tokens, %d rows of %d per epoch; %d rows per step (%d ranks × %d "
-                     "micro-batches × %d)", self.data.num_documents, self.data.num_tokens, self.data.rows_per_epoch,
-                     self.cfg.trainer.seq_len, self.rows, self.dist.world_size, self.gas,
-                     self.cfg.trainer.micro_batch_size)
+                     "micro-batches × %d)%s", self.data.num_documents, self.data.num_tokens, self.data.rows_per_epoch,
+                     self.cfg.trainer.seq_len, self.rows, self.sp.dp_size, self.gas, self.cfg.trainer.micro_batch_size,
+                     f", each row split over {self.sp.size} ranks" if self.sp.size > 1 else "")
 
     def _build_stage(self) -> None:
         cfg, seq_len = self.cfg, self.cfg.trainer.seq_len
@@ -153,6 +155,8 @@ class Run:
                 warn_rope(self.teacher.config, seq_len, "the teacher")
             if not cfg.stage.sparse_attention:
                 disable_sparse(self.teacher)
+            self.sp.parallelize(self.teacher)
+        self.sp.parallelize(self.stage)
 
     def _build_engine(self) -> None:
         cfg = self.cfg
@@ -243,13 +247,13 @@ class Run:
         return losses[-1] if losses else None
 
     def _rows_of(self, first: int, micro: int) -> list[int]:
-        return rank_rows(first, micro, self.dist.rank, self.dist.world_size, self.cfg.trainer.micro_batch_size)
+        return rank_rows(first, micro, self.sp.dp_rank, self.sp.dp_size, self.cfg.trainer.micro_batch_size)
 
     def _train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
         dev = self.dist.device
         with phase("data"):
-            batches = [self.data.batch(self._rows_of(self.state.rows, m)) for m in range(self.gas)]
+            batches = [self.sp.shard(self.data.batch(self._rows_of(self.state.rows, m))) for m in range(self.gas)]
             local = torch.tensor([float(sum(self.stage.count(b) for b in batches))])
             batches = [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in batches]
         with phase("sync"):
@@ -352,7 +356,7 @@ class Run:
         cfg = self.cfg
         return {"stage": cfg.stage.name, "loss": cfg.stage.loss, "zero_stage": cfg.deepspeed.zero_stage,
                 "precision": cfg.trainer.precision, "world_size": self.dist.world_size,
-                "base": str(self.base.path) if self.base is not None else None,
+                "sequence_parallel": self.sp.size, "base": str(self.base.path) if self.base is not None else None,
                 "base_fingerprint": self.base.fingerprint() if self.base is not None else None,
                 "model": self.paths["model"], "teacher": self.paths["teacher"]}
 
@@ -381,7 +385,7 @@ class Run:
 
     def _align_eval(self) -> dict:
         """Per-layer MSE of the aligned layers on the global batch after the last training rows."""
-        batches = [self.data.batch(self._rows_of(self.state.rows, m)) for m in range(self.gas)]
+        batches = [self.sp.shard(self.data.batch(self._rows_of(self.state.rows, m))) for m in range(self.gas)]
         total = None
         with torch.no_grad():
             for b in batches:

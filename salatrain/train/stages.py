@@ -1,7 +1,8 @@
 """What each loss trains, as modules DeepSpeed wraps: ``forward(input_ids, position_ids, labels)`` returns
-(sum of the loss over this micro-batch's targets, detached statistics). Every stage keeps the trained model
-under ``.student`` with the hybrid's parameter names; a frozen teacher is held outside the module tree (it is
-placed, or sharded under ZeRO-3, separately) and never trained.
+(sum of the loss over this micro-batch's targets, detached statistics). A sequence shard (sequence
+parallelism) comes with ``shift_labels`` (each position's own target) instead of ``labels``. Every stage keeps
+the trained model under ``.student`` with the hybrid's parameter names; a frozen teacher is held outside the
+module tree (it is placed, or sharded under ZeRO-3, separately) and never trained.
 
     AlignStage   loss mse_align: one Lightning layer per attention layer of the dense teacher, fed the
                  teacher's own input to that layer (the input_layernorm output, its RoPE and document
@@ -76,10 +77,25 @@ def head_of(model: SalaHybridForCausalLM):
     return Head(model.lm_head, float(model.config.logit_scale))
 
 
-def targets(h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden states at positions whose next token is a target: (h [M, H], target [M], mask [B, T-1])."""
-    mask = labels_BT[:, 1:] != IGNORE
-    return h_BTH[:, :-1][mask], labels_BT[:, 1:][mask], mask
+def predicting(h_BTH: torch.Tensor, labels_BT, shift_labels_BT) -> torch.Tensor:
+    """The positions that can predict a next token: all of a shard's, all but the last of a whole row's."""
+    return h_BTH if shift_labels_BT is not None else h_BTH[:, :-1]
+
+
+def targets(h_BTH: torch.Tensor, labels_BT: torch.Tensor | None, shift_labels_BT: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states at positions whose next token is a target: (h [M, H], target [M], mask over
+    ``predicting(h, ...)``). ``labels`` [B, T] are the row's own tokens (position i predicts labels[i + 1]);
+    ``shift_labels`` [B, T] already hold each position's target."""
+    shifted = shift_labels_BT if shift_labels_BT is not None else labels_BT[:, 1:]
+    mask = shifted != IGNORE
+    return predicting(h_BTH, labels_BT, shift_labels_BT)[mask], shifted[mask], mask
+
+
+def count_targets(batch: dict) -> int:
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != IGNORE).sum())
+    return num_targets(batch["labels"])
 
 
 class LMStage(nn.Module):
@@ -89,15 +105,15 @@ class LMStage(nn.Module):
         self.chunk = chunk
 
     def count(self, batch: dict) -> int:
-        return num_targets(batch["labels"])
+        return count_targets(batch)
 
-    def forward(self, input_ids, position_ids, labels):
+    def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
         with phase("student"):
             h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         from .losses import chunked_cross_entropy
 
         with phase("loss"):
-            h_M, t_M, _ = targets(h, labels)
+            h_M, t_M, _ = targets(h, labels, shift_labels)
             return chunked_cross_entropy(h_M, t_M, head_of(self.student), self.chunk), {}
 
 
@@ -115,9 +131,9 @@ class DistillStage(nn.Module):
         self._teacher[:] = [teacher]
 
     def count(self, batch: dict) -> int:
-        return num_targets(batch["labels"])
+        return count_targets(batch)
 
-    def forward(self, input_ids, position_ids, labels):
+    def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
         from .losses import chunked_kl
 
         teacher = self._teacher[0]
@@ -126,8 +142,8 @@ class DistillStage(nn.Module):
         with phase("teacher"), torch.no_grad():
             ht = teacher.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         with phase("loss"):
-            hs_M, t_M, mask = targets(h, labels)
-            ht_M = ht[:, :-1][mask]
+            hs_M, t_M, mask = targets(h, labels, shift_labels)
+            ht_M = predicting(ht, labels, shift_labels)[mask]
             kl, ce = chunked_kl(hs_M, ht_M, t_M, head_of(self.student), head_of(teacher), self.chunk,
                                 self.temperature)
         return kl, {"kl": kl.detach(), "lm_loss": ce}
@@ -177,7 +193,7 @@ class AlignStage(nn.Module):
     def count(self, batch: dict) -> int:
         return batch["input_ids"].numel()
 
-    def forward(self, input_ids, position_ids, labels=None):
+    def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
         self._captured.clear()
         with phase("teacher"), torch.no_grad():
             self._teacher[0].model(input_ids=input_ids, position_ids=position_ids, use_cache=False)

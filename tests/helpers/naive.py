@@ -229,3 +229,26 @@ def selection_margin(
         bad |= chosen.sum(-1) != torch.clamp(current[:, 0] + 1, max=num_selected)[None]
         out[b, :, qs] = torch.where(bad, torch.full_like(margin, -math.inf), margin)
     return out
+
+
+def softmax_attention_naive(q, k, v, scale, window=None, left_pad=None):
+    """Causal softmax attention of the last Tq of Tk positions, from an explicit visibility rule: query i (key
+    position p = Tk − Tq + i) sees key j iff j ≤ p, j > p − window (with a window) and j ≥ left_pad[b].
+    q [B, Tq, HQ, D], k/v [B, Tk, HKV, D] (GQA: query head h reads KV head h // (HQ / HKV)). Rows that see no
+    key are left zero. Returns [B, Tq, HQ, D] in q's dtype, computed in fp64."""
+    b, tq, hq, _ = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for row in range(b):
+        pad = 0 if left_pad is None else int(left_pad[row])
+        for i in range(tq):
+            p = tk - tq + i
+            keys = [j for j in range(tk) if j <= p and j >= pad and (window is None or j > p - window)]
+            if not keys:
+                continue
+            for h in range(hq):
+                g = h // (hq // hkv)
+                kk, vv = k[row, keys, g].double(), v[row, keys, g].double()
+                att = torch.softmax(kk @ q[row, i, h].double() * scale, 0)
+                out[row, i, h] = att @ vv
+    return out.to(q.dtype)
