@@ -1,7 +1,8 @@
-"""Reading and writing HF checkpoint directories: validation, tensor streaming, sharded safetensors, atomic output.
+"""Reading and writing HF checkpoint directories: validation, tensor streaming, sharded safetensors.
 
-Pickle checkpoints (``*.bin``, ``*.pt``) can run arbitrary code when loaded, so they are refused unless the
-caller opts in with ``allow_pickle=True``.
+Opening a directory reads every safetensors header and checks it against the file's size, so a truncated or
+corrupt weight file is a one-line error before any work. Pickle checkpoints (``*.bin``, ``*.pt``) can run
+arbitrary code when loaded, so they are refused unless the caller opts in with ``allow_pickle=True``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -45,7 +45,12 @@ class CheckpointDir:
             self.config = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{cfg} is not a text file (corrupt?)") from None
+        if not isinstance(self.config, dict):
+            raise UserError(f"{cfg} must hold a JSON object")
         self.weight_files = sorted(self.path.glob("*.safetensors"))
+        self._headers = {f: read_safetensors_header(f) for f in self.weight_files}
         self.pickle_files = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not self.weight_files:
             if not self.pickle_files:
@@ -66,7 +71,7 @@ class CheckpointDir:
         if self._key_file is None:
             self._key_file = {}
             for f in self.weight_files:
-                for k in read_safetensors_header(f):
+                for k in self._headers[f]:
                     self._key_file[k] = f
             if not self.weight_files:
                 for f in self.pickle_files:
@@ -77,7 +82,7 @@ class CheckpointDir:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         out = {}
         for f in self.weight_files:
-            for k, meta in read_safetensors_header(f).items():
+            for k, meta in self._headers[f].items():
                 out[k] = tuple(meta["shape"])
         if not self.weight_files:
             out = {k: tuple(v.shape) for f in self.pickle_files for k, v in _load_pickle(f).items()}
@@ -117,9 +122,15 @@ class TensorReader:
         f = self.ckpt.key_files()[key]
         if f.suffix != ".safetensors":
             return _load_pickle(f)[key]
-        if f not in self._open:
-            self._open[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
-        return self._open[f].get_tensor(key)
+        try:
+            if f not in self._open:
+                self._open[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
+            return self._open[f].get_tensor(key)
+        except Exception as e:  # safetensors' own error type: the file changed or is corrupt
+            if isinstance(e, OSError):
+                raise
+            raise UserError(f"cannot read {key} from {f} ({str(e).splitlines()[0]}); the file is corrupt: "
+                            "re-download or re-export it") from None
 
     def close(self) -> None:
         self._stack.close()
@@ -131,15 +142,50 @@ _PICKLE_CACHE: dict[Path, dict] = {}
 def _load_pickle(f: Path) -> dict:
     if f not in _PICKLE_CACHE:
         _PICKLE_CACHE.clear()
-        _PICKLE_CACHE[f] = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            _PICKLE_CACHE[f] = torch.load(f, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read {f} ({str(e).splitlines()[0][:200]}); the file is truncated or corrupt: "
+                            "re-download or re-export it") from None
     return _PICKLE_CACHE[f]
 
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
 def read_safetensors_header(f: Path) -> dict:
+    """The tensor entries of a safetensors file's header, checked against the file's size: a truncated or
+    corrupt file is a UserError."""
+    size = f.stat().st_size
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{f} is truncated or corrupt ({why}); re-download or re-export it")
+
     with open(f, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(n))
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        n = struct.unpack("<Q", raw)[0]
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise bad(f"its header claims {n} bytes, the file has {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
     header.pop("__metadata__", None)
+    need = 0
+    for key, meta in header.items():
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] or not isinstance(meta.get("shape"), list)):
+            raise bad(f"bad header entry for {key!r}")
+        need = max(need, offsets[1])
+    if 8 + n + need > size:
+        raise bad(f"its tensors need {8 + n + need} bytes, the file has {size}")
     return header
 
 
@@ -193,26 +239,18 @@ class ShardWriter:
         return names
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling directory that replaces ``out`` only if the block finishes; on any error
-    nothing is left behind and an existing ``out`` is untouched."""
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"output_dir {out} already exists and is not empty; choose another or pass overwrite=true")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a checkpoint directory, or a one-line error when its files are missing or corrupt."""
+    from transformers import AutoTokenizer
+
     try:
-        yield tmp
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot load the tokenizer of {path} ({first}); its tokenizer files are missing or "
+                        "corrupt") from None
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

@@ -42,7 +42,7 @@ def test_eval_builtin_text(tiny_lm_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["model={missing}"], "does not exist"),
     (["model={model}", "probes.tasks=[passkey,needle]"], "unknown probe task"),
-    (["model={model}", "probes.lengths=[8]"], "probe lengths"),
+    (["model={model}", "probes.lengths=[8]"], "probes.lengths must be >= 32 (got 8)"),
     (["model={model}", "perplexity.files=[{missing}]"], "does not exist"),
     (["model={model}", "perplexity.builtin=wiki"], "perplexity.builtin"),
     (["model={model}", "names=[a,b]"], "names"),

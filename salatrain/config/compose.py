@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import UserError
+from .ranges import check_ranges
 from .store import register
 
 CONFIG_MODULE = "salatrain.conf"
@@ -152,11 +153,27 @@ def structured_to_yaml(obj: Any) -> str:
 
 
 def to_object(cfg: DictConfig) -> Any:
-    """The typed dataclass behind a composed config (raises UserError on missing/invalid values)."""
+    """The typed dataclass behind a composed config, every number checked against its declared range
+    (raises UserError on missing, invalid or out-of-range values)."""
     try:
-        return OmegaConf.to_object(cfg)
+        obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise UserError(f"invalid configuration: {str(e).splitlines()[0]}") from None
+    check_ranges(obj)
+    return obj
+
+
+def check_overrides_used(mod: Any, cfg: Any, overrides: list[str]) -> None:
+    """A command module's ``ignored_keys(cfg)`` names the keys its chosen mode does not use (key -> why);
+    setting one of them on the command line is an error rather than silence."""
+    ignored = mod.ignored_keys(cfg) if hasattr(mod, "ignored_keys") else {}
+    for o in overrides:
+        key = override_key(o)
+        if key is None:
+            continue
+        for k, why in ignored.items():
+            if key == k or key.startswith(k + "."):
+                raise UserError(f"{o} is not used {why}; drop it")
 
 
 def to_yaml(cfg: DictConfig | ListConfig) -> str:

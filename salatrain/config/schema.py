@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .ranges import above, at_least, between
 
 WANDB_MODES = ("online", "offline", "disabled")
 MISSING = "???"  # OmegaConf's marker of a mandatory value (omegaconf.MISSING), without importing it here
@@ -39,19 +40,19 @@ class SparseSettings:
     kernel_size 32, kernel_stride 16, init_blocks 1, topk 64, window_size 2048, dense_len 8192, normalizer exact,
     dense_len_mode position, local_blocks token, use_rope false, nope_logit_scale false (base 500)."""
 
-    block_size: Optional[int] = None
-    kernel_size: Optional[int] = None
-    kernel_stride: Optional[int] = None
-    init_blocks: Optional[int] = None
-    topk: Optional[int] = None
-    window_size: Optional[int] = None
-    dense_len: Optional[int] = None
+    block_size: Optional[int] = at_least(1, None)
+    kernel_size: Optional[int] = at_least(1, None)
+    kernel_stride: Optional[int] = at_least(1, None)  # <= kernel_size: the windows cover every key
+    init_blocks: Optional[int] = at_least(0, None)
+    topk: Optional[int] = at_least(1, None)  # >= init_blocks
+    window_size: Optional[int] = at_least(0, None)
+    dense_len: Optional[int] = at_least(0, None)
     normalizer: Optional[str] = None  # exact | coarse
     dense_len_mode: Optional[str] = None  # position | sequence (MiniCPM-SALA: every query once the sequence reaches it)
     local_blocks: Optional[str] = None  # token | block (MiniCPM-SALA: the query's block + window/block before it)
     use_rope: Optional[bool] = None
     nope_logit_scale: Optional[bool] = None
-    nope_logit_scale_base: Optional[float] = None
+    nope_logit_scale_base: Optional[float] = above(1.0, None)
 
 
 @dataclass
@@ -59,9 +60,9 @@ class LightningSettings:
     """Unset (null): the source checkpoint's own (MiniCPM-SALA) else chunk_size 64, use_rope true, norm_eps = the
     base model's rms_norm_eps."""
 
-    chunk_size: Optional[int] = None
+    chunk_size: Optional[int] = at_least(1, None)
     use_rope: Optional[bool] = None
-    norm_eps: Optional[float] = None
+    norm_eps: Optional[float] = between(0.0, 1.0, None, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -69,9 +70,9 @@ class PlanSettings:
     """Exactly one of ``file``, ``sparse_layers`` or ``method`` chooses the layer plan."""
 
     file: Optional[str] = None
-    sparse_layers: Optional[list[int]] = None
+    sparse_layers: Optional[list[int]] = at_least(0, None)
     method: Optional[str] = None  # "uniform"
-    ratio: float = 0.25
+    ratio: float = between(0.0, 1.0, 0.25, lo_open=True)  # plan.method=uniform
 
 
 @dataclass
@@ -88,6 +89,6 @@ class ConvertConfig:
     format: str = "salatrain"  # salatrain | minicpm_sala (MiniCPM-SALA's released schema and loaders)
     max_shard_size: str = "5GB"
     kl_check: bool = True
-    kl_check_tokens: int = 64
+    kl_check_tokens: int = between(2, 1 << 20, 64)
     allow_pickle: bool = False
     overwrite: bool = False

@@ -6,11 +6,18 @@ import json
 import sys
 
 from ..config.schema import ConvertConfig
-from .convert import convert
+from .convert import convert, ignored_keys, validate
 
 SCHEMA = ConvertConfig
 # Composed from the schema alone: the training config groups (model/, data/, ...) must not capture `model=`.
 CONFIG_MODULE = "salatrain.config"
+
+
+__all__ = ["SCHEMA", "check", "ignored_keys", "run"]
+
+
+def check(cfg: ConvertConfig) -> None:
+    validate(cfg)
 
 
 def run(cfg: ConvertConfig) -> None:

@@ -20,11 +20,14 @@ from tqdm.auto import tqdm
 
 from ..config.schema import ConvertConfig, PlanSettings
 from ..errors import UserError
-from ..hf_checkpoint import CheckpointDir, ShardWriter, atomic_output_dir, copy_side_files, parse_size
+from ..config.ranges import check_ranges
+from ..hf_checkpoint import CheckpointDir, ShardWriter, copy_side_files, parse_size
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
 from ..models.families import family_for
 from ..models.export import write_model_code
+from ..models.configuration_sala_hybrid import SPARSE_DEFAULTS, sparse_config_problem
 from ..models.plan import plan_from_file, plan_from_sparse_layers, uniform_layers
+from ..rundir import OutputDir
 from . import minicpm_sala as released
 from .transfer import check_retarget, init_notes, meta_shapes, retarget_attention
 
@@ -75,7 +78,7 @@ def hybrid_config(src: CheckpointDir, mixer_types: list[str] | None, sparse=None
     try:
         return SalaHybridConfig(**kw)
     except ValueError as e:
-        raise UserError(f"{src.path}: {e}") from None
+        raise UserError(f"{src.path}: {str(e).splitlines()[0]}") from None
 
 
 def _set_fields(settings) -> dict:
@@ -103,15 +106,57 @@ def check_source_keys(src: CheckpointDir, dense_cfg: SalaHybridConfig) -> None:
             raise UserError(f"{src.path}: {k} has shape {list(got)}, config.json implies {list(shape)}")
 
 
-def convert(cfg: ConvertConfig) -> Path:
-    """Run the conversion described by ``cfg``; returns the output directory."""
+def validate(cfg: ConvertConfig) -> OutputDir:
+    """Every check that needs no weights (settings, output_dir against the inputs); returns the output dir."""
     if not cfg.model:
         raise UserError("missing model=<dense HF checkpoint dir>")
-    if not cfg.output_dir:
-        raise UserError("missing output_dir=<dir>")
+    out = OutputDir(cfg.output_dir, "convert", overwrite=cfg.overwrite)
+    check_ranges(cfg)
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise UserError(f"dtype must be auto, {', '.join(DTYPES)} (got {cfg.dtype!r})")
     released.check_format(cfg.format)
+    try:
+        if parse_size(cfg.max_shard_size) < 1:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"max_shard_size must be a positive size such as 5GB or 500MB (got {cfg.max_shard_size!r})"
+                        ) from None
+    own = {**SPARSE_DEFAULTS, **_source_sparse(cfg.model)}  # what unset sparse.* keys stand for
+    problem = sparse_config_problem({**own, **_set_fields(cfg.sparse)})
+    if problem and not sparse_config_problem(own):  # the source's own fault is named with its path later
+        raise UserError(problem.replace("sparse_config ", "sparse."))
+    out.check({"model": cfg.model, "plan.file": cfg.plan.file, "aligned": cfg.aligned})
+    return out
+
+
+def _source_sparse(model: str) -> dict:
+    """The sparse settings of the source's config.json (a MiniCPM-SALA checkpoint's own; the weights are not read),
+    {} when it has none or cannot be read here (the conversion then says why)."""
+    try:
+        hf = json.loads((Path(model).expanduser() / "config.json").read_text())
+        return dict(family_for(hf.get("model_type")).hybrid_config_kwargs(hf).get("sparse_config") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def ignored_keys(cfg: ConvertConfig) -> dict[str, str]:
+    """Keys this conversion does not use (setting one is an error)."""
+    out = {}
+    if cfg.plan.method != "uniform":
+        out["plan.ratio"] = "unless plan.method=uniform (the plan comes from plan.file or plan.sparse_layers)"
+    if not cfg.kl_check:
+        out["kl_check_tokens"] = "with kl_check=false"
+    return out
+
+
+def convert(cfg: ConvertConfig) -> Path:
+    """Run the conversion described by ``cfg``; returns the output directory."""
+    out = validate(cfg)
+    with out:
+        return _convert(cfg, out)
+
+
+def _convert(cfg: ConvertConfig, out: OutputDir) -> Path:
     t0 = time.time()
     src = CheckpointDir(cfg.model, allow_pickle=cfg.allow_pickle)
     dense_cfg = hybrid_config(src, None)
@@ -126,8 +171,7 @@ def convert(cfg: ConvertConfig) -> Path:
     if cfg.format == "minicpm_sala":
         released.check_released(hcfg)
     targets = meta_shapes(hcfg)
-    out = Path(cfg.output_dir)
-    with atomic_output_dir(out, overwrite=cfg.overwrite) as final:
+    with out.atomic() as final:
         # the minicpm_sala format is written from a complete salatrain-format conversion (checked by the KL check)
         tmp = final if cfg.format == "salatrain" else final / ".salatrain"
         tmp.mkdir(exist_ok=True)
@@ -145,7 +189,7 @@ def convert(cfg: ConvertConfig) -> Path:
             shutil.rmtree(tmp)
         report["seconds"] = round(time.time() - t0, 1)
         (final / "conversion_report.json").write_text(json.dumps(report, indent=2))
-    return out
+    return out.path
 
 
 def _stream(reader, aligned_reader, hcfg, targets, writer, dtype, source_mixers):
@@ -157,7 +201,7 @@ def _stream(reader, aligned_reader, hcfg, targets, writer, dtype, source_mixers)
     for key, layer in layer_of.items():
         by_layer.setdefault(layer, []).append(key)
     order = [None] + list(range(hcfg.num_hidden_layers))
-    for layer in tqdm(order, desc="convert", unit="layer"):
+    for layer in tqdm(order, desc="convert", unit="layer", disable=None):  # no bar when stderr is not a terminal
         keys = by_layer.get(layer, [])
         if layer is None:
             family = family_for(reader.ckpt.model_type)
@@ -192,7 +236,10 @@ def _open_aligned(path, src: CheckpointDir, hcfg: SalaHybridConfig) -> Checkpoin
     aligned = CheckpointDir(path, what="aligned")
     report = aligned.path / "align_report.json"
     if report.is_file():
-        fp = json.loads(report.read_text()).get("base_fingerprint")
+        try:
+            fp = json.loads(report.read_text()).get("base_fingerprint")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise UserError(f"{report} is corrupt (not a JSON object)") from None
         if fp and fp != src.fingerprint():
             raise UserError(f"aligned checkpoint {aligned.path} was aligned from a different base model than "
                             f"{src.path} (fingerprint {fp} != {src.fingerprint()})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..config.ranges import between, random_seed
+
 
 @dataclass
 class DataSettings:
@@ -15,7 +17,7 @@ class DataSettings:
     hub_split: str = "train"
     hub_config: Optional[str] = None
     shuffle: bool = True
-    seed: int = 0
+    seed: int = random_seed()
     append_eos: bool = True
-    num_proc: int = 1
+    num_proc: int = between(1, 1024, 1)
     cache_dir: Optional[str] = None  # datasets cache (default: HF_DATASETS_CACHE)

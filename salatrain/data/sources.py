@@ -2,7 +2,9 @@
 
 Each entry of ``data.files`` becomes one or more *parts*: a ``datasets.Dataset`` with a single column,
 ``text`` (str) or ``messages`` (chat turns). Mistakes are one-line ``UserError`` messages: a missing file, a
-malformed jsonl line (``file:line``), records without a text or messages field, an empty dataset.
+malformed jsonl line (``file:line``), a record whose text is not a string or whose messages are not
+``[{"role": str, "content": str}, ...]`` (``file:line`` for json, the record's number otherwise), records
+without a text or messages field, an unreadable file, an empty dataset.
 """
 
 from __future__ import annotations
@@ -96,11 +98,13 @@ def _local_part(builder: str, files: list[Path], settings: DataSettings) -> Part
     except Exception as e:
         if builder == "json":
             for f in files:
-                find_bad_json_line(f)
+                find_bad_json_line(f, settings)
         cause = e.__cause__ or e
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise cause from None
         first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         raise UserError(f"cannot read {name}: {first}") from None
-    return _select(ds, settings, name)
+    return _select(ds, settings, name, files if builder == "json" else [])
 
 
 def _hub_part(name: str, settings: DataSettings) -> Part:
@@ -114,8 +118,9 @@ def _hub_part(name: str, settings: DataSettings) -> Part:
     return _select(ds, settings, name)
 
 
-def _select(ds, settings: DataSettings, name: str) -> Part:
-    """Keep the text or messages column (renamed ``text`` / ``messages``); drop records where it is empty."""
+def _select(ds, settings: DataSettings, name: str, json_files: list[Path] = ()) -> Part:
+    """Keep the text or messages column (renamed ``text`` / ``messages``), every record of the right type;
+    drop records where it is empty."""
     cols = ds.column_names
     if settings.messages_field in cols:
         field, kind = settings.messages_field, "messages"
@@ -125,6 +130,8 @@ def _select(ds, settings: DataSettings, name: str) -> Part:
         raise UserError(f"{name}: records have neither a {settings.text_field!r} nor a {settings.messages_field!r} "
                         f"field (fields: {', '.join(cols)}); set data.text_field or data.messages_field")
     ds = ds.select_columns([field])
+    if not _feature_ok(ds.features[field], kind):
+        _check_records(ds, field, kind, name, json_files, settings)
     if field != kind:
         ds = ds.rename_column(field, kind)
     n = len(ds)
@@ -134,17 +141,66 @@ def _select(ds, settings: DataSettings, name: str) -> Part:
     return Part(ds, kind, name)
 
 
-def find_bad_json_line(path: Path) -> None:
-    """Raise UserError naming ``file:line`` of the first line of a jsonl file that is not a JSON object."""
+def _feature_ok(feature, kind: str) -> bool:
+    """The column's type guarantees valid records: strings, or lists of {role: string, content: string}."""
+    from datasets import Value
+
+    def is_str(f) -> bool:
+        return isinstance(f, Value) and f.dtype in ("string", "large_string")
+
+    if kind == "text":
+        return is_str(feature)
+    inner = getattr(feature, "feature", None)
+    return isinstance(inner, dict) and is_str(inner.get("role")) and is_str(inner.get("content"))
+
+
+def record_problem(value, kind: str) -> str | None:
+    """Why one record's text or messages value cannot be trained on, or None (an empty value is dropped)."""
+    if value is None:
+        return None
+    if kind == "text":
+        return None if isinstance(value, str) else f"is {_type(value)}, expected a string"
+    if not isinstance(value, list):
+        return f'is {_type(value)}, expected a list of {{"role": ..., "content": ...}} turns'
+    for j, turn in enumerate(value, 1):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            return f'turn {j} is not {{"role": <string>, "content": <string>}} (got {json.dumps(turn)[:60]})'
+    return None
+
+
+def _type(value) -> str:
+    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number",
+            str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _check_records(ds, field: str, kind: str, name: str, json_files: list[Path], settings: DataSettings) -> None:
+    """Name the first record of a column whose type allows bad values (``file:line`` for json files)."""
+    for f in json_files:
+        find_bad_json_line(f, settings)
+    for i, value in enumerate(ds[field], 1):
+        problem = record_problem(value, kind)
+        if problem:
+            raise UserError(f"{name}: record {i}: {field!r} {problem}")
+
+
+def find_bad_json_line(path: Path, settings: DataSettings | None = None) -> None:
+    """Raise UserError naming ``file:line`` of the first line of a jsonl file that is not a JSON object, or
+    (with ``settings``) whose text or messages field has the wrong type."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
         if builder_for(path) == "json" and path.suffixes[-1 if path.suffix != ".gz" else -2] == ".json":
             text = fh.read()
             try:
-                json.loads(text)
-                return
+                whole = json.loads(text)
             except json.JSONDecodeError:
                 fh = text.splitlines()
+            else:
+                for i, record in enumerate(whole if isinstance(whole, list) else [], 1):
+                    if not isinstance(record, dict):
+                        raise UserError(f"{path}: record {i}: expected a JSON object, got {type(record).__name__}")
+                    if settings is not None:
+                        _check_json_record(record, f"{path}: record {i}", settings)
+                return
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -154,3 +210,17 @@ def find_bad_json_line(path: Path) -> None:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+            if settings is not None:
+                _check_json_record(record, f"{path}:{lineno}", settings)
+
+
+def _check_json_record(record: dict, where: str, settings: DataSettings) -> None:
+    if settings.messages_field in record:
+        field, kind = settings.messages_field, "messages"
+    elif settings.text_field in record:
+        field, kind = settings.text_field, "text"
+    else:
+        return
+    problem = record_problem(record[field], kind)
+    if problem:
+        raise UserError(f"{where}: {field!r} {problem}")

@@ -83,7 +83,9 @@ def tokenize_part(part, tokenizer, append_eos: bool, num_proc: int = 1):
 
     features = Features({"input_ids": Sequence(Value("int32")), "loss_mask": Sequence(Value("uint8")),
                          "length": Value("int64")})
-    ds = part.dataset.map(fn, batched=True, batch_size=256, remove_columns=[part.kind], num_proc=num_proc,
+    # num_proc=1 means this process: datasets >= 5 would start a pool of one worker (and swap os.environ)
+    ds = part.dataset.map(fn, batched=True, batch_size=256, remove_columns=[part.kind],
+                          num_proc=num_proc if num_proc > 1 else None,
                           features=features, new_fingerprint=fingerprint, desc=f"tokenize {part.name}")
     return ds.filter(lambda b: [sum(m) > 0 for m in b["loss_mask"]], batched=True,
                      new_fingerprint=fingerprint + "-nonempty")

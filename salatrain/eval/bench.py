@@ -35,6 +35,7 @@ import torch
 
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir
+from ..rundir import OutputDir
 from ..tracking import wandb_run
 from .bench_config import BenchConfig
 from .bench_device import PeakMemory, device_name, free_memory, is_oom, resolve_bench_device
@@ -139,7 +140,7 @@ def validate(cfg: BenchConfig) -> Plan:
     """Every check before any weights load; refuses lengths whose memory estimate exceeds what is available."""
     if not cfg.model:
         raise UserError("missing model=<HF checkpoint dir> (hybrid or dense)")
-    check_output_file(cfg.output_dir, "bench.json", cfg.overwrite)
+    output_dir(cfg)
     _check_numbers(cfg)
     lengths = check_lengths(cfg.lengths)
     check_wandb(cfg.logging)
@@ -256,10 +257,23 @@ def _run_one(model, length: int, cfg: BenchConfig, device: torch.device) -> tupl
         return None, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def output_dir(cfg: BenchConfig) -> OutputDir:
+    """bench adds bench.json and bench.png to its output_dir (existing ones only with overwrite=true)."""
+    check_output_file(cfg.output_dir, "bench.json", cfg.overwrite)
+    out = OutputDir(cfg.output_dir, "bench", overwrite=cfg.overwrite, reuse=True)
+    out.check({"model": cfg.model, "compare": list(cfg.compare)})
+    return out
+
+
 def run_bench(cfg: BenchConfig) -> dict:
-    t0 = time.time()
     plan = validate(cfg)
-    out_dir = Path(cfg.output_dir).expanduser()
+    with output_dir(cfg) as out:
+        return _run_bench(cfg, plan, out)
+
+
+def _run_bench(cfg: BenchConfig, plan: Plan, out: OutputDir) -> dict:
+    t0 = time.time()
+    out_dir = out.path
     import transformers
 
     report = {"format": FORMAT,
@@ -283,7 +297,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         report["results"].extend(rows)
     speedups(report)
     report["seconds"] = round(time.time() - t0, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out.create()
     png = plot(out_dir / "bench.png", report)
     write_json_atomic(out_dir / "bench.json", report)
     run = wandb_run(cfg.logging, dataclasses.asdict(cfg), "bench", out_dir)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bench import run_bench
+from .bench import run_bench, validate
 from .bench_config import BenchConfig
 from .bench_report import table
 
 SCHEMA = BenchConfig
 CONFIG_MODULE = "salatrain.config"  # the schema alone: conf/'s groups (model/, ...) must not capture `model=`
+
+
+__all__ = ["SCHEMA", "check", "run"]
+
+
+def check(cfg: BenchConfig) -> None:
+    validate(cfg)
 
 
 def run(cfg: BenchConfig) -> dict:

@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import EvalConfig
-from .evaluate import evaluate, table
+from .evaluate import evaluate, ignored_keys, table, validate
 
 SCHEMA = EvalConfig
 CONFIG_MODULE = "salatrain.config"  # the schema alone: conf/'s groups (model/, ...) must not capture `model=`
+
+
+__all__ = ["SCHEMA", "check", "ignored_keys", "run"]
+
+
+def check(cfg: EvalConfig) -> None:
+    validate(cfg)
 
 
 def run(cfg: EvalConfig) -> dict:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .probes import TASKS
+from ..config.ranges import at_least, random_seed
 from ..config.schema import LoggingSettings
 
 
@@ -14,9 +15,9 @@ class ProbeSettings:
     """Synthetic retrieval probes: ``num_samples`` per task and length, generated from ``seed``."""
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
-    num_samples: int = 8
-    seed: int = 0
+    lengths: list[int] = at_least(32, [1024, 2048])
+    num_samples: int = at_least(1, 8)
+    seed: int = random_seed()
 
 
 @dataclass
@@ -27,8 +28,8 @@ class TextSettings:
     files: list[str] = field(default_factory=list)
     builtin: str = "pydoc"
     text_field: str = "text"
-    seq_lens: list[int] = field(default_factory=lambda: [1024])
-    max_tokens: int = 16384  # per sequence length
+    seq_lens: list[int] = at_least(2, [1024])
+    max_tokens: int = at_least(2, 16384)  # per sequence length
 
 
 @dataclass
@@ -36,9 +37,9 @@ class LmEvalSettings:
     """lm-evaluation-harness tasks by name (needs ``pip install 'lm_eval[hf]'`` and the tasks' data)."""
 
     tasks: list[str] = field(default_factory=list)
-    limit: Optional[int] = None
-    num_fewshot: Optional[int] = None
-    batch_size: int = 1
+    limit: Optional[int] = at_least(1, None)
+    num_fewshot: Optional[int] = at_least(0, None)
+    batch_size: int = at_least(1, 1)
 
 
 @dataclass
@@ -54,6 +55,6 @@ class EvalConfig:
     lm_eval: LmEvalSettings = field(default_factory=LmEvalSettings)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    chunk_tokens: Optional[int] = None  # feed long sequences through the cache this many tokens at a time
+    chunk_tokens: Optional[int] = at_least(1, None)  # feed long sequences through the cache this many tokens at a time
     overwrite: bool = False
     logging: LoggingSettings = field(default_factory=LoggingSettings)

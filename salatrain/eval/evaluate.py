@@ -25,6 +25,8 @@ from . import lm_eval_adapter
 from .config import EvalConfig
 from .loading import check_model_dir, load_model, resolve_device, resolve_dtype
 from .probes import TASKS, make_samples
+from ..memory import ModelShape, check_eval_memory
+from ..rundir import OutputDir
 from ..tracking import log_wandb_table, wandb_run
 from .report import check_output_file, check_wandb, format_table, write_json_atomic
 from .scoring import chance, perplexity, score_sample, summarize
@@ -34,19 +36,67 @@ log = logging.getLogger(__name__)
 FORMAT = "salatrain.eval/1"
 
 
+def output_dir(cfg: EvalConfig) -> OutputDir:
+    """eval adds eval.json to its output_dir (an existing eval.json only with overwrite=true)."""
+    check_output_file(cfg.output_dir, "eval.json", cfg.overwrite)
+    out = OutputDir(cfg.output_dir, "eval", overwrite=cfg.overwrite, reuse=True)
+    out.check({"model": cfg.model, "compare": list(cfg.compare), "perplexity.files": list(cfg.perplexity.files)})
+    return out
+
+
 def validate(cfg: EvalConfig) -> list[tuple[str, str]]:
     """Check every input before any work; returns [(column name, model dir)]."""
     if not cfg.model:
         raise UserError("missing model=<HF checkpoint dir> (hybrid or dense)")
-    check_output_file(cfg.output_dir, "eval.json", cfg.overwrite)
+    output_dir(cfg)
     paths = [cfg.model, *cfg.compare]
-    for p in paths:
-        check_model_dir(p)
+    ckpts = [check_model_dir(p) for p in paths]
     names = check_settings(cfg)
     for f in cfg.perplexity.files:
         if not Path(f).expanduser().is_file():
             raise UserError(f"text file {f} does not exist")
+    device = resolve_device(cfg.device)
+    text = cfg.perplexity
+    scored_text = bool(text.files) or text.builtin != "none"
+    check_eval_memory([ModelShape.of(c, salatrain=_salatrain_class(c)) for c in ckpts],
+                      list(cfg.probes.lengths) if cfg.probes.tasks else [],
+                      cfg.probes.num_samples * len(cfg.probes.tasks),
+                      list(text.seq_lens) if scored_text else [], text.max_tokens, cfg.chunk_tokens, device,
+                      resolve_dtype(cfg.dtype, device))
     return list(zip(names, paths))
+
+
+def _salatrain_class(ckpt) -> bool:
+    """Loaded as salatrain's hybrid class (its LM head runs in chunks), or through transformers."""
+    from ..models.families import family_for
+
+    if ckpt.model_type == "sala_hybrid":
+        return True
+    try:
+        family_for(ckpt.model_type)
+        return True
+    except ValueError:
+        return False
+
+
+def ignored_keys(cfg: EvalConfig) -> dict[str, str]:
+    """Keys the chosen settings do not use (setting one is an error)."""
+    out = {}
+    if not cfg.lm_eval.tasks:
+        for key in ("limit", "num_fewshot", "batch_size"):
+            out[f"lm_eval.{key}"] = "without lm_eval.tasks"
+    if not cfg.probes.tasks:
+        for key in ("lengths", "num_samples", "seed"):
+            out[f"probes.{key}"] = "with probes.tasks=[] (no probes run)"
+    text = cfg.perplexity
+    if not text.files and text.builtin == "none":
+        for key in ("seq_lens", "max_tokens", "text_field"):
+            out[f"perplexity.{key}"] = "with perplexity.builtin=none and no perplexity.files (no perplexity)"
+    elif text.files:
+        out["perplexity.builtin"] = "when perplexity.files are given"
+    if text.files and not any(str(f).endswith(".jsonl") for f in text.files):
+        out["perplexity.text_field"] = "without .jsonl perplexity.files (other files are one document each)"
+    return out
 
 
 def check_settings(cfg: EvalConfig) -> list[str]:
@@ -85,9 +135,14 @@ def _default_names(paths: list[str]) -> list[str]:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    t0 = time.time()
     models = validate(cfg)
-    out_dir = Path(cfg.output_dir).expanduser()
+    with output_dir(cfg) as out:
+        return _evaluate(cfg, models, out)
+
+
+def _evaluate(cfg: EvalConfig, models: list[tuple[str, str]], out: OutputDir) -> dict:
+    t0 = time.time()
+    out_dir = out.path
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     inputs = _inputs_per_model(cfg, [p for _, p in models])  # probes and text before any weights load
@@ -104,6 +159,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                  "mixers": loaded.mixer_counts, "seconds": round(time.time() - tm, 1)})
         del loaded
     report["seconds"] = round(time.time() - t0, 1)
+    out.create()
     write_json_atomic(out_dir / "eval.json", report)
     run = wandb_run(cfg.logging, dataclasses.asdict(cfg), "eval", out_dir)
     if run is not None:
@@ -143,13 +199,13 @@ def _grouped(samples):
 
 def _inputs_per_model(cfg: EvalConfig, paths: list[str]) -> dict[str, tuple]:
     """{model dir: (probe samples, {seq_len: text windows})}; models with the same tokenizer share them."""
-    from transformers import AutoTokenizer
+    from ..hf_checkpoint import load_tokenizer
 
     docs = _documents(cfg.perplexity)
     by_tokenizer: dict[str, tuple] = {}
     out = {}
     for path in paths:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = load_tokenizer(path)
         key = tokenizer_fingerprint(tok)
         if key not in by_tokenizer:
             by_tokenizer[key] = (_samples(tok, cfg.probes), _windows(tok, docs, cfg.perplexity))

@@ -46,11 +46,20 @@ def check_model_dir(path: str) -> CheckpointDir:
     ckpt = CheckpointDir(path)
     if not any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise UserError(f"{ckpt.path} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    if ckpt.model_type == "sala_hybrid":
+        from ..models import SalaHybridConfig
+
+        try:
+            SalaHybridConfig.from_pretrained(ckpt.path)
+        except ValueError as e:
+            raise UserError(f"{ckpt.path}: {str(e).splitlines()[0]}") from None
     return ckpt
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..hf_checkpoint import load_tokenizer
 
     from ..models import SalaHybridForCausalLM
     from ..models.families import family_for
@@ -58,7 +67,10 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
 
     ckpt = check_model_dir(path)
     if ckpt.model_type == "sala_hybrid":
-        model, kind = SalaHybridForCausalLM.from_pretrained(ckpt.path, dtype=dtype), "hybrid"
+        try:
+            model, kind = SalaHybridForCausalLM.from_pretrained(ckpt.path, dtype=dtype), "hybrid"
+        except ValueError as e:  # its config.json (mixer types, sparse geometry, ...) does not hold together
+            raise UserError(f"{ckpt.path}: {str(e).splitlines()[0]}") from None
     else:
         try:
             family = family_for(ckpt.model_type)
@@ -70,7 +82,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
             log.info("%s: model_type %r is not a salatrain family; loading with AutoModelForCausalLM",
                      ckpt.path, ckpt.model_type)
             model, kind = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype), "transformers"
-    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    tokenizer = load_tokenizer(ckpt.path)
     mixers = getattr(model.config, "mixer_types", None) or ["full_attention"] * model.config.num_hidden_layers
     counts = {m: mixers.count(m) for m in dict.fromkeys(mixers)}
     return LoadedModel(model.to(device).eval(), tokenizer, str(ckpt.path), kind, counts)

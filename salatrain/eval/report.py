@@ -7,9 +7,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
+
+from .. import interrupt
 
 from ..config.schema import WANDB_MODES, LoggingSettings
 from ..errors import UserError
+
+
 
 def check_wandb(settings: LoggingSettings) -> None:
     if settings.wandb.mode not in WANDB_MODES:
@@ -46,6 +51,8 @@ def write_json_atomic(path: str | Path, data) -> Path:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
+        os.chmod(tmp, 0o644)
+        interrupt.check()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -33,11 +33,40 @@ SPARSE_DEFAULTS = {
     "nope_logit_scale_base": 500.0,
 }
 
+SPARSE_CHOICES = {
+    "normalizer": ("exact", "coarse"),
+    "dense_len_mode": ("position", "sequence"),
+    "local_blocks": ("token", "block"),
+}
+
 LIGHTNING_DEFAULTS = {
     "chunk_size": 64,
     "use_rope": True,
     "norm_eps": None,  # None: the base model's rms_norm_eps
 }
+
+
+def sparse_config_problem(sc: dict) -> str | None:
+    """What is wrong with an InfLLM-V2 ``sparse_config`` (sizes positive, windows covering every key,
+    known normaliser and selection rules), or None."""
+    for key in ("block_size", "kernel_size", "kernel_stride", "topk"):
+        if not isinstance(sc[key], int) or isinstance(sc[key], bool) or sc[key] < 1:
+            return f"sparse_config {key} must be an integer >= 1 (got {sc[key]!r})"
+    for key in ("init_blocks", "window_size", "dense_len"):
+        if not isinstance(sc[key], int) or isinstance(sc[key], bool) or sc[key] < 0:
+            return f"sparse_config {key} must be an integer >= 0 (got {sc[key]!r})"
+    if sc["kernel_stride"] > sc["kernel_size"]:
+        return (f"sparse_config kernel_stride={sc['kernel_stride']} exceeds kernel_size={sc['kernel_size']}: "
+                "compressed windows would skip keys")
+    if sc["init_blocks"] > sc["topk"]:
+        return f"sparse_config init_blocks={sc['init_blocks']} exceeds topk={sc['topk']} (topk includes them)"
+    for key, allowed in SPARSE_CHOICES.items():
+        if sc[key] not in allowed:
+            return f"sparse_config {key} must be {' or '.join(allowed)} (got {sc[key]!r})"
+    if not sc["nope_logit_scale_base"] > 1:
+        return f"sparse_config nope_logit_scale_base must be > 1 (got {sc['nope_logit_scale_base']!r})"
+    return None
+
 
 # transformers' own dataclass machinery (strict validation) is used when available (>= 5.0).
 try:
@@ -126,9 +155,12 @@ class SalaHybridConfig(PreTrainedConfig):
         unknown = set(self.sparse_config) - set(SPARSE_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown sparse_config key(s) {sorted(unknown)}; known: {sorted(SPARSE_DEFAULTS)}")
-        for key, allowed in (("dense_len_mode", ("position", "sequence")), ("local_blocks", ("token", "block"))):
-            if self.sparse_config[key] not in allowed:
-                raise ValueError(f"sparse_config {key} must be one of {list(allowed)}, got {self.sparse_config[key]!r}")
+        problem = sparse_config_problem(self.sparse_config)
+        if problem:
+            raise ValueError(problem)
+        chunk = self.lightning_config["chunk_size"]
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ValueError(f"lightning_config chunk_size must be an integer >= 1 (got {chunk!r})")
         unknown = set(self.lightning_config) - set(LIGHTNING_DEFAULTS)
         if unknown:
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..config.ranges import at_least
 from ..config.schema import MISSING, LoggingSettings
 
 KINDS = ("corpus", "train", "select", "convert", "eval")
@@ -23,7 +24,7 @@ class StepSpec:
     kind: str = MISSING
     enabled: bool = True
     recipe: Optional[str] = None
-    tokens: Optional[int] = None
+    tokens: Optional[int] = at_least(1, None)
     args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -42,4 +43,5 @@ class PipelineConfig:
     continue_with: Optional[str] = None  # the stage recipe suggested at the end for going on (on a GPU)
     restart_from: Optional[str] = None  # redo this step and every later one (their folders are deleted)
     dry_run: bool = False  # print the steps with their resolved commands, run nothing
+    overwrite: bool = False  # take over a non-empty output_dir that is not a salatrain pipeline
     logging: LoggingSettings = field(default_factory=LoggingSettings)

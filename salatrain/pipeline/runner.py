@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..eval.report import check_wandb, format_table, write_json_atomic
 from .config import PipelineConfig
+from ..rundir import OutputDir
 from .steps import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -84,16 +85,25 @@ def _wandb(cfg: PipelineConfig) -> dict:
     return {"mode": w.mode, "project": w.project, "entity": w.entity, "group": w.group or cfg.name}
 
 
+def output_dir(cfg: PipelineConfig, base: str | None = None) -> OutputDir:
+    """The pipeline's folder, checked against what it reads: the model, data, held-out text, corpus files."""
+    out = OutputDir(cfg.output_dir, "pipeline", overwrite=cfg.overwrite, reuse=True)
+    inputs = {"model": base or (cfg.model if cfg.model != "smollm2" else None), "data": list(cfg.data),
+              "heldout": list(cfg.heldout)}
+    for name, spec in cfg.steps.items():
+        if spec.kind == "corpus" and isinstance(spec.args.get("sources"), (list, tuple)):
+            inputs[f"steps.{name}.args.sources"] = [str(s) for s in spec.args["sources"]]
+    out.check(inputs)
+    return out
+
+
 def validate(cfg: PipelineConfig) -> tuple[str, list[Step]]:
-    if not cfg.output_dir:
-        raise UserError("missing output_dir=<dir>")
-    out = Path(cfg.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} exists and is not a directory")
+    output_dir(cfg)
     check_wandb(cfg.logging)
     if cfg.restart_from is not None and cfg.restart_from not in cfg.steps:
         raise UserError(f"restart_from={cfg.restart_from!r} is not a step of this pipeline ({', '.join(cfg.steps)})")
     base = resolve_model(cfg.model)
+    output_dir(cfg, base)
     steps = plan_steps(cfg, base)
     for step in steps:
         step.prepared.check()
@@ -107,14 +117,18 @@ def command_line(step: Step) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    t0 = time.time()
     base, steps = validate(cfg)
     if cfg.dry_run:
         for s in steps:
             print(f"[{s.index:02d}] {s.name} ({s.kind}) -> {s.dir}\n    {command_line(s)}")
         return {"dry_run": True, "steps": [s.name for s in steps]}
-    out = Path(cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    with output_dir(cfg, base) as out_dir:
+        return _run(cfg, base, steps, out_dir)
+
+
+def _run(cfg: PipelineConfig, base: str, steps: list[Step], out_dir: OutputDir) -> dict:
+    t0 = time.time()
+    out = out_dir.create().resolve()
     if cfg.restart_from is not None:
         _restart(steps, cfg.restart_from)
     record = {"format": "salatrain.pipeline/1", "name": cfg.name, "model": base, "output_dir": str(out),
@@ -148,7 +162,12 @@ def _run_step(step: Step, n: int, total: int) -> dict:
     row = {"index": step.index, "name": step.name, "kind": step.kind, "dir": str(step.dir),
            "command": command_line(step), "outputs": step.prepared.outputs}
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        try:
+            done = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            done = None
+        if not isinstance(done, dict) or not isinstance(done.get("seconds"), (int, float)):
+            raise UserError(f"{marker} is corrupt; pass restart_from={step.name} to redo that step")
         if done.get("key") != step.key:
             raise UserError(f"step {step.name} in {step.dir} was finished with a different command; pass "
                             f"restart_from={step.name} to redo it and the steps after it, or use a new output_dir")

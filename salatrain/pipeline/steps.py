@@ -207,7 +207,7 @@ def _train(name, spec, step_dir, ctx) -> Prepared:
 def command_config(command: str, ovr: list[str]):
     """The typed config of `salatrain <command> <overrides>`, composed exactly as the CLI does."""
     from ..cli import COMMANDS
-    from ..config.compose import CONFIG_MODULE, compose_config, to_object
+    from ..config.compose import CONFIG_MODULE, check_overrides_used, compose_config, to_object
     from ..config.store import register_schema
 
     mod = importlib.import_module(COMMANDS[command].module)
@@ -215,7 +215,9 @@ def command_config(command: str, ovr: list[str]):
     register_schema(schema, mod.SCHEMA)
     cfg = compose_config(schema, ovr, tuple(getattr(mod, "GROUPS", ())), getattr(mod, "CONFIG_MODULE", CONFIG_MODULE),
                          tuple(getattr(mod, "SEARCHPATH", ())))
-    return mod, to_object(cfg)
+    obj = to_object(cfg)
+    check_overrides_used(mod, obj, ovr)
+    return mod, obj
 
 
 def _command_step(command: str, name: str, args: dict, values: dict, outputs: dict, validate=None) -> Prepared:
@@ -247,7 +249,10 @@ def _select(name, spec, step_dir, ctx) -> Prepared:
         values["model"] = ctx["base"]
         if method in ("halo", "retrieval") and not _given(args, "aligned"):
             values["aligned"] = _need(ctx, "aligned", name, "align (train recipe=halo_align)")
-    if "heldout" in ctx["artifacts"] and not _given(args, "sweep.text.files"):
+    sweeps = "aligned" in values or _given(args, "aligned")
+    if not sweeps:  # the recipe's sweep settings: a method that measures nothing has no sweep to set
+        args = {k: v for k, v in args.items() if not (k == "sweep" or k.startswith("sweep."))}
+    elif "heldout" in ctx["artifacts"] and not _given(args, "sweep.text.files"):
         values["sweep.text.files"] = ctx["artifacts"]["heldout"]
     values.update(_wandb_values(ctx, args))
 

@@ -6,10 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import SelectConfig
-from .selection import select, table
+from .selection import ignored_keys, select, table, validate
 
 SCHEMA = SelectConfig
 CONFIG_MODULE = "salatrain.config"  # the schema alone: conf/'s groups (model/, ...) must not capture `model=`
+
+
+__all__ = ["SCHEMA", "check", "ignored_keys", "run"]
+
+
+def check(cfg: SelectConfig) -> None:
+    validate(cfg)
 
 
 def run(cfg: SelectConfig) -> dict:

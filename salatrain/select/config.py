@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..eval.config import ProbeSettings
+from ..config.ranges import at_least, between, random_seed
 from ..config.schema import LoggingSettings
+from ..eval.config import ProbeSettings
 
 
 @dataclass
@@ -16,8 +17,8 @@ class HeldoutText:
     files: list[str] = field(default_factory=list)
     builtin: str = "pydoc"
     text_field: str = "text"
-    seq_len: int = 1024
-    max_tokens: int = 4096
+    seq_len: int = at_least(2, 1024)
+    max_tokens: int = at_least(2, 4096)
 
 
 @dataclass
@@ -29,8 +30,8 @@ class SweepSettings:
     retrieval_metric: str = "answer_logprob"  # answer_logprob (continuous) | exact_match
     retrieval_tasks: list[str] = field(default_factory=list)  # lm-eval tasks instead of the probes, e.g. ruler_qa_squad
     commonsense_tasks: list[str] = field(default_factory=list)  # lm-eval tasks instead of −loss, e.g. hellaswag
-    lm_eval_limit: Optional[int] = None
-    lm_eval_num_fewshot: Optional[int] = None
+    lm_eval_limit: Optional[int] = at_least(1, None)
+    lm_eval_num_fewshot: Optional[int] = at_least(0, None)
     device: str = "auto"
     dtype: str = "auto"
 
@@ -43,15 +44,15 @@ class SelectConfig:
     model: Optional[str] = None  # the dense base (sweep mode; also gives the layer count for uniform/random)
     aligned: Optional[str] = None  # align-stage output (sweep mode)
     metrics: Optional[str] = None  # {"layers": {"0": {"retrieval": .., "commonsense": ..}, ...}} (metrics mode)
-    num_layers: Optional[int] = None  # uniform/random with neither model nor metrics
+    num_layers: Optional[int] = at_least(1, None)  # uniform/random with neither model nor metrics
     output_dir: Optional[str] = None
     method: str = "halo"  # halo | retrieval | uniform | random
-    ratio: float = 0.25
+    ratio: float = between(0.0, 1.0, 0.25, lo_open=True)
     keep_first: bool = True
     keep_last: bool = True
-    include: list[int] = field(default_factory=list)
-    exclude: list[int] = field(default_factory=list)
-    seed: int = 0  # method=random
+    include: list[int] = at_least(0, [])
+    exclude: list[int] = at_least(0, [])
+    seed: int = random_seed()  # method=random
     sweep: SweepSettings = field(default_factory=SweepSettings)
     overwrite: bool = False
     logging: LoggingSettings = field(default_factory=LoggingSettings)

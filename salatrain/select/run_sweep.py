@@ -13,6 +13,7 @@ from ..eval.loading import check_model_dir, resolve_device, resolve_dtype
 from ..eval.probes import make_samples
 from ..eval.text import BUILTIN, builtin_documents, read_documents, token_windows
 from ..hf_checkpoint import CheckpointDir
+from ..memory import ModelShape, check_sweep_memory
 from .config import SelectConfig
 from .sweep import SweepResult, lm_eval_sweep, sweep
 
@@ -36,6 +37,13 @@ def check_sweep(cfg: SelectConfig) -> None:
         if not Path(f).expanduser().is_file():
             raise UserError(f"text file {f} does not exist")
     check_sweep_settings(cfg.sweep)
+    s = cfg.sweep
+    if not (s.retrieval_tasks and s.commonsense_tasks):
+        p, device = s.probes, resolve_device(s.device)
+        lengths = [] if s.retrieval_tasks else [int(n) for n in p.lengths for _ in range(p.num_samples * len(p.tasks))]
+        text = 0 if s.commonsense_tasks else s.text.max_tokens
+        check_sweep_memory(ModelShape.of(base), lengths, s.text.seq_len if text else 0, text, device,
+                           resolve_dtype(s.dtype, device))
 
 
 def check_sweep_settings(s) -> None:
@@ -59,8 +67,7 @@ def check_sweep_settings(s) -> None:
 
 
 def run_sweep(cfg: SelectConfig):
-    from transformers import AutoTokenizer
-
+    from ..hf_checkpoint import load_tokenizer
     from ..models.loading import dense_config, load_dense_as_hybrid
     from .aligned import AlignedLayers
     from .selection import LayerMetrics
@@ -68,7 +75,7 @@ def run_sweep(cfg: SelectConfig):
     s = cfg.sweep
     base = CheckpointDir(cfg.model)
     aligned = AlignedLayers(cfg.aligned, base, dense_config(base))
-    tok = AutoTokenizer.from_pretrained(base.path)
+    tok = load_tokenizer(base.path)
     samples, windows = _probe_batch(tok, cfg), _heldout(tok, cfg)
     device = resolve_device(s.device)
     model = load_dense_as_hybrid(base, dtype=resolve_dtype(s.dtype, device)).to(device)

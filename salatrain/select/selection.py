@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..eval.report import check_wandb, format_table
+from ..rundir import OutputDir
 from ..tracking import log_wandb_table, wandb_run
-from ..hf_checkpoint import CheckpointDir, atomic_output_dir
 from .config import SelectConfig
 from .methods import METHODS, Constraints, Selection, check_constraints, drops, select_layers
 from .plot import plot_scores
@@ -62,13 +62,35 @@ def mode_of(cfg: SelectConfig) -> str:
     return "none"
 
 
+def output_dir(cfg: SelectConfig) -> OutputDir:
+    out = OutputDir(cfg.output_dir, "select", overwrite=cfg.overwrite)
+    out.check({"model": cfg.model, "aligned": cfg.aligned, "metrics": cfg.metrics,
+               "sweep.text.files": list(cfg.sweep.text.files)})
+    return out
+
+
+def ignored_keys(cfg: SelectConfig) -> dict[str, str]:
+    """Keys the chosen mode does not use (setting one is an error); none while the method itself is wrong."""
+    if cfg.method not in METHODS:
+        return {}
+    out = {}
+    if cfg.metrics:
+        out["num_layers"] = f"with metrics={cfg.metrics} (the metrics file gives the number of layers)"
+    elif cfg.model:
+        out["num_layers"] = f"with model={cfg.model} (the model gives the number of layers)"
+    if not cfg.aligned:
+        out["sweep"] = "without aligned=<align output> (no sweep runs)"
+    if cfg.method != "random":
+        out["seed"] = "unless method=random"
+    if cfg.method == "uniform":
+        for key in ("keep_first", "keep_last"):
+            out[key] = "with method=uniform (it always keeps the first and the last layer)"
+    return out
+
+
 def validate(cfg: SelectConfig) -> tuple[str, int]:
     """Every check that needs no model weights; returns (mode, number of layers)."""
-    if not cfg.output_dir:
-        raise UserError("missing output_dir=<dir>")
-    out = Path(cfg.output_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise UserError(f"output_dir {out} already exists and is not empty; choose another or pass overwrite=true")
+    output_dir(cfg)
     if cfg.method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
     mode = mode_of(cfg)
@@ -182,14 +204,19 @@ def build_plan(cfg: SelectConfig, num_layers: int, metrics: LayerMetrics, sel: S
 
 def select(cfg: SelectConfig) -> dict:
     """Run the selection described by ``cfg``; returns the layer plan (also written to output_dir)."""
-    t0 = time.time()
     mode, num_layers = validate(cfg)
+    with output_dir(cfg) as out:
+        return _select(cfg, mode, num_layers, out)
+
+
+def _select(cfg: SelectConfig, mode: str, num_layers: int, out: OutputDir) -> dict:
+    t0 = time.time()
     metrics = gather(cfg, mode, num_layers)
     sel = select_layers(num_layers, cfg.method, cfg.ratio, constraints_of(cfg), metrics.retrieval,
                         metrics.commonsense, cfg.seed)
     plan = build_plan(cfg, num_layers, metrics, sel)
     plan["cost"] = {**plan["cost"], "seconds_total": round(time.time() - t0, 1)}
-    with atomic_output_dir(Path(cfg.output_dir), overwrite=cfg.overwrite) as tmp:
+    with out.atomic() as tmp:
         (tmp / "layer_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
         if metrics.raw is not None:
             (tmp / "metrics.json").write_text(json.dumps(metrics.raw, indent=2) + "\n")

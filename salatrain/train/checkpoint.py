@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import interrupt
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,9 @@ def write_atomic(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    with interrupt.deferred():
+        os.replace(tmp, path)
+        _fsync(path.parent)
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -94,8 +96,8 @@ class Store:
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
         if pointer.is_file():
-            ckpt = self.root / pointer.read_text().strip()
-            if is_complete(ckpt):
+            ckpt = self.root / pointer.read_text(errors="replace").strip()
+            if ckpt.parent == self.root and is_complete(ckpt):
                 return ckpt
             log.warning("%s names %s, which is not a complete checkpoint; using the newest complete one", pointer, ckpt)
         done = self.complete()
@@ -124,11 +126,13 @@ class Store:
         """Main rank: make the fully written ``.partial/<tag>`` the latest checkpoint, drop old ones."""
         fsync_tree(written)
         final = self.root / written.name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(written, final)
-        _fsync(self.root)
-        write_atomic(self.root / "latest", final.name)
+        interrupt.check()
+        with interrupt.deferred():
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(written, final)
+            _fsync(self.root)
+            write_atomic(self.root / "latest", final.name)
         for old in self.complete()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -151,14 +155,33 @@ def write_state(ckpt: Path, state: TrainState, meta: dict) -> None:
     (ckpt / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is corrupt (not a JSON object); resume from or export another checkpoint "
+                        f"(resume=<{path.parent.parent}/step_N>)")
+    return data
+
+
 def read_state(ckpt: Path) -> TrainState:
-    return TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+    data = _read_json(ckpt / STATE_FILE)
+    try:
+        return TrainState(**data)
+    except TypeError:
+        raise UserError(f"{ckpt / STATE_FILE} does not hold a salatrain trainer state (keys {sorted(data)})") from None
 
 
 def read_meta(ckpt: Path) -> dict:
     if not (ckpt / META_FILE).is_file():
         raise UserError(f"{ckpt} is not a salatrain training checkpoint ({META_FILE} missing)")
-    return json.loads((ckpt / META_FILE).read_text())
+    meta = _read_json(ckpt / META_FILE)
+    missing = [k for k in ("loss", "zero_stage", "precision", "world_size") if k not in meta]
+    if missing:
+        raise UserError(f"{ckpt / META_FILE} lacks {missing}: not a salatrain training checkpoint")
+    return meta
 
 
 def rng_state() -> dict:
@@ -178,7 +201,13 @@ def load_rng(ckpt: Path, rank: int) -> bool:
     path = ckpt / f"rng_rank_{rank}.pt"
     if not path.is_file():
         return False
-    state = torch.load(path, weights_only=False)
+    try:
+        state = torch.load(path, weights_only=False)
+    except OSError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); resume from another "
+                        "checkpoint") from None
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -1,6 +1,6 @@
 """Typed config of `salatrain train` (composed by Hydra from recipes/ and the groups in conf/).
 
-    output_dir, resume        where the run lives; resume=auto|never|<checkpoint dir>
+    output_dir, resume        where the run lives; resume=auto|never|<checkpoint dir>; overwrite
     model, teacher            HF checkpoint dirs (``builtin:tiny-dense`` / ``builtin:tiny-hybrid`` build tiny ones)
     data                      files or hub names, text or chat records, packing seed
     trainer                   steps, sequence length, batch, precision, checkpointing, loss chunking
@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..config.ranges import above, at_least, between, check_ranges, random_seed
 from ..config.schema import WANDB_MODES, LoggingSettings
 from ..data.settings import DataSettings
 from ..errors import UserError
@@ -36,55 +37,55 @@ class TeacherSettings:
 
 @dataclass
 class TrainerSettings:
-    max_steps: int = 100
-    save_every: int = 0  # 0: only at the end
-    seq_len: int = 4096
-    micro_batch_size: int = 1  # packed rows per rank per forward
-    sequence_parallel: int = 1  # ranks that split each row (DeepSpeed Ulysses); data-parallel ranks = ranks / this
-    global_batch_tokens: int = 4096  # tokens per optimizer step over all ranks (seq_len × rows)
+    max_steps: int = at_least(1, 100)
+    save_every: int = at_least(0, 0)  # 0: only at the end
+    seq_len: int = at_least(2, 4096)
+    micro_batch_size: int = at_least(1, 1)  # packed rows per rank per forward
+    sequence_parallel: int = at_least(1, 1)  # ranks splitting each row (DeepSpeed Ulysses); data-parallel = ranks / this
+    global_batch_tokens: int = at_least(2, 4096)  # tokens per optimizer step over all ranks (seq_len × rows)
     precision: str = "bf16"  # bf16 | fp32
     activation_checkpointing: bool = False
-    grad_clip: float = 1.0
-    seed: int = 0
-    max_bad_steps: int = 3  # abort after this many optimizer steps in a row with a non-finite loss
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    loss_chunk_tokens: int = 2048  # lm_head + loss computed this many tokens at a time
+    grad_clip: float = at_least(0.0, 1.0)  # 0: no clipping
+    seed: int = random_seed()
+    max_bad_steps: int = at_least(1, 3)  # abort after this many optimizer steps in a row with a non-finite loss/grad
+    keep_checkpoints: int = at_least(1, 2)
+    log_every: int = at_least(1, 1)
+    loss_chunk_tokens: int = at_least(1, 2048)  # lm_head + loss computed this many tokens at a time
     export: bool = True  # write the HF checkpoint into output_dir at the end
     save_final: bool = True  # false (benchmarks): no checkpoint at the end, hence no export
-    profile_steps: list[int] = field(default_factory=list)  # [first, last]: time phases, then one step's kernels
+    profile_steps: list[int] = at_least(1, [])  # [first, last]: time phases, then one step's kernels
     fuse_elementwise: bool = True  # CUDA: norms, RoPE, SwiGLU and gates as torch.compile'd kernels
 
 
 @dataclass
 class OptimSettings:
-    lr: float = 1e-4  # transferred parameters
-    lr_new: Optional[float] = None  # parameters new in the hybrid (gates, output norm, ...); None: lr
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    lr: float = above(0.0, 1e-4)  # transferred parameters
+    lr_new: Optional[float] = above(0.0, None)  # parameters new in the hybrid (gates, output norm, ...); None: lr
+    weight_decay: float = at_least(0.0, 0.1)
+    betas: list[float] = between(0.0, 1.0, [0.9, 0.95], hi_open=True)
+    eps: float = above(0.0, 1e-8)
     schedule: str = "cosine"  # constant | linear | cosine | wsd | exponential
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # final lr / lr (cosine, linear, wsd, exponential)
-    decay_fraction: float = 0.1  # wsd: the last fraction of steps decays
+    warmup_steps: int = at_least(0, 0)
+    min_lr_ratio: float = between(0.0, 1.0, 0.1)  # final lr / lr (cosine, linear, wsd, exponential)
+    decay_fraction: float = between(0.0, 1.0, 0.1, lo_open=True)  # wsd: the last fraction of steps decays
     wsd_decay: str = "exponential"  # shape of the wsd decay: linear | cosine | exponential
 
 
 @dataclass
 class DeepSpeedSettings:
-    zero_stage: int = 2
+    zero_stage: int = between(0, 3, 2)
     overlap_comm: bool = True
     contiguous_gradients: bool = True
-    reduce_bucket_size: int = 200_000_000
-    allgather_bucket_size: int = 200_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
+    reduce_bucket_size: int = at_least(1, 200_000_000)
+    allgather_bucket_size: int = at_least(1, 200_000_000)
+    stage3_prefetch_bucket_size: int = at_least(0, 50_000_000)
+    stage3_param_persistence_threshold: int = at_least(0, 100_000)
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed config last
 
 
 @dataclass
 class TrainLoggingSettings(LoggingSettings):
-    peak_tflops: Optional[float] = None  # per device, for MFU; None: measured on CUDA, no MFU on CPU
+    peak_tflops: Optional[float] = above(0.0, None)  # per device, for MFU; None: measured on CUDA, no MFU on CPU
 
 
 @dataclass
@@ -106,7 +107,7 @@ class StageSpec:
     trainable: list[str] = field(default_factory=lambda: ["all"])
     teacher: bool = False
     sparse_attention: bool = True
-    kl_temperature: float = 1.0
+    kl_temperature: float = above(0.0, 1.0)
 
 
 @dataclass
@@ -115,6 +116,7 @@ class TrainConfig:
 
     output_dir: Optional[str] = None
     resume: str = "auto"
+    overwrite: bool = False  # take over a non-empty output_dir that is not a salatrain train run
     model: ModelSettings = field(default_factory=ModelSettings)
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -130,15 +132,11 @@ def _choice(value: str, options: tuple[str, ...], key: str) -> None:
         raise UserError(f"{key} must be one of {', '.join(options)} (got {value!r})")
 
 
-def _positive(value: int, key: str) -> None:
-    if value <= 0:
-        raise UserError(f"{key} must be positive (got {value})")
-
-
 def validate(cfg: TrainConfig) -> None:
-    """Cross-field checks that need no files; raises UserError with a one-line message."""
+    """Ranges and cross-field checks that need no files; raises UserError with a one-line message."""
     if not cfg.output_dir:
         raise UserError("missing output_dir=<dir>")
+    check_ranges(cfg)
     if not cfg.model.path and not (cfg.stage.loss == "mse_align" and cfg.teacher.path):
         raise UserError("missing model.path=<HF checkpoint dir>")
     _choice(cfg.stage.loss, LOSSES, "stage.loss")
@@ -148,18 +146,10 @@ def validate(cfg: TrainConfig) -> None:
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _choice(cfg.model.kernel_backend, ("auto", "triton", "torch"), "model.kernel_backend")
     _choice(cfg.data.text_sample_by, ("document", "paragraph", "line"), "data.text_sample_by")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3 (got {cfg.deepspeed.zero_stage})")
-    for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_tokens", "loss_chunk_tokens",
-                "max_bad_steps", "log_every"):
-        _positive(getattr(cfg.trainer, key), f"trainer.{key}")
     prof = list(cfg.trainer.profile_steps)
     if prof and (len(prof) != 2 or not 1 <= prof[0] <= prof[1] < cfg.trainer.max_steps):
         raise UserError(f"trainer.profile_steps takes [first,last] with 1 <= first <= last < trainer.max_steps="
                         f"{cfg.trainer.max_steps} (the step after last is traced), got {prof}")
-    if cfg.trainer.save_every < 0 or cfg.trainer.keep_checkpoints < 1:
-        raise UserError("trainer.save_every must be >= 0 and trainer.keep_checkpoints >= 1")
-    _positive(cfg.trainer.sequence_parallel, "trainer.sequence_parallel")
     if cfg.trainer.seq_len % cfg.trainer.sequence_parallel:
         raise UserError(f"trainer.sequence_parallel={cfg.trainer.sequence_parallel} must divide "
                         f"trainer.seq_len={cfg.trainer.seq_len}")
@@ -170,10 +160,34 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("missing data.files=[<file or dataset>, ...]")
     if (cfg.stage.teacher or cfg.stage.loss == "kl") and not cfg.teacher.path:
         raise UserError(f"stage {cfg.stage.name!r} (loss={cfg.stage.loss}) needs a teacher: pass teacher.path=<dir>")
-    if cfg.stage.kl_temperature <= 0:
-        raise UserError("stage.kl_temperature must be positive")
     if len(cfg.optim.betas) != 2:
         raise UserError("optim.betas takes two values, e.g. [0.9,0.95]")
+
+
+def ignored_keys(cfg: TrainConfig) -> dict[str, str]:
+    """Keys this stage does not use (setting one on the command line is an error)."""
+    out = {}
+    loss, o, ds = cfg.stage.loss, cfg.optim, cfg.deepspeed
+    if loss != "kl":
+        out["stage.kl_temperature"] = f"by loss={loss} (only loss=kl distils with a temperature)"
+    if loss == "mse_align":
+        out["stage.trainable"] = "by loss=mse_align (align trains every Lightning layer)"
+        out["stage.sparse_attention"] = "by loss=mse_align (the aligned layers are all Lightning)"
+        if cfg.teacher.path:
+            out["model.path"] = f"by loss=mse_align when teacher.path is set (the dense base is {cfg.teacher.path})"
+    elif loss != "kl" and not cfg.stage.teacher:
+        out["teacher.path"] = f"by loss={loss} (no teacher)"
+    if o.schedule != "wsd":
+        out["optim.decay_fraction"] = out["optim.wsd_decay"] = f"with optim.schedule={o.schedule} (wsd only)"
+    if o.schedule == "constant":
+        out["optim.min_lr_ratio"] = "with optim.schedule=constant"
+    if ds.zero_stage != 3:
+        for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+            out[f"deepspeed.{key}"] = f"with deepspeed.zero_stage={ds.zero_stage} (ZeRO-3 only)"
+    if ds.zero_stage == 0:
+        for key in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size"):
+            out[f"deepspeed.{key}"] = "with deepspeed.zero_stage=0"
+    return out
 
 
 def rows_per_step(cfg: TrainConfig, dp_size: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ variables are set here). Without CUDA, DeepSpeed runs its CPU accelerator with g
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -75,7 +76,8 @@ def init_distributed() -> Dist:
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully" on CPU
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     world = torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() if cuda else world))
     if not cuda and local_world > 1:
@@ -225,14 +227,23 @@ def release(engines) -> None:
 
 
 def save_checkpoint(engine, save_dir: Path, tag: str) -> None:
-    """Model and optimizer files of every rank under ``save_dir/tag`` (all ranks call this)."""
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state={}, save_latest=False)
+    """Model and optimizer files of every rank under ``save_dir/tag`` (all ranks call this). A failed write
+    (torch.save reports a full disk or a file-size limit as a RuntimeError about stream positions) is an
+    I/O error; the checkpoint being written is never committed."""
+    try:
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state={}, save_latest=False)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise OSError(errno.EIO, f"writing the checkpoint failed ({first})", str(save_dir / tag)) from e
 
 
 def load_checkpoint(engine, ckpt: Path) -> None:
     """Restore model and optimizer states from the checkpoint directory ``ckpt`` (all ranks call this)."""
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    except Exception as e:
+        _unreadable(ckpt, e)
     if path is None:
         raise UserError(f"cannot load the training checkpoint {ckpt} (DeepSpeed found no states there)")
 
@@ -250,10 +261,23 @@ def read_checkpoint_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.T
     ZeRO-3 shards are consolidated from the fp32 optimizer partitions (DeepSpeed's zero_to_fp32); for stages
     0-2 the module states file holds the whole module in its training dtype.
     """
-    if zero_stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        if zero_stage == 3:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
-            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return dict(states["module"])
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+                return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return dict(states["module"])
+    except Exception as e:
+        _unreadable(ckpt, e)
+
+
+def _unreadable(ckpt: Path, e: Exception):
+    """A checkpoint file that cannot be read: an I/O error as it is, anything else (a truncated or corrupt
+    file) as a one-line UserError."""
+    if isinstance(e, (OSError, UserError)) and not isinstance(e, FileNotFoundError):
+        raise e
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    raise UserError(f"cannot read the training checkpoint {ckpt} ({first}); a file is missing, truncated or "
+                    "corrupt: resume from or export another checkpoint") from None

@@ -22,10 +22,12 @@ from typing import Optional
 import torch
 from transformers.initialization import no_init_weights
 
+from .. import interrupt
 from ..convert import minicpm_sala as released
 from ..errors import UserError
-from ..hf_checkpoint import CheckpointDir, atomic_output_dir, copy_side_files
+from ..hf_checkpoint import CheckpointDir, copy_side_files
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
+from ..rundir import OutputDir
 from .checkpoint import find_checkpoint, is_complete, read_meta
 
 log = logging.getLogger(__name__)
@@ -46,26 +48,39 @@ class ExportConfig:
 SCHEMA = ExportConfig
 
 
-def run(cfg: ExportConfig) -> None:
+def check(cfg: ExportConfig) -> tuple[Path, OutputDir]:
+    """The checkpoint to export (for format=minicpm_sala also an HF hybrid directory) and the output directory,
+    checked (nothing written)."""
     if not cfg.checkpoint or not cfg.output_dir:
         raise UserError("usage: salatrain export checkpoint=<checkpoint dir> output_dir=<dir>")
     if cfg.dtype not in ("auto", *DTYPES):
         raise UserError(f"dtype must be auto, bf16 or fp32 (got {cfg.dtype!r})")
     released.check_format(cfg.format)
-    dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
-    if cfg.format == "minicpm_sala" and _is_hybrid_dir(Path(cfg.checkpoint).expanduser()):
-        with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
-            released.export_hf_dir(Path(cfg.checkpoint).expanduser(), tmp, dtype=dtype)
-        print(f"wrote {cfg.output_dir} (minicpm_sala) from {cfg.checkpoint}")
-        return
+    out = OutputDir(cfg.output_dir, "export", overwrite=cfg.overwrite)
+    source = Path(cfg.checkpoint).expanduser()
+    if cfg.format == "minicpm_sala" and _is_hybrid_dir(source):
+        out.check({"checkpoint": cfg.checkpoint})
+        return source, out
     ckpt = find_checkpoint(cfg.checkpoint, "checkpoint")
-    with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
-        if cfg.format == "minicpm_sala":
-            released.check_released(SalaHybridConfig.from_pretrained(ckpt / "hf"))
-            model = build_model(ckpt, dtype)
-            released.write_released(model.config, model.state_dict().items(), tmp, side_files_from=ckpt / "hf")
-        else:
+    out.check({"checkpoint": str(ckpt), "base": read_meta(ckpt).get("base")})
+    if cfg.format == "minicpm_sala":
+        released.check_released(_hybrid_config(ckpt))
+    return ckpt, out
+
+
+def run(cfg: ExportConfig) -> None:
+    ckpt, out = check(cfg)
+    dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    with out, out.atomic() as tmp:
+        if cfg.format == "salatrain":
             export_checkpoint(ckpt, tmp, dtype=dtype)
+        elif _is_hybrid_dir(ckpt):
+            released.export_hf_dir(ckpt, tmp, dtype=dtype)
+        else:
+            model = build_model(ckpt, dtype)
+            state = model.state_dict()
+            _check_finite(ckpt, state)
+            released.write_released(model.config, state.items(), tmp, side_files_from=ckpt / "hf")
     print(f"wrote {cfg.output_dir} ({cfg.format}) from {ckpt}")
 
 
@@ -76,8 +91,15 @@ def _is_hybrid_dir(path: Path) -> bool:
         return False
     try:
         return json.loads(cfg.read_text()).get("model_type") == SalaHybridConfig.model_type
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
+
+
+def _hybrid_config(ckpt: Path) -> SalaHybridConfig:
+    try:
+        return SalaHybridConfig.from_pretrained(ckpt / "hf")
+    except (ValueError, OSError) as e:
+        raise UserError(f"{ckpt / 'hf'}: not a valid hybrid config ({str(e).splitlines()[0]})") from None
 
 
 def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCausalLM:
@@ -89,7 +111,7 @@ def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCa
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     if meta["loss"] == "mse_align":
         student = _with_base(student, meta)
-    config = SalaHybridConfig.from_pretrained(ckpt / "hf")
+    config = _hybrid_config(ckpt)
     with no_init_weights():  # every weight comes from the checkpoint; buffers are built from the config
         model = SalaHybridForCausalLM(config)
     missing, unexpected = model.load_state_dict(student, strict=False)
@@ -118,6 +140,13 @@ def _with_base(aligned: dict, meta: dict) -> dict:
     return state
 
 
+def _check_finite(ckpt: Path, state: dict) -> None:
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{ckpt} holds NaN or inf in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}): the run "
+                        "diverged; nothing exported. Export an earlier checkpoint")
+
+
 def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
     """Write the HF checkpoint of ``ckpt`` into the directory ``out`` (created if needed).
 
@@ -125,6 +154,7 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -
     ``out`` holds either the previous export or the new one as an HF checkpoint.
     """
     model = build_model(ckpt, dtype)
+    _check_finite(ckpt, model.state_dict())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
@@ -135,8 +165,10 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -
             if not (tmp / old.name).exists():
                 old.unlink()
         names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json") + ["config.json"]
-        for name in names:
-            os.replace(tmp / name, out / name)
+        interrupt.check()
+        with interrupt.deferred():
+            for name in names:
+                os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

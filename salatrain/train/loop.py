@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import resource
 import time
@@ -24,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import interrupt
 from ..errors import UserError
-from ..hf_checkpoint import CheckpointDir, copy_side_files
+from ..hf_checkpoint import CheckpointDir, copy_side_files, load_tokenizer
+from ..memory import check_training_memory
 from ..models.modeling_sala_hybrid import set_fused_elementwise
+from ..rundir import OutputDir, write_text_atomic
 from ..tracking import RunLogger
 from . import engine, faults
 from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save_rng, tag, write_state
@@ -61,7 +65,10 @@ def run_stage(cfg: TrainConfig, keep_engine: bool = False) -> TrainResult:
     try:
         result = run.train()
     finally:
-        run.logger.close()
+        try:
+            run.logger.close()
+        finally:
+            run.close()
     if not keep_engine:
         engine.release(result.extras.pop("engines"))
         result.extras.clear()
@@ -74,25 +81,43 @@ class Run:
         self.dist = engine.init_distributed()
         self.sp = SequenceParallel(cfg.trainer.sequence_parallel, self.dist.rank, self.dist.world_size)
         self.out = Path(cfg.output_dir).expanduser().absolute()
+        self.paths = {k: resolve(v) for k, v in (("model", cfg.model.path), ("teacher", cfg.teacher.path))}
+        self.data_files = [resolve(f) for f in cfg.data.files]
+        self.outdir = OutputDir(cfg.output_dir, "train", overwrite=cfg.overwrite, reuse=True)
+        self.outdir.check(run_inputs(cfg, self.paths, self.data_files))
+        _hold_lock(self.outdir, self.dist)
+        try:
+            self._setup()
+        except BaseException:
+            self.outdir.release()
+            raise
+
+    def _setup(self) -> None:
+        """Open every input, then create output_dir (nothing is written there if an input is bad)."""
+        cfg = self.cfg
         self.store = Store(self.out / "checkpoints")
         self.start = self.store.resolve(cfg.resume)
         if self.start is not None:
             self._check_compatible(self.start)
-        self.paths = {k: resolve(v) for k, v in (("model", cfg.model.path), ("teacher", cfg.teacher.path))}
-        self.data_files = [resolve(f) for f in cfg.data.files]
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(_to_yaml(cfg))
         _seed(cfg.trainer.seed)
         self._build_data()
         self._build_stage()
+        check_training_memory(cfg, self._student_config(), self.stage, self.teacher, self.dist)
+        if self.dist.is_main:
+            self.outdir.create()
+            write_text_atomic(self.out / "config.yaml", _to_yaml(cfg))
         self._build_engine()
         self.state = TrainState(seq_len=cfg.trainer.seq_len, data_tokens=self.data.num_tokens)
         if self.start is not None:
             self._restore(self.start)
+        faults.install_nan_grad(self.stage, lambda: self.state.step + 1)
         self.logger = RunLogger(self.out, cfg.logging.wandb, _to_dict(cfg), self.dist.is_main, self.state.step)
         self.profiler = StepProfiler(cfg.trainer.profile_steps, self.dist.device, self.out,
                                      self.rows * cfg.trainer.seq_len)
+
+    def close(self) -> None:
+        """Release the output directory (its lock); the engines are released by the caller."""
+        self.outdir.release()
 
     # ---------------------------------------------------------------------------------------------- setup
 
@@ -104,12 +129,10 @@ class Run:
     def _build_data(self) -> None:
         from dataclasses import replace
 
-        from transformers import AutoTokenizer
-
         from ..data import build_packed
 
         CheckpointDir(self._tokenizer_dir())
-        self.tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir())
+        self.tokenizer = load_tokenizer(self._tokenizer_dir())
         self.tokenizer.model_max_length = 1 << 62
         settings = replace(self.cfg.data, files=self.data_files)
         with engine.local_main_first(self.dist):
@@ -228,6 +251,8 @@ class Run:
         for step in range(self.state.step + 1, cfg.trainer.max_steps + 1):
             with self.profiler.step(step):
                 row = self._train_step(step)
+            faults.poison_weights(step, self.optimizer)
+            interrupt.check()
             last_loss = row["loss"] if row["loss"] is not None else last_loss
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 self.logger.log(row)
@@ -235,6 +260,7 @@ class Run:
                     log.info(_progress(row))
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.max_steps:
                 self.save()
+        self._check_finite()
         ckpt = self.store.latest()
         if cfg.trainer.save_final and (ckpt is None or read_state(ckpt).step != self.state.step):
             ckpt = self.save()
@@ -298,10 +324,13 @@ class Run:
 
     def _account(self, step: int, finite: bool, count: float, totals: dict, lr: float, dt: float) -> dict:
         st, cfg = self.state, self.cfg
+        grad_norm = _float(self.eng.get_global_grad_norm()) if finite else None
+        # a non-finite gradient skips the step too (DeepSpeed's ZeRO/bf16 optimizers, or our AdamW)
+        finite = finite and not self.optimizer.skipped and (grad_norm is None or math.isfinite(grad_norm))
         tokens = self.rows * cfg.trainer.seq_len
         st.step, st.rows, st.tokens = step, st.rows + self.rows, st.tokens + tokens
         row = {"step": step, "loss": float(totals["loss"]) / max(count, 1.0) if finite else None, "lr": lr,
-               "grad_norm": _float(self.eng.get_global_grad_norm()) if finite else None, "tokens": st.tokens,
+               "grad_norm": grad_norm if finite else None, "tokens": st.tokens,
                "tokens_per_s": tokens / dt, "step_time": dt, "mem_gb": _memory_gb(self.dist.device)}
         if self.peak:
             row["mfu"] = self.flops * tokens / dt / (self.peak * 1e12 * self.dist.world_size)
@@ -316,19 +345,34 @@ class Run:
         st.bad_in_row, st.bad_total = st.bad_in_row + 1, st.bad_total + 1
         row.update(skipped=True, bad_steps=st.bad_total)
         if self.dist.is_main:
-            log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", step, st.bad_in_row,
-                        st.bad_total)
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in total)", step,
+                        st.bad_in_row, st.bad_total)
         if st.bad_in_row >= cfg.trainer.max_bad_steps:
             self.logger.log(row)
             last = self.store.latest()
-            raise UserError(f"{st.bad_in_row} steps in a row (up to step {step}) had a non-finite loss "
+            raise UserError(f"{st.bad_in_row} steps in a row (up to step {step}) had a non-finite loss or gradient "
                             f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopped. Last checkpoint: "
                             f"{last or 'none'}; lower optim.lr or check the data")
         return row
 
     # ---------------------------------------------------------------------------------------------- saving
 
+    def _check_finite(self) -> None:
+        """Stop, saving and exporting nothing, when a trained parameter (this rank's optimizer partition, the
+        master copy under ZeRO) holds NaN or inf."""
+        bad = torch.zeros(1, device=self.dist.device)
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                bad += (~torch.isfinite(p.detach())).any().float()
+        if float(engine.all_reduce(bad)[0]) == 0:
+            return
+        last = self.store.latest()
+        raise UserError(f"training diverged: the weights hold NaN or inf after step {self.state.step}; nothing "
+                        f"was saved or exported. Last finite checkpoint: {last or 'none'}; lower optim.lr (or check "
+                        "the data) and train from it")
+
     def save(self) -> Path:
+        self._check_finite()
         partial = self.store.begin(self.dist.is_main)
         engine.barrier()
         name = tag(self.state.step)
@@ -373,8 +417,8 @@ class Run:
 
                 export_checkpoint(ckpt, self.out)
             if align is not None:
-                (self.out / "align_report.json").write_text(json.dumps(align, indent=2))
-            (self.out / "stage_report.json").write_text(json.dumps(report, indent=2))
+                write_text_atomic(self.out / "align_report.json", json.dumps(align, indent=2))
+            write_text_atomic(self.out / "stage_report.json", json.dumps(report, indent=2))
             self.logger.summary({"final_loss": last_loss, "steps": self.state.step})
             log.info("stage %s done: %d steps, final loss %s, outputs in %s", self.cfg.stage.name, self.state.step,
                      f"{last_loss:.5f}" if last_loss is not None else "n/a", self.out)
@@ -397,6 +441,34 @@ class Run:
                 "tokens": self.state.tokens, "steps": self.state.step, "seq_len": self.cfg.trainer.seq_len,
                 "eval_tokens": tokens, "mse": "mean over tokens and hidden units of (lightning - teacher attention "
                                              "output)^2, on the rows after the training rows"}
+
+
+def run_inputs(cfg: TrainConfig, paths: dict | None = None, data_files: list | None = None) -> dict:
+    """The paths a run reads, by config key (output_dir may not overlap any); a resume checkpoint inside
+    output_dir's own checkpoints is the run itself."""
+    paths = paths or {"model": cfg.model.path, "teacher": cfg.teacher.path}
+    inputs = {"model.path": paths["model"], "teacher.path": paths["teacher"],
+              "data.files": list(data_files if data_files is not None else cfg.data.files)}
+    if cfg.resume not in ("auto", "never"):
+        own = Path(cfg.output_dir).expanduser().absolute() / "checkpoints"
+        resume = Path(cfg.resume).expanduser().absolute()
+        if own != resume and own not in resume.parents:
+            inputs["resume"] = cfg.resume
+    return inputs
+
+
+def _hold_lock(outdir: OutputDir, dist) -> None:
+    """Rank 0 takes the run's lock (one per run, whatever the number of ranks); every rank fails alike when
+    another run holds it."""
+    error = None
+    if dist.is_main:
+        try:
+            outdir.lock()
+        except UserError as e:
+            error = str(e)
+    ok = engine.all_reduce(torch.tensor([0.0 if error else 1.0], device=dist.device), "min")
+    if float(ok[0]) < 1:
+        raise UserError(error or f"output_dir {outdir.given} is in use by another salatrain run ({outdir.holder()})")
 
 
 def rank_rows(first: int, micro: int, rank: int, world_size: int, micro_batch: int) -> list[int]:

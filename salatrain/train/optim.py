@@ -99,15 +99,30 @@ def param_groups(named: dict[str, torch.nn.Parameter], trainable: set[str], opt:
 
 
 class AdamW(torch.optim.AdamW):
-    """torch AdamW whose next ``step()`` can be skipped (a step with a non-finite loss leaves parameters and
-    moments untouched, whatever DeepSpeed wrapper calls it)."""
+    """torch AdamW that skips a step (parameters and moments untouched, whatever DeepSpeed wrapper calls it)
+    when told to (``skip_next``: a non-finite loss) or when a gradient it would apply is not finite on any rank
+    (the ranks agree: each checks its own partition, then they reduce). ``skipped`` tells the last step's fate.
+    DeepSpeed's ZeRO and bf16 optimizers already skip a step whose gradient norm is not finite (the loop sees
+    it as an infinite norm); this covers ZeRO-0 in fp32, where DeepSpeed calls this optimizer directly."""
 
     skip_next = False
+    skipped = False
 
     def step(self, closure=None):
-        if self.skip_next:
+        self.skipped = self.skip_next or not self._gradients_finite()
+        if self.skipped:
             return None
         return super().step(closure)
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        ok = torch.ones(1, device=device)
+        for grad in grads:
+            ok *= torch.isfinite(grad).all()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        return bool(ok[0] > 0)
 
 
 def build_optimizer(groups: list[dict], opt: OptimSettings) -> AdamW:

@@ -35,7 +35,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> SalaHybridForCa
     with parameters in ``dtype`` (buffers such as RoPE frequencies and Lightning decays stay fp32)."""
     ckpt = CheckpointDir(path)
     if ckpt.model_type == SalaHybridConfig.model_type:
-        return SalaHybridForCausalLM.from_pretrained(ckpt.path, dtype=dtype)
+        try:
+            return SalaHybridForCausalLM.from_pretrained(ckpt.path, dtype=dtype)
+        except ValueError as e:  # its config.json (mixer types, sparse geometry, ...) does not hold together
+            raise UserError(f"{ckpt.path}: {str(e).splitlines()[0]}") from None
     return _load_dense(ckpt, dtype)
 
 
