@@ -122,6 +122,15 @@ def test_sparse_overrides_apply_over_the_checkpoints_own(sala_dir, tmp_path):
     assert (sc["dense_len_mode"], sc["dense_len"], sc["local_blocks"], sc["block_size"]) == ("position", 64, "block", 8)
 
 
+def test_sparse_overrides_are_checked_against_the_checkpoints_own(sala_dir, tmp_path):
+    out = tmp_path / "h"  # kernel_stride=8 fits salatrain's kernel_size=32, not this checkpoint's 4
+    one_line_error(*run_cli("convert", f"model={sala_dir}", f"output_dir={out}", "sparse.kernel_stride=8"),
+                   "sparse.kernel_stride=8 exceeds kernel_size=4")
+    one_line_error(*run_cli("convert", f"model={sala_dir}", f"output_dir={out}", "sparse.local_blocks=window"),
+                   "sparse.local_blocks must be token or block (got 'window')")
+    assert not out.exists()
+
+
 def _with_config(tmp_path, sala_dir, **changes):
     d = tmp_path / "changed"
     d.mkdir()
@@ -195,6 +204,12 @@ def test_import_then_export_is_bit_exact(sala_dir, imported, tmp_path):
                    "kl_check=false")[0] == 0
     _configs_and_tensors_equal(sala_dir, direct)
     assert json.loads((direct / "conversion_report.json").read_text())["format"]["name"] == "minicpm_sala"
+    for folder, command in ((out, "export"), (direct, "convert")):
+        assert json.loads((folder / ".salatrain.json").read_text())["command"] == command
+    assert not (direct / ".salatrain").exists()
+    one_line_error(*run_cli("export", f"checkpoint={imported}", "format=minicpm_sala",
+                            f"output_dir={imported / 'back'}"), "never writes into its inputs")
+    assert not (imported / "back").exists()
 
 
 EXPORT_ERRORS = {
