@@ -49,9 +49,10 @@ def _compare(name, fn, ref, inputs, dtype, generator):
 
 
 def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int = 1, head_dim: int = 64,
-              seq_len: int = 200) -> None:
+              seq_len: int = 200, dense_len_mode: str = "position", local_blocks: str = "token") -> None:
     """``what`` is "lightning_attn" or "infllmv2_attn"; raises KernelSelfTestError on mismatch. ``seq_len``
-    (Lightning) spans several chunks; InfLLM-V2 always uses 512 tokens so that its sparse path runs.
+    (Lightning) spans several chunks; InfLLM-V2 always uses 512 tokens so that its sparse path runs, under the
+    selection rules ``dense_len_mode`` and ``local_blocks`` (the caller's, which select the kernel variants).
 
     It runs its own forward and backward, so it needs grad mode and must not run inside another autograd
     context (``no_grad``, ``inference_mode``, an activation-checkpointed region): call it from a thread of its
@@ -89,7 +90,7 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
         from .infllm_v2 import infllmv2_attn, infllmv2_attn_torch
 
         params = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=2, window_size=64,
-                      dense_len=128)
+                      dense_len=128, dense_len_mode=dense_len_mode, local_blocks=local_blocks)
         t = 512
         q = torch.randn(1, t, num_heads, head_dim, device=device, generator=g)
         k, v = (torch.randn(1, t, num_kv_heads, head_dim, device=device, generator=g) for _ in range(2))

@@ -28,6 +28,12 @@ Selection is not differentiated (indices are constants): gradients flow through 
 When the visible set covers every block (t < K · B_s) the output equals dense causal attention. Heads of a
 GQA group share the visible blocks. No RoPE is applied here.
 
+Two rules have a second form, MiniCPM-SALA's released one (DESIGN §5), on every backend and stage that uses it:
+  dense_len_mode = "position" (above) | "sequence": every query of a document whose keys number >= dense_len
+                   selects blocks, none of a shorter one (a prefill and step-by-step decoding then differ);
+  local_blocks   = "token" (step 4 above) | "block": the query's block and the window_size // B_s blocks before
+                   it score +inf.
+
 Public API (each has a pure-PyTorch reference of the same signature, ``*_torch`` in naive.py, which is what
 backend="torch" runs and what the model runs without the kernels):
   infllmv2_attn(q, k, v, ...)                 the full op (interface.py)
@@ -42,6 +48,10 @@ How it runs (Triton; details in each module):
              window computed once (exact ties between neighbouring blocks survive); fp32 scores in row chunks.
   selection  per (query, group) row in registers: forcing, order-preserving integer keys, 32-step bitwise
              search of the K-th largest, ties to the lowest index, ascending compaction.
+  rules      constexpr switches, so salatrain's default forms compile as before: BLOCK_LOCAL (the forced local
+             window, in selection and in the local tile kernels' window), PER_ROW_DENSE (sequence rule with
+             documents on both sides of dense_len: each document's threshold from a table; otherwise one scalar,
+             0 for a long document).
   attention  the local window (and the dense prefix) through flash-style tiles of consecutive queries, the
              chosen blocks before the window gathered per (query, group) with the G heads as tl.dot rows; the
              two softmax parts merged through fp32 partials. Backward: dq the same way; dk/dv of gathered

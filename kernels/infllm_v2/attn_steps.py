@@ -1,7 +1,7 @@
-"""The steps the attention kernels (window.py, gather.py; score.py uses the softmax update) share, as
-@triton.jit helpers inlined where they are called: the online-softmax update in the exp2 domain, the backward
-inputs of a set of query rows, the K/V tile of a dk/dv program, the dq and dk/dv accumulations, and the atomic
-dk/dv store.
+"""The steps the attention kernels (window.py, gather.py; score.py uses the softmax update, selection.py the local
+window) share, as @triton.jit helpers inlined where they are called: the first block of a sparse row's local
+window under either rule, the online-softmax update in the exp2 domain, the backward inputs of a set of query
+rows, the K/V tile of a dk/dv program, the dq and dk/dv accumulations, and the atomic dk/dv store.
 
 Softmax statistics are log2-sum-exp2 values ("lse2") of scale·q·k·log2(e); a row without any visible key has
 lse2 = +inf, which makes its output and its gradients 0.
@@ -12,6 +12,17 @@ import triton
 import triton.language as tl
 
 from ..utils import row_max, row_sum
+
+
+@triton.jit
+def first_local_block(t, BS: tl.constexpr, WIN: tl.constexpr, BLOCK_LOCAL: tl.constexpr):
+    """First block of the local window of a query at position t (the window ends at t's block): the block holding
+    t - WIN + 1 (local_blocks="token"), or WIN // BS blocks before t's block (BLOCK_LOCAL, "block")."""
+    if BLOCK_LOCAL:
+        first = tl.maximum(t // BS - WIN // BS, 0)
+    else:
+        first = tl.maximum(t - WIN + 1, 0) // BS
+    return first
 
 
 @triton.jit

@@ -2,7 +2,9 @@
 
 A development check for CPU machines: the interpreter runs the kernels' logic but not the GPU compiler, which is
 where tile shapes, layouts, register pressure and shared-memory limits fail. Uses Triton's bundled ptxas and the
-production launch settings (bf16, G = 16, D = 128, block 64; the fp32 test tiles; small groups; selection).
+production launch settings (bf16, G = 16, D = 128, block 64; the fp32 test tiles; small groups; selection), each
+local-window and selection kernel also in its variants for the released rules ("block": local_blocks=block,
+"perrow": the sequence rule with documents on both sides of dense_len).
 Pointer and stride arguments are marked divisible by 16, as the JIT specializes them at launch.
 
     TRITON_INTERPRET=0 python -m salatrain_kernels.infllm_v2.compile_check [name-filter ...]
@@ -109,29 +111,42 @@ def jobs():
         common = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr"),
                   **_ptrs("fp32", "lse_ptr", "part_o_ptr", "part_lse_ptr", "delta_ptr", "part_ptr", "dk_ptr",
                           "dv_ptr"),
-                  **_ptrs("i32", "tile_row0_ptr", "tile_nrows_ptr", "row_pos_ptr", "row_kbase_ptr", "ktile_doc_ptr",
-                          "ktile_start_ptr", "doc_kstart_ptr", "doc_len_ptr", "doc_qstart_ptr", "doc_qpos0_ptr",
-                          "doc_qend_ptr"),
+                  **_ptrs("i32", "tile_row0_ptr", "tile_nrows_ptr", "row_pos_ptr", "row_kbase_ptr", "row_dense_ptr",
+                          "ktile_doc_ptr", "ktile_start_ptr", "doc_kstart_ptr", "doc_len_ptr", "doc_qstart_ptr",
+                          "doc_qpos0_ptr", "doc_qend_ptr", "doc_dense_ptr"),
                   **_ints("n_tiles", "part_row_base", "dense_len", "stride_qr", "stride_qh", "stride_kr", "stride_kh",
                           "stride_or", "stride_oh", "stride_lr", "stride_pr", "stride_ph", "stride_plr", "stride_dkr",
                           "stride_dkh"), "scale_log2": "fp32", "scale": "fp32"}
-        for win, part in ((2048, True), (0, False)):
-            local = dict(G=16, D=128, BD=128, BN=bn, BS=64, WIN=win, PREC=prec)
-            out.append((f"local_fwd {dt} win{win}", W._local_fwd_kernel, common, dict(local, BM=bm, HAS_PART=part),
+        for win, part, block, per_row in _local_variants(small):
+            local = dict(G=16, D=128, BD=128, BN=bn, BS=64, WIN=win, PREC=prec, BLOCK_LOCAL=block,
+                         PER_ROW_DENSE=per_row)
+            tag = f"win{win}" + (" block" if block else "") + (" perrow" if per_row else "")
+            out.append((f"local_fwd {dt} {tag}", W._local_fwd_kernel, common, dict(local, BM=bm, HAS_PART=part),
                         [(8, 2)] if small else [(8, 3), (8, 2)]))
-            out.append((f"local_dq {dt} win{win}", W._local_dq_kernel, common, dict(local, BM=bmq, HAS_PART=part),
+            out.append((f"local_dq {dt} {tag}", W._local_dq_kernel, common, dict(local, BM=bmq, HAS_PART=part),
                         [(4, 2)]))
-            out.append((f"local_dkdv {dt} win{win}", W._local_dkdv_kernel, common, dict(local, BM=bmq, NSPLIT=4),
+            out.append((f"local_dkdv {dt} {tag}", W._local_dkdv_kernel, common, dict(local, BM=bmq, NSPLIT=4),
                         [(8, 2)]))
         out.append((f"delta {dt}", PL._delta_kernel, {**_ptrs(dt, "o_ptr", "do_ptr"), **_ptrs("fp32", "delta_ptr"),
                     "n": "i32"}, dict(D=128, BD=128, BLOCK=64), [(4, 2)]))
-    sel_args = {**_ptrs("fp32", "score_ptr", "tail_ptr"), **_ptrs("i32", "idx_ptr", "row_pos_ptr"),
+    sel_args = {**_ptrs("fp32", "score_ptr", "tail_ptr"), **_ptrs("i32", "idx_ptr", "row_pos_ptr", "row_dense_ptr"),
                 **_ints("row_lo", "row_hi", "score_row_base", "num_blocks", "dense_len", "stride_sh", "stride_sr",
                         "stride_ih", "stride_ir")}
     for name, nbp, br, warps in (("select 128K", 2048, 2, 8), ("select 512K", 8192, 1, 8), ("select 1M", 16384, 1, 16)):
-        consts = dict(BS=64, INIT=1, WIN=2048, K=96, KP=128, NBP=nbp, BR=br, SKIP_DENSE=True, HAS_TAIL=True)
-        out.append((name, SEL._select_kernel, sel_args, consts, [(warps, 2)]))
+        for block, per_row in ((False, False), (True, True)):
+            consts = dict(BS=64, INIT=1, WIN=2048, K=96, KP=128, NBP=nbp, BR=br, SKIP_DENSE=True, HAS_TAIL=True,
+                          BLOCK_LOCAL=block, PER_ROW_DENSE=per_row)
+            tag = " block perrow" if block else ""
+            out.append((name + tag, SEL._select_kernel, sel_args, consts, [(warps, 2)]))
     return out
+
+
+def _local_variants(small: bool):
+    """(WIN, HAS_PART, BLOCK_LOCAL, PER_ROW_DENSE) of the local-window kernels: salatrain's rules with and without
+    the window split, and the released rules' variants (all of them for the production tiles)."""
+    rules = [(False, False), (True, True)] if small else [(False, False), (True, False), (False, True), (True, True)]
+    split = [(2048, True, block, per_row) for block, per_row in rules]
+    return split + [(0, False, False, per_row) for per_row in (False, True)]
 
 
 def main(filters: list[str]) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import resolve_backend
-from .layout import DocLayout
+from .layout import DenseRows, DocLayout, dense_until
 from .naive import infllmv2_attn_torch
 from .params import SparseParams, check_qkv
 from .plan import AttnPlan, SparseAttnFn, window_split_exact
@@ -25,7 +25,8 @@ def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
                  score_budget_bytes: int = SCORE_BUDGET_BYTES):
     """Score the sparse rows chunk by chunk; yields (own, tail or None, first row, end row) per chunk."""
     scorer = BlockScorer(q3, k3, layout, params, scale)
-    host_tiles = layout.tiles(scorer.rows_per_tile, params.dense_len, on_device=False)
+    sparse_from = dense_until(layout.length, params.dense_len, params.dense_len_mode)
+    host_tiles = layout.tiles(scorer.rows_per_tile, sparse_from, on_device=False)
     row0 = host_tiles[0]
     if row0.numel() == 0:
         return
@@ -52,8 +53,9 @@ def select_blocks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
     min(topk + window / block_size, blocks of the longest document): a larger K would select every block."""
     k = min(params.num_selected, layout.max_blocks(params.block_size))
     block_idx = torch.full((k3.shape[1], layout.num_rows, k), -1, dtype=torch.int32, device=q3.device)
+    dense = DenseRows.build(layout, params.dense_len, params.dense_len_mode)
     for own, tail, row_lo, row_hi in score_chunks(q3, k3, layout, params, scale, score_budget_bytes):
-        select_rows(own, tail, row_lo, block_idx, layout, params, row_lo, row_hi, skip_dense=True)
+        select_rows(own, tail, row_lo, block_idx, layout, params, row_lo, row_hi, dense=dense)
     return block_idx
 
 
@@ -75,10 +77,14 @@ def infllmv2_attn(
     backend: str = "auto",
     coarse_kernel_size: int | None = None,
     coarse_kernel_stride: int | None = None,
+    dense_len_mode: str = "position",
+    local_blocks: str = "token",
     dense_prefix_sdpa: bool = True,
 ) -> torch.Tensor:
     """InfLLM-V2 sparse attention; o has q's shape and dtype. Semantics: see the package docstring.
 
+    dense_len_mode, local_blocks: salatrain's forms of the two rules ("position", "token") or MiniCPM-SALA's
+    released ones ("sequence", "block"); both backends take all four combinations.
     backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton", "torch".
     dense_prefix_sdpa: for 16-bit padded batches with Tq = Tk on CUDA, run the dense prefix (t < dense_len)
     through torch SDPA (FlashAttention) instead of the Triton dense kernel; fp32, varlen and Tq < Tk always
@@ -89,23 +95,25 @@ def infllmv2_attn(
         block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, init_blocks=init_blocks,
         topk=topk, window_size=window_size, dense_len=dense_len, normalizer=normalizer,
         coarse_kernel_size=coarse_kernel_size, coarse_kernel_stride=coarse_kernel_stride,
+        dense_len_mode=dense_len_mode, local_blocks=local_blocks,
     )
     if resolve_backend(backend, q) == "torch":
         return infllmv2_attn_torch(
             q, k, v, block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
             init_blocks=init_blocks, topk=topk, window_size=window_size, dense_len=dense_len, scale=scale,
             cu_seqlens=cu_seqlens, normalizer=normalizer, coarse_kernel_size=coarse_kernel_size,
-            coarse_kernel_stride=coarse_kernel_stride,
+            coarse_kernel_stride=coarse_kernel_stride, dense_len_mode=dense_len_mode, local_blocks=local_blocks,
         )
     problem = params.geometry_problem()
     if problem:
         raise ValueError(f"{problem} (use backend='torch')")
     seqlen_q, dim = q.shape[1], q.shape[3]
     scale = dim**-0.5 if scale is None else scale
-    prefix = min(dense_len, seqlen_q)
+    prefix = min(dense_until([k.shape[1]], dense_len, dense_len_mode)[0], seqlen_q)
     fast_dtype = q.dtype in (torch.float16, torch.bfloat16)
     if dense_prefix_sdpa and fast_dtype and cu_seqlens is None and seqlen_q == k.shape[1] and q.is_cuda and prefix > 0:
-        # positions < dense_len see only keys < dense_len: the prefix is plain causal attention
+        # the dense rows (positions < dense_len; under the sequence rule all or none) see only keys before the
+        # first sparse row: the prefix is plain causal attention
         parts = [dense_causal_sdpa(q[:, :prefix], k[:, :prefix], v[:, :prefix], scale)]
         if prefix < seqlen_q:
             parts.append(_sparse(q[:, prefix:], k, v, None, params, scale))
@@ -131,7 +139,9 @@ def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float):
         q3 = q.detach().contiguous().view(batch * seqlen_q, heads, dim)
         k3 = k.detach().contiguous().view(-1, kv_heads, dim)
         block_idx = select_blocks(q3, k3, layout, params, scale)
-    split = window_split_exact(params.init_blocks, params.topk, params.window_size, params.block_size)
+    split = window_split_exact(params.init_blocks, params.topk, params.window_size, params.block_size,
+                               params.local_blocks)
     plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, params.block_size, scale, params.dense_len,
-                    local_window=params.window_size if split else 0)
+                    local_window=params.window_size if split else 0, dense_len_mode=params.dense_len_mode,
+                    local_blocks=params.local_blocks)
     return SparseAttnFn.apply(q, k, v, block_idx, plan)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 
 
+Bound = int | list[int]  # a position bound: one for every document, or one per document
+
+
 def _int32(values, device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.int32).to(device)
 
@@ -83,23 +86,26 @@ class DocLayout:
     def _docs(self, values: list[int]) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.int64)
 
-    def _row_ranges(self, pos_lo: int, pos_hi: int, row_lo: int, row_hi: int):
+    def _bound(self, bound: Bound) -> torch.Tensor:
+        return torch.tensor(bound, dtype=torch.int64) if isinstance(bound, int) else self._docs(bound)
+
+    def _row_ranges(self, pos_lo: Bound, pos_hi: Bound, row_lo: int, row_hi: int):
         """Per document (CPU int64): first row, first position and number of the queries with position in
-        [pos_lo, pos_hi) and row in [row_lo, row_hi)."""
+        [pos_lo, pos_hi) (each bound one int, or one per document) and row in [row_lo, row_hi)."""
         qs, p0, n = self._docs(self.qstart), self._docs(self.qpos0), self._docs(self.qlen)
-        lo = torch.maximum(torch.clamp(p0, min=pos_lo), p0 + row_lo - qs)
-        hi = torch.minimum(torch.clamp(p0 + n, max=pos_hi), p0 + row_hi - qs)
+        lo = torch.maximum(torch.maximum(p0, self._bound(pos_lo)), p0 + row_lo - qs)
+        hi = torch.minimum(torch.minimum(p0 + n, self._bound(pos_hi)), p0 + row_hi - qs)
         count = torch.clamp(hi - lo, min=0)
         return qs + lo - p0, lo, count
 
-    def rows(self, pos_lo: int = 0, pos_hi: int = 2**62, row_lo: int = 0, row_hi: int = 2**62) -> torch.Tensor:
+    def rows(self, pos_lo: Bound = 0, pos_hi: Bound = 2**62, row_lo: int = 0, row_hi: int = 2**62) -> torch.Tensor:
         """Query rows with position in [pos_lo, pos_hi) (and row in [row_lo, row_hi)), latest positions first."""
         first_row, first_pos, count = self._row_ranges(pos_lo, pos_hi, row_lo, row_hi)
         rows, pos = cat_ranges(first_row, count), cat_ranges(first_pos, count)
         order = torch.argsort(pos, descending=True, stable=True)
         return rows[order].int().to(self.device)
 
-    def tiles(self, tile: int, pos_lo: int = 0, pos_hi: int = 2**62, row_lo: int = 0, row_hi: int = 2**62,
+    def tiles(self, tile: int, pos_lo: Bound = 0, pos_hi: Bound = 2**62, row_lo: int = 0, row_hi: int = 2**62,
               on_device: bool = True):
         """Tiles of up to `tile` consecutive query rows of one document (positions in [pos_lo, pos_hi), rows in
         [row_lo, row_hi)). Returns int32 tensors (first row, rows in tile, document), ascending rows, on the
@@ -139,6 +145,53 @@ class DocLayout:
         end = torch.repeat_interleave(kstart + length, per_doc)
         base = torch.cumsum(per_doc, 0) - per_doc
         return base.tolist(), first.int().to(self.device), end.int().to(self.device)
+
+
+def dense_until(lengths: list[int], dense_len: int, dense_len_mode: str) -> list[int]:
+    """Per document of `lengths` keys: its queries at positions below the entry attend densely (see DenseRows)."""
+    if dense_len_mode == "sequence":
+        return [0 if n >= dense_len else dense_len for n in lengths]
+    return [dense_len] * len(lengths)
+
+
+@dataclass
+class DenseRows:
+    """Which query rows attend densely: a row at position t is dense iff t < `until` of its document.
+
+    Position rule: until = dense_len for every document. Sequence rule (MiniCPM-SALA): 0 for a document holding
+    dense_len keys or more (every query selects blocks), dense_len for a shorter one (no query reaches it). The
+    kernels take one scalar `dense_len` when every document agrees (always under the position rule, and in
+    padded batches); otherwise PER_ROW_DENSE with int32 tables by row (`row_dense_ptr`) and by document
+    (`doc_dense_ptr`), which `kernel_args` supplies (placeholders when unused).
+    """
+
+    until: list[int]
+    per_row: bool
+    row_table: torch.Tensor
+    doc_table: torch.Tensor
+
+    @classmethod
+    def build(cls, layout: DocLayout, dense_len: int, dense_len_mode: str = "position") -> "DenseRows":
+        until = dense_until(layout.length, dense_len, dense_len_mode)
+        if len(set(until)) <= 1:
+            return cls(until, False, layout.row_pos, layout.row_pos)
+        doc = layout.doc_tensor(until)
+        counts = layout.doc_tensor(layout.qlen).long()
+        return cls(until, True, torch.repeat_interleave(doc, counts, output_size=layout.num_rows), doc)
+
+    @property
+    def scalar(self) -> int:
+        """The one threshold of every document (0 with per-row tables; the kernels then read those)."""
+        return 0 if self.per_row or not self.until else self.until[0]
+
+    def has_sparse(self, layout: DocLayout) -> bool:
+        return any(p0 + n > u for p0, n, u in zip(layout.qpos0, layout.qlen, self.until))
+
+    def kernel_args(self, doc: bool = False) -> dict:
+        """dense_len, the table of rows (or of documents, for key-tile kernels) and PER_ROW_DENSE."""
+        table = self.doc_table if doc else self.row_table
+        return {"dense_len": self.scalar, ("doc_dense_ptr" if doc else "row_dense_ptr"): table,
+                "PER_ROW_DENSE": self.per_row}
 
 
 def cat_ranges(starts: torch.Tensor, counts: torch.Tensor, step: int = 1) -> torch.Tensor:

@@ -23,6 +23,12 @@ A query at position t < dense_len attends densely. Otherwise (selection is share
 Selection is not differentiated; gradients flow through step 5. Query rows are processed in chunks of
 ROW_BUDGET // (Tk · HQ) rows, so masks, scores and attention weights take O(T) extra memory per step.
 Attention runs in the inputs' dtype; block scores in fp32.
+
+Two rules have a second form, MiniCPM-SALA's released one (DESIGN §5):
+  dense_len_mode  "position": a query at position t is sparse iff t >= dense_len (prefill = decoding);
+                  "sequence": every query of a document is sparse iff its keys so far number >= dense_len
+  local_blocks    "token": the blocks holding the last window_size tokens up to t are forced visible;
+                  "block": the query's block and the window_size/block_size blocks before it
 """
 
 from __future__ import annotations
@@ -54,15 +60,20 @@ def infllmv2_attn_torch(
     normalizer: str = "exact",
     coarse_kernel_size: int | None = None,
     coarse_kernel_stride: int | None = None,
+    dense_len_mode: str = "position",
+    local_blocks: str = "token",
 ) -> torch.Tensor:
     """The full op. q [B, Tq, HQ, D]; k, v [B, Tk, HKV, D] with Tq <= Tk. Returns o [B, Tq, HQ, D] in q's dtype."""
+    check_rules(dense_len_mode, local_blocks)
     scoring = dict(kernel_size=kernel_size, kernel_stride=kernel_stride, normalizer=normalizer,
                    coarse=(coarse_kernel_size, coarse_kernel_stride))
-    selection = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size)
+    selection = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size,
+                     local_blocks=local_blocks)
+    dense = (dense_len, dense_len_mode)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs = []
     for qs, ks in _spans(q.shape[0], q.shape[1], k.shape[1], cu_seqlens):
-        outs.append(_attend_document(q[:, qs], k[:, ks], v[:, ks], scale, dense_len, scoring, selection))
+        outs.append(_attend_document(q[:, qs], k[:, ks], v[:, ks], scale, dense, scoring, selection))
     return torch.cat(outs, dim=1)
 
 
@@ -106,10 +117,12 @@ def infllmv2_select_torch(
     topk: int = 64,
     window_size: int = 2048,
     cu_seqlens: torch.Tensor | None = None,
+    local_blocks: str = "token",
 ) -> torch.Tensor:
     """Stage (b), step 4: block_scores [B, HKV, Tq, NBM] -> visible blocks [B, HKV, Tq, K] int32, ascending,
     −1 padded; K = topk + window_size // block_size. The queries are the last Tq of seqlen_k (default Tq)
-    positions."""
+    positions; local_blocks picks the form of the forced local window."""
+    check_rules("position", local_blocks)
     batch, kv_heads, seqlen_q, _ = block_scores.shape
     seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
     num_selected = topk + window_size // block_size
@@ -119,7 +132,7 @@ def infllmv2_select_torch(
         pos = _positions(qs.stop - qs.start, tk, block_scores.device)
         scores = block_scores[:, :, qs, : _num_blocks(tk, block_size)].float()
         chosen = select_blocks(scores, pos, block_size=block_size, init_blocks=init_blocks, topk=topk,
-                               window_size=window_size)
+                               window_size=window_size, local_blocks=local_blocks)
         out[:, :, qs] = _block_lists(chosen, num_selected)
     return out
 
@@ -134,10 +147,13 @@ def infllmv2_block_attn_torch(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     dense_len: int = 0,
+    dense_len_mode: str = "position",
 ) -> torch.Tensor:
     """Stage (c), step 5: attention of each query over the blocks listed for its group (block_idx [B, HKV, Tq,
-    K], any order, −1 = unused), causal. Queries at position < dense_len ignore their list and attend to every
-    key <= t; a query with no visible key outputs 0."""
+    K], any order, −1 = unused), causal. Dense queries (position < dense_len; under dense_len_mode="sequence"
+    every query of a document shorter than dense_len) ignore their list and attend to every key <= t; a query
+    with no visible key outputs 0."""
+    check_rules(dense_len_mode, "token")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs = []
     for qs, ks in _spans(q.shape[0], q.shape[1], k.shape[1], cu_seqlens):
@@ -145,26 +161,29 @@ def infllmv2_block_attn_torch(
         tk = kd.shape[1]
         pos = _positions(qd.shape[1], tk, q.device)
         nb = _num_blocks(tk, block_size)
+        dense = ~sparse_queries(pos, tk, dense_len, dense_len_mode)
         for rows in _row_chunks(qd.shape[1], tk * q.shape[2]):
             p = pos[rows]
             listed = _keys_in_blocks(_block_mask(idx[:, :, rows], nb), tk, block_size)
-            visible = _causal(p, tk) & (listed | (p < dense_len).view(-1, 1))
+            visible = _causal(p, tk) & (listed | dense[rows].view(-1, 1))
             outs.append(masked_attention(qd[:, rows], kd, vd, visible, scale))
     return torch.cat(outs, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- the full op
-def _attend_document(q, k, v, scale, dense_len, scoring, selection):
-    """One document (or a batch of equal-length rows): q its last Tq positions, k/v all Tk. Row chunks."""
+def _attend_document(q, k, v, scale, dense, scoring, selection):
+    """One document (or a batch of equal-length rows): q its last Tq positions, k/v all Tk. Row chunks.
+    dense = (dense_len, dense_len_mode)."""
     tq, tk = q.shape[1], k.shape[1]
     pos = _positions(tq, tk, q.device)
     block_size = selection["block_size"]
-    compressed = compressed_keys(k, **scoring) if tk > dense_len else None
+    is_sparse = sparse_queries(pos, tk, *dense)
+    compressed = compressed_keys(k, **scoring) if bool(is_sparse.any()) else None
     out = []
     for rows in _row_chunks(tq, tk * q.shape[2]):
         p, qc = pos[rows], q[:, rows]
         visible = _causal(p, tk).view(1, 1, len(p), tk).expand(q.shape[0], k.shape[2], -1, -1)
-        sparse = p >= dense_len
+        sparse = is_sparse[rows]
         if compressed is not None and bool(sparse.any()):
             ps = p[sparse]
             scores = block_scores(qc[:, sparse], ps, compressed, scale, _num_blocks(tk, block_size), block_size)
@@ -253,11 +272,11 @@ def block_scores_from_windows(win, num_blocks, block_size, kernel_size, kernel_s
 
 
 # ------------------------------------------------------------------------------------ step 4: selection
-def select_blocks(scores, pos, *, block_size, init_blocks, topk, window_size):
+def select_blocks(scores, pos, *, block_size, init_blocks, topk, window_size, local_blocks="token"):
     """Visible-block indicator [B, HKV, Tq, NB] (bool) from block scores and query positions (step 4)."""
     nb = scores.shape[-1]
     blk = torch.arange(nb, device=scores.device)
-    first_local = ((pos - window_size + 1).clamp(min=0) // block_size).view(-1, 1)
+    first_local = first_local_block(pos, block_size, window_size, local_blocks).view(-1, 1)
     cur = (pos // block_size).view(-1, 1)
     forced = (blk.view(1, -1) < init_blocks) | ((blk >= first_local) & (blk <= cur))
     future = blk.view(1, -1) > cur
@@ -303,6 +322,47 @@ def masked_attention(q, k, v, visible, scale):
     if empty_rows:
         o = o * has_key.unsqueeze(2)
     return o.permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+
+
+# ----------------------------------------------------------------------------- the two forms of two rules
+DENSE_LEN_MODES = ("position", "sequence")
+LOCAL_BLOCK_RULES = ("token", "block")
+DEFAULT_RULES = {"dense_len_mode": "position", "local_blocks": "token"}
+
+
+def check_rules(dense_len_mode: str, local_blocks: str) -> None:
+    if dense_len_mode not in DENSE_LEN_MODES:
+        raise ValueError(f"dense_len_mode must be one of {', '.join(DENSE_LEN_MODES)}, got {dense_len_mode!r}")
+    if local_blocks not in LOCAL_BLOCK_RULES:
+        raise ValueError(f"local_blocks must be one of {', '.join(LOCAL_BLOCK_RULES)}, got {local_blocks!r}")
+
+
+def sparse_queries(pos: torch.Tensor, num_keys: int, dense_len: int, dense_len_mode: str) -> torch.Tensor:
+    """Which queries (document positions ``pos`` [Tq], ``num_keys`` keys so far) select blocks: bool [Tq].
+
+    position: t >= dense_len, so a query's rule never depends on what follows it.
+    sequence: all of them once the document holds dense_len keys (MiniCPM-SALA), none before; a query at
+    t < dense_len is then dense while decoding and sparse in a prefill of dense_len tokens or more.
+    """
+    if dense_len_mode == "sequence":
+        return torch.full_like(pos, num_keys >= dense_len, dtype=torch.bool)
+    return pos >= dense_len
+
+
+def dense_prefix_len(dense_len: int, dense_len_mode: str) -> int:
+    """The longest fresh sequence (no cache) whose queries all attend densely."""
+    return dense_len - 1 if dense_len_mode == "sequence" else dense_len
+
+
+def first_local_block(pos: torch.Tensor, block_size: int, window_size: int, local_blocks: str) -> torch.Tensor:
+    """First block forced visible as local context for queries at ``pos``; the local run ends at the query's block.
+
+    token: the block holding token t - window_size + 1 (32 or 33 blocks for SALA's values);
+    block: window_size / block_size blocks before the query's block (always 33 for SALA's values).
+    """
+    if local_blocks == "block":
+        return (pos // block_size - window_size // block_size).clamp(min=0)
+    return (pos - window_size + 1).clamp(min=0) // block_size
 
 
 # -------------------------------------------------------------------------------------------------- helpers

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils import next_pow2
+from .naive import check_rules
 
 ATTENTION_RULE = "a power-of-two block_size >= 16"
 SCORING_RULE = ("kernel_stride dividing block_size (power-of-two ratio) and kernel_size, and "
@@ -41,7 +42,8 @@ def triton_geometry_problem(block_size: int, kernel_size: int, kernel_stride: in
 
 @dataclass(frozen=True)
 class SparseParams:
-    """InfLLM-V2 settings (defaults: MiniCPM4 / SALA)."""
+    """InfLLM-V2 settings (defaults: MiniCPM4 / SALA; dense_len_mode and local_blocks: salatrain's forms of the two
+    rules, "sequence" / "block" are MiniCPM-SALA's released ones, see naive.py)."""
 
     block_size: int = 64
     kernel_size: int = 32
@@ -53,6 +55,8 @@ class SparseParams:
     normalizer: str = "exact"
     coarse_kernel_size: int | None = None
     coarse_kernel_stride: int | None = None
+    dense_len_mode: str = "position"
+    local_blocks: str = "token"
 
     def __post_init__(self):
         for name in ("block_size", "kernel_size", "kernel_stride", "topk"):
@@ -63,6 +67,7 @@ class SparseParams:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.normalizer not in ("exact", "coarse"):
             raise ValueError(f"normalizer must be 'exact' or 'coarse', got {self.normalizer!r}")
+        check_rules(self.dense_len_mode, self.local_blocks)
 
     @property
     def num_selected(self) -> int:

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ..utils import LOG2E, dot_precision, interpreting, new_empty, next_pow2, row_sum, should_tune
 from .gather import _gather_dkdv_kernel, gather_dq, gather_fwd
-from .layout import DocLayout
+from .layout import DenseRows, DocLayout
+from .naive import first_local_block
 from .window import _local_dkdv_kernel, _local_dq_kernel, local_fwd
 
 __all__ = ["AttnPlan", "SparseAttnFn", "sort_block_lists", "window_split_exact"]
@@ -61,13 +62,18 @@ class AttnPlan:
 
     local_window > 0 moves each sparse row's window blocks to the local tile kernels; it is exact only when
     the visible set always contains the whole window (the caller checks; see `window_split_exact`).
+    dense_len_mode and local_blocks: the forms of the two rules (naive.py); which rows are dense, and where a
+    sparse row's window starts.
     """
 
     def __init__(self, layout: DocLayout, heads: int, kv_heads: int, dim: int, dtype, block_size: int,
-                 scale: float, dense_len: int, local_window: int = 0, part_budget_bytes: int | None = None):
+                 scale: float, dense_len: int, local_window: int = 0, part_budget_bytes: int | None = None,
+                 dense_len_mode: str = "position", local_blocks: str = "token"):
         self.layout, self.heads, self.kv_heads, self.dim = layout, heads, kv_heads, dim
         self.group = heads // kv_heads
-        self.block_size, self.scale, self.dense_len = block_size, scale, dense_len
+        self.block_size, self.scale = block_size, scale
+        self.dense = DenseRows.build(layout, dense_len, dense_len_mode)
+        self.local_blocks = local_blocks
         self.prec = dot_precision(dtype)
         self.bd = max(16, next_pow2(dim))
         # tile sizes: 16-bit inputs use tensor-core tiles; fp32 ("ieee" FMA dots, tests only) small ones that
@@ -89,8 +95,8 @@ class AttnPlan:
         # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
         wide_keys = not small and self.bd <= 128
         self.dkdv_bn, self.dkdv_bm = (128, 32) if wide_keys else (self.local_bn, self.dq_tile_m)
-        has_sparse = any(p0 + n > dense_len for p0, n in zip(layout.qpos0, layout.qlen))
-        self.window = local_window if has_sparse else 0
+        self.window = local_window if self.dense.has_sparse(layout) else 0
+        until = self.dense.until
         rows = layout.num_rows
         if self.window:
             budget = PART_BUDGET_BYTES if part_budget_bytes is None else part_budget_bytes
@@ -98,14 +104,14 @@ class AttnPlan:
             bounds = [(lo, min(lo + per_chunk, rows)) for lo in range(0, rows, per_chunk)]
             local_pos_hi = 2**62
         else:
-            bounds, local_pos_hi = [(0, rows)], dense_len
+            bounds, local_pos_hi = [(0, rows)], until
         self.chunks = [
-            RowChunk(lo, hi, layout.tiles(self.tile_m, 0, local_pos_hi, lo, hi), layout.rows(dense_len, 2**62, lo, hi),
+            RowChunk(lo, hi, layout.tiles(self.tile_m, 0, local_pos_hi, lo, hi), layout.rows(until, 2**62, lo, hi),
                      layout.tiles(self.dq_tile_m, 0, local_pos_hi, lo, hi))
             for lo, hi in bounds
         ]
         qend = [p0 + n for p0, n in zip(layout.qpos0, layout.qlen)]
-        self.key_hi = [n if self.window else min(e, dense_len) for n, e in zip(layout.length, qend)]
+        self.key_hi = [n if self.window else min(e, u) for n, e, u in zip(layout.length, qend, until)]
         tables = dict(kstart=layout.kstart, len=layout.length, qstart=layout.qstart, qpos0=layout.qpos0, qend=qend)
         self.docs = {f"doc_{name}_ptr": layout.doc_tensor(x) for name, x in tables.items()}
         self.row_tables = dict(row_pos_ptr=layout.row_pos, row_kbase_ptr=layout.row_kbase)
@@ -115,7 +121,7 @@ class AttnPlan:
         before the local window when there is one."""
         valid = idx3 >= 0
         if self.window:
-            first_local = torch.clamp(self.layout.row_pos.long() - self.window + 1, min=0) // self.block_size
+            first_local = first_local_block(self.layout.row_pos.long(), self.block_size, self.window, self.local_blocks)
             valid &= idx3 < first_local[None, :, None]
         return valid.sum(-1, dtype=torch.int32)
 
@@ -135,7 +141,7 @@ class AttnPlan:
 
     def _local_meta(self, tile_m=None):
         return dict(G=self.group, D=self.dim, BD=self.bd, BM=tile_m or self.tile_m, BN=self.local_bn,
-                    BS=self.block_size, WIN=self.window, PREC=self.prec)
+                    BS=self.block_size, WIN=self.window, PREC=self.prec, BLOCK_LOCAL=self.local_blocks == "block")
 
     # forward ------------------------------------------------------------------------------------------
     def forward(self, q3, k3, v3, idx3):
@@ -167,7 +173,7 @@ class AttnPlan:
                     (row0.numel(), self.heads), tune and self.tile_m == 128,
                     q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=o, lse_ptr=lse, part_o_ptr=part_o, part_lse_ptr=part_lse,
                     tile_row0_ptr=row0, tile_nrows_ptr=nrows, **self.row_tables,
-                    n_tiles=row0.numel(), part_row_base=base, dense_len=self.dense_len,
+                    n_tiles=row0.numel(), part_row_base=base, **self.dense.kernel_args(),
                     **_qk_strides(q3, k3), stride_or=o.stride(0), stride_oh=o.stride(1), stride_lr=lse.stride(0),
                     stride_pr=part_o.stride(0), stride_ph=part_o.stride(1), stride_plr=part_lse.stride(0),
                     scale_log2=scale_log2, **self._local_meta(), HAS_PART=bool(n_sparse and self.window),
@@ -206,7 +212,7 @@ class AttnPlan:
             if row0.numel():
                 _local_dq_kernel[(row0.numel(), self.heads)](
                     **grads, dq_ptr=dq, part_ptr=part, tile_row0_ptr=row0, tile_nrows_ptr=nrows, **self.row_tables,
-                    n_tiles=row0.numel(), part_row_base=base, dense_len=self.dense_len,
+                    n_tiles=row0.numel(), part_row_base=base, **self.dense.kernel_args(),
                     stride_pr=part.stride(0), stride_ph=part.stride(1),
                     **self._local_meta(self.dq_tile_m), HAS_PART=bool(n_sparse and self.window),
                     num_warps=4, num_stages=2,
@@ -216,7 +222,7 @@ class AttnPlan:
             nsplit = self.dkdv_nsplit
             _local_dkdv_kernel[(kdoc.numel(), self.kv_heads, nsplit)](
                 **grads, dk_ptr=dk, dv_ptr=dv, ktile_doc_ptr=kdoc, ktile_start_ptr=kstart, **self.docs,
-                dense_len=self.dense_len, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
+                **self.dense.kernel_args(doc=True), stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
                 **dict(self._local_meta(self.dkdv_bm), BN=self.dkdv_bn), NSPLIT=nsplit,
                 num_warps=8 if wide else 4, num_stages=2,
             )
@@ -275,11 +281,14 @@ class AttnPlan:
         return chunks, entry_row, gb_krow0, gb_kend, num_gblocks
 
 
-def window_split_exact(init_blocks: int, topk: int, window_size: int, block_size: int) -> bool:
-    """The window's blocks (at most (W-1)//B_s + 2) plus the init blocks always fit in K: every visible set
-    contains the whole local window, so it can be computed by the local tile kernels."""
+def window_split_exact(init_blocks: int, topk: int, window_size: int, block_size: int,
+                       local_blocks: str = "token") -> bool:
+    """The window's blocks (at most (W-1)//B_s + 2; W//B_s + 1 under local_blocks="block") plus the init blocks
+    always fit in K: every visible set contains the whole local window, so it can be computed by the local tile
+    kernels."""
     num_selected = topk + window_size // block_size
-    return window_size > 0 and init_blocks + (window_size - 1) // block_size + 2 <= num_selected
+    window_blocks = window_size // block_size + 1 if local_blocks == "block" else (window_size - 1) // block_size + 2
+    return window_size > 0 and init_blocks + window_blocks <= num_selected
 
 
 class SparseAttnFn(torch.autograd.Function):

@@ -1,7 +1,8 @@
 """Stage (b): per-query top-K block selection with InfLLM-V2's forcing and tie rules.
 
 One program = BR query rows × one KV head; the whole score row (NBM blocks, padded to a power of two) lives
-in registers. Forced blocks (init, local window) become +inf, blocks after the current one are excluded.
+in registers. Forced blocks (init, local window under either rule, see `first_local_block`) become +inf, blocks
+after the current one are excluded.
 Scores map to order-preserving integer keys; a 32-step bitwise search finds the K-th largest key θ per
 row (one compare + row sum per step), then the selection is {key > θ} plus the lowest-index blocks with
 key == θ (exclusive cumsum), which is exactly "sort by (score desc, index asc), keep K". Indices are
@@ -14,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ..utils import new_empty, next_pow2, resolve_backend, row_cumsum, row_sum
-from .layout import DocLayout
+from .attn_steps import first_local_block
+from .layout import DenseRows, DocLayout
 from .naive import infllmv2_select_torch
 from .params import SparseParams
 
@@ -23,11 +25,12 @@ __all__ = ["infllmv2_select", "select_rows"]
 
 @triton.jit
 def _select_kernel(
-    score_ptr, tail_ptr, idx_ptr, row_pos_ptr,
+    score_ptr, tail_ptr, idx_ptr, row_pos_ptr, row_dense_ptr,
     row_lo, row_hi, score_row_base, num_blocks, dense_len,
     stride_sh, stride_sr, stride_ih, stride_ir,
     BS: tl.constexpr, INIT: tl.constexpr, WIN: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     NBP: tl.constexpr, BR: tl.constexpr, SKIP_DENSE: tl.constexpr, HAS_TAIL: tl.constexpr,
+    BLOCK_LOCAL: tl.constexpr, PER_ROW_DENSE: tl.constexpr,
 ):
     hk = tl.program_id(1)
     rr = row_lo + tl.program_id(0) * BR + tl.arange(0, BR)
@@ -35,7 +38,10 @@ def _select_kernel(
     t = tl.load(row_pos_ptr + rr, mask=r_ok, other=0)
     live = r_ok
     if SKIP_DENSE:
-        live = live & (t >= dense_len)
+        if PER_ROW_DENSE:  # the sequence rule with documents on both sides of dense_len
+            live = live & (t >= tl.load(row_dense_ptr + rr, mask=r_ok, other=0))
+        else:
+            live = live & (t >= dense_len)
     bb = tl.arange(0, NBP)
     cur = t // BS
     valid = (bb[None, :] <= cur[:, None]) & (bb[None, :] < num_blocks) & live[:, None]
@@ -45,7 +51,7 @@ def _select_kernel(
         prev = tl.load(tail_ptr + s_off[:, None] + bb[None, :] - 1, mask=valid & (bb[None, :] > 0),
                        other=float("-inf"))
         sc = tl.maximum(sc, prev)
-    first_local = tl.maximum(t - WIN + 1, 0) // BS
+    first_local = first_local_block(t, BS, WIN, BLOCK_LOCAL)
     forced = (bb[None, :] < INIT) | ((bb[None, :] >= first_local[:, None]) & (bb[None, :] <= cur[:, None]))
     sc = tl.where(forced, float("inf"), sc) + 0.0  # + 0.0 turns -0.0 into +0.0
     bits = sc.to(tl.int32, bitcast=True)
@@ -85,13 +91,13 @@ def select_rows(
     params: SparseParams,
     row_lo: int,
     row_hi: int,
-    skip_dense: bool,
+    dense: DenseRows | None,
 ) -> None:
     """Fill block_idx [HKV, R, K] rows [row_lo, row_hi) from scores [HKV, rows - score_row_base, NBM].
 
     `tail` (same shape, or None) holds the scoring kernel's second half: the block score is max(scores[b], tail[b-1]).
 
-    With skip_dense, rows at position < dense_len get an empty list (their scores are never read).
+    With `dense`, the dense rows get an empty list (their scores are never read); None selects for every row.
     """
     if row_hi <= row_lo:
         return
@@ -102,13 +108,15 @@ def select_rows(
     # a list never holds more than the num_blocks blocks there are: K past that selects every block, so the
     # kernel works on min(K, num_blocks) slots; slots beyond stay -1 (block_idx comes -1-filled then)
     k = min(params.num_selected, num_blocks, block_idx.shape[-1])
+    dense_args = (dense or DenseRows.build(layout, 0)).kernel_args()
     _select_kernel[grid](
         score_ptr=scores, tail_ptr=scores if tail is None else tail, idx_ptr=block_idx, row_pos_ptr=layout.row_pos,
         row_lo=row_lo, row_hi=row_hi, score_row_base=score_row_base, num_blocks=num_blocks,
-        dense_len=params.dense_len, stride_sh=scores.stride(0), stride_sr=scores.stride(1),
-        stride_ih=block_idx.stride(0), stride_ir=block_idx.stride(1),
+        stride_sh=scores.stride(0), stride_sr=scores.stride(1),
+        stride_ih=block_idx.stride(0), stride_ir=block_idx.stride(1), **dense_args,
         BS=params.block_size, INIT=params.init_blocks, WIN=params.window_size, K=k, KP=next_pow2(k),
-        NBP=nbp, BR=rows_per_prog, SKIP_DENSE=skip_dense, HAS_TAIL=tail is not None,
+        NBP=nbp, BR=rows_per_prog, SKIP_DENSE=dense is not None, HAS_TAIL=tail is not None,
+        BLOCK_LOCAL=params.local_blocks == "block",
         num_warps=4 if rows_per_prog * nbp <= 2048 else (8 if nbp <= 8192 else 16),
     )
 
@@ -122,15 +130,18 @@ def infllmv2_select(
     topk: int = 64,
     window_size: int = 2048,
     cu_seqlens: torch.Tensor | None = None,
+    local_blocks: str = "token",
     backend: str = "auto",
 ) -> torch.Tensor:
     """block_scores [B, HKV, Tq, NBM] -> visible blocks [B, HKV, Tq, K] int32 (ascending, -1 padded).
 
-    K = topk + window_size // block_size; the queries are the last Tq of seqlen_k (default Tq) positions.
+    K = topk + window_size // block_size; the queries are the last Tq of seqlen_k (default Tq) positions;
+    local_blocks: which blocks are forced as the local window ("token" or "block", see naive.py).
     """
     batch, kv_heads, seqlen_q, num_blocks = block_scores.shape
     seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
-    kwargs = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size)
+    kwargs = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size,
+                  local_blocks=local_blocks)
     if resolve_backend(backend, block_scores) == "torch":
         return infllmv2_select_torch(block_scores, seqlen_k=seqlen_k, cu_seqlens=cu_seqlens, **kwargs)
     params = SparseParams(**kwargs)
@@ -145,5 +156,5 @@ def infllmv2_select(
                          device=block_scores.device)
     else:
         out = new_empty((kv_heads, batch * seqlen_q, params.num_selected), torch.int32, block_scores.device)
-    select_rows(scores, None, 0, out, layout, params, 0, batch * seqlen_q, skip_dense=False)
+    select_rows(scores, None, 0, out, layout, params, 0, batch * seqlen_q, dense=None)
     return out.view(kv_heads, batch, seqlen_q, -1).permute(1, 0, 2, 3)

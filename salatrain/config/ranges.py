@@ -3,6 +3,7 @@
     block_size: int = at_least(1, 64)                                an int >= 1, default 64
     lr: float = above(0.0, 1e-4)                                     a float > 0
     betas: list[float] = between(0, 1, [0.9, 0.95], hi_open=True)   each element in [0, 1)
+    topk: Optional[int] = at_least(1, None)                          unset (null) by default; a set value >= 1
 
 Every float must also be finite. :func:`check_ranges` walks a typed config (nested dataclasses, dicts of
 them, lists of numbers) and raises a one-line UserError naming the dotted key, its range and the value;

@@ -35,25 +35,33 @@ class LoggingSettings:
 
 @dataclass
 class SparseSettings:
-    """InfLLM-V2 settings of the sparse layers (DESIGN §2); MiniCPM4/SALA values by default."""
+    """InfLLM-V2 settings of the sparse layers (DESIGN §2). Unset (null): the source checkpoint's own (a MiniCPM-SALA
+    checkpoint's, with the released rules), else salatrain's defaults — MiniCPM4/SALA values, block_size 64,
+    kernel_size 32, kernel_stride 16, init_blocks 1, topk 64, window_size 2048, dense_len 8192, normalizer exact,
+    dense_len_mode position, local_blocks token, use_rope false, nope_logit_scale false (base 500)."""
 
-    block_size: int = at_least(1, 64)
-    kernel_size: int = at_least(1, 32)
-    kernel_stride: int = at_least(1, 16)  # <= kernel_size: the windows cover every key
-    init_blocks: int = at_least(0, 1)
-    topk: int = at_least(1, 64)  # >= init_blocks
-    window_size: int = at_least(0, 2048)
-    dense_len: int = at_least(0, 8192)
-    normalizer: str = "exact"
-    use_rope: bool = False
-    nope_logit_scale: bool = False
-    nope_logit_scale_base: float = above(1.0, 500.0)
+    block_size: Optional[int] = at_least(1, None)
+    kernel_size: Optional[int] = at_least(1, None)
+    kernel_stride: Optional[int] = at_least(1, None)  # <= kernel_size: the windows cover every key
+    init_blocks: Optional[int] = at_least(0, None)
+    topk: Optional[int] = at_least(1, None)  # >= init_blocks
+    window_size: Optional[int] = at_least(0, None)
+    dense_len: Optional[int] = at_least(0, None)
+    normalizer: Optional[str] = None  # exact | coarse
+    dense_len_mode: Optional[str] = None  # position | sequence (MiniCPM-SALA: every query once the sequence reaches it)
+    local_blocks: Optional[str] = None  # token | block (MiniCPM-SALA: the query's block + window/block before it)
+    use_rope: Optional[bool] = None
+    nope_logit_scale: Optional[bool] = None
+    nope_logit_scale_base: Optional[float] = above(1.0, None)
 
 
 @dataclass
 class LightningSettings:
-    chunk_size: int = at_least(1, 64)
-    use_rope: bool = True
+    """Unset (null): the source checkpoint's own (MiniCPM-SALA) else chunk_size 64, use_rope true, norm_eps = the
+    base model's rms_norm_eps."""
+
+    chunk_size: Optional[int] = at_least(1, None)
+    use_rope: Optional[bool] = None
     norm_eps: Optional[float] = between(0.0, 1.0, None, lo_open=True, hi_open=True)
 
 
@@ -78,6 +86,7 @@ class ConvertConfig:
     sparse: SparseSettings = field(default_factory=SparseSettings)
     lightning: LightningSettings = field(default_factory=LightningSettings)
     dtype: str = "auto"  # auto (as stored) | float32 | bfloat16 | float16
+    format: str = "salatrain"  # salatrain | minicpm_sala (MiniCPM-SALA's released schema and loaders)
     max_shard_size: str = "5GB"
     kl_check: bool = True
     kl_check_tokens: int = between(2, 1 << 20, 64)

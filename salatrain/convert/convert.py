@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -24,18 +25,23 @@ from ..hf_checkpoint import CheckpointDir, ShardWriter, copy_side_files, parse_s
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
 from ..models.families import family_for
 from ..models.export import write_model_code
-from ..models.configuration_sala_hybrid import sparse_config_problem
+from ..models.configuration_sala_hybrid import SPARSE_DEFAULTS, sparse_config_problem
 from ..models.plan import plan_from_file, plan_from_sparse_layers, uniform_layers
 from ..rundir import OutputDir
-from .transfer import INIT_NOTES, transfer_attention
+from . import minicpm_sala as released
+from .transfer import check_retarget, init_notes, meta_shapes, retarget_attention
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_plan(plan: PlanSettings, num_layers: int) -> list[str]:
+def resolve_plan(plan: PlanSettings, num_layers: int, own: list[str] | None = None) -> list[str]:
+    """The layer plan the settings choose; ``own``: the source's own mix (a hybrid checkpoint), kept when no plan
+    key is given."""
     chosen = [name for name, v in (("file", plan.file), ("sparse_layers", plan.sparse_layers), ("method", plan.method))
               if v is not None]
+    if not chosen and own is not None:
+        return list(own)
     if len(chosen) != 1:
         raise UserError(
             "choose the layer plan with exactly one of plan.file=<layer_plan.json>, plan.sparse_layers=[...] or "
@@ -55,50 +61,49 @@ def resolve_plan(plan: PlanSettings, num_layers: int) -> list[str]:
 
 
 def hybrid_config(src: CheckpointDir, mixer_types: list[str] | None, sparse=None, lightning=None) -> SalaHybridConfig:
-    """The hybrid config for a dense checkpoint (``mixer_types=None``: every layer full_attention)."""
+    """The hybrid config for a checkpoint (``mixer_types=None``: the source's own mix, every layer full_attention
+    for a dense base). ``sparse``/``lightning`` settings left unset keep the source's (a MiniCPM-SALA checkpoint's)
+    or salatrain's defaults."""
     try:
         family = family_for(src.model_type)
+        kw = family.hybrid_config_kwargs(src.config)
     except ValueError as e:
         raise UserError(f"{src.path}: {e}") from None
-    kw = family.hybrid_config_kwargs(src.config)
     if mixer_types is not None:
         kw["mixer_types"] = mixer_types
     if sparse is not None:
-        kw["sparse_config"] = dataclasses.asdict(sparse)
+        kw["sparse_config"] = {**kw.get("sparse_config", {}), **_set_fields(sparse)}
     if lightning is not None:
-        kw["lightning_config"] = dataclasses.asdict(lightning)
+        kw["lightning_config"] = {**kw.get("lightning_config", {}), **_set_fields(lightning)}
     try:
         return SalaHybridConfig(**kw)
     except ValueError as e:
         raise UserError(f"{src.path}: {str(e).splitlines()[0]}") from None
 
 
-def meta_shapes(cfg: SalaHybridConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = SalaHybridForCausalLM(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
+def _set_fields(settings) -> dict:
+    return {k: v for k, v in dataclasses.asdict(settings).items() if v is not None}
 
 
 def check_source_keys(src: CheckpointDir, dense_cfg: SalaHybridConfig) -> None:
-    """Every key mapped or explicitly dropped, every shape as the config says; otherwise a clear error."""
+    """Every key mapped or explicitly dropped, every shape as the config says; otherwise a clear error naming the
+    checkpoint's keys."""
     family = family_for(src.model_type)
     expected = meta_shapes(dense_cfg)
-    found = src.shapes()
-    unknown = [k for k in found if k not in expected and not family.is_dropped(k)
-               and not (k == "lm_head.weight" and dense_cfg.tie_word_embeddings)]
+    found = {family.hybrid_key(k): (k, shape) for k, shape in src.shapes().items()}
+    unknown = [k for h, (k, _) in found.items() if h not in expected and not family.is_dropped(k)
+               and not (h == "lm_head.weight" and dense_cfg.tie_word_embeddings)]
     if unknown:
         more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
         raise UserError(f"{src.path}: checkpoint key(s) not understood by the {family.name} adapter: "
                         f"{unknown[:3]}{more}")
-    missing = [k for k in expected if k not in found]
+    missing = [family.source_key(k) for k in expected if k not in found]
     if missing:
         raise UserError(f"{src.path}: checkpoint lacks {len(missing)} expected key(s), e.g. {missing[:3]}")
-    for k, shape in expected.items():
-        if tuple(found[k]) != shape:
-            raise UserError(f"{src.path}: {k} has shape {list(found[k])}, config.json implies {list(shape)}")
+    for h, shape in expected.items():
+        k, got = found[h]
+        if tuple(got) != shape:
+            raise UserError(f"{src.path}: {k} has shape {list(got)}, config.json implies {list(shape)}")
 
 
 def validate(cfg: ConvertConfig) -> OutputDir:
@@ -109,17 +114,29 @@ def validate(cfg: ConvertConfig) -> OutputDir:
     check_ranges(cfg)
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise UserError(f"dtype must be auto, {', '.join(DTYPES)} (got {cfg.dtype!r})")
+    released.check_format(cfg.format)
     try:
         if parse_size(cfg.max_shard_size) < 1:
             raise ValueError
     except ValueError:
         raise UserError(f"max_shard_size must be a positive size such as 5GB or 500MB (got {cfg.max_shard_size!r})"
                         ) from None
-    problem = sparse_config_problem(dataclasses.asdict(cfg.sparse))
-    if problem:
+    own = {**SPARSE_DEFAULTS, **_source_sparse(cfg.model)}  # what unset sparse.* keys stand for
+    problem = sparse_config_problem({**own, **_set_fields(cfg.sparse)})
+    if problem and not sparse_config_problem(own):  # the source's own fault is named with its path later
         raise UserError(problem.replace("sparse_config ", "sparse."))
     out.check({"model": cfg.model, "plan.file": cfg.plan.file, "aligned": cfg.aligned})
     return out
+
+
+def _source_sparse(model: str) -> dict:
+    """The sparse settings of the source's config.json (a MiniCPM-SALA checkpoint's own; the weights are not read),
+    {} when it has none or cannot be read here (the conversion then says why)."""
+    try:
+        hf = json.loads((Path(model).expanduser() / "config.json").read_text())
+        return dict(family_for(hf.get("model_type")).hybrid_config_kwargs(hf).get("sparse_config") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def ignored_keys(cfg: ConvertConfig) -> dict[str, str]:
@@ -143,26 +160,39 @@ def _convert(cfg: ConvertConfig, out: OutputDir) -> Path:
     t0 = time.time()
     src = CheckpointDir(cfg.model, allow_pickle=cfg.allow_pickle)
     dense_cfg = hybrid_config(src, None)
-    plan = resolve_plan(cfg.plan, dense_cfg.num_hidden_layers)
+    hybrid_source = family_for(src.model_type).hybrid
+    plan = resolve_plan(cfg.plan, dense_cfg.num_hidden_layers, dense_cfg.mixer_types if hybrid_source else None)
     hcfg = hybrid_config(src, plan, cfg.sparse, cfg.lightning)
     check_source_keys(src, dense_cfg)
+    check_retarget(dense_cfg.mixer_types, plan)
+    if cfg.aligned and hybrid_source:
+        raise UserError(f"aligned= takes the align output of a dense base model; {src.path} is already a hybrid")
     aligned = _open_aligned(cfg.aligned, src, hcfg) if cfg.aligned else None
+    if cfg.format == "minicpm_sala":
+        released.check_released(hcfg)
     targets = meta_shapes(hcfg)
-    with out.atomic() as tmp:
+    with out.atomic() as final:
+        # the minicpm_sala format is written from a complete salatrain-format conversion (checked by the KL check)
+        tmp = final if cfg.format == "salatrain" else final / ".salatrain"
+        tmp.mkdir(exist_ok=True)
         writer = ShardWriter(tmp, parse_size(cfg.max_shard_size))
         with src.reader() as reader, (aligned.reader() if aligned else contextlib.nullcontext()) as aligned_reader:
-            _stream(reader, aligned_reader, hcfg, targets, writer, DTYPES.get(cfg.dtype))
+            _stream(reader, aligned_reader, hcfg, targets, writer, DTYPES.get(cfg.dtype), dense_cfg.mixer_types)
         shards = writer.finish()
         save_config(hcfg, tmp, dtype=cfg.dtype if cfg.dtype != "auto" else _stored_dtype(src))
         side = copy_side_files(src.path, tmp)
         report = _report(cfg, src, dense_cfg, hcfg, plan, targets, shards, side, t0)
         report["kl_check"] = kl_check(src, tmp, cfg.kl_check_tokens) if cfg.kl_check else {"skipped": "kl_check=false"}
+        if cfg.format == "minicpm_sala":
+            released.export_hf_dir(tmp, final, max_shard_size=cfg.max_shard_size)
+            report["format"] = {"name": "minicpm_sala", "selection_rules_changed": released.rule_changes(hcfg)}
+            shutil.rmtree(tmp)
         report["seconds"] = round(time.time() - t0, 1)
-        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2))
+        (final / "conversion_report.json").write_text(json.dumps(report, indent=2))
     return out.path
 
 
-def _stream(reader, aligned_reader, hcfg, targets, writer, dtype):
+def _stream(reader, aligned_reader, hcfg, targets, writer, dtype, source_mixers):
     layer_of = {}
     for key in targets:
         parts = key.split(".")
@@ -174,9 +204,10 @@ def _stream(reader, aligned_reader, hcfg, targets, writer, dtype):
     for layer in tqdm(order, desc="convert", unit="layer", disable=None):  # no bar when stderr is not a terminal
         keys = by_layer.get(layer, [])
         if layer is None:
-            tensors = {k: reader.get(k) for k in keys}
+            family = family_for(reader.ckpt.model_type)
+            tensors = {k: reader.get(family.source_key(k)) for k in keys}
         else:
-            tensors = _layer_tensors(reader, aligned_reader, hcfg, layer, keys)
+            tensors = _layer_tensors(reader, aligned_reader, hcfg, layer, keys, source_mixers[layer])
         for key in keys:
             t = tensors[key]
             if tuple(t.shape) != targets[key]:
@@ -184,19 +215,19 @@ def _stream(reader, aligned_reader, hcfg, targets, writer, dtype):
             writer.add(key, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
 
-def _layer_tensors(reader, aligned_reader, hcfg, layer, keys):
+def _layer_tensors(reader, aligned_reader, hcfg, layer, keys, source_mixer):
     prefix = f"model.layers.{layer}."
     attn_prefix = prefix + "self_attn."
     mixer = hcfg.mixer_types[layer]
-    out = {k: reader.get(k) for k in keys if not k.startswith(attn_prefix)}
+    family = family_for(reader.ckpt.model_type)
+    out = {k: reader.get(family.source_key(k)) for k in keys if not k.startswith(attn_prefix)}
     if mixer == "linear_attention" and aligned_reader is not None:
         new = {k[len(attn_prefix):]: aligned_reader.get(k) for k in aligned_reader.ckpt.key_files()
                if k.startswith(attn_prefix)}
     else:
-        dense_keys = [k for k in reader.ckpt.key_files() if k.startswith(attn_prefix)
-                      and not family_for(reader.ckpt.model_type).is_dropped(k)]
-        dense = {k[len(attn_prefix):]: reader.get(k) for k in dense_keys}
-        new = transfer_attention(mixer, dense, hcfg)
+        dense_keys = [k for k in reader.ckpt.key_files() if k.startswith(attn_prefix) and not family.is_dropped(k)]
+        dense = {family.hybrid_key(k)[len(attn_prefix):]: reader.get(k) for k in dense_keys}
+        new = retarget_attention(source_mixer, mixer, dense, hcfg)
     out.update({attn_prefix + k: v for k, v in new.items()})
     return out
 
@@ -242,7 +273,7 @@ def _report(cfg, src, dense_cfg, hcfg, plan, targets, shards, side, t0):
         "linear_layers": [i for i, m in enumerate(plan) if m == "linear_attention"],
         "aligned": cfg.aligned,
         "parameters": {"dense": n_dense, "hybrid": n_hybrid, "added": n_hybrid - n_dense},
-        "initialisation": {m: INIT_NOTES[m] for m in sorted(set(plan))},
+        "initialisation": init_notes(dense_cfg.mixer_types, plan),
         "sparse_config": hcfg.sparse_config,
         "lightning_config": hcfg.lightning_config,
         "shards": shards,

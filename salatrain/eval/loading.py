@@ -73,12 +73,11 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
             raise UserError(f"{ckpt.path}: {str(e).splitlines()[0]}") from None
     else:
         try:
-            family_for(ckpt.model_type)
-            supported = True
+            family = family_for(ckpt.model_type)
         except ValueError:
-            supported = False
-        if supported:
-            model, kind = load_dense_as_hybrid(ckpt, dtype=dtype), "dense"
+            family = None
+        if family is not None:
+            model, kind = load_dense_as_hybrid(ckpt, dtype=dtype), "hybrid" if family.hybrid else "dense"
         else:
             log.info("%s: model_type %r is not a salatrain family; loading with AutoModelForCausalLM",
                      ckpt.path, ckpt.model_type)

@@ -26,9 +26,17 @@ SPARSE_DEFAULTS = {
     "window_size": 2048,
     "dense_len": 8192,
     "normalizer": "exact",  # "exact" softmax normaliser or InfLLM-V2's "coarse" (kernel 128 / stride 64)
+    "dense_len_mode": "position",  # sparse iff the query's position >= dense_len; "sequence": iff the keys so far do
+    "local_blocks": "token",  # local window of the last window_size tokens; "block": query block + window/block before
     "use_rope": False,  # HyPE: NoPE in sparse layers; True keeps the base RoPE (short conversions)
     "nope_logit_scale": False,  # HALO: scale logits by log(t + a) / log(a) at positions t
     "nope_logit_scale_base": 500.0,
+}
+
+SPARSE_CHOICES = {
+    "normalizer": ("exact", "coarse"),
+    "dense_len_mode": ("position", "sequence"),
+    "local_blocks": ("token", "block"),
 }
 
 LIGHTNING_DEFAULTS = {
@@ -38,9 +46,9 @@ LIGHTNING_DEFAULTS = {
 }
 
 
-
 def sparse_config_problem(sc: dict) -> str | None:
-    """What is wrong with an InfLLM-V2 ``sparse_config`` (sizes positive, windows covering every key), or None."""
+    """What is wrong with an InfLLM-V2 ``sparse_config`` (sizes positive, windows covering every key,
+    known normaliser and selection rules), or None."""
     for key in ("block_size", "kernel_size", "kernel_stride", "topk"):
         if not isinstance(sc[key], int) or isinstance(sc[key], bool) or sc[key] < 1:
             return f"sparse_config {key} must be an integer >= 1 (got {sc[key]!r})"
@@ -52,8 +60,9 @@ def sparse_config_problem(sc: dict) -> str | None:
                 "compressed windows would skip keys")
     if sc["init_blocks"] > sc["topk"]:
         return f"sparse_config init_blocks={sc['init_blocks']} exceeds topk={sc['topk']} (topk includes them)"
-    if sc["normalizer"] not in ("exact", "coarse"):
-        return f"sparse_config normalizer must be exact or coarse (got {sc['normalizer']!r})"
+    for key, allowed in SPARSE_CHOICES.items():
+        if sc[key] not in allowed:
+            return f"sparse_config {key} must be {' or '.join(allowed)} (got {sc[key]!r})"
     if not sc["nope_logit_scale_base"] > 1:
         return f"sparse_config nope_logit_scale_base must be > 1 (got {sc['nope_logit_scale_base']!r})"
     return None
@@ -78,6 +87,8 @@ class SalaHybridConfig(PreTrainedConfig):
         scale_emb, scale_depth, dim_model_base
                                   MiniCPM μP: embeddings × scale_emb, residual branches ×
                                   scale_depth/sqrt(num_layers), logits of hidden/(hidden_size/dim_model_base)
+        imported_config_extra     config.json entries of an imported checkpoint (MiniCPM-SALA) that the hybrid
+                                  does not model, written back unchanged when exporting to that format
     """
 
     model_type = "sala_hybrid"
@@ -112,6 +123,7 @@ class SalaHybridConfig(PreTrainedConfig):
     sparse_config: dict | None = None
     lightning_config: dict | None = None
     base_model_type: str = "llama"
+    imported_config_extra: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:

@@ -37,14 +37,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from .configuration_sala_hybrid import SalaHybridConfig
 
 try:  # the mixers' PyTorch references, one module per op, and the kernels' block-geometry rule
-    from salatrain_kernels.infllm_v2.naive import infllmv2_attn_torch
+    from salatrain_kernels.infllm_v2.naive import dense_prefix_len, infllmv2_attn_torch
     from salatrain_kernels.infllm_v2.params import triton_geometry_problem
     from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
 except ModuleNotFoundError as e:  # an exported checkpoint without salatrain: the same files, copied next to this one
     if e.name != "salatrain_kernels":
         raise
     from .lightning_attention import lightning_attn_torch, lightning_step
-    from .sparse_attention import infllmv2_attn_torch
+    from .sparse_attention import dense_prefix_len, infllmv2_attn_torch
 
     triton_geometry_problem = None
 
@@ -288,10 +288,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str) -> bool:
+def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str, **options) -> bool:
     """True when the Triton kernels should run (CUDA tensors, salatrain_kernels importable, self-test passed
-    for this device, dtype and head shape). On CPU they run only when forced (backend 'triton') under Triton's
-    interpreter (TRITON_INTERPRET=1). The first decision per kernel is logged."""
+    for this device, dtype, head shape and `options`, the kernel's own ones the self-test takes). On CPU they run
+    only when forced (backend 'triton') under Triton's interpreter (TRITON_INTERPRET=1). The first decision per
+    kernel is logged."""
     on_device = q.is_cuda or (backend == "triton" and _interpreting())
     if backend == "torch" or _kernels is None or not on_device:
         if backend == "triton":
@@ -301,9 +302,10 @@ def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str) -> b
             logger.warning("%s: salatrain_kernels is not importable; using the PyTorch reference (slow)", what)
         return False
     shape = dict(num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3])
-    key = (what, q.device.type, q.device.index, q.dtype, tuple(shape.values()))
+    key = (what, q.device.type, q.device.index, q.dtype, tuple(shape.values()), tuple(sorted(options.items())))
     if key not in _checked:
-        run_isolated(_kernels.self_test, what, device=q.device, dtype=q.dtype, **shape)  # raises on mismatch
+        # raises on mismatch
+        run_isolated(_kernels.self_test, what, device=q.device, dtype=q.dtype, **shape, **options)
         _checked[key] = True
         logger.info("%s: Triton kernels from salatrain_kernels on %s (%s, self-test passed)", what,
                     torch.cuda.get_device_name(q.device) if q.is_cuda else "CPU (Triton interpreter)", q.dtype)
@@ -458,7 +460,9 @@ class LightningAttention(_Projections):
 
 class SparseAttention(_Projections):
     """InfLLM-V2 sparse attention (NoPE by default) with a sigmoid output gate σ(W_g x); no extra parameters
-    for the block selection. Queries at document positions < dense_len attend densely."""
+    for the block selection. Queries at document positions < dense_len attend densely (dense_len_mode
+    "position"; under "sequence", every query of a document shorter than dense_len). The kernels and the
+    reference take both forms of both selection rules."""
 
     def __init__(self, config: SalaHybridConfig, layer_idx: int):
         super().__init__(config, layer_idx, config.num_key_value_heads)
@@ -499,10 +503,12 @@ class SparseAttention(_Projections):
                     sub = SeqInfo(seq.positions[b : b + 1, -real:])
                     o[b : b + 1, -real:] = self.attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
-        if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= self.sparse_params["dense_len"]:
-            # every query sits at a document position < dense_len: InfLLM-V2 is exactly dense causal attention
+        dense_upto = dense_prefix_len(self.sparse_params["dense_len"], self.sparse_params["dense_len_mode"])
+        if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= dense_upto:
+            # every query attends densely (dense_len not reached): InfLLM-V2 is exactly dense causal attention
             return softmax_attention(q, k, v, seq, None, scale=self.head_dim**-0.5)
-        if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn"):
+        rules = {name: self.sparse_params[name] for name in ("dense_len_mode", "local_blocks")}
+        if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):
             return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton", **self.sparse_params)
         return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
 

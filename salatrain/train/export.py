@@ -1,13 +1,16 @@
-"""`salatrain export checkpoint=<dir> output_dir=<dir>`: a training checkpoint → an HF checkpoint.
+"""`salatrain export checkpoint=<dir> output_dir=<dir> [format=minicpm_sala]`: a training checkpoint → an HF checkpoint.
 
 ``checkpoint`` is a ``checkpoints/step_*`` directory or a training output_dir (its latest checkpoint). ZeRO-3
 shards are consolidated on CPU in one process. The result is written with ``save_pretrained`` (config with
 ``auto_map``, the modeling files, safetensors) plus the tokenizer files; ``from_pretrained`` loads it.
 An align checkpoint holds only the Lightning layers: the rest comes from its dense base model.
+``format=minicpm_sala`` writes MiniCPM-SALA's released schema instead (convert/minicpm_sala.py); its
+``checkpoint`` may also be a salatrain HF hybrid directory (a convert or train output).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,11 +23,12 @@ import torch
 from transformers.initialization import no_init_weights
 
 from .. import interrupt
+from ..convert import minicpm_sala as released
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, copy_side_files
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
 from ..rundir import OutputDir
-from .checkpoint import find_checkpoint, read_meta
+from .checkpoint import find_checkpoint, is_complete, read_meta
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -37,6 +41,7 @@ class ExportConfig:
     checkpoint: Optional[str] = None
     output_dir: Optional[str] = None
     dtype: str = "auto"  # auto (the training precision) | bf16 | fp32
+    format: str = "salatrain"  # salatrain | minicpm_sala (MiniCPM-SALA's released schema and loaders)
     overwrite: bool = False
 
 
@@ -44,22 +49,57 @@ SCHEMA = ExportConfig
 
 
 def check(cfg: ExportConfig) -> tuple[Path, OutputDir]:
-    """The checkpoint to export and the output directory, checked (nothing written)."""
+    """The checkpoint to export (for format=minicpm_sala also an HF hybrid directory) and the output directory,
+    checked (nothing written)."""
     if not cfg.checkpoint or not cfg.output_dir:
         raise UserError("usage: salatrain export checkpoint=<checkpoint dir> output_dir=<dir>")
     if cfg.dtype not in ("auto", *DTYPES):
         raise UserError(f"dtype must be auto, bf16 or fp32 (got {cfg.dtype!r})")
-    ckpt = find_checkpoint(cfg.checkpoint, "checkpoint")
+    released.check_format(cfg.format)
     out = OutputDir(cfg.output_dir, "export", overwrite=cfg.overwrite)
+    source = Path(cfg.checkpoint).expanduser()
+    if cfg.format == "minicpm_sala" and _is_hybrid_dir(source):
+        out.check({"checkpoint": cfg.checkpoint})
+        return source, out
+    ckpt = find_checkpoint(cfg.checkpoint, "checkpoint")
     out.check({"checkpoint": str(ckpt), "base": read_meta(ckpt).get("base")})
+    if cfg.format == "minicpm_sala":
+        released.check_released(_hybrid_config(ckpt))
     return ckpt, out
 
 
 def run(cfg: ExportConfig) -> None:
     ckpt, out = check(cfg)
+    dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     with out, out.atomic() as tmp:
-        export_checkpoint(ckpt, tmp, dtype=None if cfg.dtype == "auto" else DTYPES[cfg.dtype])
-    print(f"wrote {cfg.output_dir} from {ckpt}")
+        if cfg.format == "salatrain":
+            export_checkpoint(ckpt, tmp, dtype=dtype)
+        elif _is_hybrid_dir(ckpt):
+            released.export_hf_dir(ckpt, tmp, dtype=dtype)
+        else:
+            model = build_model(ckpt, dtype)
+            state = model.state_dict()
+            _check_finite(ckpt, state)
+            released.write_released(model.config, state.items(), tmp, side_files_from=ckpt / "hf")
+    print(f"wrote {cfg.output_dir} ({cfg.format}) from {ckpt}")
+
+
+def _is_hybrid_dir(path: Path) -> bool:
+    """An HF directory of salatrain's hybrid (not a training checkpoint or output_dir)."""
+    cfg = path / "config.json"
+    if not cfg.is_file() or (path / "checkpoints").is_dir() or is_complete(path):
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == SalaHybridConfig.model_type
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def _hybrid_config(ckpt: Path) -> SalaHybridConfig:
+    try:
+        return SalaHybridConfig.from_pretrained(ckpt / "hf")
+    except (ValueError, OSError) as e:
+        raise UserError(f"{ckpt / 'hf'}: not a valid hybrid config ({str(e).splitlines()[0]})") from None
 
 
 def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCausalLM:
@@ -71,10 +111,7 @@ def build_model(ckpt: Path, dtype: torch.dtype | None = None) -> SalaHybridForCa
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     if meta["loss"] == "mse_align":
         student = _with_base(student, meta)
-    try:
-        config = SalaHybridConfig.from_pretrained(ckpt / "hf")
-    except (ValueError, OSError) as e:
-        raise UserError(f"{ckpt / 'hf'}: not a valid hybrid config ({str(e).splitlines()[0]})") from None
+    config = _hybrid_config(ckpt)
     with no_init_weights():  # every weight comes from the checkpoint; buffers are built from the config
         model = SalaHybridForCausalLM(config)
     missing, unexpected = model.load_state_dict(student, strict=False)
@@ -103,6 +140,13 @@ def _with_base(aligned: dict, meta: dict) -> dict:
     return state
 
 
+def _check_finite(ckpt: Path, state: dict) -> None:
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{ckpt} holds NaN or inf in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}): the run "
+                        "diverged; nothing exported. Export an earlier checkpoint")
+
+
 def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
     """Write the HF checkpoint of ``ckpt`` into the directory ``out`` (created if needed).
 
@@ -110,11 +154,7 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -
     ``out`` holds either the previous export or the new one as an HF checkpoint.
     """
     model = build_model(ckpt, dtype)
-    state = model.state_dict()
-    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise UserError(f"{ckpt} holds NaN or inf in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}): the run "
-                        "diverged; nothing exported. Export an earlier checkpoint")
+    _check_finite(ckpt, model.state_dict())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))

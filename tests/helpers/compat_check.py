@@ -33,7 +33,34 @@ def main(expected_version: str) -> None:
         again = SalaHybridForCausalLM.from_pretrained(Path(tmp) / "h")
         with torch.no_grad():
             assert torch.equal(model(ids, use_cache=False).logits, again(ids, use_cache=False).logits)
+        check_released_modeling(Path(tmp) / "sala", ids)
     print("compat-ok", transformers.__version__)
+
+
+def check_released_modeling(out: Path, ids: torch.Tensor) -> None:
+    """The modeling files written for MiniCPM-SALA's format load, match salatrain's model and generate."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from salatrain.convert.minicpm_sala import CODE_DIR, MODEL_FILES
+    from tests.helpers.sala_released import make_sala_checkpoint
+
+    make_sala_checkpoint(out)
+    for name in MODEL_FILES:
+        shutil.copy2(CODE_DIR / name, out / name)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        diff = remote(ids, use_cache=False).logits - load_dense_as_hybrid(out)(ids, use_cache=False).logits
+    assert diff.abs().max() <= 1e-5, diff.abs().max()
+    with torch.no_grad():
+        cached = remote.generate(ids[:1, :12], attention_mask=torch.ones_like(ids[:1, :12]), max_new_tokens=24,
+                                 do_sample=False)
+    greedy = ids[:1, :12]
+    with torch.no_grad():
+        for _ in range(cached.shape[1] - 12):
+            greedy = torch.cat([greedy, remote(greedy, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(cached, greedy), (cached, greedy)
 
 
 if __name__ == "__main__":

@@ -57,37 +57,58 @@ def _lightning_doc(q, k, v, s, scale, h0):
     return o * scale, final
 
 
-def infllmv2_naive(q, k, v, *, block_size, kernel_size, kernel_stride, init_blocks, topk, window_size, dense_len):
+def infllmv2_naive(q, k, v, *, block_size, kernel_size, kernel_stride, init_blocks, topk, window_size, dense_len,
+                   normalizer="exact", dense_len_mode="position", local_blocks="token"):
     """InfLLM-V2 by the letter of DESIGN §2, one query and one group at a time. q [Tq, HQ, D], k/v [Tk, HKV, D]
-    (a single document; the queries are its last Tq positions). Returns [Tq, HQ, D]."""
+    (a single document; the queries are its last Tq positions). Returns [Tq, HQ, D].
+
+    DESIGN §5's released variants: ``normalizer="coarse"`` divides each window's exp(logit) by the sum over the
+    finished windows of a 4× coarser compression (all scores 0 before the first one finishes);
+    ``dense_len_mode="sequence"`` makes every query sparse once the keys number dense_len (none before);
+    ``local_blocks="block"`` forces the query's block and the window_size/block_size blocks before it."""
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv
     scale = 1.0 / math.sqrt(d)
-    num_windows = (tk - kernel_size) // kernel_stride + 1 if tk >= kernel_size else 0
-    k_cmp = [k[j * kernel_stride: j * kernel_stride + kernel_size].mean(0) for j in range(num_windows)]
+
+    def compress(size, stride):
+        n = (tk - size) // stride + 1 if tk >= size else 0
+        return [(j * stride + size - 1, k[j * stride: j * stride + size].mean(0)) for j in range(n)]
+
+    k_cmp = compress(kernel_size, kernel_stride)
+    k_coarse = compress(4 * kernel_size, 4 * kernel_stride)
     num_blocks = math.ceil(tk / block_size)
     out = torch.zeros_like(q)
     for i in range(tq):
         t = tk - tq + i
+        dense = tk < dense_len if dense_len_mode == "sequence" else t < dense_len
         for grp in range(hkv):
-            if t < dense_len:
+            if dense:
                 keys = list(range(t + 1))
             else:
-                done = [j for j in range(num_windows) if j * kernel_stride + kernel_size - 1 <= t]
+                done = [j for j, (end, _) in enumerate(k_cmp) if end <= t]
                 window_score = {j: 0.0 for j in done}
                 for h in range(grp * g, (grp + 1) * g):
-                    logits = torch.tensor([float(q[i, h] @ k_cmp[j][grp]) * scale for j in done])
-                    probs = torch.softmax(logits, 0) if done else logits
+                    logits = torch.tensor([float(q[i, h] @ k_cmp[j][1][grp]) * scale for j in done])
+                    if normalizer == "coarse":
+                        coarse = [float(q[i, h] @ kc[grp]) * scale for end, kc in k_coarse if end <= t]
+                        norm = math.log(sum(math.exp(x) for x in coarse)) if coarse else math.inf
+                        probs = torch.exp(logits - norm)
+                    else:
+                        probs = torch.softmax(logits, 0) if done else logits
                     for j, p in zip(done, probs.tolist()):
                         window_score[j] += p
                 scores = []
                 for b in range(num_blocks):
                     lo, hi = b * block_size, (b + 1) * block_size - 1
                     over = [window_score[j] for j in done
-                            if j * kernel_stride <= hi and j * kernel_stride + kernel_size - 1 >= lo]
+                            if j * kernel_stride <= hi and k_cmp[j][0] >= lo]
                     sc = max(over) if over else -math.inf
-                    if b < init_blocks or (lo <= t and hi >= max(0, t - window_size + 1)):
+                    if local_blocks == "block":
+                        local = t // block_size - window_size // block_size <= b <= t // block_size
+                    else:
+                        local = lo <= t and hi >= max(0, t - window_size + 1)
+                    if b < init_blocks or local:
                         sc = math.inf
                     if lo > t:
                         sc = -math.inf
@@ -170,8 +191,10 @@ def selection_margin(
     topk: int = 64,
     window_size: int = 2048,
     cu_seqlens: torch.Tensor | None = None,
+    local_blocks: str = "token",
 ) -> torch.Tensor:
     """How well block_idx [B, HKV, Tq, K] is a top-K of block_scores [B, HKV, Tq, NBM] (after forcing) per row.
+    local_blocks="block" forces the query's block and the window_size // block_size blocks before it.
 
     Returns [B, HKV, Tq] fp32: (lowest score chosen) - (highest score left out) among the past blocks; >= 0
     for an exact selection (+inf when every past block is visible), slightly negative when the selection was
@@ -187,7 +210,10 @@ def selection_margin(
         pos = torch.arange(qs.stop - qs.start, device=block_scores.device) + pos0
         blocks = torch.arange(num_blocks, device=block_scores.device)
         current = (pos // block_size)[:, None]
-        first_local = (torch.clamp(pos - window_size + 1, min=0) // block_size)[:, None]
+        if local_blocks == "block":
+            first_local = torch.clamp(pos // block_size - window_size // block_size, min=0)[:, None]
+        else:
+            first_local = (torch.clamp(pos - window_size + 1, min=0) // block_size)[:, None]
         forced = (blocks < init_blocks) | ((blocks >= first_local) & (blocks <= current))
         past = blocks <= current  # [Tq, nb]
         ranked = block_scores[b, :, qs, :num_blocks].float().masked_fill(forced[None], math.inf)

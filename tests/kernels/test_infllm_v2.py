@@ -2,7 +2,9 @@
 runs): each stage alone, then the full op, forward and every gradient.
 
 CPU: Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), fp32, small parameters (block 16, kernel 8,
-stride 4, topk 3, window 16, dense_len 32), odd lengths, G in {1, 3, 16}, varlen, Tq < Tk, both normalisers.
+stride 4, topk 3, window 16, dense_len 32), odd lengths, G in {1, 3, 16}, varlen, Tq < Tk, both normalisers,
+each combination of the two selection rules (salatrain's and MiniCPM-SALA's forms; those tests run compiled on
+a GPU machine).
 Every kernel output starts NaN-poisoned, so an element a kernel forgets to write fails the comparison.
 GPU (skipped without CUDA): real shapes (T = 4096/8192, D = 128, block 64) in fp32 and bf16 with the rule
 |out - ref| <= 2 |out_torch - ref| + eps, where out_torch is plain PyTorch attention in the same precision
@@ -136,13 +138,14 @@ def tie_heavy_scores(shape, seed=0):
     ],
 )
 @pytest.mark.parametrize("ties", [False, True])
-def test_select_matches_reference(shape, kwargs, ties):
+@pytest.mark.parametrize("local_blocks", ["token", "block"])
+def test_select_matches_reference(shape, kwargs, ties, local_blocks):
     kwargs = dict(kwargs)
     cu = kwargs.pop("cu", None)
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     seqlen_k = kwargs.pop("seqlen_k", None)
     scores = tie_heavy_scores(shape) if ties else torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    sel = dict(pick(kwargs, SELECTION), seqlen_k=seqlen_k, cu_seqlens=cu)
+    sel = dict(pick(kwargs, SELECTION), seqlen_k=seqlen_k, cu_seqlens=cu, local_blocks=local_blocks)
     out = infllmv2_select(scores, backend="triton", **sel)
     assert torch.equal(out, infllmv2_select_torch(scores, **sel))
 
@@ -158,15 +161,18 @@ ATTN_CASES = {
 
 
 @interpreter
-@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("case", list(ATTN_CASES) + ["varlen_sequence_rule"])
 def test_block_attn_matches_reference(case):
-    c = dict(ATTN_CASES[case])
+    """varlen_sequence_rule: the documents of 47 and 50 keys >= dense_len 20 use their lists at every row, the
+    one of 13 keys attends densely."""
+    mode = "sequence" if case == "varlen_sequence_rule" else "position"
+    c = dict(ATTN_CASES["varlen" if mode == "sequence" else case])
     cu, dense_len = c.pop("cu", None), c.pop("dense_len")
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     q, k, v = make_qkv(**c)
     num_blocks = -(-c["seqlen_k"] // 16) if cu is None else 3  # varlen: ids valid in every document
     idx = random_lists(c["batch"], c["kv_heads"], c["seqlen_q"], 5, num_blocks)
-    kwargs = dict(block_size=16, dense_len=dense_len, cu_seqlens=cu)
+    kwargs = dict(block_size=16, dense_len=dense_len, cu_seqlens=cu, dense_len_mode=mode)
     out = infllmv2_block_attn(q, k, v, idx, backend="triton", **kwargs)
     ref = infllmv2_block_attn_torch(q, k, v, idx, **kwargs)
     assert_close(out, ref)
@@ -274,6 +280,84 @@ def test_any_topk_up_to_and_past_the_number_of_blocks(monkeypatch, topk, code_pa
     assert sel.shape[-1] == topk + 2 and torch.equal(sel, want)
 
 
+# ----------------------------------------------------------------------- the two selection rules, both forms
+# K = topk 2 + window 16 / block 16 = 3 blocks (48 tokens) < dense_len 80: the dense_len rules differ at rows 48..79
+# of a long document, the local-window rules at rows with t % 16 != 15 (the token window holds one block there).
+# These run wherever the kernels do: the interpreter on CPU, compiled on a GPU machine (fp32 both).
+RULES = [(mode, local) for mode in ("position", "sequence") for local in ("token", "block")]
+RULE_SMALL = dict(SMALL, topk=2, dense_len=80)
+RULE_CASES = {
+    "prefill_odd": dict(shape=(1, 131, 131, 4, 2, 16)),
+    "short_doc": dict(shape=(1, 77, 77, 2, 1, 16)),  # shorter than dense_len: dense under both dense_len rules
+    "varlen_both_sides": dict(shape=(1, 200, 200, 4, 2, 16), cu=[0, 101, 130, 200]),  # 101 >= dense_len > 29, 70
+    "chunked_prefill": dict(shape=(2, 24, 100, 6, 2, 16)),  # position: the chunk straddles dense_len
+    "decode": dict(shape=(2, 1, 101, 4, 1, 16)),
+    "window_24_g16": dict(shape=(1, 97, 97, 16, 1, 16), window_size=24),  # window split off under "block" only
+    "no_split_coarse": dict(shape=(1, 90, 90, 3, 1, 32), topk=1, normalizer="coarse"),  # all blocks gathered
+}
+DEV = "cuda" if CUDA else "cpu"
+
+
+def rule_case(case, mode, local):
+    c = dict(RULE_CASES[case])
+    cu = c.pop("cu", None)
+    q, k, v = make_qkv(*c.pop("shape"), seed=len(case), device=DEV)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    return q, k, v, dict(RULE_SMALL, cu_seqlens=cu, dense_len_mode=mode, local_blocks=local, **c)
+
+
+@pytest.mark.parametrize("case", list(RULE_CASES))
+@pytest.mark.parametrize("mode,local", RULES)
+def test_full_op_matches_reference_under_each_rule(mode, local, case):
+    q, k, v, kwargs = rule_case(case, mode, local)
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    assert out.shape == q.shape
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["prefill_odd", "varlen_both_sides", "chunked_prefill", "window_24_g16"])
+def test_rule_cases_tell_the_rules_apart(case):
+    """The cases above would pass with the rules ignored unless each form changes the reference's output there."""
+    outs = {}
+    for mode, local in RULES:
+        q, k, v, kwargs = rule_case(case, mode, local)
+        outs[mode, local] = infllmv2_attn_torch(q.detach(), k.detach(), v.detach(), **kwargs)
+    for other in RULES[1:]:
+        assert (outs[other] - outs["position", "token"]).abs().max() > 1e-3, other
+
+
+@pytest.mark.parametrize("mode,local", RULES[1:])
+def test_full_op_rules_gpu_code_path_in_row_chunks(monkeypatch, mode, local):
+    """Block 64 (one block per gather step, one query per gather program: the GPU code path under the
+    interpreter too), partial outputs in row chunks of one tile that cut the documents, a document long enough
+    for the sequence rule beside a shorter one."""
+    from salatrain_kernels.infllm_v2 import plan
+
+    monkeypatch.setattr(plan, "INTERPRETER_TOKENS", 1)
+    monkeypatch.setattr(plan, "PART_BUDGET_BYTES", 1024)
+    q, k, v = make_qkv(1, 330, 330, 2, 1, 16, seed=9, device=DEV)
+    kwargs = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=2, window_size=64,
+                  dense_len=240, cu_seqlens=torch.tensor([0, 260, 330], dtype=torch.int32, device=DEV),
+                  dense_len_mode=mode, local_blocks=local)
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_rule_values_raise():
+    q, k, v = make_qkv(1, 40, 40, 4, 2, 16)
+    for bad in (dict(dense_len_mode="document"), dict(local_blocks="window")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            infllmv2_attn(q, k, v, backend="triton", **SMALL, **bad)
+    with pytest.raises(ValueError, match="local_blocks"):
+        infllmv2_select(torch.zeros(1, 2, 40, 3), backend="triton", local_blocks="window", **pick(SMALL, SELECTION))
+
+
 def test_auto_backend_on_cpu_is_reference():
     q, k, v = make_qkv(1, 50, 50, 2, 1, 16)
     assert torch.equal(infllmv2_attn(q, k, v, **SMALL), infllmv2_attn_torch(q, k, v, **SMALL))
@@ -377,6 +461,45 @@ def test_gpu_full_op(dtype, shape, cu):
     for result in (out, with_sdpa):
         for got, want, torch_lowp in zip(grads(result, (q, k, v)), ref_grads, lowp_grads):
             within_rule(got, want, torch_lowp, eps=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cu", [None, [0, 3000, 3900, 4096]], ids=["padded", "varlen"])
+def test_gpu_full_op_released_rules(dtype, cu):
+    """dense_len_mode=sequence, local_blocks=block at real shapes: every row of a document of dense_len keys or
+    more selects blocks (varlen: 3000 keys, beside documents of 900 and 196 that attend densely), the local
+    window is the query's block and the 4 before it. The flash-attention rule against each document's
+    explicit-logit attention over the kernels' own selection, which must be a top-K of the fp32 scores."""
+    q, k, v, cu = gpu_case(1, 4096, 4096, 32, 2, dtype, cu=cu, seed=3)
+    rules = dict(dense_len_mode="sequence", local_blocks="block")
+    out = infllmv2_attn(q, k, v, backend="triton", cu_seqlens=cu, **GPU, **rules)
+    bounds = [0, 4096] if cu is None else cu.tolist()
+    refs, lowps, grad_refs, grad_lowps = [], [], [], []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qd, kd, vd = (x.detach()[:, s:e] for x in (q, k, v))
+        scores = infllmv2_block_scores(qd, kd, backend="triton", **pick(GPU, SCORING))
+        idx = infllmv2_select(scores, backend="triton", local_blocks="block", **pick(GPU, SELECTION))
+        ref_scores = infllmv2_block_scores_torch(qd.float(), kd.float(), **pick(GPU, SCORING))
+        margin = selection_margin(idx, ref_scores, local_blocks="block", **pick(GPU, SELECTION))
+        tol = (1e-5 if dtype == torch.float32 else 6e-2) * ref_scores[torch.isfinite(ref_scores)].abs().max()
+        assert (margin >= -tol).all(), f"selection off by {-margin.min().item():.3e} (allowed {tol.item():.1e})"
+        attn = dict(block_size=GPU["block_size"], dense_len=0 if e - s >= GPU["dense_len"] else e - s)
+        qf, kf, vf = (x.float().requires_grad_() for x in (qd, kd, vd))
+        ql, kl, vl = (x.clone().requires_grad_() for x in (qd, kd, vd))
+        refs.append(infllmv2_block_attn_naive(qf, kf, vf, idx, **attn))
+        lowps.append(infllmv2_block_attn_naive(ql, kl, vl, idx, upcast=False, **attn))
+        grad_out = torch.randn(refs[-1].shape, generator=torch.Generator().manual_seed(s)).to(q.device)
+        grad_refs.append(torch.autograd.grad(refs[-1], (qf, kf, vf), grad_out))
+        grad_lowps.append(torch.autograd.grad(lowps[-1], (ql, kl, vl), grad_out.to(dtype)))
+    within_rule(out, torch.cat(refs, 1), torch.cat(lowps, 1))
+    grad_out = torch.cat([torch.randn(r.shape, generator=torch.Generator().manual_seed(s)) for r, s in
+                          zip(refs, bounds)], 1).to(q.device, dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    for i in range(3):
+        want = torch.cat([g[i] for g in grad_refs], 1)
+        torch_lowp = torch.cat([g[i] for g in grad_lowps], 1)
+        within_rule(got[i], want, torch_lowp, eps=1e-4)
 
 
 @needs_cuda

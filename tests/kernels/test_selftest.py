@@ -15,9 +15,10 @@ def test_lightning_self_test_passes():
               seq_len=80)
 
 
-def test_infllmv2_self_test_passes():
+@pytest.mark.parametrize("rules", [{}, dict(dense_len_mode="sequence", local_blocks="block")])
+def test_infllmv2_self_test_passes(rules):
     self_test("infllmv2_attn", device=torch.device(DEVICE), dtype=torch.float32, num_heads=2, num_kv_heads=1,
-              head_dim=16)
+              head_dim=16, **rules)
 
 
 def test_broken_kernel_is_stopped(monkeypatch):

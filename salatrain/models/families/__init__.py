@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from . import llama, minicpm, mistral, qwen2, qwen3
+from . import llama, minicpm, minicpm_sala, mistral, qwen2, qwen3
 from .base import Family
 
 FAMILIES: dict[str, Family] = {
-    mt: mod.FAMILY for mod in (llama, mistral, qwen2, qwen3, minicpm) for mt in mod.FAMILY.model_types
+    mt: mod.FAMILY for mod in (llama, mistral, qwen2, qwen3, minicpm, minicpm_sala) for mt in mod.FAMILY.model_types
 }
 
 

@@ -2,7 +2,8 @@
 
 An adapter maps the base ``config.json`` to ``SalaHybridConfig`` fields and names the keys it drops (rotary
 caches). The hybrid keeps transformers' weight names, so the keys a dense checkpoint must hold, with their
-shapes, are those of the hybrid with every layer ``full_attention`` (built on the meta device). Conversion
+shapes, are those of the hybrid with every layer ``full_attention`` (built on the meta device). A hybrid family
+(MiniCPM-SALA) gives its own layer mix and may rename a few weights. Conversion
 fails on any key that is neither expected nor dropped, and on any shape that differs.
 """
 
@@ -15,10 +16,15 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class Family:
+    """``renames``: (checkpoint name part, hybrid name part) pairs for weights named differently in the
+    checkpoint; ``hybrid``: the checkpoint is already a hybrid (its config gives the layer mix)."""
+
     name: str
     model_types: tuple[str, ...]
     config_fn: Callable[[dict], dict]
     dropped: tuple[str, ...] = (r"(^|\.)rotary_emb\.inv_freq$",)
+    renames: tuple[tuple[str, str], ...] = ()
+    hybrid: bool = False
 
     def hybrid_config_kwargs(self, hf: dict) -> dict:
         """SalaHybridConfig keyword arguments for the dense model described by the config.json dict ``hf``."""
@@ -28,6 +34,18 @@ class Family:
 
     def is_dropped(self, key: str) -> bool:
         return any(re.search(p, key) for p in self.dropped)
+
+    def hybrid_key(self, key: str) -> str:
+        """The hybrid's name of the checkpoint tensor ``key``."""
+        for theirs, ours in self.renames:
+            key = key.replace(theirs, ours)
+        return key
+
+    def source_key(self, key: str) -> str:
+        """The checkpoint's name of the hybrid tensor ``key``."""
+        for theirs, ours in self.renames:
+            key = key.replace(ours, theirs)
+        return key
 
 
 def rope_parameters(hf: dict) -> dict:
