@@ -142,9 +142,9 @@ def infllmv2_select(
     seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
     kwargs = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size,
                   local_blocks=local_blocks)
+    params = SparseParams(**kwargs)  # checks the settings for either backend, before the device
     if resolve_backend(backend, block_scores) == "torch":
         return infllmv2_select_torch(block_scores, seqlen_k=seqlen_k, cu_seqlens=cu_seqlens, **kwargs)
-    params = SparseParams(**kwargs)
     layout = DocLayout.from_shape(batch, seqlen_q, seqlen_k, block_scores.device, cu_seqlens)
     if num_blocks < layout.max_blocks(block_size):
         raise ValueError(f"block_scores has {num_blocks} blocks, the sequence needs {layout.max_blocks(block_size)}")

@@ -350,12 +350,13 @@ def test_full_op_rules_gpu_code_path_in_row_chunks(monkeypatch, mode, local):
 
 
 def test_unknown_rule_values_raise():
-    q, k, v = make_qkv(1, 40, 40, 4, 2, 16)
+    q, k, v = make_qkv(1, 40, 40, 4, 2, 16, device=DEV)
     for bad in (dict(dense_len_mode="document"), dict(local_blocks="window")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             infllmv2_attn(q, k, v, backend="triton", **SMALL, **bad)
     with pytest.raises(ValueError, match="local_blocks"):
-        infllmv2_select(torch.zeros(1, 2, 40, 3), backend="triton", local_blocks="window", **pick(SMALL, SELECTION))
+        infllmv2_select(torch.zeros(1, 2, 40, 3, device=DEV), backend="triton", local_blocks="window",
+                        **pick(SMALL, SELECTION))
 
 
 def test_auto_backend_on_cpu_is_reference():
