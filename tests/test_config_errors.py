@@ -27,3 +27,16 @@ def test_sweeps_expand_to_every_combination():
                                                ("a=2", "b=x", "c=3"), ("a=2", "b=y", "c=3")])
     with pytest.raises(UserError, match="cannot parse overrides"):
         expand_sweeps(["a=[1,"])
+
+
+def test_mixer_defaults_are_declared_once_in_the_hf_config():
+    """The convert schema's sparse.* / lightning.* keys are the HF config's default keys, every one unset (null):
+    the values live only in SPARSE_DEFAULTS / LIGHTNING_DEFAULTS."""
+    import dataclasses
+
+    from salatrain.config.schema import LightningSettings, SparseSettings
+    from salatrain.models.configuration_sala_hybrid import LIGHTNING_DEFAULTS, SPARSE_DEFAULTS
+
+    for schema, defaults in ((SparseSettings, SPARSE_DEFAULTS), (LightningSettings, LIGHTNING_DEFAULTS)):
+        assert [f.name for f in dataclasses.fields(schema)] == list(defaults)
+        assert all(v is None for v in dataclasses.asdict(schema()).values())

@@ -36,9 +36,9 @@ class LoggingSettings:
 @dataclass
 class SparseSettings:
     """InfLLM-V2 settings of the sparse layers (DESIGN §2). Unset (null): the source checkpoint's own (a MiniCPM-SALA
-    checkpoint's, with the released rules), else salatrain's defaults — MiniCPM4/SALA values, block_size 64,
-    kernel_size 32, kernel_stride 16, init_blocks 1, topk 64, window_size 2048, dense_len 8192, normalizer exact,
-    dense_len_mode position, local_blocks token, use_rope false, nope_logit_scale false (base 500)."""
+    checkpoint's, with the released rules), else salatrain's defaults, which are declared once, in the HF config:
+    ``salatrain.models.configuration_sala_hybrid.SPARSE_DEFAULTS`` (MiniCPM4/SALA values; the fields here are its
+    keys, tested)."""
 
     block_size: Optional[int] = at_least(1, None)
     kernel_size: Optional[int] = at_least(1, None)
@@ -57,8 +57,8 @@ class SparseSettings:
 
 @dataclass
 class LightningSettings:
-    """Unset (null): the source checkpoint's own (MiniCPM-SALA) else chunk_size 64, use_rope true, norm_eps = the
-    base model's rms_norm_eps."""
+    """Unset (null): the source checkpoint's own (MiniCPM-SALA), else ``LIGHTNING_DEFAULTS`` of the HF config
+    (norm_eps unset there too: the base model's rms_norm_eps)."""
 
     chunk_size: Optional[int] = at_least(1, None)
     use_rope: Optional[bool] = None
