@@ -39,9 +39,11 @@ def test_full_ties_go_to_the_lower_index():
 
 def test_retrieval_method_ignores_commonsense():
     r = [0.9, 0.1, 0.5, 0.8]
-    c = [0.0, 1.0, 0.0, 0.0]  # layer 1 also keeps the most commonsense: halo would not keep it first
-    assert select_layers(4, "retrieval", 0.25, FREE, r, None).kept == [1]
-    assert layer_scores("retrieval", r, None, 4) == pytest.approx([0.0, 0.8, 0.4, 0.1])
+    c = [1.0, 0.0, 1.0, 1.0]  # linearising layer 1 also costs the most commonsense: halo would not keep it first
+    assert select_layers(4, "retrieval", 0.25, FREE, r, c).kept == [1]
+    assert select_layers(4, "halo", 0.25, FREE, r, c).kept != [1]  # c matters to halo, not to retrieval
+    assert layer_scores("retrieval", r, c, 4) == layer_scores("retrieval", r, None, 4)
+    assert layer_scores("retrieval", r, c, 4) == pytest.approx([0.0, 0.8, 0.4, 0.1])
 
 
 @pytest.mark.parametrize("num_layers, ratio, n", [
