@@ -12,14 +12,7 @@ from salatrain.data import IGNORE, DataSettings, PackedSequences, build_packed
 from salatrain.data.tokenize import encode_chat
 from salatrain.errors import UserError
 from salatrain.train.tiny import resolve
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers.common import one_thread  # noqa: F401 (fixtures)
 
 
 def _docs(lengths):

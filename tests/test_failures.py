@@ -18,17 +18,9 @@ import pytest
 
 from salatrain.cli import main
 from salatrain.rundir import OutputDir
+from tests.helpers.common import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_line_error(capsys, code: int, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("salatrain "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def cli(*args, **kw) -> subprocess.CompletedProcess:

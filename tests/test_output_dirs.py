@@ -16,6 +16,7 @@ import pytest
 from salatrain.cli import main
 from salatrain.errors import UserError
 from salatrain.rundir import MARKER, OutputDir
+from tests.helpers.common import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"layers": {str(i): {"retrieval": 0.5 + 0.1 * i, "commonsense": 0.3} for i in range(4)}}
@@ -23,15 +24,6 @@ METRICS = {"layers": {str(i): {"retrieval": 0.5 + 0.1 * i, "commonsense": 0.3} f
 
 def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def one_line_error(capsys, code: int, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("salatrain "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 @pytest.fixture

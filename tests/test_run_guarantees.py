@@ -17,21 +17,9 @@ import torch
 from salatrain.cli import main
 from salatrain.errors import UserError
 from salatrain.train import compose_train, run_stage
+from tests.helpers.common import data_cache, one_thread  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("datasets-cache")
 
 
 def train(out, data_cache, *overrides, steps=4):

@@ -24,6 +24,7 @@ from salatrain.models.modeling_sala_hybrid import SeqInfo
 from salatrain.train import compose_train, run_stage
 from salatrain.train.sequence_parallel import SequenceParallel, check_splittable, select_blocks
 from salatrain.train.stages import count_targets
+from tests.helpers.common import data_cache  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -137,11 +138,6 @@ def test_two_ranks_split_sequences_with_the_losses_and_gradients_of_one(tmp_path
         for batch, r in batches.items():
             assert r["loss"] == pytest.approx(r["loss_ref"], rel=1e-6), (variant, batch)
             assert r["grad_err"] <= 1e-5 * r["grad_scale"], (variant, batch, r)
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("datasets-cache")
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,9 @@ from salatrain.commands import COMMANDS
 from salatrain.config.ranges import RANGE, numeric_fields
 from salatrain.errors import UserError
 from salatrain.memory import ModelShape, Need, check_eval_memory
+from tests.helpers.common import one_line_error
 
 METRICS_12 = {"layers": {str(i): {"retrieval": 0.5 + 0.01 * i, "commonsense": 0.3 - 0.01 * i} for i in range(12)}}
-
-
-def one_line_error(capsys, code: int, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("salatrain "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def _schemas(cls, prefix=""):
