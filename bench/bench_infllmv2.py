@@ -263,6 +263,7 @@ def bench_T(T, dtype, device, impls, ceilings, quick):
         ms_f, _ = _timed(fwd, quick)
         ms_fb, peak = _timed(fwd_bwd, quick)
         rows.append(_row(T, name, ms_f, ms_fb, peak, work, ceilings, note))
+        print(f"[row] T={T} {name}: fwd {ms_f} ms, fwd+bwd {ms_fb} ms, peak {peak}", flush=True)
         torch.cuda.empty_cache()
     if T > SALA["dense_len"]:
         rows += stage_rows(T, q, k, v, do, ceilings, quick)

