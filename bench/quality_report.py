@@ -70,7 +70,10 @@ def table(runs: dict) -> str:
             if name not in names:
                 continue
             res = ev["results"][name]
-            prose, code = _ppl(ev, name), _ppl(r["eval_code"], name)
+            # the code eval names its hybrid by plan (bench/quality_gpu.sh), the pipeline's eval by its own name
+            code_names = [m["name"] for m in (r["eval_code"] or {}).get("models", [])]
+            code_name = name if name == "teacher" or not code_names else code_names[0]
+            prose, code = _ppl(ev, name), _ppl(r["eval_code"], code_name)
             if name == "teacher":
                 teacher_row = True
             label = "teacher" if name == "teacher" else f"{run_name} {r['sparse_layers']}"

@@ -173,9 +173,8 @@ def overrides(work: Path, c, peak: float | None) -> list[str]:
            f"trainer.activation_checkpointing={'true' if long and LONG_CKPT else 'false'}",
            f"trainer.loss_chunk_tokens={min(seq, 8192)}", "trainer.precision=bf16", "trainer.save_every=0",
            "trainer.save_final=false", "trainer.export=false", "optim.lr=1e-5", "optim.warmup_steps=0",
-           "optim.schedule=constant", f"logging.peak_tflops={peak if peak else 'null'}", "resume=never",
-           f"teacher.path={work / 'dense' if stage == 'distill' else 'null'}"]
-    return out
+           "optim.schedule=constant", f"logging.peak_tflops={peak if peak else 'null'}", "resume=never"]
+    return out + ([f"teacher.path={work / 'dense'}"] if stage == "distill" else [])
 
 
 def _record(results: Path, row: dict) -> None:

@@ -134,3 +134,16 @@ def test_a_stale_deepspeed_build_lock_does_not_hang_a_cpu_run(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["1", "None"]
     assert sorted(x.name for x in lock.parent.iterdir()) == ["lock"]  # nothing was built
+
+
+def test_a_built_in_asset_left_half_built_by_a_killed_process_is_rebuilt(tmp_path, monkeypatch):
+    """A cache directory without its config.json (a build killed mid-way) is replaced, not an OSError."""
+    from salatrain.train.tiny import VERSION, resolve
+
+    monkeypatch.setenv("SALATRAIN_CACHE", str(tmp_path))
+    stale = tmp_path / VERSION / "dense"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    out = Path(resolve("builtin:tiny-dense"))
+    assert out == stale and (out / "config.json").is_file()
+    assert not (out / "model.safetensors").read_bytes().startswith(b"partial")

@@ -136,3 +136,14 @@ def test_wandb_offline_logs_the_plan(metrics_file, tmp_path, monkeypatch):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
     assert not (tmp_path / "wandb").exists()  # nothing outside output_dir
+
+
+def test_the_sweep_scores_other_probe_samples_than_eval_by_default():
+    """The sweep chooses layers on probe samples the eval does not score (seed 1 vs 0), also under a recipe that
+    sets the sweep's tasks, lengths and sample count but no seed."""
+    from salatrain.commands import resolve
+
+    sel = resolve("select", ["sweep.probes.num_samples=8"]).compose()
+    ev = resolve("eval", []).compose()
+    assert sel.sweep.probes.seed == 1 and sel.sweep.probes.num_samples == 8
+    assert ev.probes.seed == 0

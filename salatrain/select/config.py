@@ -42,7 +42,8 @@ class HeldoutText:
 class SweepSettings:
     """How R_i and C_i are measured when sweeping (aligned=...)."""
 
-    probes: ProbeSettings = field(default_factory=lambda: ProbeSettings(lengths=[1024], num_samples=4))
+    # seed 1: the sweep's probe samples are not the ones `salatrain eval` scores by default (probes.seed=0)
+    probes: ProbeSettings = field(default_factory=lambda: ProbeSettings(lengths=[1024], num_samples=4, seed=1))
     text: HeldoutText = field(default_factory=HeldoutText)
     retrieval_metric: str = "answer_logprob"  # answer_logprob (continuous) | exact_match
     retrieval_tasks: list[str] = field(default_factory=list)  # lm-eval tasks instead of the probes, e.g. ruler_qa_squad

@@ -206,12 +206,14 @@ def rows_per_step(cfg: TrainConfig, dp_size: int) -> tuple[int, int]:
 
 def input_paths(cfg: TrainConfig) -> tuple[dict, list[str]]:
     """({"model", "teacher"} paths, data files) the run reads, with ``builtin:`` assets built and replaced by
-    their paths (salatrain.train.tiny builds them; it is imported only when a config names one)."""
-    names = [cfg.model.path, cfg.teacher.path, *cfg.data.files]
+    their paths (salatrain.train.tiny builds them; it is imported only when a config names one). A teacher the
+    stage does not use (see ``ignored_keys``) is None, and not built."""
+    teacher = cfg.teacher.path if "teacher.path" not in ignored_keys(cfg) else None
+    names = [cfg.model.path, teacher, *cfg.data.files]
     if any(isinstance(n, str) and n.startswith("builtin:") for n in names):
         from .tiny import resolve
     else:
         def resolve(path):
             return path
-    paths = {"model": resolve(cfg.model.path), "teacher": resolve(cfg.teacher.path)}
+    paths = {"model": resolve(cfg.model.path), "teacher": resolve(teacher)}
     return paths, [resolve(f) for f in cfg.data.files]

@@ -94,6 +94,8 @@ def _build_dir(out: Path, fill) -> Path:
     try:
         os.chmod(tmp, 0o755)
         fill(tmp)
+        if out.exists():  # an incomplete build (no config.json) left by a killed process: replace it
+            shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,6 +144,9 @@ def _hybrid() -> Path:
         return out
     from ..config.schema import ConvertConfig, PlanSettings, SparseSettings
     from ..convert.convert import convert
+
+    if out.exists():  # an incomplete build left by a killed process
+        shutil.rmtree(out)
 
     convert(ConvertConfig(model=str(dense), output_dir=str(out), plan=PlanSettings(sparse_layers=[0, 3]),
                           sparse=SparseSettings(**SPARSE), kl_check=False))
