@@ -17,8 +17,11 @@ and at 64K on one GPU (the same tokens per GPU; the report gives their per-GPU t
 
 ``run`` goes through its configurations in priority order, each a few optimizer steps of `salatrain train`
 in this process, and appends one JSON line per configuration to W/results.jsonl (OOM and errors recorded,
-then the next one runs; configurations past the deadline are recorded as skipped). A configuration that was
-started but never finished (the process died or hung) is recorded as crashed on the next ``run``.
+then the next one runs; configurations past the deadline are recorded as skipped). On more than one GPU an
+error ends the process after it is recorded (the other ranks may wait in a collective it will never join);
+bench/train_gpu.sh then starts the next attempt after it. A configuration that was started but never finished
+(the process died or hung) is recorded as crashed on the next ``run``. ``build`` (each invocation of
+bench/train_gpu.sh) forgets every row but ok and OOM, so a new invocation retries failures and skips.
 
 Throughput is the median tokens/s over the steps after the first two (compilation and warm-up); MFU is
 model FLOPs (salatrain.train.flops) per second over the measured matmul peak of each GPU.
@@ -105,6 +108,7 @@ def build(work: Path, size: str) -> None:
     from salatrain.train.tiny import bpe_tokenizer, doc_topics
 
     work.mkdir(parents=True, exist_ok=True)
+    _forget_unfinished(work / "results.jsonl")
     (work / "size.json").write_text(json.dumps({"size": size}))
     spec, t0 = SIZES[size], time.time()
     device = torch.device(spec["device"])
@@ -187,6 +191,15 @@ def _done(results: Path) -> dict[str, dict]:
     return {r["key"]: r for r in rows}
 
 
+def _forget_unfinished(results: Path) -> None:
+    """A new invocation keeps the measured rows (ok, OOM) of an earlier one in the same work dir and runs again
+    what failed, crashed or was skipped for time."""
+    if results.exists():
+        keep = [line for line in results.read_text().splitlines()
+                if json.loads(line)["status"] in ("ok", "OOM")]
+        results.write_text("".join(line + "\n" for line in keep))
+
+
 def _decide(results: Path, c, deadline: float) -> str:
     done = _done(results).get(key(c))
     if done is not None:
@@ -233,6 +246,14 @@ def run(work: Path, gpus: int, deadline: float) -> None:
             row["status"] = "OOM"
         except Exception as e:  # recorded; the next configuration still runs
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if gpus > 1:
+                # the other ranks may be waiting in a collective this rank will never join: record, then end the
+                # process so the launcher stops them all and bench/train_gpu.sh goes on with the next configuration
+                print(f"[run] {k} (rank {dist.rank}): {row['status']}", file=sys.stderr, flush=True)
+                if dist.is_main:
+                    row["wall_s"] = round(time.time() - t0, 1)
+                    _record(results, row)
+                os._exit(3)
         row["wall_s"] = round(time.time() - t0, 1)
         release([])  # run_stage released its engines; this frees what a failed run left behind
         if dist.is_main:
