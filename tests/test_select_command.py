@@ -147,3 +147,67 @@ def test_the_sweep_scores_other_probe_samples_than_eval_by_default():
     ev = resolve("eval", []).compose()
     assert sel.sweep.probes.seed == 1 and sel.sweep.probes.num_samples == 8
     assert ev.probes.seed == 0
+
+
+def _full_forward_r(model, aligned, samples, attention_at: set[int]) -> float:
+    """R of the model with attention at ``attention_at`` and aligned Lightning elsewhere, by plain forwards
+    (eval's score_sample), independently of the sweep's cached activations."""
+    from contextlib import ExitStack
+
+    from salatrain.eval.scoring import score_sample
+
+    with ExitStack() as stack, torch.no_grad():
+        for i in range(len(model.model.layers)):
+            if i not in attention_at:
+                stack.enter_context(swapped(model, i, aligned.layer(i, torch.float32, "cpu")))
+        by_task = {}
+        for s in samples:
+            by_task.setdefault(s.task, []).append(score_sample(model, s).answer_logprob)
+    return sum(sum(v) / len(v) for v in by_task.values()) / len(by_task)
+
+
+def test_stepwise_keeps_the_layer_that_helps_most_given_those_kept_before(tiny_lm_dir, tiny_aligned_dir, tmp_path):
+    """method=stepwise: from all-linear, each step keeps the layer whose restored attention gives the highest R
+    with the layers kept so far; checked step by step against plain forwards of each candidate model."""
+    out = tmp_path / "sel"
+    assert main(["select", f"model={tiny_lm_dir}", f"aligned={tiny_aligned_dir}", f"output_dir={out}",
+                 "method=stepwise", "ratio=0.5", "keep_first=false", "keep_last=false", *SWEEP]) == 0
+    plan = json.loads((out / "layer_plan.json").read_text())
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    base = CheckpointDir(tiny_lm_dir)
+    model = load_dense_as_hybrid(base)
+    aligned = AlignedLayers(str(tiny_aligned_dir), base, dense_config(base))
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    samples = [x for task in ("passkey", "kv_retrieval") for x in make_samples(tok, task, 320, 2, 1)]
+    kept = set()
+    for step in steps:
+        assert step["kept_before"] == sorted(kept)
+        r = {j: _full_forward_r(model, aligned, samples, kept | {j}) for j in range(4) if j not in kept}
+        assert {int(j): m["retrieval"] for j, m in step["candidates"].items()} == pytest.approx(r, abs=1e-4)
+        assert step["chosen"] == max(r, key=r.get)
+        kept.add(step["chosen"])
+    assert len(steps) == 2 and plan["sparse_layers"] == sorted(kept) and plan["method"] == "stepwise"
+    assert plan["source"]["order"] == [s["chosen"] for s in steps]
+    chosen = steps[1]["chosen"]
+    row = plan["layers"][chosen]
+    assert row["kept"] and row["score"] == pytest.approx(steps[1]["candidates"][str(chosen)]["retrieval"]
+                                                          - steps[1]["start"]["retrieval"])
+    assert row["retrieval_gain"] == row["score"] and row["retrieval_drop"] is None
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stepwise_counts_forced_layers_and_needs_the_sweep(tiny_lm_dir, tiny_aligned_dir, metrics_file, tmp_path,
+                                                            capsys):
+    out = tmp_path / "sel"
+    assert main(["select", f"model={tiny_lm_dir}", f"aligned={tiny_aligned_dir}", f"output_dir={out}",
+                 "method=stepwise", "ratio=0.75", "exclude=[1]", *SWEEP]) == 0
+    plan = json.loads((out / "layer_plan.json").read_text())
+    assert plan["sparse_layers"] == [0, 2, 3] and plan["source"]["order"] == [2]  # 0 and 3 forced, 1 excluded
+    assert plan["layers"][0]["retrieval"] is None and plan["layers"][0]["forced"] == "keep_first"
+    capsys.readouterr()
+    assert main(["select", f"metrics={metrics_file}", f"output_dir={tmp_path / 'm'}", "method=stepwise",
+                 "ratio=0.5"]) == 2
+    assert "method=stepwise" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main(["select", f"model={tiny_lm_dir}", f"aligned={tiny_aligned_dir}", f"output_dir={tmp_path / 'l'}",
+                 "method=stepwise", "ratio=0.5", "sweep.retrieval_tasks=[ruler_qa_squad]"]) == 2
+    assert "drop sweep.retrieval_tasks" in capsys.readouterr().err and not (tmp_path / "l").exists()

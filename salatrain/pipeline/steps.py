@@ -231,7 +231,7 @@ def _select(name, spec, step_dir, ctx) -> Prepared:
     method = args.get("method", "halo")
     if not _given(args, "metrics"):
         values["model"] = ctx["base"]
-        if method in ("halo", "retrieval") and not _given(args, "aligned"):
+        if method in ("halo", "stepwise", "retrieval") and not _given(args, "aligned"):
             values["aligned"] = _need(ctx, "aligned", name, "align (train recipe=halo_align)")
     sweeps = "aligned" in values or _given(args, "aligned")
     if not sweeps:  # the recipe's sweep settings: a method that measures nothing has no sweep to set

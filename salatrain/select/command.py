@@ -1,5 +1,5 @@
 """`salatrain select model=<dense dir> aligned=<align output> output_dir=<dir>` (sweep) or
-`salatrain select metrics=<metrics.json> output_dir=<dir>`; `method=halo|retrieval|uniform|random ratio=0.25`.
+`salatrain select metrics=<metrics.json> output_dir=<dir>`; `method=halo|stepwise|retrieval|uniform|random ratio=0.25`.
 
 Per-layer metrics (a sweep, a metrics file, or none) → layer_plan.json + scores.png.
 
@@ -12,7 +12,10 @@ Output folder (written all at once, so a failure leaves nothing):
                        "baseline": {"retrieval", "commonsense"} | null, "source": {...}, "cost": {...}}
     scores.png        scores per layer, kept layers marked
     metrics.json      (sweep mode) what was measured, in the format metrics=... reads back:
-                      {"layers": {"0": {"retrieval": R_0, "commonsense": C_0, ...}, ...}, "baseline": {...}}
+                      {"layers": {"0": {"retrieval": R_0, "commonsense": C_0, ...}, ...}, "baseline": {...}};
+                      method=stepwise: {"method": "stepwise", "steps": [{"kept_before", "chosen", "start",
+                      "candidates": {"j": {"retrieval", "commonsense", ...}}}, ...], "cost"} (its rows also carry
+                      retrieval_gain / commonsense_gain: the gain when that layer's attention is restored)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..tracking import log_wandb_table, wandb_run
 from .config import SelectConfig, constraints_of, ignored_keys, read_metrics, validate
 from .methods import Selection, drops, select_layers
 from .plot import plot_scores
+from .stepwise import run_stepwise
 from .sweep import LayerMetrics, run_sweep
 
 log = logging.getLogger(__name__)
@@ -68,11 +72,12 @@ def gather(cfg: SelectConfig, mode: str, num_layers: int) -> LayerMetrics:
 
 def build_plan(cfg: SelectConfig, num_layers: int, metrics: LayerMetrics, sel: Selection) -> dict:
     r, c = metrics.retrieval, metrics.commonsense
-    r_drop = drops(r) if r is not None else None
-    c_drop = drops(c) if c is not None else None
+    stepwise = metrics.gains is not None
+    r_drop = drops(r) if r is not None and not stepwise else None
+    c_drop = drops(c) if c is not None and not stepwise else None
     rows = []
     for i in range(num_layers):
-        rows.append({
+        row = {
             "index": i,
             "retrieval": r[i] if r is not None else None,
             "commonsense": c[i] if c is not None else None,
@@ -81,7 +86,10 @@ def build_plan(cfg: SelectConfig, num_layers: int, metrics: LayerMetrics, sel: S
             "score": sel.scores[i],
             "kept": i in sel.kept,
             "forced": sel.forced.get(i),
-        })
+        }
+        if stepwise:  # R and C when layer i's attention is restored, at the step it was chosen or the last one
+            row["retrieval_gain"], row["commonsense_gain"] = metrics.gains[0][i], metrics.gains[1][i]
+        rows.append(row)
     cons = constraints_of(cfg)
     return {
         "format": FORMAT,
@@ -109,9 +117,12 @@ def select(cfg: SelectConfig) -> dict:
 
 def _select(cfg: SelectConfig, mode: str, num_layers: int, out: OutputDir) -> dict:
     t0 = time.time()
-    metrics = gather(cfg, mode, num_layers)
-    sel = select_layers(num_layers, cfg.method, cfg.ratio, constraints_of(cfg), metrics.retrieval,
-                        metrics.commonsense, cfg.seed)
+    if cfg.method == "stepwise":
+        metrics, sel = run_stepwise(cfg, num_layers)
+    else:
+        metrics = gather(cfg, mode, num_layers)
+        sel = select_layers(num_layers, cfg.method, cfg.ratio, constraints_of(cfg), metrics.retrieval,
+                            metrics.commonsense, cfg.seed)
     plan = build_plan(cfg, num_layers, metrics, sel)
     plan["cost"] = {**plan["cost"], "seconds_total": round(time.time() - t0, 1)}
     with out.atomic() as tmp:

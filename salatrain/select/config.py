@@ -89,6 +89,9 @@ def mode_of(cfg: SelectConfig) -> str:
         if not cfg.model:
             raise UserError("aligned=... needs model=<the dense base model dir> for the sweep")
         return "sweep"
+    if cfg.method == "stepwise":
+        raise UserError("method=stepwise measures each layer given the layers kept before it: pass "
+                        "model=<dense dir> aligned=<align output>")
     if cfg.method in ("halo", "retrieval"):
         raise UserError(f"method={cfg.method} needs per-layer metrics: pass model=<dense dir> aligned=<align output> "
                         "(sweep) or metrics=<metrics.json>")
@@ -127,6 +130,15 @@ def validate(cfg: SelectConfig) -> tuple[str, int, OutputDir]:
     if cfg.method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
     mode = mode_of(cfg)
+    if cfg.method == "stepwise":
+        if mode != "sweep":
+            raise UserError("method=stepwise measures each layer given the layers kept before it, so it sweeps: "
+                            "pass model=<dense dir> aligned=<align output> (a metrics file holds one-at-a-time "
+                            "measurements)")
+        if cfg.sweep.retrieval_tasks or cfg.sweep.commonsense_tasks:
+            raise UserError("method=stepwise scores with the built-in probes and held-out text; drop "
+                            "sweep.retrieval_tasks / sweep.commonsense_tasks (lm-eval would run once per candidate "
+                            "and step)")
     if mode == "metrics":
         num_layers = len(read_metrics(cfg.metrics)[0])
     elif cfg.model:

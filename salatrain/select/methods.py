@@ -3,6 +3,8 @@
 Both metrics are higher-is-better and measured with only layer i linearised:
     halo       s_i = min(50, (max_j R_j − R_i) / (max_j C_j − C_i + 1e-10))   — keep the highest
     retrieval  s_i = max_j R_j − R_i                                           — keep the largest drops
+    stepwise   layers kept one at a time, each measured with the kept ones attention and the rest linear
+               (salatrain.select.stepwise: the selection happens during its sweep; s_i = its gain in R)
     random     s_i ~ U[0, 1) from ``seed``
     uniform    n layers at round(linspace(0, L−1, n)) (``salatrain.models.plan.uniform_layers``); no scores
 n = floor(ratio·L + ½) layers are kept in all. Forced layers (first, last, ``include``) count towards n; the rest
@@ -19,7 +21,7 @@ from ..errors import UserError
 from ..models.plan import num_kept, uniform_layers
 
 log = logging.getLogger(__name__)
-METHODS = ("halo", "retrieval", "uniform", "random")
+METHODS = ("halo", "stepwise", "retrieval", "uniform", "random")
 SCORE_CLIP = 50.0
 EPS = 1e-10
 
@@ -62,6 +64,9 @@ def layer_scores(method: str, retrieval: list[float] | None, commonsense: list[f
         return [rng.random() for _ in range(num_layers)]
     if method == "uniform":
         return None
+    if method == "stepwise":
+        raise UserError("method=stepwise chooses layers while it sweeps (salatrain.select.stepwise); it has no "
+                        "scores to re-rank from a metrics file")
     raise UserError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
 
 

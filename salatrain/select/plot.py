@@ -14,20 +14,24 @@ def plot_scores(path: Path, plan: dict) -> Path:
     layers = plan["layers"]
     idx = [row["index"] for row in layers]
     kept = [row["kept"] for row in layers]
-    has_metrics = all(row.get("retrieval") is not None for row in layers)
-    has_scores = all(row.get("score") is not None for row in layers)
+    stepwise = plan["method"] == "stepwise"
+    # stepwise leaves forced layers unmeasured (None): drawn as 0
+    has_metrics = any(row.get("retrieval") is not None for row in layers) if stepwise else \
+        all(row.get("retrieval") is not None for row in layers)
+    has_scores = any(row.get("score") is not None for row in layers) if stepwise else \
+        all(row.get("score") is not None for row in layers)
     rows = 1 + has_metrics
     fig, axes = plt.subplots(rows, 1, figsize=(max(6.0, 0.28 * len(idx) + 2), 2.8 * rows), sharex=True,
                              squeeze=False)
     axes = axes[:, 0]
     colors = ["tab:red" if k else "tab:gray" for k in kept]
     ax = axes[0]
-    heights = [row["score"] if has_scores else float(row["kept"]) for row in layers]
+    heights = [(row["score"] or 0.0) if has_scores else float(row["kept"]) for row in layers]
     ax.bar(idx, heights, color=colors)
     for i, row in zip(idx, layers):
         if row["kept"]:
             ax.annotate("*" if row.get("forced") is None else "F", (i, heights[i]), ha="center", va="bottom")
-    ax.set_ylabel("score" if has_scores else "kept")
+    ax.set_ylabel(("gain in R when kept" if stepwise else "score") if has_scores else "kept")
     kept_idx = [i for i, k in zip(idx, kept) if k]
     ax.set_title(f"{plan['method']}: {len(kept_idx)} of {len(idx)} layers stay sparse attention {kept_idx}"
                  "\n(red = kept: * by score, F forced by keep_first/keep_last/include)", fontsize=9)
@@ -37,10 +41,13 @@ def plot_scores(path: Path, plan: dict) -> Path:
     if has_metrics:
         ax = axes[1]
         width = 0.4
-        ax.bar([i - width / 2 for i in idx], [row["retrieval_drop"] for row in layers], width, label="retrieval drop")
-        ax.bar([i + width / 2 for i in idx], [row["commonsense_drop"] for row in layers], width,
-               label="commonsense drop")
-        ax.set_ylabel("drop when linearised\n(best layer − this layer)", fontsize=8)
+        kind = "gain" if stepwise else "drop"
+        ax.bar([i - width / 2 for i in idx], [row[f"retrieval_{kind}"] or 0.0 for row in layers], width,
+               label=f"retrieval {kind}")
+        ax.bar([i + width / 2 for i in idx], [row[f"commonsense_{kind}"] or 0.0 for row in layers], width,
+               label=f"commonsense {kind}")
+        ax.set_ylabel("gain when its attention is restored\n(at the step chosen, else the last)" if stepwise else
+                      "drop when linearised\n(best layer − this layer)", fontsize=8)
         ax.legend(fontsize=8)
     axes[-1].set_xlabel("layer")
     axes[-1].set_xticks(idx)

@@ -97,6 +97,7 @@ class LayerMetrics:
     source: dict
     cost: dict
     raw: dict | None = None  # metrics.json to write (sweep mode)
+    gains: tuple[list, list] | None = None  # method=stepwise: (R gain, C gain) per layer when restored
 
 
 @dataclass
@@ -167,7 +168,8 @@ def text_loss(model, h_final: torch.Tensor, ids: torch.Tensor) -> tuple[float, i
     return float(-lp.sum()), lp.numel()
 
 
-def _metrics(model, finals: list[torch.Tensor], samples, windows: list[torch.Tensor], retrieval_metric: str) -> Metrics:
+def metrics_of(model, finals: list[torch.Tensor], samples, windows: list[torch.Tensor],
+               retrieval_metric: str) -> Metrics:
     """Metrics from the final hidden states of the probe samples, then of the text windows (ids [1, T])."""
     by_task: dict[str, list[tuple[float, bool]]] = {}
     for h, s in zip(finals[: len(samples)], samples):
@@ -198,7 +200,7 @@ def sweep(model, aligned: AlignedLayers, samples: list[ProbeSample], windows: li
     seqs += [torch.tensor([w], device=device) for w in windows]
     caches = [ActivationCache(model, ids) for ids in seqs]
     texts = seqs[len(samples):]
-    baseline = _metrics(model, [c.final for c in caches], samples, texts, retrieval_metric)
+    baseline = metrics_of(model, [c.final for c in caches], samples, texts, retrieval_metric)
     log.info("sweep: baseline R %.4f, C %.4f (%d sequences, %d tokens, %.1f s)", baseline.retrieval,
              baseline.commonsense, len(seqs), sum(s.shape[1] for s in seqs), time.time() - t0)
     num_layers = len(model.model.layers)
@@ -207,7 +209,7 @@ def sweep(model, aligned: AlignedLayers, samples: list[ProbeSample], windows: li
         t = time.time()
         with swapped(model, i, aligned.layer(i, dtype, device)):
             finals = [c.run_from(model, i) for c in caches]
-            layers.append(_metrics(model, finals, samples, texts, retrieval_metric))
+            layers.append(metrics_of(model, finals, samples, texts, retrieval_metric))
         log.info("sweep: layer %d/%d linear: R %.4f, C %.4f (%.1f s)", i, num_layers - 1, layers[-1].retrieval,
                  layers[-1].commonsense, time.time() - t)
     tokens = sum(s.shape[1] for s in seqs)
@@ -254,7 +256,7 @@ def run_sweep(cfg: SelectConfig):
     base = CheckpointDir(cfg.model)
     aligned = AlignedLayers(cfg.aligned, base, dense_config(base))
     tok = load_tokenizer(base.path)
-    samples, windows = _probe_batch(tok, cfg), _heldout(tok, cfg)
+    samples, windows = probe_batch(tok, cfg), heldout_windows(tok, cfg)
     device = resolve_device(s.device)
     model = load_dense_as_hybrid(base, dtype=resolve_dtype(s.dtype, device)).to(device)
     builtin = None
@@ -279,7 +281,7 @@ def run_sweep(cfg: SelectConfig):
                         source, result.cost, raw=_raw(result))
 
 
-def _probe_batch(tok, cfg: SelectConfig) -> list:
+def probe_batch(tok, cfg: SelectConfig) -> list:
     p = cfg.sweep.probes
     if cfg.sweep.retrieval_tasks:
         return []
@@ -289,7 +291,7 @@ def _probe_batch(tok, cfg: SelectConfig) -> list:
         raise UserError(str(e)) from None
 
 
-def _heldout(tok, cfg: SelectConfig) -> list[list[int]]:
+def heldout_windows(tok, cfg: SelectConfig) -> list[list[int]]:
     t = cfg.sweep.text
     if cfg.sweep.commonsense_tasks:
         return []
