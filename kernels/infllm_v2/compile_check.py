@@ -101,7 +101,7 @@ def jobs():
                 opts = [(4, 3), (4, 2), (8, 3)] if kind == "fwd" else [(4, 2), (4, 3), (8, 2)]
                 out.append((f"gather_{kind} {dt} {gname}", fn, args, consts, tuned(opts)))
             args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "lse_ptr", "delta_ptr",
-                    "dk_ptr", "dv_ptr"), **_ptrs("i32", "chunk_key_ptr", "chunk_e0_ptr", "chunk_e1_ptr",
+                    "dk_ptr", "dv_ptr"), **_ptrs("i32", "chunk_key_ptr", "chunk_e0_ptr", "chunk_e1_ptr", "n_chunks_ptr",
                     "entry_row_ptr", "gb_krow0_ptr", "gb_kend_ptr", "row_pos_ptr", "row_kbase_ptr"),
                     **_ints("num_gblocks", "stride_qr", "stride_qh", "stride_kr", "stride_kh", "stride_lr",
                             "stride_dkr", "stride_dkh"), "scale_log2": "fp32", "scale": "fp32"}

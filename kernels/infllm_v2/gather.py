@@ -8,7 +8,8 @@ per (query, group) — the real cost of gathered blocks — is unchanged. Under 
 TOK queries at once (block-diagonal tiles) to cut interpreter overhead; TOK = 1 is the GPU code path.
 
 dq walks the same lists. dk/dv use the transposed map (``AttnPlan.key_map``): the (group, block, query)
-entries sorted by (group, block) and cut into chunks; a program loads its K/V block once, gathers TP queries ×
+entries sorted by (group, block) and cut into chunks (their number stays on the device: programs past it return
+at once); a program loads its K/V block once, gathers TP queries ×
 G heads of q/dO per step and adds dk/dv into fp32 buffers with atomics (so the last bits of dk/dv may vary run
 to run).
 """
@@ -152,7 +153,7 @@ def _gather_dq_kernel(
 @triton.jit
 def _gather_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    chunk_key_ptr, chunk_e0_ptr, chunk_e1_ptr, entry_row_ptr, gb_krow0_ptr, gb_kend_ptr,
+    chunk_key_ptr, chunk_e0_ptr, chunk_e1_ptr, n_chunks_ptr, entry_row_ptr, gb_krow0_ptr, gb_kend_ptr,
     row_pos_ptr, row_kbase_ptr,
     num_gblocks,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_dkr, stride_dkh,
@@ -162,6 +163,8 @@ def _gather_dkdv_kernel(
 ):
     M: tl.constexpr = TP * GP
     c = tl.program_id(0)
+    if c >= tl.load(n_chunks_ptr):  # the grid is an upper bound on the chunks (no host synchronisation)
+        return
     key = tl.load(chunk_key_ptr + c)
     e0 = tl.load(chunk_e0_ptr + c)
     e1 = tl.load(chunk_e1_ptr + c)

@@ -5,7 +5,8 @@ With a local window W > 0 a sparse row's softmax is split in two: the gather ker
 partial output and log-sum-exp (fp32, for one chunk of rows at a time: PART_BUDGET_BYTES), the local kernel
 starts its online softmax from them and writes the final row. The backward needs no merge beyond dq: with the
 final lse and delta = rowsum(dO·O), the two key sets contribute independently (dq partials merged the same
-way as o). Gathered dk/dv run over the transposed block lists (`key_map`) in chunks of at most DKDV_CHUNK
+way as o). Gathered dk/dv run over the transposed block lists (`key_map`, built on the device without a host
+synchronisation) in chunks of at most DKDV_CHUNK
 queries per block.
 """
 from __future__ import annotations
@@ -231,13 +232,12 @@ class AttnPlan:
         return dq, dk.to(k3.dtype), dv.to(v3.dtype)
 
     def _gather_dkdv(self, grads, idx3, counts, dk, dv, num_warps):
-        chunks, entry_row, gb_krow0, gb_kend, num_gblocks = self.key_map(idx3, counts)
-        if chunks[0].numel() == 0:
-            return
+        chunks, n_chunks, entry_row, gb_krow0, gb_kend, num_gblocks = self.key_map(idx3, counts)
         group_pad = next_pow2(self.group)
         per_step = max(1, self.dkdv_rows // group_pad)
         _gather_dkdv_kernel[(chunks[0].numel(),)](
             **grads, dk_ptr=dk, dv_ptr=dv, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1], chunk_e1_ptr=chunks[2],
+            n_chunks_ptr=n_chunks,
             entry_row_ptr=entry_row, gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend, **self.row_tables,
             num_gblocks=num_gblocks, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
             G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, PREC=self.prec,
@@ -245,11 +245,13 @@ class AttnPlan:
         )
 
     def key_map(self, idx3, counts):
-        """Transposed block lists: (group, global block) -> the sparse rows that selected it, in chunks.
+        """Transposed block lists: (group, global block) -> the sparse rows that selected it, in chunks, built on
+        the device with no host synchronisation (the number of chunks is not read back: the grid is its upper
+        bound, ``n_keys + ceil(entries / chunk)``, and programs past ``n_chunks`` return at once).
 
         Only the entries the gather kernels take (the first `counts` of each list). Returns ((chunk key, first
-        entry, end entry), entry_row, block first key row, block end key row, number of global blocks);
-        chunk key = group · num_gblocks + global block.
+        entry, end entry), n_chunks [1] on the device, entry_row, block first key row, block end key row, number
+        of global blocks); chunk key = group · num_gblocks + global block.
         """
         layout = self.layout
         rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()
@@ -265,20 +267,20 @@ class AttnPlan:
         heads_off = (torch.arange(self.kv_heads, device=idx3.device) * num_gblocks)[:, None, None]
         keys = (lists + row_doc_base[rows][None, :, None] + heads_off).to(key_dtype)
         keys = torch.where(taken, keys, torch.full_like(keys, n_keys)).flatten()
-        sorted_keys, order = torch.sort(keys)
+        sorted_keys, order = torch.sort(keys)  # entries not taken (key n_keys) sort last and are never read
         counts_per_key = torch.bincount(sorted_keys.long(), minlength=n_keys + 1)[:n_keys]
-        n_entries = int(counts_per_key.sum())
-        entry_row = rows[(order[:n_entries] // lists.shape[-1]) % rows.numel()].int()
+        entry_row = rows[(order // lists.shape[-1]) % rows.numel()].int()
         starts = torch.cumsum(counts_per_key, 0) - counts_per_key
         per_key = (counts_per_key + self.dkdv_chunk - 1) // self.dkdv_chunk
-        n_chunks = int(per_key.sum())
-        chunk_key = torch.repeat_interleave(torch.arange(n_keys, device=idx3.device), per_key, output_size=n_chunks)
-        first_chunk = torch.cumsum(per_key, 0) - per_key
-        within = torch.arange(n_chunks, device=idx3.device) - first_chunk[chunk_key]
-        e0 = starts[chunk_key] + within * self.dkdv_chunk
-        e1 = torch.minimum(e0 + self.dkdv_chunk, starts[chunk_key] + counts_per_key[chunk_key])
-        chunks = (chunk_key.int(), e0.int(), e1.int())
-        return chunks, entry_row, gb_krow0, gb_kend, num_gblocks
+        chunk_end = torch.cumsum(per_key, 0)  # one past each key's last chunk
+        max_chunks = n_keys + triton.cdiv(keys.numel(), self.dkdv_chunk)
+        c = torch.arange(max_chunks, device=idx3.device)
+        key = torch.searchsorted(chunk_end, c, right=True).clamp_(max=n_keys - 1)
+        within = c - (chunk_end - per_key)[key]
+        e0 = starts[key] + within * self.dkdv_chunk
+        e1 = torch.minimum(e0 + self.dkdv_chunk, starts[key] + counts_per_key[key])
+        chunks = (key.int(), e0.int(), e1.int())
+        return chunks, chunk_end[-1:].int(), entry_row, gb_krow0, gb_kend, num_gblocks
 
 
 def window_split_exact(init_blocks: int, topk: int, window_size: int, block_size: int,
