@@ -10,7 +10,10 @@ gate (full op and each stage vs the PyTorch references at T = 2048, forward and 
 runs first; a failing kernel is not timed. Times: median of CUDA-event timings (ms) of repeated calls after a
 warm-up; peak_GiB = memory a call adds on top of its inputs; TFLOP/s counts useful work (scoring: q·k_cmp for
 both passes; attention: 4·D per visible key, backward = 2.5x forward) against the measured bf16 matmul ceiling.
-`speedup` = that row's fwd+bwd time / ours (exact normaliser), `fwd_speedup` the same for the forward.
+`speedup` = that row's fwd+bwd time / ours (exact normaliser) on the same data, `fwd_speedup` the same for the
+forward. Ours also runs with neighbouring queries sharing gathered blocks (share_tokens 4, 8) and on q/k that
+drift along T ("correlated": a moving sum over 256 positions), where selections overlap as in a real model;
+"overlap" rows give the blocks a tile loads with sharing over those its queries load alone.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo
 from tests.helpers.naive import infllmv2_block_attn_naive, selection_margin  # noqa: E402  (as the kernel tests)
 
 HQ, HKV, D = 32, 2, 128
+SHARE = (4, 8)  # share_tokens timed beside the per-query kernels
+CORRELATION_TOKENS = 256  # "correlated" q/k: a moving sum over this many positions
 SALA = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=64, window_size=2048, dense_len=8192)
 GATE = dict(SALA, topk=8, window_size=256, dense_len=512)
 GATE_T, GATE_HEADS = 2048, (16, 1)
@@ -195,9 +200,9 @@ def flops(T, normalizer=None, fwd_bwd=True):
     return score + (3.5 if fwd_bwd else 1.0) * attn
 
 
-def _row(T, impl, fwd, fwd_bwd, peak, work, ceilings, note="", kernel="infllmv2"):
-    row = dict(kernel=kernel, T=T, impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, speedup=None, fwd_speedup=None,
-               peak_GiB=peak)
+def _row(T, impl, fwd, fwd_bwd, peak, work, ceilings, note="", kernel="infllmv2", data="random"):
+    row = dict(kernel=kernel, T=T, impl=impl, data=data, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, speedup=None,
+               fwd_speedup=None, peak_GiB=peak)
     ms = fwd_bwd if isinstance(fwd_bwd, float) else fwd
     if work and isinstance(ms, float):
         row["TFLOP/s"] = work / ms / 1e9
@@ -250,11 +255,48 @@ def stage_rows(T, q, k, v, do, ceilings, quick):
     ]
 
 
-def bench_T(T, dtype, device, impls, ceilings, quick):
+def correlated(shape, gen, width=CORRELATION_TOKENS):
+    """[1, T, H, D] with unit-variance entries that change slowly along T: a moving sum of i.i.d. noise over
+    ``width`` tokens (neighbouring positions share all but one term), as a converted model's q/k drift."""
+    x = torch.randn(shape[0], shape[1] + width, *shape[2:], generator=gen, dtype=torch.float64)
+    c = torch.cumsum(x, dim=1)
+    return ((c[:, width:] - c[:, :-width]) / width**0.5).float()
+
+
+def make_inputs(T, dtype, device, data="random"):
+    """q, k, v, dO at T: i.i.d. normal ("random") or with q and k correlated along T ("correlated")."""
     g = torch.Generator(device="cpu").manual_seed(T)
-    q = torch.randn(1, T, HQ, D, generator=g).to(device, dtype)
-    k, v = (torch.randn(1, T, HKV, D, generator=g).to(device, dtype) for _ in range(2))
+    draw = (lambda shape: torch.randn(shape, generator=g)) if data == "random" else (lambda shape: correlated(shape, g))
+    q = draw((1, T, HQ, D)).to(device, dtype)
+    k = draw((1, T, HKV, D)).to(device, dtype)
+    v = torch.randn(1, T, HKV, D, generator=g).to(device, dtype)
     do = torch.randn(1, T, HQ, D, generator=g).to(device, dtype)
+    return q, k, v, do
+
+
+def block_overlap(q, k, tq):
+    """Blocks a tile of tq neighbouring sparse queries loads with sharing, per query, over the blocks one query
+    loads alone (1.0: no overlap, 1/tq: all tq queries chose the same blocks)."""
+    from salatrain_kernels.infllm_v2.shared import union_lists
+
+    params = SparseParams(**SALA)
+    q3, k3 = q.reshape(-1, HQ, D), k.reshape(-1, HKV, D)
+    layout = DocLayout.build(q, k, None)
+    idx3 = select_blocks(q3, k3, layout, params, D**-0.5)
+    split = window_split_exact(params.init_blocks, params.topk, params.window_size, params.block_size)
+    plan = AttnPlan(layout, HQ, HKV, D, q.dtype, SALA["block_size"], D**-0.5, SALA["dense_len"],
+                    local_window=params.window_size if split else 0)  # as infllmv2_attn builds it
+    counts = plan.list_lengths(idx3)  # the gathered entries (the local window goes to the tile kernels)
+    rows = torch.cat([ch.sparse_rows for ch in plan.chunks])
+    if rows.numel() == 0:
+        return None
+    _, _, ucount = union_lists(idx3, counts, rows, torch.zeros(q.shape[1], dtype=torch.long, device=q.device),
+                               layout.max_blocks(SALA["block_size"]), tq)
+    return (ucount.float().sum() / counts[:, rows.long()].float().sum()).item()
+
+
+def bench_T(T, dtype, device, impls, ceilings, quick, data="random"):
+    q, k, v, do = make_inputs(T, dtype, device, data)
     bhtd = [x.transpose(1, 2).contiguous() for x in (q, k, v, do)]  # the layout a dense user holds
     rows = []
     for name, fn, work, note in impls:
@@ -262,11 +304,17 @@ def bench_T(T, dtype, device, impls, ceilings, quick):
         fwd, fwd_bwd = _fwd_and_fwd_bwd(fn, *args)
         ms_f, _ = _timed(fwd, quick)
         ms_fb, peak = _timed(fwd_bwd, quick)
-        rows.append(_row(T, name, ms_f, ms_fb, peak, work, ceilings, note))
+        rows.append(_row(T, name, ms_f, ms_fb, peak, work, ceilings, note, data=data))
         print(f"[row] T={T} {name}: fwd {ms_f} ms, fwd+bwd {ms_fb} ms, peak {peak}", flush=True)
         torch.cuda.empty_cache()
-    if T > SALA["dense_len"]:
+    if T > SALA["dense_len"] and data == "random":
         rows += stage_rows(T, q, k, v, do, ceilings, quick)
+    if T > SALA["dense_len"]:
+        for tq in SHARE:
+            ratio = block_overlap(q, k, tq)
+            print(f"[overlap] T={T} {data}: share x{tq} loads {ratio:.3f} of the unshared blocks", flush=True)
+            rows.append(dict(kernel="infllmv2 overlap", T=T, impl=f"blocks loaded, share x{tq} / unshared", data=data,
+                             fwd_ms=None, fwd_bwd_ms=None, note=f"{ratio:.3f}"))
     return rows
 
 
@@ -280,7 +328,8 @@ def _speedups(rows):
             keys_ours, keys_dense = visible_keys(r["T"], SALA), r["T"] * (r["T"] + 1) / 2
             r["key_rate_vs_dense"] = (keys_ours / r["fwd_bwd_ms"]) / (keys_dense / dense[0]["fwd_bwd_ms"])
     for r in rows:
-        mine = [o for o in rows if o["kernel"] == "infllmv2" and o["T"] == r["T"] and o["impl"] == OURS]
+        mine = [o for o in rows if o["kernel"] == "infllmv2" and o["T"] == r["T"] and o["impl"] == OURS
+                and o.get("data") == r.get("data", "random")]
         if r["kernel"] != "infllmv2" or r["impl"] == OURS or not mine:
             continue
         for key, out in (("fwd_bwd_ms", "speedup"), ("fwd_ms", "fwd_speedup")):
@@ -317,7 +366,16 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda")
         impls.append(("sdpa flash forced (dense)", sdpa_flash_forced, flops(T), "dense causal, FA2 forced"))
         if nsa is not None:
             impls.append(("fla parallel_nsa top16x64", nsa, None, "compression + top-16 x 64 selection"))
+        for tq in SHARE:
+            impls.append((f"triton shared x{tq}", lambda q, k, v, tq=tq: infllmv2_attn(
+                q, k, v, backend="triton", share_tokens=tq, **SALA), flops(T, "exact"),
+                f"{tq} neighbouring queries share each gathered block (share_tokens={tq})"))
         rows += bench_T(T, dtype, device, impls, ceilings, quick)
+        torch.cuda.empty_cache()
+        # the same kernels on q/k that drift along T as a converted model's do (selections overlap); dense
+        # attention's time does not depend on the values
+        ours = [i for i in impls if i[0].startswith("triton")]
+        rows += bench_T(T, dtype, device, ours, ceilings, quick, data="correlated")
         torch.cuda.empty_cache()
         print(f"[infllmv2] T={T} done ({time.time() - t0:.0f} s)", flush=True)
     if nsa is None:

@@ -40,7 +40,7 @@ backend="torch" runs and what the model runs without the kernels):
   infllmv2_block_scores(q, k, ...)            (a) [B, HKV, Tq, NBM] fp32 block scores (score.py)
   infllmv2_select(block_scores, ...)          (b) [B, HKV, Tq, K] int32 visible blocks (selection.py)
   infllmv2_block_attn(q, k, v, block_idx, ...) (c) attention over given blocks + dense rows (attention.py:
-                                              window.py, gather.py, plan.py)
+                                              window.py, gather.py, shared.py, plan.py)
   triton_geometry_problem(block_size, kernel_size, kernel_stride)   None, or why the kernels cannot take it
 How it runs (Triton; details in each module):
   scoring    one program = BQ queries x the G heads of a KV group (>= 128 rows): pass 1 log-sum-exp over the
@@ -54,9 +54,11 @@ How it runs (Triton; details in each module):
              0 for a long document).
   attention  the local window (and the dense prefix) through flash-style tiles of consecutive queries, the
              chosen blocks before the window gathered per (query, group) with the G heads as tl.dot rows; the
-             two softmax parts merged through fp32 partials. Backward: dq the same way; dk/dv of gathered
-             blocks from a block -> queries map (torch.sort) with fp32 atomics. On CUDA, 16-bit padded batches
-             send the dense prefix to torch SDPA (FlashAttention).
+             two softmax parts merged through fp32 partials; with share_tokens = TQ > 1, TQ neighbouring
+             queries walk the union of their lists together (each block loaded once, per-query bits mask it;
+             shared.py). Backward: dq the same way; dk/dv of gathered blocks from a block -> queries map
+             (torch.sort, on the device, no host synchronisation) with fp32 atomics. On CUDA, 16-bit padded
+             batches send the dense prefix to torch SDPA (FlashAttention).
 `python -m salatrain_kernels.infllm_v2.compile_check` compiles every kernel for sm_90 without a GPU.
 
 Triton limits: the block geometry in params.py (block_size a power of two >= 16; kernel_stride divides

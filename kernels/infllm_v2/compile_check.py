@@ -27,6 +27,7 @@ from . import gather as GA
 from . import plan as PL
 from . import score as S
 from . import selection as SEL
+from . import shared as SH
 from . import window as W
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -100,6 +101,17 @@ def jobs():
                 consts = dict(G=g, M=max(16, gp), TOK=1, D=128, BD=128, BS=64, NBI=1, PREC=prec)
                 opts = [(4, 3), (4, 2), (8, 3)] if kind == "fwd" else [(4, 2), (4, 3), (8, 2)]
                 out.append((f"gather_{kind} {dt} {gname}", fn, args, consts, tuned(opts)))
+            for kind, fn in (("fwd", SH._shared_fwd_kernel), ("dq", SH._shared_dq_kernel)):
+                args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "o_ptr", "lse_ptr",
+                        "delta_ptr", "dq_ptr"), **_ptrs("i32", "union_ptr", "bits_ptr", "ucount_ptr", "gb_krow0_ptr",
+                        "gb_kend_ptr", "rows_ptr", "row_pos_ptr", "row_kbase_ptr"),
+                        **_ints("n_rows", "out_row_base", "stride_qr", "stride_qh", "stride_kr", "stride_kh",
+                                "stride_or", "stride_oh", "stride_lr", "stride_uh", "stride_ut", "stride_ch",
+                                "stride_dqr", "stride_dqh"), "scale_log2": "fp32", "scale": "fp32"}
+                for tq in (2, 4):
+                    consts = dict(G=g, M=max(16, gp), TQ=tq, D=128, BD=128, BS=64, PREC=prec)
+                    out.append((f"shared_{kind} {dt} {gname} TQ{tq}", fn, args, consts,
+                                tuned([(4, 2), (8, 2), (4, 3)])))
             args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "lse_ptr", "delta_ptr",
                     "dk_ptr", "dv_ptr"), **_ptrs("i32", "chunk_key_ptr", "chunk_e0_ptr", "chunk_e1_ptr", "n_chunks_ptr",
                     "entry_row_ptr", "gb_krow0_ptr", "gb_kend_ptr", "row_pos_ptr", "row_kbase_ptr"),

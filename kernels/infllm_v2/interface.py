@@ -80,6 +80,7 @@ def infllmv2_attn(
     dense_len_mode: str = "position",
     local_blocks: str = "token",
     dense_prefix_sdpa: bool = True,
+    share_tokens: int = 1,
 ) -> torch.Tensor:
     """InfLLM-V2 sparse attention; o has q's shape and dtype. Semantics: see the package docstring.
 
@@ -89,6 +90,8 @@ def infllmv2_attn(
     dense_prefix_sdpa: for 16-bit padded batches with Tq = Tk on CUDA, run the dense prefix (t < dense_len)
     through torch SDPA (FlashAttention) instead of the Triton dense kernel; fp32, varlen and Tq < Tk always
     use Triton.
+    share_tokens: Triton only, 1, 2, 4, 8 or 16: > 1 lets that many neighbouring sparse queries share each
+    gathered block (one load, per-query masks; exact, see shared.py); 1 gives every query its own (the default).
     """
     check_qkv(q, k, v, cu_seqlens)
     params = SparseParams(
@@ -116,9 +119,9 @@ def infllmv2_attn(
         # first sparse row: the prefix is plain causal attention
         parts = [dense_causal_sdpa(q[:, :prefix], k[:, :prefix], v[:, :prefix], scale)]
         if prefix < seqlen_q:
-            parts.append(_sparse(q[:, prefix:], k, v, None, params, scale))
+            parts.append(_sparse(q[:, prefix:], k, v, None, params, scale, share_tokens))
         return torch.cat(parts, dim=1)
-    return _sparse(q, k, v, cu_seqlens, params, scale)
+    return _sparse(q, k, v, cu_seqlens, params, scale, share_tokens)
 
 
 def dense_causal_sdpa(q, k, v, scale):
@@ -131,7 +134,7 @@ def dense_causal_sdpa(q, k, v, scale):
     return out.transpose(1, 2)
 
 
-def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float):
+def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float, share_tokens: int = 1):
     batch, seqlen_q, heads, dim = q.shape
     kv_heads = k.shape[2]
     layout = DocLayout.build(q, k, cu_seqlens)
@@ -143,5 +146,5 @@ def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float):
                                params.local_blocks)
     plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, params.block_size, scale, params.dense_len,
                     local_window=params.window_size if split else 0, dense_len_mode=params.dense_len_mode,
-                    local_blocks=params.local_blocks)
+                    local_blocks=params.local_blocks, share_tokens=share_tokens)
     return SparseAttnFn.apply(q, k, v, block_idx, plan)

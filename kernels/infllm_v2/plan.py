@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ..utils import LOG2E, dot_precision, interpreting, new_empty, next_pow2, row_sum, should_tune
 from .gather import _gather_dkdv_kernel, gather_dq, gather_fwd
+from .shared import check_share, shared_dq, shared_fwd, union_lists
 from .layout import DenseRows, DocLayout
 from .naive import first_local_block
 from .window import _local_dkdv_kernel, _local_dq_kernel, local_fwd
@@ -69,7 +70,10 @@ class AttnPlan:
 
     def __init__(self, layout: DocLayout, heads: int, kv_heads: int, dim: int, dtype, block_size: int,
                  scale: float, dense_len: int, local_window: int = 0, part_budget_bytes: int | None = None,
-                 dense_len_mode: str = "position", local_blocks: str = "token"):
+                 dense_len_mode: str = "position", local_blocks: str = "token", share_tokens: int = 1):
+        check_share(share_tokens)
+        self.share = share_tokens  # > 1: neighbouring sparse rows share their gathered blocks (shared.py)
+        self._unions: dict[int, tuple] = {}
         self.layout, self.heads, self.kv_heads, self.dim = layout, heads, kv_heads, dim
         self.group = heads // kv_heads
         self.block_size, self.scale = block_size, scale
@@ -140,6 +144,29 @@ class AttnPlan:
         return dict(G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,
                     BS=self.block_size, NBI=self._blocks_per_step(k_slots), PREC=self.prec)
 
+    def _shared_meta(self):
+        return dict(G=self.group, M=self.gather_rows, TQ=self.share, D=self.dim, BD=self.bd, BS=self.block_size,
+                    PREC=self.prec)
+
+    def _global_blocks(self):
+        """(global block number of each row's document's first block [rows], first key row and end key row of
+        each global block, number of global blocks)."""
+        layout = self.layout
+        base, gb_krow0, gb_kend = layout.global_blocks(self.block_size)
+        row_doc_base = torch.repeat_interleave(
+            layout.doc_tensor(base), layout.doc_tensor(layout.qlen).long(), output_size=layout.num_rows
+        )
+        return row_doc_base, gb_krow0, gb_kend, gb_krow0.numel()
+
+    def _union(self, ci: int, idx3, counts):
+        """Union block lists of row chunk ci (built once per call: forward and backward share the plan)."""
+        if ci not in self._unions:
+            row_doc_base, gb_krow0, gb_kend, num_gblocks = self._global_blocks()
+            u, ubits, ucount = union_lists(idx3, counts, self.chunks[ci].sparse_rows, row_doc_base, num_gblocks,
+                                           self.share)
+            self._unions[ci] = (u, ubits, ucount, gb_krow0, gb_kend)
+        return self._unions[ci]
+
     def _local_meta(self, tile_m=None):
         return dict(G=self.group, D=self.dim, BD=self.bd, BM=tile_m or self.tile_m, BN=self.local_bn,
                     BS=self.block_size, WIN=self.window, PREC=self.prec, BLOCK_LOCAL=self.local_blocks == "block")
@@ -152,14 +179,25 @@ class AttnPlan:
         counts = self.list_lengths(idx3)
         scale_log2 = self.scale * LOG2E
         tune = should_tune(q3, self.group)
-        for ch in self.chunks:
+        for ci, ch in enumerate(self.chunks):
             part_o, part_lse, base = o, lse, 0
             n_sparse = ch.sparse_rows.numel()
             if n_sparse and self.window:
                 part_o = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device)
                 part_lse = new_empty((ch.hi - ch.lo, self.heads), torch.float32, q3.device)
                 base = ch.lo
-            if n_sparse:
+            if n_sparse and self.share > 1:
+                u, ubits, ucount, gb_krow0, gb_kend = self._union(ci, idx3, counts)
+                shared_fwd.launch(
+                    (ucount.shape[1], self.kv_heads), tune,
+                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, union_ptr=u, bits_ptr=ubits,
+                    ucount_ptr=ucount, gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend, rows_ptr=ch.sparse_rows,
+                    n_rows=n_sparse, **self.row_tables, out_row_base=base, **_qk_strides(q3, k3),
+                    stride_or=part_o.stride(0), stride_oh=part_o.stride(1), stride_lr=part_lse.stride(0),
+                    stride_uh=u.stride(0), stride_ut=u.stride(1), stride_ch=ucount.stride(0), scale_log2=scale_log2,
+                    **self._shared_meta(),
+                )
+            elif n_sparse:
                 gather_fwd.launch(
                     (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
                     q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, idx_ptr=idx3, count_ptr=counts,
@@ -196,12 +234,21 @@ class AttnPlan:
                      stride_lr=lse.stride(0), scale_log2=self.scale * LOG2E, scale=self.scale)
         wide = self.bd >= 128
         tune = should_tune(q3, self.group)
-        for ch in self.chunks:
+        for ci, ch in enumerate(self.chunks):
             part, base = dq, 0
             n_sparse = ch.sparse_rows.numel()
             if n_sparse and self.window:
                 part, base = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device), ch.lo
-            if n_sparse:
+            if n_sparse and self.share > 1:
+                u, ubits, ucount, gb_krow0, gb_kend = self._union(ci, idx3, counts)
+                shared_dq.launch(
+                    (ucount.shape[1], self.kv_heads), tune,
+                    **grads, dq_ptr=part, union_ptr=u, bits_ptr=ubits, ucount_ptr=ucount, gb_krow0_ptr=gb_krow0,
+                    gb_kend_ptr=gb_kend, rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables,
+                    out_row_base=base, stride_uh=u.stride(0), stride_ut=u.stride(1), stride_ch=ucount.stride(0),
+                    stride_dqr=part.stride(0), stride_dqh=part.stride(1), **self._shared_meta(),
+                )
+            elif n_sparse:
                 gather_dq.launch(
                     (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
                     **grads, dq_ptr=part, idx_ptr=idx3, count_ptr=counts, rows_ptr=ch.sparse_rows, n_rows=n_sparse,
@@ -253,13 +300,8 @@ class AttnPlan:
         entry, end entry), n_chunks [1] on the device, entry_row, block first key row, block end key row, number
         of global blocks); chunk key = group · num_gblocks + global block.
         """
-        layout = self.layout
         rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()
-        base, gb_krow0, gb_kend = layout.global_blocks(self.block_size)
-        num_gblocks = gb_krow0.numel()
-        row_doc_base = torch.repeat_interleave(
-            layout.doc_tensor(base), layout.doc_tensor(layout.qlen).long(), output_size=layout.num_rows
-        )
+        row_doc_base, gb_krow0, gb_kend, num_gblocks = self._global_blocks()
         lists = idx3.index_select(1, rows)  # [HKV, NS, K]
         taken = torch.arange(lists.shape[-1], device=idx3.device) < counts.index_select(1, rows)[..., None]
         n_keys = self.kv_heads * num_gblocks

@@ -212,6 +212,62 @@ def test_full_op_matches_reference(case):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+SHARE_CASES = ["g2_exact", "g3_odd_d32", "g16", "varlen_3docs", "chunked_prefill", "decode", "straddle_dense_len",
+               "forced_exceed_k", "window_24"]
+
+
+@interpreter
+@pytest.mark.parametrize("share", [2, 4, 8])
+@pytest.mark.parametrize("case", SHARE_CASES)
+def test_shared_blocks_match_reference(case, share, monkeypatch):
+    """share_tokens > 1: neighbouring queries walk the union of their block lists with per-query masks (and tiles
+    that straddle documents or end short); outputs and every gradient as the reference."""
+    from salatrain_kernels.infllm_v2 import plan
+
+    monkeypatch.setattr(plan, "gather_fwd", None)  # the per-query gather kernels must not run
+    monkeypatch.setattr(plan, "gather_dq", None)
+    c = dict(FULL_CASES[case])
+    cu = c.pop("cu", None)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = make_qkv(*c.pop("shape"), seed=len(case) + share)
+    kwargs = dict(SMALL, cu_seqlens=cu, **c)
+    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=share, **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@interpreter
+@pytest.mark.parametrize("mode, local", [("sequence", "block"), ("position", "block")])
+def test_shared_blocks_under_the_released_rules(mode, local):
+    q, k, v = make_qkv(1, 120, 120, 4, 2, 16, seed=3)
+    kwargs = dict(SMALL, dense_len_mode=mode, local_blocks=local, dense_len=40)
+    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_union_lists_merge_neighbouring_selections():
+    """The union of a tile's lists: each block once, ascending, with the bits of the queries that chose it; only
+    the entries the gather kernels take (counts), tiles cut at the end of the rows."""
+    from salatrain_kernels.infllm_v2.shared import union_lists
+
+    idx3 = torch.tensor([[[0, 2, 5], [2, 3, -1], [5, 7, 9], [1, -1, -1], [4, 6, 8]]], dtype=torch.int32)
+    counts = torch.tensor([[3, 2, 2, 1, 3]], dtype=torch.int32)  # row 2 takes 5, 7 (not 9)
+    rows = torch.tensor([0, 1, 2, 3, 4])
+    union, bits, count = union_lists(idx3, counts, rows, torch.zeros(5, dtype=torch.long), 10, 2)
+    assert count.tolist() == [[4, 3, 3]]
+    assert union[0, 0, :4].tolist() == [0, 2, 3, 5] and bits[0, 0, :4].tolist() == [1, 3, 2, 1]
+    assert union[0, 1, :3].tolist() == [1, 5, 7] and bits[0, 1, :3].tolist() == [2, 1, 1]
+    assert union[0, 2, :3].tolist() == [4, 6, 8] and bits[0, 2, :3].tolist() == [1, 1, 1]
+    for bad in (3, 32):
+        with pytest.raises(ValueError, match="share_tokens"):
+            union_lists(idx3, counts, rows, torch.zeros(5, dtype=torch.long), 10, bad)
+
+
 @interpreter
 def test_full_op_in_row_chunks(monkeypatch):
     """A tiny budget for the fp32 partial outputs forces several row chunks (varlen: chunks cut documents)."""

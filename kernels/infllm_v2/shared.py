@@ -1,0 +1,164 @@
+"""Gathered blocks shared by neighbouring queries (``share_tokens`` = TQ > 1): forward and dq.
+
+The gather kernels (gather.py) give each query its own program: the G heads of its group are the rows of the
+tile, and every block the query selected is loaded for it alone. Neighbouring queries of a real model select
+mostly the same blocks, so here one program takes TQ consecutive sparse rows of one KV group (TQ·G rows, padded
+per query to M) and walks the *union* of their block lists: each block is loaded once for all TQ queries, and a
+per-query bit says which of them selected it. Masks keep the result exact: a row sees a key only if its query
+selected the key's block and the key is not after the query. Where selections do not overlap (i.i.d. random q/k)
+the union is TQ times a list and the masked rows waste work; where they overlap the loads drop by up to TQ and
+the MMA tiles grow TQ-fold.
+
+The union lists are built on the device (``union_lists``): the tile's TQ lists (global block numbers, the
+entries the gather kernels would take) sorted together, runs of one block merged, their query bits summed.
+dk/dv are unchanged (the transposed map of plan.py already walks each block once).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import Tunable
+from .attn_steps import backward_rows, dq_update, online_softmax
+
+SHARE_VALUES = (1, 2, 4, 8, 16)  # powers of two (tile rows); query bits per union entry live in an int32
+
+
+@triton.jit
+def _shared_rows(rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, hk, G: tl.constexpr, M: tl.constexpr,
+                 TQ: tl.constexpr):
+    """The tile's rows (TQ queries × M head slots): query slot, head, validity, row (int64) and the global key
+    row of the query's own position."""
+    mm = tl.arange(0, TQ * M)
+    tok = mm // M
+    g = mm % M
+    heads = hk * G + g
+    slot = tl.program_id(0) * TQ + tok
+    ok = (slot < n_rows) & (g < G)
+    r = tl.load(rows_ptr + slot, mask=ok, other=0).to(tl.int64)
+    q_krow = tl.load(row_kbase_ptr + r, mask=ok, other=0) + tl.load(row_pos_ptr + r, mask=ok, other=0)
+    return tok, heads, ok, r, q_krow
+
+
+@triton.jit
+def _union_block(union_ptr, bits_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS: tl.constexpr):
+    """Union entry s: its key rows, which exist, and which (row, key) pairs are visible."""
+    gb = tl.load(union_ptr + s)
+    bits = tl.load(bits_ptr + s)
+    krow = tl.load(gb_krow0_ptr + gb) + tl.arange(0, BS)
+    k_ok = krow < tl.load(gb_kend_ptr + gb)
+    chose = ((bits >> tok) & 1) != 0
+    vis = (chose & ok)[:, None] & k_ok[None, :] & (krow[None, :] <= q_krow[:, None])
+    return krow, k_ok, vis
+
+
+@triton.jit
+def _shared_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, union_ptr, bits_ptr, ucount_ptr, gb_krow0_ptr, gb_kend_ptr,
+    rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_or, stride_oh, stride_lr, stride_uh, stride_ut, stride_ch,
+    scale_log2,
+    G: tl.constexpr, M: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    hk = tl.program_id(1)
+    tok, heads, ok, r, q_krow = _shared_rows(rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, hk, G, M, TQ)
+    d = tl.arange(0, BD)
+    dm = d < D
+    q = tl.load(q_ptr + (r * stride_qr + heads * stride_qh)[:, None] + d[None, :],
+                mask=ok[:, None] & dm[None, :], other=0.0)
+    ubase = hk * stride_uh + tl.program_id(0) * stride_ut
+    n_u = tl.load(ucount_ptr + hk * stride_ch + tl.program_id(0))
+    m_i = tl.full([TQ * M], float("-inf"), tl.float32)
+    l_i = tl.full([TQ * M], 0.0, tl.float32)
+    acc = tl.full([TQ * M, BD], 0.0, tl.float32)
+    for s in range(0, n_u):
+        krow, k_ok, vis = _union_block(union_ptr + ubase, bits_ptr + ubase, gb_krow0_ptr, gb_kend_ptr, s, tok,
+                                       q_krow, ok, BS)
+        kv_off = krow.to(tl.int64) * stride_kr + hk * stride_kh
+        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        sc = tl.where(vis, tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2, float("-inf"))
+        m_i, alpha, p, l_i = online_softmax(sc, m_i, l_i)
+        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+    l_ok = l_i > 0
+    l_div = tl.where(l_ok, l_i, 1.0)
+    r_out = r - out_row_base
+    tl.store(o_ptr + (r_out * stride_or + heads * stride_oh)[:, None] + d[None, :],
+             (acc / l_div[:, None]).to(o_ptr.dtype.element_ty), mask=ok[:, None] & dm[None, :])
+    tl.store(lse_ptr + r_out * stride_lr + heads, tl.where(l_ok, m_i + tl.log2(l_div), float("inf")), mask=ok)
+
+
+@triton.jit
+def _shared_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, union_ptr, bits_ptr, ucount_ptr, gb_krow0_ptr,
+    gb_kend_ptr, rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_uh, stride_ut, stride_ch, stride_dqr, stride_dqh,
+    scale_log2, scale,
+    G: tl.constexpr, M: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    hk = tl.program_id(1)
+    tok, heads, ok, r, q_krow = _shared_rows(rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, hk, G, M, TQ)
+    d = tl.arange(0, BD)
+    dm = d < D
+    qd_off, qd_mask, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r, heads, ok, d, dm,
+                                                       stride_qr, stride_qh, stride_lr)
+    ubase = hk * stride_uh + tl.program_id(0) * stride_ut
+    n_u = tl.load(ucount_ptr + hk * stride_ch + tl.program_id(0))
+    dq = tl.full([TQ * M, BD], 0.0, tl.float32)
+    for s in range(0, n_u):
+        krow, k_ok, vis = _union_block(union_ptr + ubase, bits_ptr + ubase, gb_krow0_ptr, gb_kend_ptr, s, tok,
+                                       q_krow, ok, BS)
+        kv_off = krow.to(tl.int64) * stride_kr + hk * stride_kh
+        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+        p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
+        dq = dq_update(dq, p, do, kt, vt, delta, PREC)
+    dq_off = ((r - out_row_base) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+
+
+def check_share(tq: int) -> None:
+    if tq not in SHARE_VALUES:
+        raise ValueError(f"share_tokens must be one of {SHARE_VALUES} (got {tq}): the tile's rows, share_tokens × "
+                         "the group padded to a power of two, must be a power of two")
+
+
+shared_fwd = Tunable(_shared_fwd_kernel, [(4, 2), (8, 2), (4, 3)], key=["G", "D", "BS", "TQ"])
+shared_dq = Tunable(_shared_dq_kernel, [(4, 2), (8, 2), (4, 3)], key=["G", "D", "BS", "TQ"])
+
+
+def union_lists(idx3: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, row_doc_base: torch.Tensor,
+                num_gblocks: int, tq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per tile of ``tq`` consecutive ``rows`` and KV group: the union of the blocks the gather kernels would take
+    (the first ``counts`` entries of each row's list), as global block numbers ascending [HKV, tiles, tq·K + 1],
+    which of the tile's queries chose each (bit j = the tile's j-th row) [same shape], and how many [HKV, tiles].
+    On the device, no host synchronisation."""
+    check_share(tq)
+    n = rows.numel()
+    tiles = triton.cdiv(n, tq)
+    dev = idx3.device
+    padded = torch.zeros(tiles * tq, dtype=torch.long, device=dev)
+    padded[:n] = rows.long()
+    real = torch.arange(tiles * tq, device=dev) < n
+    lists = idx3.index_select(1, padded).long()  # [HKV, tiles·tq, K]
+    k = lists.shape[-1]
+    taken = (torch.arange(k, device=dev) < counts.index_select(1, padded)[..., None]) & real[None, :, None]
+    glob = torch.where(taken, lists + row_doc_base[padded][None, :, None], num_gblocks)
+    glob = glob.view(lists.shape[0], tiles, tq * k)
+    bit = (1 << (torch.arange(tq * k, device=dev) // k)).expand_as(glob)
+    vals, order = torch.sort(glob, dim=-1)  # entries not taken (num_gblocks) sort last
+    valid = vals < num_gblocks
+    bits = torch.where(valid, bit.gather(-1, order), 0)
+    new = valid.clone()
+    new[..., 1:] &= vals[..., 1:] != vals[..., :-1]
+    slot = (torch.cumsum(new, -1) - 1).clamp_(min=0)
+    width = tq * k + 1  # the last column takes the writes of entries that start no run (never read)
+    union = torch.zeros(*glob.shape[:2], width, dtype=torch.int32, device=dev)
+    union.scatter_(-1, torch.where(new, slot, width - 1), vals.to(torch.int32))
+    ubits = torch.zeros(*glob.shape[:2], width, dtype=torch.int32, device=dev)
+    ubits.scatter_add_(-1, slot, bits.to(torch.int32))
+    return union, ubits, new.sum(-1, dtype=torch.int32)
