@@ -42,6 +42,13 @@ def _shared_rows(rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, hk, G: tl.constex
 
 
 @triton.jit
+def _tile_union(union_ptr, bits_ptr, ucount_ptr, hk, stride_uh, stride_ut, stride_ch):
+    """This program's (tile, group) union list and query bits, and how many entries it has."""
+    base = hk * stride_uh + tl.program_id(0) * stride_ut
+    return union_ptr + base, bits_ptr + base, tl.load(ucount_ptr + hk * stride_ch + tl.program_id(0))
+
+
+@triton.jit
 def _union_block(union_ptr, bits_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS: tl.constexpr):
     """Union entry s: its key rows, which exist, and which (row, key) pairs are visible."""
     gb = tl.load(union_ptr + s)
@@ -68,14 +75,12 @@ def _shared_fwd_kernel(
     dm = d < D
     q = tl.load(q_ptr + (r * stride_qr + heads * stride_qh)[:, None] + d[None, :],
                 mask=ok[:, None] & dm[None, :], other=0.0)
-    ubase = hk * stride_uh + tl.program_id(0) * stride_ut
-    n_u = tl.load(ucount_ptr + hk * stride_ch + tl.program_id(0))
+    u_ptr, b_ptr, n_u = _tile_union(union_ptr, bits_ptr, ucount_ptr, hk, stride_uh, stride_ut, stride_ch)
     m_i = tl.full([TQ * M], float("-inf"), tl.float32)
     l_i = tl.full([TQ * M], 0.0, tl.float32)
     acc = tl.full([TQ * M, BD], 0.0, tl.float32)
     for s in range(0, n_u):
-        krow, k_ok, vis = _union_block(union_ptr + ubase, bits_ptr + ubase, gb_krow0_ptr, gb_kend_ptr, s, tok,
-                                       q_krow, ok, BS)
+        krow, k_ok, vis = _union_block(u_ptr, b_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS)
         kv_off = krow.to(tl.int64) * stride_kr + hk * stride_kh
         kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         sc = tl.where(vis, tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2, float("-inf"))
@@ -105,12 +110,10 @@ def _shared_dq_kernel(
     dm = d < D
     qd_off, qd_mask, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r, heads, ok, d, dm,
                                                        stride_qr, stride_qh, stride_lr)
-    ubase = hk * stride_uh + tl.program_id(0) * stride_ut
-    n_u = tl.load(ucount_ptr + hk * stride_ch + tl.program_id(0))
+    u_ptr, b_ptr, n_u = _tile_union(union_ptr, bits_ptr, ucount_ptr, hk, stride_uh, stride_ut, stride_ch)
     dq = tl.full([TQ * M, BD], 0.0, tl.float32)
     for s in range(0, n_u):
-        krow, k_ok, vis = _union_block(union_ptr + ubase, bits_ptr + ubase, gb_krow0_ptr, gb_kend_ptr, s, tok,
-                                       q_krow, ok, BS)
+        krow, k_ok, vis = _union_block(u_ptr, b_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS)
         kv_off = krow.to(tl.int64) * stride_kr + hk * stride_kh
         kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
         vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)

@@ -27,12 +27,9 @@ import time
 
 import torch
 
-from ..eval.loading import resolve_device, resolve_dtype
-from ..hf_checkpoint import CheckpointDir
 from .config import SelectConfig, constraints_of
 from .methods import Selection, check_constraints
-from .sweep import (ActivationCache, AlignedLayers, LayerMetrics, Metrics, heldout_windows, metrics_of, probe_batch,
-                    swapped)
+from .sweep import AlignedLayers, ActivationCache, LayerMetrics, Metrics, SweepInputs, metrics_of, swapped
 
 log = logging.getLogger(__name__)
 
@@ -105,30 +102,13 @@ def per_layer(steps: list[dict], num_layers: int) -> tuple[list, list, list, lis
 
 
 def run_stepwise(cfg: SelectConfig, num_layers: int) -> tuple[LayerMetrics, Selection]:
-    from ..hf_checkpoint import load_tokenizer
-    from ..models.loading import dense_config, load_dense_as_hybrid
-
-    s = cfg.sweep
     cons = constraints_of(cfg)
     n, forced = check_constraints(num_layers, "stepwise", cfg.ratio, cons)
-    base = CheckpointDir(cfg.model)
-    aligned = AlignedLayers(cfg.aligned, base, dense_config(base))
-    tok = load_tokenizer(base.path)
-    samples, windows = probe_batch(tok, cfg), heldout_windows(tok, cfg)
-    device = resolve_device(s.device)
-    model = load_dense_as_hybrid(base, dtype=resolve_dtype(s.dtype, device)).to(device)
-    steps, cost = stepwise_sweep(model, aligned, samples, windows, n, forced, cons.exclude, s.retrieval_metric,
-                                 device)
+    inp = SweepInputs.load(cfg)
+    steps, cost = stepwise_sweep(inp.model, inp.aligned, inp.samples, inp.windows, n, forced, cons.exclude,
+                                 cfg.sweep.retrieval_metric, inp.device)
     r, c, r_gain, c_gain = per_layer(steps, num_layers)
-    source = {
-        "mode": "stepwise", "model": str(base.path), "model_fingerprint": base.fingerprint(),
-        "aligned": str(aligned.ckpt.path), "align_report": aligned.report or None,
-        "retrieval": f"probes {list(s.probes.tasks)} at {list(s.probes.lengths)} tokens, {s.probes.num_samples} "
-                     f"samples each, seed {s.probes.seed}: mean {s.retrieval_metric}",
-        "commonsense": f"-(LM loss) on {len(windows)} held-out windows of {s.text.seq_len} tokens "
-                       f"({', '.join(s.text.files) or 'built-in ' + s.text.builtin})",
-        "order": [step["chosen"] for step in steps],
-    }
+    source = {**inp.source(cfg, "stepwise"), "order": [step["chosen"] for step in steps]}
     first = steps[0]["start"] if steps else None
     metrics = LayerMetrics(r, c, first, source, cost, raw={"method": "stepwise", "steps": steps, "cost": cost},
                            gains=(r_gain, c_gain))

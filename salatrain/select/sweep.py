@@ -248,37 +248,61 @@ def lm_eval_sweep(model, tokenizer, aligned: AlignedLayers, retrieval_tasks: lis
     return SweepResult(baseline, layers, cost)
 
 
-def run_sweep(cfg: SelectConfig):
-    from ..hf_checkpoint import load_tokenizer
-    from ..models.loading import dense_config, load_dense_as_hybrid
+@dataclass
+class SweepInputs:
+    """What a sweep reads: the dense base (as the hybrid class, on the sweep's device), its aligned layers, the
+    probe samples and the held-out windows."""
 
+    base: CheckpointDir
+    aligned: AlignedLayers
+    tok: object
+    samples: list
+    windows: list
+    device: torch.device
+    model: torch.nn.Module
+
+    @classmethod
+    def load(cls, cfg: SelectConfig) -> "SweepInputs":
+        from ..hf_checkpoint import load_tokenizer
+        from ..models.loading import dense_config, load_dense_as_hybrid
+
+        s = cfg.sweep
+        base = CheckpointDir(cfg.model)
+        aligned = AlignedLayers(cfg.aligned, base, dense_config(base))
+        tok = load_tokenizer(base.path)
+        samples, windows = probe_batch(tok, cfg), heldout_windows(tok, cfg)
+        device = resolve_device(s.device)
+        model = load_dense_as_hybrid(base, dtype=resolve_dtype(s.dtype, device)).to(device)
+        return cls(base, aligned, tok, samples, windows, device, model)
+
+    def source(self, cfg: SelectConfig, mode: str) -> dict:
+        """How R and C were measured, and from which models (layer_plan.json's ``source``)."""
+        s = cfg.sweep
+        return {
+            "mode": mode, "model": str(self.base.path), "model_fingerprint": self.base.fingerprint(),
+            "aligned": str(self.aligned.ckpt.path), "align_report": self.aligned.report or None,
+            "retrieval": (f"lm-eval {list(s.retrieval_tasks)} (mean headline metric)" if s.retrieval_tasks else
+                          f"probes {list(s.probes.tasks)} at {list(s.probes.lengths)} tokens, "
+                          f"{s.probes.num_samples} samples each, seed {s.probes.seed}: mean {s.retrieval_metric}"),
+            "commonsense": (f"lm-eval {list(s.commonsense_tasks)} (mean headline metric)" if s.commonsense_tasks
+                            else f"-(LM loss) on {len(self.windows)} held-out windows of {s.text.seq_len} tokens "
+                                 f"({', '.join(s.text.files) or 'built-in ' + s.text.builtin})"),
+        }
+
+
+def run_sweep(cfg: SelectConfig):
     s = cfg.sweep
-    base = CheckpointDir(cfg.model)
-    aligned = AlignedLayers(cfg.aligned, base, dense_config(base))
-    tok = load_tokenizer(base.path)
-    samples, windows = probe_batch(tok, cfg), heldout_windows(tok, cfg)
-    device = resolve_device(s.device)
-    model = load_dense_as_hybrid(base, dtype=resolve_dtype(s.dtype, device)).to(device)
+    inp = SweepInputs.load(cfg)
     builtin = None
     if not (s.retrieval_tasks and s.commonsense_tasks):
-        builtin = sweep(model, aligned, samples, windows, s.retrieval_metric, device)
+        builtin = sweep(inp.model, inp.aligned, inp.samples, inp.windows, s.retrieval_metric, inp.device)
     result = builtin
     if s.retrieval_tasks or s.commonsense_tasks:
-        result = lm_eval_sweep(model, tok, aligned, list(s.retrieval_tasks), list(s.commonsense_tasks), builtin,
-                               limit=s.lm_eval_limit, num_fewshot=s.lm_eval_num_fewshot)
-    source = {
-        "mode": "sweep", "model": str(base.path), "model_fingerprint": base.fingerprint(),
-        "aligned": str(aligned.ckpt.path), "align_report": aligned.report or None,
-        "retrieval": (f"lm-eval {list(s.retrieval_tasks)} (mean headline metric)" if s.retrieval_tasks else
-                      f"probes {list(s.probes.tasks)} at {list(s.probes.lengths)} tokens, {s.probes.num_samples} "
-                      f"samples each, seed {s.probes.seed}: mean {s.retrieval_metric}"),
-        "commonsense": (f"lm-eval {list(s.commonsense_tasks)} (mean headline metric)" if s.commonsense_tasks else
-                        f"-(LM loss) on {len(windows)} held-out windows of {s.text.seq_len} tokens "
-                        f"({', '.join(s.text.files) or 'built-in ' + s.text.builtin})"),
-    }
+        result = lm_eval_sweep(inp.model, inp.tok, inp.aligned, list(s.retrieval_tasks), list(s.commonsense_tasks),
+                               builtin, limit=s.lm_eval_limit, num_fewshot=s.lm_eval_num_fewshot)
     return LayerMetrics([m.retrieval for m in result.layers], [m.commonsense for m in result.layers],
                         {"retrieval": result.baseline.retrieval, "commonsense": result.baseline.commonsense},
-                        source, result.cost, raw=_raw(result))
+                        inp.source(cfg, "sweep"), result.cost, raw=_raw(result))
 
 
 def probe_batch(tok, cfg: SelectConfig) -> list:
