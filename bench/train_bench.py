@@ -45,12 +45,21 @@ SIZES = {
     "full": dict(model=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                             num_attention_heads=32, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
                             rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-                 short=4096, long=32768, xlong=131072, xlong_half=65536, device="cuda"),
+                 # the 8B-class SALA shape of the scaling suite (MiniCPM4-8B's: 32 layers, hidden 4096, 32 query / 2 KV
+                 # heads of 128, MLP 16384, vocab 73448; 8.2B parameters)
+                 model_8b=dict(vocab_size=73448, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+                               max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-5,
+                               tie_word_embeddings=False),
+                 short=4096, long=32768, xlong=131072, xlong_half=65536, x512k=524288, device="cuda"),
     # a CPU rehearsal of the whole script (orchestration only; numbers meaningless)
     "small": dict(model=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                             num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                              rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-                  short=128, long=512, xlong=1024, xlong_half=512, device="cpu"),
+                  model_8b=dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                                rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                  short=128, long=512, xlong=1024, xlong_half=512, x512k=2048, device="cpu"),
 }
 
 # (model, stage, zero, sequence, gpus[, sequence_parallel]) in priority order: what the GPU proof needs first.
@@ -67,16 +76,37 @@ CONFIGS = [
     ("dense", "lm", 2, "long", 1), ("hybrid", "lm", 2, "long", 1),
     ("hybrid", "lm", 2, "xlong", 2, 2), ("hybrid", "lm", 2, "xlong_half", 1),
 ]
-COST_S = {"short": 30, "long": 50, "xlong": 150, "xlong_half": 100}  # rough wall time of one configuration
+# The scaling suite (bench/scale_gpu.sh, SUITE=scale): 1 -> 2 -> 4 -> 8 GPUs, ZeRO-2 and ZeRO-3, 4K and 32K, the
+# ~1B hybrid beside the same-shape dense model; the hybrid at 512K rows split over 8 GPUs; the 8B-class shape at 32K
+# with ZeRO-3 on 8. Priority order: the scaling endpoints first, so a short lease still gives efficiencies.
+SCALE_CONFIGS = [
+    *[(m, "lm", 2, "short", g) for g in (1, 8, 2, 4) for m in ("dense", "hybrid")],
+    *[(m, "lm", 3, "short", g) for g in (1, 8) for m in ("dense", "hybrid")],
+    *[(m, "lm", 2, "long", g) for g in (1, 8) for m in ("dense", "hybrid")],
+    ("hybrid", "lm", 2, "x512k", 8, 8),
+    ("dense8b", "lm", 3, "long", 8), ("hybrid8b", "lm", 3, "long", 8),
+    *[(m, "lm", 3, "short", g) for g in (2, 4) for m in ("dense", "hybrid")],
+    *[(m, "lm", z, "long", g) for z, g in ((2, 2), (2, 4), (3, 1), (3, 8)) for m in ("dense", "hybrid")],
+]
+SUITES = {"proof": CONFIGS, "scale": SCALE_CONFIGS}
+COST_S = {"short": 30, "long": 50, "xlong": 150, "xlong_half": 100, "x512k": 300}  # rough wall time of one config
 
 # Knobs (environment, read by every phase):
 #   ACCUM=N       micro-steps per optimizer step (default 1): the optimizer step and its gradient reduction are
 #                 paid once per N micro-batches, as in real runs with large global batches
 #   LONG_CKPT=0   no activation checkpointing on the long rows (default 1: checkpointing on)
 #   ONLY=k1,k2    run only these configuration keys (e.g. dense-lm-zero2-short-2gpu), in CONFIGS order
+#   SUITE=scale   the scaling suite (SCALE_CONFIGS) instead of the training proof (CONFIGS)
+SUITE = os.environ.get("SUITE", "proof")
 ACCUM = int(os.environ.get("ACCUM", "1"))
 LONG_CKPT = os.environ.get("LONG_CKPT", "1") != "0"
 ONLY = [k for k in os.environ.get("ONLY", "").split(",") if k]
+
+
+def configs() -> list:
+    if SUITE not in SUITES:
+        sys.exit(f"SUITE={SUITE}: choose one of {', '.join(SUITES)}")
+    return SUITES[SUITE]
 
 
 def sp_of(c) -> int:
@@ -95,15 +125,9 @@ def size_of(work: Path) -> dict:
 # --------------------------------------------------------------------------------------------------- build
 
 
-def build(work: Path, size: str) -> None:
+def build(work: Path, size: str, with_8b: bool = False) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from salatrain.config.schema import ConvertConfig, PlanSettings
-    from salatrain.convert.convert import convert
-    from salatrain.hf_checkpoint import CheckpointDir
-    from salatrain.models import SalaHybridForCausalLM
-    from salatrain.models.loading import dense_config
     from salatrain.train.flops import measure_peak_tflops
     from salatrain.train.tiny import bpe_tokenizer, doc_topics
 
@@ -114,35 +138,9 @@ def build(work: Path, size: str) -> None:
     device = torch.device(spec["device"])
     texts = [t for _, t in doc_topics()]
     tok = bpe_tokenizer(texts)
-    llama = work / "dense-llama"
-    if not (llama / "config.json").exists():
-        torch.manual_seed(0)
-        with device:
-            model = LlamaForCausalLM(LlamaConfig(**spec["model"], bos_token_id=None, eos_token_id=tok.eos_token_id,
-                                                 pad_token_id=tok.pad_token_id)).to(torch.bfloat16)
-        model.save_pretrained(llama, safe_serialization=True)
-        tok.save_pretrained(llama)
-        n = sum(p.numel() for p in model.parameters())
-        del model
-        print(f"[build] dense Llama {n / 1e9:.2f}B parameters ({time.time() - t0:.0f} s)", flush=True)
-    dense = work / "dense"
-    if not (dense / "config.json").exists():  # the same weights as a hybrid checkpoint with every layer full
-        cfg = dense_config(CheckpointDir(llama))
-        with device:
-            model = SalaHybridForCausalLM(cfg).to(torch.bfloat16)
-        from safetensors.torch import load_file
-
-        state = {}
-        for f in sorted(llama.glob("*.safetensors")):
-            state.update(load_file(f))
-        model.load_state_dict(state)
-        model.save_pretrained(dense, safe_serialization=True)
-        tok.save_pretrained(dense)
-        del model, state
-    hybrid = work / "hybrid"
-    if not (hybrid / "config.json").exists():
-        convert(ConvertConfig(model=str(llama), output_dir=str(hybrid), plan=PlanSettings(method="uniform", ratio=0.25),
-                              kl_check=False))
+    _build_models(work, "", spec["model"], tok, device, t0)
+    if with_8b:
+        _build_models(work, "8b", spec["model_8b"], tok, device, t0)
     corpus = work / "corpus.jsonl"
     if not corpus.exists():  # long documents: every packed row is one piece of a document (full rows)
         joined = "\n\n".join(texts)
@@ -152,7 +150,7 @@ def build(work: Path, size: str) -> None:
         tflops = max(measure_peak_tflops(device) or 0.0 for _ in range(3))
         name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
         peak.write_text(json.dumps({"tflops": tflops or None, "device": name}))
-    mixers = json.loads((hybrid / "config.json").read_text())["mixer_types"]
+    mixers = json.loads((work / "hybrid" / "config.json").read_text())["mixer_types"]
     info = json.loads(peak.read_text())
     print(f"[build] hybrid: sparse layers {[i for i, m in enumerate(mixers) if m == 'sparse_attention']}; "
           f"bf16 matmul peak {info['tflops'] or 0:.0f} TFLOP/s on {info['device']} ({time.time() - t0:.0f} s)",
@@ -191,6 +189,49 @@ def _done(results: Path) -> dict[str, dict]:
     return {r["key"]: r for r in rows}
 
 
+def _build_models(work: Path, suffix: str, model_cfg: dict, tok, device, t0: float) -> None:
+    """dense{suffix}-llama (transformers' Llama, random init), dense{suffix} (the same weights in the hybrid class,
+    every layer full attention) and hybrid{suffix} (a uniform 25% InfLLM-V2 / 75% Lightning conversion)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from salatrain.config.schema import ConvertConfig, PlanSettings
+    from salatrain.convert.convert import convert
+    from salatrain.hf_checkpoint import CheckpointDir
+    from salatrain.models import SalaHybridForCausalLM
+    from salatrain.models.loading import dense_config
+
+    llama = work / f"dense{suffix}-llama"
+    if not (llama / "config.json").exists():
+        torch.manual_seed(0)
+        with device:
+            model = LlamaForCausalLM(LlamaConfig(**model_cfg, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                                                 pad_token_id=tok.pad_token_id)).to(torch.bfloat16)
+        model.save_pretrained(llama, safe_serialization=True)
+        tok.save_pretrained(llama)
+        n = sum(p.numel() for p in model.parameters())
+        del model
+        print(f"[build] dense Llama {n / 1e9:.2f}B parameters ({time.time() - t0:.0f} s)", flush=True)
+    dense = work / f"dense{suffix}"
+    if not (dense / "config.json").exists():  # the same weights as a hybrid checkpoint with every layer full
+        cfg = dense_config(CheckpointDir(llama))
+        with device:
+            model = SalaHybridForCausalLM(cfg).to(torch.bfloat16)
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(llama.glob("*.safetensors")):
+            state.update(load_file(f))
+        model.load_state_dict(state)
+        model.save_pretrained(dense, safe_serialization=True)
+        tok.save_pretrained(dense)
+        del model, state
+    hybrid = work / f"hybrid{suffix}"
+    if not (hybrid / "config.json").exists():
+        convert(ConvertConfig(model=str(llama), output_dir=str(hybrid), plan=PlanSettings(method="uniform", ratio=0.25),
+                              kl_check=False))
+
+
 def _forget_unfinished(results: Path) -> None:
     """A new invocation keeps the measured rows (ok, OOM) of an earlier one in the same work dir and runs again
     what failed, crashed or was skipped for time."""
@@ -221,7 +262,7 @@ def run(work: Path, gpus: int, deadline: float) -> None:
     dist = init_distributed()
     results, spec = work / "results.jsonl", size_of(work)
     peak = json.loads((work / "peak.json").read_text())["tflops"]
-    for c in [c for c in CONFIGS if c[4] == gpus]:
+    for c in [c for c in configs() if c[4] == gpus]:
         k = key(c)
         decision = [_decide(results, c, deadline) if dist.is_main else None]
         torch.distributed.broadcast_object_list(decision, src=0)
@@ -290,7 +331,7 @@ def report(work: Path, out: Path) -> str:
              + " GPUs “2 (SP 2)”: each row split over both GPUs (trainer.sequence_parallel=2).", "",
              "| model | stage | ZeRO | GPUs | seq | tokens/s | tokens/s/GPU | MFU | peak mem GB | hybrid / dense |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in CONFIGS:
+    for c in configs():
         r = done.get(key(c))
         if r is None:
             continue
@@ -319,10 +360,42 @@ def report(work: Path, out: Path) -> str:
                       f"{_seq(spec, (0, 0, 0, 'xlong_half'))} rows on 1 GPU (the same tokens per GPU): per-GPU "
                       f"throughput {split['tokens_per_s'] / (2 * one['tokens_per_s']) * 100:.0f}% (goal >= 90%); "
                       f"peak memory {split['mem_gb']:.1f} vs {one['mem_gb']:.1f} GB."]
+    if SUITE == "scale":
+        lines += scaling_lines(done, spec)
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+def scaling_lines(done: dict, spec: dict) -> list[str]:
+    """The scaling suite's tables: tokens/s per GPU count and the efficiency against one GPU, per model, ZeRO
+    stage and row length; then the 8B-class shape."""
+    gpus = (1, 2, 4, 8)
+    out = ["", "Scaling (lm; tokens/s, and in brackets tokens/s / (GPUs × tokens/s on 1 GPU)):", "",
+           "| model | ZeRO | seq | " + " | ".join(f"{g} GPU" for g in gpus) + " |",
+           "|---|---|---|" + "---|" * len(gpus)]
+    for which in ("short", "long"):
+        for zero in (2, 3):
+            for model in ("dense", "hybrid"):
+                rows = {g: done.get(key((model, "lm", zero, which, g))) for g in gpus}
+                if not any(r and r.get("status") == "ok" for r in rows.values()):
+                    continue
+                one = rows[1]["tokens_per_s"] if rows[1] and rows[1].get("status") == "ok" else None
+                cells = []
+                for g in gpus:
+                    r = rows[g]
+                    if not r or r.get("status") != "ok":
+                        cells.append(r["status"] if r else "")
+                        continue
+                    eff = f" ({r['tokens_per_s'] / (g * one) * 100:.0f}%)" if one and g > 1 else ""
+                    cells.append(f"{r['tokens_per_s']:,.0f}{eff}")
+                out.append(f"| {model} | {zero} | {_seq(spec, (0, 0, 0, which))} | " + " | ".join(cells) + " |")
+    m = spec["model_8b"]
+    out += ["", f"8B-class rows (dense8b / hybrid8b): hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+                f"{m['num_attention_heads']} query / {m['num_key_value_heads']} KV heads of {m['head_dim']}, MLP "
+                f"{m['intermediate_size']}, vocab {m['vocab_size']}; ZeRO-3, activation checkpointing."]
+    return out
 
 
 def _gpus(c) -> str:
@@ -342,9 +415,10 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=float("inf"), help="unix time after which nothing starts")
     p.add_argument("--out", type=Path)
     p.add_argument("--size", choices=sorted(SIZES), default="full", help="build: full (GPU) or small (CPU rehearsal)")
+    p.add_argument("--with-8b", action="store_true", help="build: also the 8B-class models of the scaling suite")
     a = p.parse_args()
     if a.phase == "build":
-        build(a.work, a.size)
+        build(a.work, a.size, a.with_8b)
     elif a.phase == "run":
         run(a.work, a.gpus, a.deadline)
     else:
