@@ -366,6 +366,9 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda")
         impls.append(("sdpa flash forced (dense)", sdpa_flash_forced, flops(T), "dense causal, FA2 forced"))
         if nsa is not None:
             impls.append(("fla parallel_nsa top16x64", nsa, None, "compression + top-16 x 64 selection"))
+        impls.append(("triton (released rules)", lambda q, k, v: infllmv2_attn(
+            q, k, v, backend="triton", dense_len_mode="sequence", local_blocks="block", **SALA), flops(T, "exact"),
+            "MiniCPM-SALA's selection rules: dense_len_mode=sequence, local_blocks=block"))
         for tq in SHARE:
             impls.append((f"triton shared x{tq}", lambda q, k, v, tq=tq: infllmv2_attn(
                 q, k, v, backend="triton", share_tokens=tq, **SALA), flops(T, "exact"),
