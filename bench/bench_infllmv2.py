@@ -377,7 +377,7 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda")
         torch.cuda.empty_cache()
         # the same kernels on q/k that drift along T as a converted model's do (selections overlap); dense
         # attention's time does not depend on the values
-        ours = [i for i in impls if i[0].startswith("triton")]
+        ours = [i for i in impls if i[0] == OURS or i[0].startswith("triton shared")]
         rows += bench_T(T, dtype, device, ours, ceilings, quick, data="correlated")
         torch.cuda.empty_cache()
         print(f"[infllmv2] T={T} done ({time.time() - t0:.0f} s)", flush=True)
