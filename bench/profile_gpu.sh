@@ -16,9 +16,7 @@ T0=$(date +%s)
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
 WORK=${WORK:-/tmp/salatrain-profile}
 log() { echo "[profile_gpu +$(( $(date +%s) - T0 ))s] $*"; }
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 source bench/gpu_env.sh
 if [ -d .before ] && [ ! -d /tmp/before ]; then
   log "installing the previous release into /tmp/before"

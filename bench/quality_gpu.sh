@@ -29,9 +29,6 @@ for a in "$@"; do
   esac
 done
 OUT=${OUT:-$PWD/bench-out}; WORK=${WORK:-/tmp/salatrain-quality}; mkdir -p "$OUT" "$WORK"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 source bench/gpu_env.sh
 # One corpus for every plan: code (stdlib + site-packages sources) and prose (pydoc, and the carried prose file,
 # weighted x3); held-out documents split by source into prose and code.

@@ -24,10 +24,7 @@ WORK=${WORK:-/tmp/salatrain-scale-bench-$SIZE}
 mkdir -p "$OUT" "$WORK"
 log() { echo "[scale_gpu +$(( $(date +%s) - T0 ))s] $*"; }
 export SUITE=scale
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-4}   # minutes: a rank stuck in a collective fails instead of hanging
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 source bench/gpu_env.sh
 
 if [ "$SIZE" = small ]; then NGPU=${NGPU:-4}; else NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())"); fi

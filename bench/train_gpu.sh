@@ -26,9 +26,7 @@ mkdir -p "$OUT" "$WORK"
 log() { echo "[train_gpu +$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
 
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-4}   # minutes: a rank stuck in a collective fails instead of hanging
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 source bench/gpu_env.sh
 
 if [ "$SIZE" = small ]; then NGPU=2; else NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())"); fi

@@ -12,6 +12,7 @@ queries per block.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import triton
@@ -148,8 +149,9 @@ class AttnPlan:
         return dict(G=self.group, M=self.gather_rows, TQ=self.share, D=self.dim, BD=self.bd, BS=self.block_size,
                     PREC=self.prec)
 
+    @cached_property
     def _global_blocks(self):
-        """(global block number of each row's document's first block [rows], first key row and end key row of
+        """Once per call (forward and backward share the plan): (global block number of each row's document's first block [rows], first key row and end key row of
         each global block, number of global blocks)."""
         layout = self.layout
         base, gb_krow0, gb_kend = layout.global_blocks(self.block_size)
@@ -161,7 +163,7 @@ class AttnPlan:
     def _union(self, ci: int, idx3, counts):
         """Union block lists of row chunk ci (built once per call: forward and backward share the plan)."""
         if ci not in self._unions:
-            row_doc_base, gb_krow0, gb_kend, num_gblocks = self._global_blocks()
+            row_doc_base, gb_krow0, gb_kend, num_gblocks = self._global_blocks
             u, ubits, ucount = union_lists(idx3, counts, self.chunks[ci].sparse_rows, row_doc_base, num_gblocks,
                                            self.share)
             self._unions[ci] = (u, ubits, ucount, gb_krow0, gb_kend)
@@ -301,7 +303,7 @@ class AttnPlan:
         of global blocks); chunk key = group · num_gblocks + global block.
         """
         rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()
-        row_doc_base, gb_krow0, gb_kend, num_gblocks = self._global_blocks()
+        row_doc_base, gb_krow0, gb_kend, num_gblocks = self._global_blocks
         lists = idx3.index_select(1, rows)  # [HKV, NS, K]
         taken = torch.arange(lists.shape[-1], device=idx3.device) < counts.index_select(1, rows)[..., None]
         n_keys = self.kv_heads * num_gblocks
