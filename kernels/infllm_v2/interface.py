@@ -16,7 +16,7 @@ from .plan import AttnPlan, SparseAttnFn, window_split_exact
 from .score import BlockScorer
 from .selection import select_rows
 
-__all__ = ["infllmv2_attn", "select_blocks", "score_chunks", "dense_causal_sdpa"]
+__all__ = ["infllmv2_attn", "select_blocks", "score_chunks", "dense_causal_sdpa", "dense_prefix_rows"]
 
 SCORE_BUDGET_BYTES = 512 * 2**20
 
@@ -87,8 +87,8 @@ def infllmv2_attn(
     dense_len_mode, local_blocks: salatrain's forms of the two rules ("position", "token") or MiniCPM-SALA's
     released ones ("sequence", "block"); both backends take all four combinations.
     backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton", "torch".
-    dense_prefix_sdpa: for 16-bit padded batches with Tq = Tk on CUDA, run the dense prefix (t < dense_len)
-    through torch SDPA (FlashAttention) instead of the Triton dense kernel; fp32, varlen and Tq < Tk always
+    dense_prefix_sdpa: for 16-bit padded batches with Tq = Tk on CUDA, run the dense prefix (the rule's dense rows
+    and the rows that see every block: dense_prefix_rows) through torch SDPA (FlashAttention) instead of the Triton dense kernel; fp32, varlen and Tq < Tk always
     use Triton.
     share_tokens: Triton only, 1, 2, 4, 8 or 16: > 1 lets that many neighbouring sparse queries share each
     gathered block (one load, per-query masks; exact, see shared.py); 1 gives every query its own (the default).
@@ -112,16 +112,22 @@ def infllmv2_attn(
         raise ValueError(f"{problem} (use backend='torch')")
     seqlen_q, dim = q.shape[1], q.shape[3]
     scale = dim**-0.5 if scale is None else scale
-    prefix = min(dense_until([k.shape[1]], dense_len, dense_len_mode)[0], seqlen_q)
+    prefix = min(dense_prefix_rows(k.shape[1], params), seqlen_q)
     fast_dtype = q.dtype in (torch.float16, torch.bfloat16)
     if dense_prefix_sdpa and fast_dtype and cu_seqlens is None and seqlen_q == k.shape[1] and q.is_cuda and prefix > 0:
-        # the dense rows (positions < dense_len; under the sequence rule all or none) see only keys before the
-        # first sparse row: the prefix is plain causal attention
+        # the dense rows see only keys before the first sparse row: the prefix is plain causal attention
         parts = [dense_causal_sdpa(q[:, :prefix], k[:, :prefix], v[:, :prefix], scale)]
         if prefix < seqlen_q:
             parts.append(_sparse(q[:, prefix:], k, v, None, params, scale, share_tokens))
         return torch.cat(parts, dim=1)
     return _sparse(q, k, v, cu_seqlens, params, scale, share_tokens)
+
+
+def dense_prefix_rows(num_keys: int, params: SparseParams) -> int:
+    """How many leading query rows of a fresh sequence of ``num_keys`` keys have dense causal attention as their
+    output: those the rule makes dense (positions < dense_len; under the sequence rule all or none) and those
+    that see every block anyway (positions < K · block_size, under either rule). The SDPA fast path takes them."""
+    return max(dense_until([num_keys], params.dense_len, params.dense_len_mode)[0], params.all_visible_len)
 
 
 def dense_causal_sdpa(q, k, v, scale):

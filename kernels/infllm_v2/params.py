@@ -75,6 +75,12 @@ class SparseParams:
         return self.topk + self.window_size // self.block_size
 
     @property
+    def all_visible_len(self) -> int:
+        """Queries at positions below this have at most K blocks up to them, so all of them are visible whatever
+        the scores and under either rule: their output is dense causal attention."""
+        return self.num_selected * self.block_size
+
+    @property
     def coarse(self) -> tuple[int, int]:
         """(kernel, stride) of the coarse compression that provides the 'coarse' softmax normaliser."""
         return (self.coarse_kernel_size or 4 * self.kernel_size, self.coarse_kernel_stride or 4 * self.kernel_stride)

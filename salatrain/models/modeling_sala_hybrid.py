@@ -503,9 +503,13 @@ class SparseAttention(_Projections):
                     sub = SeqInfo(seq.positions[b : b + 1, -real:])
                     o[b : b + 1, -real:] = self.attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
-        dense_upto = dense_prefix_len(self.sparse_params["dense_len"], self.sparse_params["dense_len_mode"])
+        sp = self.sparse_params
+        # queries at positions < K blocks see every block they may see, under either rule
+        all_visible = (sp["topk"] + sp["window_size"] // sp["block_size"]) * sp["block_size"]
+        dense_upto = max(dense_prefix_len(sp["dense_len"], sp["dense_len_mode"]), all_visible)
         if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= dense_upto:
-            # every query attends densely (dense_len not reached): InfLLM-V2 is exactly dense causal attention
+            # every query attends densely (dense_len not reached, or every block visible): InfLLM-V2 is exactly
+            # dense causal attention
             return softmax_attention(q, k, v, seq, None, scale=self.head_dim**-0.5)
         rules = {name: self.sparse_params[name] for name in ("dense_len_mode", "local_blocks")}
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):

@@ -28,6 +28,8 @@ from salatrain_kernels.infllm_v2 import (
     infllmv2_select,
     infllmv2_select_torch,
 )
+from salatrain_kernels.infllm_v2.interface import dense_prefix_rows
+from salatrain_kernels.infllm_v2.params import SparseParams
 from tests.helpers.naive import infllmv2_block_attn_naive, selection_margin
 
 SMALL = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=3, window_size=16, dense_len=32)
@@ -309,6 +311,50 @@ def test_all_blocks_visible_equals_dense():
     assert_close(dense, ref)
     for got, want in zip(grads(sparse, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode,local", [("position", "token"), ("position", "block"), ("sequence", "token"),
+                                        ("sequence", "block")])
+def test_dense_prefix_rows_are_dense_causal_attention(mode, local):
+    """The rows infllmv2_attn's SDPA fast path takes (dense_prefix_rows: the rule's dense rows and those with at
+    most K blocks up to them) have the reference's output and gradients of dense causal attention under every
+    rule, and the first row after them already does not: the boundary is where the selection starts to matter."""
+    kwargs = dict(SMALL, dense_len=0 if mode == "position" else 80, dense_len_mode=mode, local_blocks=local)
+    q, k, v = make_qkv(1, 160, 160, 4, 2, 16, seed=11)
+    prefix = dense_prefix_rows(160, SparseParams(**kwargs))
+    assert prefix == (SMALL["topk"] + SMALL["window_size"] // SMALL["block_size"]) * SMALL["block_size"] == 64
+    ins = [x.clone().requires_grad_() for x in (q, k, v)]
+    dense_ins = [x.clone().requires_grad_() for x in (q, k, v)]
+    sparse = infllmv2_attn_torch(*ins, **kwargs)
+    dense = infllmv2_attn_torch(*dense_ins, **dict(SMALL, dense_len=10**9))
+    assert_close(sparse[:, :prefix], dense[:, :prefix])
+    assert (sparse[:, prefix:] - dense[:, prefix:]).abs().amax(dim=(0, 2, 3))[:16].max() > 1e-3
+    grad_out = torch.randn(sparse[:, :prefix].shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(sparse[:, :prefix], ins, grad_out)
+    want = torch.autograd.grad(dense[:, :prefix], dense_ins, grad_out)
+    for g, w in zip(got, want):
+        assert_close(g, w, atol=1e-5, rtol=1e-5)
+    # a rule-dense prefix longer than K blocks is taken whole
+    assert dense_prefix_rows(160, SparseParams(**dict(kwargs, dense_len=100, dense_len_mode="position"))) == 100
+    assert dense_prefix_rows(60, SparseParams(**dict(kwargs, dense_len=80, dense_len_mode="sequence"))) == 80
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode,local", [("position", "token"), ("sequence", "block")])
+def test_gpu_sdpa_prefix_covers_all_visible_rows(mode, local):
+    """bf16 at T = 4096: the SDPA fast path (the first 768 rows under the released rules, where K = 12 blocks of
+    64 see every block, and 1024 under the position rule) against the same call with every row in Triton."""
+    q, k, v, _ = gpu_case(1, 4096, 4096, 32, 2, torch.bfloat16, seed=5)
+    kwargs = dict(GPU, dense_len_mode=mode, local_blocks=local)
+    runs = {}
+    for name, dtype, sdpa in (("fast", torch.bfloat16, True), ("slow", torch.bfloat16, False),
+                              ("ref", torch.float32, False)):
+        ins = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = infllmv2_attn(*ins, backend="triton", dense_prefix_sdpa=sdpa, **kwargs)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(q.device, dtype)
+        runs[name] = (out, *torch.autograd.grad(out, ins, grad_out))
+    for fast, slow, ref in zip(runs["fast"], runs["slow"], runs["ref"]):
+        within_rule(fast, ref, slow, eps=1e-3)
 
 
 @pytest.mark.parametrize("topk", [17, 18, 64, 5000])
