@@ -88,8 +88,8 @@ def infllmv2_attn(
     released ones ("sequence", "block"); both backends take all four combinations.
     backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton", "torch".
     dense_prefix_sdpa: for 16-bit padded batches with Tq = Tk on CUDA, run the dense prefix (the rule's dense rows
-    and the rows that see every block: dense_prefix_rows) through torch SDPA (FlashAttention) instead of the Triton dense kernel; fp32, varlen and Tq < Tk always
-    use Triton.
+    and the rows that see every block: dense_prefix_rows) through torch SDPA instead of the Triton dense kernel;
+    fp32, varlen and Tq < Tk always use Triton.
     share_tokens: Triton only, 1, 2, 4, 8 or 16: > 1 lets that many neighbouring sparse queries share each
     gathered block (one load, per-query masks; exact, see shared.py); 1 gives every query its own (the default).
     """
