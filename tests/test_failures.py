@@ -191,3 +191,21 @@ def test_ctrl_c_during_convert_exits_130_with_nothing_written(tmp_path):
         else:
             assert "wrote" in err and (out / "conversion_report.json").is_file(), (proc.returncode, err)
     assert interrupted >= 2
+
+
+def test_ctrl_c_while_the_command_loads_is_a_clean_interrupt(tmp_path):
+    """The console command's entry point: a SIGINT while it still imports torch and transformers (here 0.5 s
+    after start; if the import has finished by then the command's own handling answers) ends with exit status
+    130 and one line, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, salatrain_entry; sys.exit(salatrain_entry.main())",
+                             "convert", f"model={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
+    assert not (tmp_path / "out").exists()
