@@ -8,6 +8,8 @@
 #   evenly spaced sparse layers)
 #   bash bench/quality_gpu.sh plan=uniform seed=1 budget.distill_tokens=30000000
 #   bash bench/quality_gpu.sh plan=halo,uniform seed=0         # several plans: one per GPU, in parallel
+#   bash bench/quality_gpu.sh plan=uniform seed=1,2            # several seeds likewise; table.md then gives
+#                                                              # each plan's spread between seeds
 #
 # Extra key=value arguments go to `salatrain pipeline`. Results: $OUT (default ./bench-out): table.md,
 # results.json, distill.png (KL against tokens), and one log per plan; work files in $WORK (/tmp/salatrain-quality).
@@ -77,22 +79,25 @@ NGPU=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
 
 i=0; pids=()
-for plan in ${PLANS//,/ }; do
-  run=$WORK/$plan-seed$SEED
-  # held-out prose for the sweep's general-ability score and the eval's perplexity; code is scored after
-  args=("recipe=${plan}_smollm2" "model=$TEACHER" "output_dir=$run" steps.corpus.enabled=false "data=[$C/train.jsonl]"
-        "heldout=[$C/heldout_prose.jsonl]" "budget.seed=$SEED")
-  log "plan $plan seed $SEED on GPU $(( i % NGPU )) -> $run"
-  (
-    export CUDA_VISIBLE_DEVICES=$(( i % NGPU ))
-    salatrain pipeline "${args[@]}" "${EXTRA[@]}" > "$OUT/$plan-seed$SEED.log" 2>&1 \
-      && salatrain eval "model=$run/06_finetune" "compare=[$TEACHER]" "names=[$plan,teacher]" 'probes.tasks=[]' \
-           "perplexity.files=[$C/heldout_code.jsonl]" 'perplexity.seq_lens=[2048]' perplexity.max_tokens=262144 \
-           "output_dir=$run/08_eval_code" overwrite=true >> "$OUT/$plan-seed$SEED.log" 2>&1
-    echo "exit $?" >> "$OUT/$plan-seed$SEED.log"
-  ) &
-  pids+=($!); i=$(( i + 1 ))
-  if [ "$NGPU" -le 1 ]; then wait "${pids[@]}"; pids=(); fi
+for seed in ${SEED//,/ }; do
+  for plan in ${PLANS//,/ }; do
+    run=$WORK/$plan-seed$seed
+    # held-out prose for the sweep's general-ability score and the eval's perplexity; code is scored after
+    args=("recipe=${plan}_smollm2" "model=$TEACHER" "output_dir=$run" steps.corpus.enabled=false
+          "data=[$C/train.jsonl]" "heldout=[$C/heldout_prose.jsonl]" "budget.seed=$seed")
+    log "plan $plan seed $seed on GPU $(( i % NGPU )) -> $run"
+    (
+      export CUDA_VISIBLE_DEVICES=$(( i % NGPU ))
+      salatrain pipeline "${args[@]}" "${EXTRA[@]}" > "$OUT/$plan-seed$seed.log" 2>&1 \
+        && salatrain eval "model=$run/06_finetune" "compare=[$TEACHER]" "names=[$plan,teacher]" 'probes.tasks=[]' \
+             "perplexity.files=[$C/heldout_code.jsonl]" 'perplexity.seq_lens=[2048]' perplexity.max_tokens=262144 \
+             "output_dir=$run/08_eval_code" overwrite=true >> "$OUT/$plan-seed$seed.log" 2>&1
+      echo "exit $?" >> "$OUT/$plan-seed$seed.log"
+    ) &
+    pids+=($!); i=$(( i + 1 ))
+    # one run per GPU at a time
+    if [ ${#pids[@]} -ge "$NGPU" ]; then wait "${pids[@]}"; pids=(); fi
+  done
 done
 [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
-python3 bench/quality_report.py --work "$WORK" --out "$OUT" --seed "$SEED"
+python3 bench/quality_report.py --work "$WORK" --out "$OUT"

@@ -1,7 +1,7 @@
 """Tables of bench/quality_gpu.sh runs: teacher vs each plan's hybrid on held-out prose and code perplexity and
 the retrieval probes, the tokens each step spent, and the distillation curve (KL against tokens).
 
-    python bench/quality_report.py --work /tmp/salatrain-quality --out bench-out [--seed 0]
+    python bench/quality_report.py --work /tmp/salatrain-quality --out bench-out
 
 Reads <work>/<plan>-seed<N>/ (the pipeline folders); writes <out>/table.md, <out>/results.json and
 <out>/distill.png, and prints the table.
@@ -96,7 +96,52 @@ def table(runs: dict) -> str:
         if curve:
             tps = sorted(c[2] for c in curve if c[2])
             lines.append(f"| {run_name} | distill median tokens/s | {tps[len(tps) // 2]:,.0f} | | |")
+    spread = seed_spread(runs)
+    if spread:
+        lines += ["", spread]
     return "\n".join(lines) + "\n"
+
+
+def _summary(r: dict) -> dict | None:
+    """A hybrid run's headline numbers: prose and code perplexity, passkey exact match averaged over lengths."""
+    ev = r["eval"]
+    if not ev:
+        return None
+    hybrid = ev["models"][0]["name"]
+    code_names = [m["name"] for m in (r["eval_code"] or {}).get("models", [])]
+    passkey = ev["results"][hybrid]["probes"].get("passkey", {})
+    return {"prose": _ppl(ev, hybrid), "code": _ppl(r["eval_code"], code_names[0]) if code_names else None,
+            "passkey": sum(c["exact_match"] for c in passkey.values()) / len(passkey) if passkey else None,
+            "distill_tokens": (r["steps"].get("distill") or {}).get("tokens")}
+
+
+def seed_spread(runs: dict) -> str:
+    """Per plan run with two seeds or more at the same distillation budget: each seed's numbers and their
+    spread (max - min), the yardstick for any difference between plans. Empty if no plan has two seeds."""
+    by_plan: dict[tuple, list] = {}
+    for run_name, r in runs.items():
+        s = _summary(r)
+        if s:
+            plan, seed = run_name.rsplit("-seed", 1)
+            by_plan.setdefault((plan, s["distill_tokens"]), []).append((seed, s))
+    rows = []
+    for (plan, tokens), seeds in sorted(by_plan.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        if len(seeds) < 2:
+            continue
+        cells = [plan, ", ".join(seed for seed, _ in seeds), f"{tokens:,}" if tokens else "-"]
+        for key, fmt in (("prose", ".2f"), ("code", ".2f"), ("passkey", ".2f")):
+            vals = [s[key] for _, s in seeds]
+            if any(v is None for v in vals):
+                cells += ["-", "-"]
+                continue
+            cells += [" / ".join(format(v, fmt) for v in vals), format(max(vals) - min(vals), fmt)]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = ["plan", "seeds", "distill tokens", "ppl prose", "spread", "ppl code", "spread", "passkey exact (mean "
+            "over lengths)", "spread"]
+    return "\n".join(["Seed spread (same plan, same distillation tokens):", "", "| " + " | ".join(head) + " |",
+                      "|" + "---|" * len(head)] + rows)
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -123,7 +168,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", default=None)
     args = ap.parse_args()
     runs = collect(args.work)
     args.out.mkdir(parents=True, exist_ok=True)
