@@ -11,10 +11,13 @@ import sys
 def main() -> int:
     try:
         from salatrain.cli import main as cli_main
-
-        return cli_main()
     except KeyboardInterrupt:
         print("salatrain: interrupted while starting; nothing was run", file=sys.stderr)
+        return 130
+    try:
+        return cli_main()
+    except KeyboardInterrupt:  # outside the command's own handling (argument parsing, start-up, exit)
+        print("salatrain: interrupted; nothing was committed after the interrupt", file=sys.stderr)
         return 130
 
 

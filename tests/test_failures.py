@@ -201,7 +201,10 @@ def test_ctrl_c_while_the_command_loads_is_a_clean_interrupt(tmp_path):
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", "import sys, salatrain_entry; sys.exit(salatrain_entry.main())",
                              "convert", f"model={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            # as from a shell's foreground: SIGINT at its default even where this test inherits
+                            # it ignored (a background job), so Python installs its KeyboardInterrupt handler
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
