@@ -11,7 +11,10 @@ import sys as _sys
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .models import SalaHybridConfig, SalaHybridForCausalLM, SalaHybridModel  # noqa: E402
+# `salatrain --help` lists the commands without loading torch and transformers (seconds): the console entry
+# (salatrain_entry) sets SALATRAIN_HELP_ONLY=1 for that one case, and nothing else runs in its process.
+if _os.environ.get("SALATRAIN_HELP_ONLY") != "1":
+    from .models import SalaHybridConfig, SalaHybridForCausalLM, SalaHybridModel  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["SalaHybridConfig", "SalaHybridForCausalLM", "SalaHybridModel", "__version__"]

@@ -212,3 +212,16 @@ def test_ctrl_c_while_the_command_loads_is_a_clean_interrupt(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_the_commands_without_loading_torch():
+    """`salatrain --help` (and no arguments) answers from the command registry alone: torch is never imported."""
+    from salatrain.commands import COMMANDS
+
+    code = "import sys, salatrain_entry; rc = salatrain_entry.main(); print('torch' in sys.modules); sys.exit(rc)"
+    for args in (["--help"], []):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("usage: salatrain") and all(name in proc.stdout for name in COMMANDS)
+        assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout
