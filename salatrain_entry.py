@@ -21,6 +21,8 @@ def main() -> int:
     except KeyboardInterrupt:
         print("salatrain: interrupted while starting; nothing was run", file=sys.stderr)
         return 130
+    finally:
+        os.environ.pop("SALATRAIN_HELP_ONLY", None)  # read once, at the package's import: no child inherits it
     try:
         return cli_main()
     except KeyboardInterrupt:  # outside the command's own handling (argument parsing, start-up, exit)
