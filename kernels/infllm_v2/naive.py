@@ -354,6 +354,12 @@ def dense_prefix_len(dense_len: int, dense_len_mode: str) -> int:
     return dense_len - 1 if dense_len_mode == "sequence" else dense_len
 
 
+def all_visible_len(block_size: int, topk: int, window_size: int) -> int:
+    """Queries at positions below this have at most K = topk + window_size // block_size blocks up to them, so all
+    of them are visible whatever the scores and under either rule: their output is dense causal attention."""
+    return (topk + window_size // block_size) * block_size
+
+
 def first_local_block(pos: torch.Tensor, block_size: int, window_size: int, local_blocks: str) -> torch.Tensor:
     """First block forced visible as local context for queries at ``pos``; the local run ends at the query's block.
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils import next_pow2
-from .naive import check_rules
+from .naive import all_visible_len, check_rules
 
 ATTENTION_RULE = "a power-of-two block_size >= 16"
 SCORING_RULE = ("kernel_stride dividing block_size (power-of-two ratio) and kernel_size, and "
@@ -76,9 +76,8 @@ class SparseParams:
 
     @property
     def all_visible_len(self) -> int:
-        """Queries at positions below this have at most K blocks up to them, so all of them are visible whatever
-        the scores and under either rule: their output is dense causal attention."""
-        return self.num_selected * self.block_size
+        """Rows below this position see every block (naive.all_visible_len)."""
+        return all_visible_len(self.block_size, self.topk, self.window_size)
 
     @property
     def coarse(self) -> tuple[int, int]:

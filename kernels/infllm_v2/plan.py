@@ -151,8 +151,8 @@ class AttnPlan:
 
     @cached_property
     def _global_blocks(self):
-        """Once per call (forward and backward share the plan): (global block number of each row's document's first block [rows], first key row and end key row of
-        each global block, number of global blocks)."""
+        """Once per call (forward and backward share the plan): (global block number of each row's document's
+        first block [rows], first key row and end key row of each global block, number of global blocks)."""
         layout = self.layout
         base, gb_krow0, gb_kend = layout.global_blocks(self.block_size)
         row_doc_base = torch.repeat_interleave(

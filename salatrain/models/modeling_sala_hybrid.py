@@ -37,14 +37,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from .configuration_sala_hybrid import SalaHybridConfig
 
 try:  # the mixers' PyTorch references, one module per op, and the kernels' block-geometry rule
-    from salatrain_kernels.infllm_v2.naive import dense_prefix_len, infllmv2_attn_torch
+    from salatrain_kernels.infllm_v2.naive import all_visible_len, dense_prefix_len, infllmv2_attn_torch
     from salatrain_kernels.infllm_v2.params import triton_geometry_problem
     from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
 except ModuleNotFoundError as e:  # an exported checkpoint without salatrain: the same files, copied next to this one
     if e.name != "salatrain_kernels":
         raise
     from .lightning_attention import lightning_attn_torch, lightning_step
-    from .sparse_attention import dense_prefix_len, infllmv2_attn_torch
+    from .sparse_attention import all_visible_len, dense_prefix_len, infllmv2_attn_torch
 
     triton_geometry_problem = None
 
@@ -504,9 +504,8 @@ class SparseAttention(_Projections):
                     o[b : b + 1, -real:] = self.attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
         sp = self.sparse_params
-        # queries at positions < K blocks see every block they may see, under either rule
-        all_visible = (sp["topk"] + sp["window_size"] // sp["block_size"]) * sp["block_size"]
-        dense_upto = max(dense_prefix_len(sp["dense_len"], sp["dense_len_mode"]), all_visible)
+        dense_upto = max(dense_prefix_len(sp["dense_len"], sp["dense_len_mode"]),
+                         all_visible_len(sp["block_size"], sp["topk"], sp["window_size"]))
         if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= dense_upto:
             # every query attends densely (dense_len not reached, or every block visible): InfLLM-V2 is exactly
             # dense causal attention

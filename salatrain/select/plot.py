@@ -16,10 +16,9 @@ def plot_scores(path: Path, plan: dict) -> Path:
     kept = [row["kept"] for row in layers]
     stepwise = plan["method"] == "stepwise"
     # stepwise leaves forced layers unmeasured (None): drawn as 0
-    has_metrics = any(row.get("retrieval") is not None for row in layers) if stepwise else \
-        all(row.get("retrieval") is not None for row in layers)
-    has_scores = any(row.get("score") is not None for row in layers) if stepwise else \
-        all(row.get("score") is not None for row in layers)
+    every = any if stepwise else all
+    has_metrics = every(row.get("retrieval") is not None for row in layers)
+    has_scores = every(row.get("score") is not None for row in layers)
     rows = 1 + has_metrics
     fig, axes = plt.subplots(rows, 1, figsize=(max(6.0, 0.28 * len(idx) + 2), 2.8 * rows), sharex=True,
                              squeeze=False)
