@@ -2,8 +2,10 @@
 the retrieval probes, the tokens each step spent, and the distillation curve (KL against tokens).
 
     python bench/quality_report.py --work /tmp/salatrain-quality --out bench-out
+    python bench/quality_report.py --results a/results.json b/results.json --out merged   # runs of several machines
 
-Reads <work>/<plan>-seed<N>/ (the pipeline folders); writes <out>/table.md, <out>/results.json and
+Reads <work>/<plan>-seed<N>/ (the pipeline folders), or the results.json files that earlier invocations wrote
+(runs of one plan with different seeds, made on different machines); writes <out>/table.md, <out>/results.json and
 <out>/distill.png, and prints the table.
 """
 
@@ -40,6 +42,17 @@ def collect(work: Path) -> dict:
                                                                           if m == "sparse_attention"],
                           "steps": steps, "pipeline": _json(run / "pipeline.json"), "distill_curve": curve}
     return runs
+
+
+def merge(parts: list[dict]) -> dict:
+    """One runs dict from several reports' runs; a run name present twice must be the same run."""
+    runs: dict = {}
+    for part in parts:
+        for name, r in part.items():
+            if name in runs and runs[name] != r:
+                raise SystemExit(f"run {name} appears twice with different results: rename one folder")
+            runs[name] = r
+    return dict(sorted(runs.items()))
 
 
 def _ppl(ev, name):
@@ -166,10 +179,13 @@ def plot(runs: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--work", type=Path, help="the quality runs' work folder (<plan>-seed<N>/ inside)")
+    ap.add_argument("--results", type=Path, nargs="+", default=[], help="results.json files of earlier reports")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    runs = collect(args.work)
+    if not args.work and not args.results:
+        ap.error("give --work, --results, or both")
+    runs = merge([json.loads(p.read_text()) for p in args.results] + ([collect(args.work)] if args.work else []))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(runs, indent=1))
     text = table(runs)

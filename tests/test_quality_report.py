@@ -40,3 +40,20 @@ def test_seed_spread_per_plan_at_equal_budget(tmp_path):
     assert rows == ["| uniform | 1, 2 | 100 | 17.60 / 18.10 | 0.50 | 7.80 / 7.70 | 0.10 | 0.88 / 0.62 | 0.25 |"]
     assert "| halo" not in text
     assert report.seed_spread(report.collect(tmp_path / "uniform-seed0" / "07_eval")) == ""
+
+
+def test_reports_of_two_machines_merge_into_one_spread(tmp_path):
+    report = _report()
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, "uniform-seed1", "uniform", 17.6, 7.8, [1.0, 0.75], 100)
+    _run(b, "uniform-seed2", "uniform", 18.1, 7.7, [0.5, 0.75], 100)
+    merged = report.merge([report.collect(a), json.loads(json.dumps(report.collect(b)))])
+    assert list(merged) == ["uniform-seed1", "uniform-seed2"]
+    assert "| uniform | 1, 2 | 100 | 17.60 / 18.10 | 0.50 |" in report.seed_spread(merged)
+    _run(tmp_path / "c", "uniform-seed2", "uniform", 18.5, 7.7, [0.5, 0.75], 100)   # same name, other numbers
+    try:
+        report.merge([report.collect(b), report.collect(tmp_path / "c")])
+    except SystemExit as e:
+        assert "uniform-seed2 appears twice" in str(e)
+    else:
+        raise AssertionError("conflicting runs merged")
