@@ -275,24 +275,33 @@ def make_inputs(T, dtype, device, data="random"):
     return q, k, v, do
 
 
-def block_overlap(q, k, tq):
+def block_overlap(q, k, tq, settings=SALA):
     """Blocks a tile of tq neighbouring sparse queries loads with sharing, per query, over the blocks one query
-    loads alone (1.0: no overlap, 1/tq: all tq queries chose the same blocks)."""
+    loads alone (1.0: no overlap, 1/tq: all tq queries chose the same blocks). q [1, T, HQ, D], k [1, T, HKV, D];
+    ``settings``: the sparse keys of SparseParams (SALA's by default)."""
     from salatrain_kernels.infllm_v2.shared import union_lists
 
-    params = SparseParams(**SALA)
-    q3, k3 = q.reshape(-1, HQ, D), k.reshape(-1, HKV, D)
+    params = SparseParams(**settings)
+    (_, _, hq, d), hkv = q.shape, k.shape[2]
+    q3, k3 = q[0], k[0]
     layout = DocLayout.build(q, k, None)
-    idx3 = select_blocks(q3, k3, layout, params, D**-0.5)
+    if q.is_cuda:
+        idx3 = select_blocks(q3, k3, layout, params, d**-0.5)
+    else:  # the PyTorch reference's scores and selection (the same blocks, without Triton)
+        scores = infllmv2_block_scores(q, k, block_size=params.block_size, kernel_size=params.kernel_size,
+                                       kernel_stride=params.kernel_stride, backend="torch")
+        idx3 = infllmv2_select(scores, block_size=params.block_size, init_blocks=params.init_blocks,
+                               topk=params.topk, window_size=params.window_size, backend="torch")[0]
+        idx3 = idx3[..., : min(params.num_selected, layout.max_blocks(params.block_size))].contiguous()
     split = window_split_exact(params.init_blocks, params.topk, params.window_size, params.block_size)
-    plan = AttnPlan(layout, HQ, HKV, D, q.dtype, SALA["block_size"], D**-0.5, SALA["dense_len"],
+    plan = AttnPlan(layout, hq, hkv, d, q.dtype, params.block_size, d**-0.5, params.dense_len,
                     local_window=params.window_size if split else 0)  # as infllmv2_attn builds it
     counts = plan.list_lengths(idx3)  # the gathered entries (the local window goes to the tile kernels)
     rows = torch.cat([ch.sparse_rows for ch in plan.chunks])
     if rows.numel() == 0:
         return None
     _, _, ucount = union_lists(idx3, counts, rows, torch.zeros(q.shape[1], dtype=torch.long, device=q.device),
-                               layout.max_blocks(SALA["block_size"]), tq)
+                               layout.max_blocks(params.block_size), tq)
     return (ucount.float().sum() / counts[:, rows.long()].float().sum()).item()
 
 

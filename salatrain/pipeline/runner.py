@@ -235,7 +235,7 @@ def quality_gap(steps: list[Step]) -> str | None:
                   if s.kind == "train" and (s.dir / "stage_report.json").is_file())
     lines.append(f"this run trained on {trained:,} tokens in all; closing the gap takes a GPU budget. On H200s, "
                  "112M tokens (bash bench/quality_gpu.sh plan=uniform, ~20 minutes per plan) brought "
-                 "SmolLM2-135M's hybrid to 1.19x the teacher's held-out prose perplexity, with 29 of 32 passkeys "
-                 "at 4K and 29 of 32 at 16K where the teacher finds none (docs/quality.md, seed 1: the exact "
+                 "SmolLM2-135M's hybrid to 1.18-1.19x the teacher's held-out prose perplexity (two seeds), with 27-29 "
+                 "of 32 passkeys at 4K and 29 of 32 at 16K where the teacher finds none (docs/quality.md: the exact "
                  "command and budgets)")
     return "\n".join(lines)
