@@ -269,3 +269,38 @@ def test_cuda_fused_elementwise_equals_eager():
     assert (a - b).abs().max() <= 0.05 * a.abs().max()
     for n in ga:
         assert (ga[n] - gb[n]).norm() <= 0.05 * ga[n].norm() + 1e-6, n
+
+
+def test_share_tokens_is_a_launch_setting_of_the_sparse_layer(tmp_path):
+    """sparse_config share_tokens travels in config.json, reaches the layer as a launch setting (not a selection
+    parameter: the PyTorch reference never sees it) and takes exactly the kernels' values."""
+    from salatrain_kernels.infllm_v2.shared import SHARE_VALUES
+
+    from salatrain.models.configuration_sala_hybrid import SHARE_TOKENS, sparse_config_problem, SPARSE_DEFAULTS
+
+    assert SHARE_TOKENS == SHARE_VALUES
+    cfg = SalaHybridConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, mixer_types=["sparse_attention"],
+                           sparse_config={"share_tokens": 4})
+    cfg.save_pretrained(tmp_path)
+    layer = SparseAttention(SalaHybridConfig.from_pretrained(tmp_path), 0)
+    assert layer.share_tokens == 4 and "share_tokens" not in layer.sparse_params
+    for bad in (3, 0, 32, True):
+        assert "share_tokens must be one of" in sparse_config_problem({**SPARSE_DEFAULTS, "share_tokens": bad})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_sparse_layer_with_shared_blocks_equals_unshared():
+    torch.manual_seed(0)
+    sparse = dict(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, topk=4, window_size=32, dense_len=64)
+    outs = []
+    for share in (1, 4):
+        cfg = SalaHybridConfig(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=16, num_key_value_heads=1, head_dim=16,
+                               mixer_types=["sparse_attention"], sparse_config={**sparse, "share_tokens": share})
+        torch.manual_seed(0)
+        layer = SparseAttention(cfg, 0).cuda()
+        layer.kernel_backend = "triton"
+        x = torch.randn(1, 700, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        outs.append(layer(x, None, SeqInfo(torch.arange(700, device="cuda").view(1, -1)), None))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

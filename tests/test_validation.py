@@ -59,6 +59,8 @@ def test_every_number_in_every_schema_has_a_range():
     (["convert", "model=m", "plan.method=uniform", "sparse.init_blocks=65"], "init_blocks=65 exceeds topk=64"),
     (["convert", "model=m", "plan.method=uniform", "sparse.dense_len_mode=doc"],
      "sparse.dense_len_mode must be position or sequence (got 'doc')"),
+    (["convert", "model=m", "plan.method=uniform", "sparse.share_tokens=3"],
+     "sparse.share_tokens must be one of 1, 2, 4, 8, 16 (got 3)"),
     (["convert", "model=m", "plan.method=uniform", "sparse.nope_logit_scale_base=1"],
      "sparse.nope_logit_scale_base must be > 1 (got 1.0)"),
     (["convert", "model=m", "plan.method=uniform", "lightning.chunk_size=0"], "lightning.chunk_size must be >= 1"),

@@ -53,6 +53,7 @@ class SparseSettings:
     use_rope: Optional[bool] = None
     nope_logit_scale: Optional[bool] = None
     nope_logit_scale_base: Optional[float] = above(1.0, None)
+    share_tokens: Optional[int] = at_least(1, None)  # 1, 2, 4, 8 or 16: neighbouring queries share gathered blocks
 
 
 @dataclass

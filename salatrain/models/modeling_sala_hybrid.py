@@ -470,6 +470,7 @@ class SparseAttention(_Projections):
         self.use_rope = sc.pop("use_rope")
         self.nope_logit_scale = sc.pop("nope_logit_scale")
         self.nope_logit_scale_base = sc.pop("nope_logit_scale_base")
+        self.share_tokens = sc.pop("share_tokens")  # a Triton launch setting: the same output
         self.sparse_params = sc
         geometry = (sc["block_size"], sc["kernel_size"], sc["kernel_stride"])
         self.triton_misfit = triton_geometry_problem(*geometry) if triton_geometry_problem else None
@@ -512,7 +513,8 @@ class SparseAttention(_Projections):
             return softmax_attention(q, k, v, seq, None, scale=self.head_dim**-0.5)
         rules = {name: self.sparse_params[name] for name in ("dense_len_mode", "local_blocks")}
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):
-            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton", **self.sparse_params)
+            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton",
+                                          share_tokens=self.share_tokens, **self.sparse_params)
         return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
 
     def _triton_fits(self, q) -> bool:
