@@ -9,9 +9,9 @@ model's sparse layers resemble, i.e. whether ``infllmv2_attn(..., share_tokens=T
 
 The q/k are the dense model's own projections (no RoPE: the converted sparse layers are NoPE), captured with
 forward hooks on ``q_proj`` / ``k_proj`` while the model reads held-out-style text (the carried prose file,
-.gpu/prose.jsonl.gz, when present, and this Python's standard-library sources); the settings are the model's
-sparse settings of the SmolLM2 quality recipes (recipes/pipeline_halo_smollm2.yaml: topk 16, a 512-token window,
-dense_len 1024, blocks of 64), or SALA's with ``--sala`` (topk 64, a 2048-token window, dense_len 8192).
+.gpu/prose.jsonl.gz, when present, and this Python's standard-library sources). The sparse settings are those of
+the SmolLM2 quality recipes (recipes/pipeline_halo_smollm2.yaml: topk 16, a 512-token window, dense_len 1024,
+blocks of 64), or SALA's with ``--sala`` (topk 64, a 2048-token window, dense_len 8192).
 """
 
 from __future__ import annotations

@@ -39,3 +39,32 @@ def test_no_sparse_rows_gives_none():
     bench = _bench()
     q, k = torch.randn(1, 64, 4, 16), torch.randn(1, 64, 1, 16)
     assert bench.block_overlap(q, k, 4, SETTINGS) is None
+
+
+def test_smollm2_settings_are_the_quality_recipes():
+    """bench/selection_overlap.py's default settings are the sparse settings of every SmolLM2 quality recipe."""
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("selection_overlap", ROOT / "bench" / "selection_overlap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def sparse_blocks(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "sparse" and isinstance(value, dict):
+                    yield value
+                else:
+                    yield from sparse_blocks(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from sparse_blocks(value)
+
+    found = 0
+    for recipe in sorted((ROOT / "recipes").glob("pipeline_*_smollm2.yaml")):
+        tree = OmegaConf.to_container(OmegaConf.load(recipe))
+        for block in sparse_blocks(tree):
+            found += 1
+            assert {k: block[k] for k in mod.SMOLLM2} == mod.SMOLLM2, recipe.name
+    assert found >= 1
