@@ -51,7 +51,8 @@ SIZES = {
                                num_attention_heads=32, num_key_value_heads=2, head_dim=128,
                                max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-5,
                                tie_word_embeddings=False),
-                 short=4096, long=32768, xlong=131072, xlong_half=65536, x512k=524288, device="cuda"),
+                 short=4096, long=32768, xlong=131072, xlong_half=65536, x256k=262144, x512k=524288, x1m=1048576,
+                 device="cuda"),
     # a CPU rehearsal of the whole script (orchestration only; numbers meaningless)
     "small": dict(model=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                              num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
@@ -59,7 +60,7 @@ SIZES = {
                   model_8b=dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                                 num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-                  short=128, long=512, xlong=1024, xlong_half=512, x512k=2048, device="cpu"),
+                  short=128, long=512, xlong=1024, xlong_half=512, x256k=1536, x512k=2048, x1m=4096, device="cpu"),
 }
 
 # (model, stage, zero, sequence, gpus[, sequence_parallel]) in priority order: what the GPU proof needs first.
@@ -88,8 +89,16 @@ SCALE_CONFIGS = [
     *[(m, "lm", 3, "short", g) for g in (2, 4) for m in ("dense", "hybrid")],
     *[(m, "lm", z, "long", g) for z, g in ((2, 2), (2, 4), (3, 1), (3, 8)) for m in ("dense", "hybrid")],
 ]
-SUITES = {"proof": CONFIGS, "scale": SCALE_CONFIGS}
-COST_S = {"short": 30, "long": 50, "xlong": 150, "xlong_half": 100, "x512k": 300}  # rough wall time of one config
+# The longest row that trains (SUITE=longest): the ~1B hybrid, lm, ZeRO-2, activation checkpointing, at doubling
+# lengths on 1 GPU and split over 2 (SP=2); an out-of-memory length is a row, and the report names the longest
+# that trained on each.
+LONGEST_CONFIGS = [
+    *[("hybrid", "lm", 2, which, 2, 2) for which in ("xlong", "x256k", "x512k", "x1m")],
+    *[("hybrid", "lm", 2, which, 1) for which in ("xlong_half", "xlong", "x256k", "x512k")],
+]
+SUITES = {"proof": CONFIGS, "scale": SCALE_CONFIGS, "longest": LONGEST_CONFIGS}
+COST_S = {"short": 30, "long": 50, "xlong": 150, "xlong_half": 100, "x256k": 200, "x512k": 300,
+          "x1m": 450}  # rough wall time of one config
 
 # Knobs (environment, read by every phase):
 #   ACCUM=N       micro-steps per optimizer step (default 1): the optimizer step and its gradient reduction are
@@ -97,6 +106,7 @@ COST_S = {"short": 30, "long": 50, "xlong": 150, "xlong_half": 100, "x512k": 300
 #   LONG_CKPT=0   no activation checkpointing on the long rows (default 1: checkpointing on)
 #   ONLY=k1,k2    run only these configuration keys (e.g. dense-lm-zero2-short-2gpu), in CONFIGS order
 #   SUITE=scale   the scaling suite (SCALE_CONFIGS) instead of the training proof (CONFIGS)
+#   SUITE=longest the longest row that trains on 1 GPU and on 2 (LONGEST_CONFIGS)
 SUITE = os.environ.get("SUITE", "proof")
 ACCUM = int(os.environ.get("ACCUM", "1"))
 LONG_CKPT = os.environ.get("LONG_CKPT", "1") != "0"
@@ -362,6 +372,8 @@ def report(work: Path, out: Path) -> str:
                       f"peak memory {split['mem_gb']:.1f} vs {one['mem_gb']:.1f} GB."]
     if SUITE == "scale":
         lines += scaling_lines(done, spec)
+    if SUITE == "longest":
+        lines += longest_lines(done, spec)
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -398,13 +410,36 @@ def scaling_lines(done: dict, spec: dict) -> list[str]:
     return out
 
 
+def longest_lines(done: dict, spec: dict) -> list[str]:
+    """The longest row of the hybrid that trained on 1 GPU and on 2 (SP=2), and the first length that did not."""
+    out = [""]
+    for gpus in (1, 2):
+        tried = sorted((c for c in LONGEST_CONFIGS if c[4] == gpus and done.get(key(c))), key=lambda c: spec[c[3]])
+        ok = [c for c in tried if done[key(c)].get("status") == "ok"]
+        failed = [c for c in tried if done[key(c)].get("status") != "ok"]
+        where = "1 GPU" if gpus == 1 else "2 GPUs (SP 2)"
+        if not ok:
+            first = f" (from {_seq(spec, tried[0])}: {done[key(tried[0])]['status']})" if tried else " (none tried)"
+            out.append(f"- {where}: no length trained{first}")
+            continue
+        best = done[key(ok[-1])]
+        stop = next((c for c in failed if spec[c[3]] > spec[ok[-1][3]]), None)
+        out.append(f"- {where}: longest row that trained {_seq(spec, ok[-1])} ({best['tokens_per_s']:,.0f} tokens/s, "
+                   f"peak {best['mem_gb']:.1f} GB per GPU)"
+                   + (f"; {_seq(spec, stop)}: {done[key(stop)]['status']}" if stop else
+                      "; no longer length was tried or failed"))
+    return out
+
+
 def _gpus(c) -> str:
     return f"{c[4]} (SP {sp_of(c)})" if sp_of(c) > 1 else str(c[4])
 
 
 def _seq(spec: dict, c) -> str:
     n = spec[c[3]]
-    return f"{n // 1024}K" if n >= 1024 else str(n)
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def main() -> None:

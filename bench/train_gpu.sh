@@ -10,6 +10,8 @@
 #   ONLY=hybrid-lm-zero2-xlong-2gpu-sp2,hybrid-lm-zero2-xlong_half-1gpu BUDGET_S=900 bash bench/train_gpu.sh
 #                                                 # long context only: the hybrid at 128K split over 2 GPUs
 #                                                 # (trainer.sequence_parallel=2) vs 64K on 1 GPU
+#   SUITE=longest BUDGET_S=1500 bash bench/train_gpu.sh   # the longest hybrid row that trains: 128K..1M over 2 GPUs
+#                                                         # (SP=2), 64K..512K on 1; out-of-memory lengths are rows
 #
 # Needs deepspeed, hydra-core, datasets: taken from .whl/ (../shared/tools/gpu-wheels.sh) into /tmp/site when
 # the image lacks them. Each configuration that runs out of memory, fails or hangs is recorded and skipped;
