@@ -154,3 +154,37 @@ def test_chunk_sizes_at_128k_stay_within_the_mask_budget():
         assert rows >= min(math.isqrt(mh.SDPA_MASK_ENTRIES) // 2, mh.SDPA_MASK_ENTRIES // (2 * window))  # not too small
     assert mh._query_rows(1, t, None) == 1 and mh._query_rows(t, t, None) == mh.SDPA_MASK_ENTRIES // t
     assert math.ceil(t / mh._query_rows(t, t, 4096)) < 100  # SDPA calls per layer
+
+
+@pytest.mark.parametrize("window", [None, 512])
+def test_decoding_reads_each_kv_head_once_not_once_per_query_head(window):
+    """A cached decoding step (Tq = 1) with 16 query heads per K/V head: the group's heads go as query rows over
+    the group's own K/V, so no temporary holds the K/V repeated per query head; the output equals the reference."""
+    tk, h, hkv, d = 8192, 16, 1, 16
+    q, k, v = _qkv(1, 1, tk, h, hkv, d, dtype=torch.float32)
+    scale = d**-0.5
+    out = mh._sdpa(q, k, v, None, window, scale)
+    ref = softmax_attention_naive(q.double(), k.double(), v.double(), scale, window=window)
+    assert (out.double() - ref).abs().max() < 1e-5
+    repeated_kv = tk * h * d * 4  # K (or V) repeated to every query head, fp32
+    assert _largest_allocation(lambda: mh._sdpa(q, k, v, None, window, scale)) * 8 <= repeated_kv
+
+
+def test_sparse_reference_attention_reads_each_kv_head_once():
+    """The InfLLM-V2 reference's masked attention (CPU decoding of sparse layers, and prefill past dense_len)
+    folds a group's heads into query rows too: no K/V repeated per head, the same output as per-head attention."""
+    from salatrain_kernels.infllm_v2.naive import masked_attention
+
+    tq, tk, h, hkv, d = 1, 8192, 16, 2, 16
+    q, k, v = _qkv(1, tq, tk, h, hkv, d, dtype=torch.float32, seed=3)
+    g = torch.Generator().manual_seed(4)
+    visible = torch.rand(1, hkv, tq, tk, generator=g) < 0.3
+    out = masked_attention(q, k, v, visible, 0.25)
+    group = h // hkv
+    kh = k.permute(0, 2, 1, 3).repeat_interleave(group, 1)
+    vh = v.permute(0, 2, 1, 3).repeat_interleave(group, 1)
+    ref = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), kh, vh, scale=0.25,
+                                         attn_mask=visible.repeat_interleave(group, 1)).permute(0, 2, 1, 3)
+    assert (out - ref).abs().max() < 1e-5
+    repeated_kv = tk * h * d * 4
+    assert _largest_allocation(lambda: masked_attention(q, k, v, visible, 0.25)) * 8 <= repeated_kv

@@ -316,9 +316,12 @@ def masked_attention(q, k, v, visible, scale):
     empty_rows = not bool(has_key.all())
     if empty_rows:
         visible = visible | ~has_key  # attend anywhere, then zero the row
-    qg = q.view(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
-    kk, vv = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, HKV, 1, Tk, D]
-    o = torch.nn.functional.scaled_dot_product_attention(qg, kk, vv, attn_mask=visible.unsqueeze(2), scale=scale)
+    # the G heads of a group as G·Tq query rows over the group's own K/V: 4-D SDPA, K/V never repeated per head
+    qg = q.view(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * tq, d)  # rows (head, query)
+    kk, vv = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [B, HKV, Tk, D]
+    mask = visible.unsqueeze(2).expand(b, hkv, g, tq, visible.shape[-1]).reshape(b, hkv, g * tq, -1)
+    o = torch.nn.functional.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask, scale=scale)
+    o = o.view(b, hkv, g, tq, d)
     if empty_rows:
         o = o * has_key.unsqueeze(2)
     return o.permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d)

@@ -607,25 +607,40 @@ def _sdpa(q, k, v, left_pad, sliding_window, scale):
         gqa = {"enable_gqa": True} if kh.shape[1] != qh.shape[1] else {}
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **gqa).transpose(1, 2)
     window = sliding_window if sliding_window is not None and sliding_window < tk else None
-    rows = _query_rows(t, tk, window)
+    group = qh.shape[1] // kh.shape[1]
+    rows = _query_rows(t, tk, window, group)
     outs = []
     for s in range(0, t, rows):
         e = min(t, s + rows)
         first, last = tk - t + s, tk - t + e  # key positions of the chunk's first and one past its last query
         lo = max(0, first - window + 1) if window is not None else 0
         mask = _chunk_mask(first, last, lo, window, left_pad, q.device)
-        ks, vs = _expand_kv(kh[:, :, lo:last], qh.shape[1]), _expand_kv(vh[:, :, lo:last], qh.shape[1])
-        outs.append(F.scaled_dot_product_attention(qh[:, :, s:e], ks, vs, attn_mask=mask, scale=scale))
+        outs.append(_grouped_sdpa(qh[:, :, s:e], kh[:, :, lo:last], vh[:, :, lo:last], mask, scale))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-def _query_rows(t: int, tk: int, window: int | None) -> int:
-    """Query rows per masked SDPA call, so that rows × keys stays within ``SDPA_MASK_ENTRIES``: keys = Tk without
-    a window, at most rows + window − 1 with one."""
+def _query_rows(t: int, tk: int, window: int | None, group: int = 1) -> int:
+    """Query rows per masked SDPA call, so that the mask's entries, group × rows × keys, stay within
+    ``SDPA_MASK_ENTRIES``: keys = Tk without a window, at most rows + window − 1 with one."""
+    budget = max(1, SDPA_MASK_ENTRIES // group)
     if window is None:
-        return max(1, min(t, SDPA_MASK_ENTRIES // tk))
+        return max(1, min(t, budget // tk))
     w = window - 1
-    return max(1, min(t, int((math.sqrt(w * w + 4 * SDPA_MASK_ENTRIES) - w) // 2)))
+    return max(1, min(t, int((math.sqrt(w * w + 4 * budget) - w) // 2)))
+
+
+def _grouped_sdpa(q_BHRD, k_BHkvND, v_BHkvND, mask, scale):
+    """Masked attention of [B, H, R, D] queries over [B, Hkv, N, D] keys: the G = H / Hkv heads of a group go as
+    G·R query rows over the group's own K/V, mask rows repeated, so K/V are never repeated per head (decoding
+    reads the cache once per group, not once per head) and the 4-D call takes a fused backend that takes masks."""
+    b, h, r, d = q_BHRD.shape
+    hkv = k_BHkvND.shape[1]
+    if h == hkv:
+        return F.scaled_dot_product_attention(q_BHRD, k_BHkvND, v_BHkvND, attn_mask=mask, scale=scale)
+    g = h // hkv
+    o = F.scaled_dot_product_attention(q_BHRD.reshape(b, hkv, g * r, d), k_BHkvND, v_BHkvND,
+                                       attn_mask=mask.repeat(1, 1, g, 1), scale=scale)
+    return o.view(b, h, r, d)
 
 
 def _chunk_mask(first: int, last: int, lo: int, window: int | None, left_pad, device) -> torch.Tensor:
@@ -640,13 +655,6 @@ def _chunk_mask(first: int, last: int, lo: int, window: int | None, left_pad, de
         mask = mask & (ki.view(1, 1, 1, -1) >= left_pad.view(-1, 1, 1, 1))
         mask = mask | ~mask.any(-1, keepdim=True)  # rows of padding only: attend anywhere, output unused
     return mask
-
-
-def _expand_kv(x_BHkvTD: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """K/V heads repeated to one per query head. Masked SDPA with ``enable_gqa`` takes the math backend on CUDA
-    (scores materialised in fp32), so the chunk's keys, O(rows + window), are repeated instead."""
-    group = num_heads // x_BHkvTD.shape[1]
-    return x_BHkvTD if group == 1 else x_BHkvTD.repeat_interleave(group, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
