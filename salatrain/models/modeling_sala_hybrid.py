@@ -511,11 +511,11 @@ class SparseAttention(_Projections):
             # every query attends densely (dense_len not reached, or every block visible): InfLLM-V2 is exactly
             # dense causal attention
             return softmax_attention(q, k, v, seq, None, scale=self.head_dim**-0.5)
-        rules = {name: self.sparse_params[name] for name in ("dense_len_mode", "local_blocks")}
+        rules = {name: sp[name] for name in ("dense_len_mode", "local_blocks")}
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):
             return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton",
-                                          share_tokens=self.share_tokens, **self.sparse_params)
-        return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **self.sparse_params)
+                                          share_tokens=self.share_tokens, **sp)
+        return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **sp)
 
     def _triton_fits(self, q) -> bool:
         """Whether the Triton kernels take this layer's block geometry; if not, CUDA runs the PyTorch reference
