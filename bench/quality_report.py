@@ -24,6 +24,7 @@ def collect(work: Path) -> dict:
     runs = {}
     for run in sorted(p for p in work.iterdir() if p.is_dir() and "-seed" in p.name):
         ev, code = _json(run / "07_eval" / "eval.json"), _json(run / "08_eval_code" / "eval.json")
+        distilled = {kind: _ppl(_json(run / f"09_eval_distilled_{kind}" / "eval.json")) for kind in ("prose", "code")}
         mixers = (_json(run / "04_convert" / "config.json") or {}).get("mixer_types") or []
         steps = {}
         for d in sorted(run.glob("0*_*")):
@@ -40,7 +41,8 @@ def collect(work: Path) -> dict:
                     curve.append((r["tokens"], r["kl"], r.get("tokens_per_s")))
         runs[run.name] = {"eval": ev, "eval_code": code, "sparse_layers": [i for i, m in enumerate(mixers)
                                                                           if m == "sparse_attention"],
-                          "steps": steps, "pipeline": _json(run / "pipeline.json"), "distill_curve": curve}
+                          "steps": steps, "pipeline": _json(run / "pipeline.json"), "distill_curve": curve,
+                          "distilled": distilled}
     return runs
 
 
@@ -55,7 +57,10 @@ def merge(parts: list[dict]) -> dict:
     return dict(sorted(runs.items()))
 
 
-def _ppl(ev, name):
+def _ppl(ev, name=None):
+    """Perplexity of model ``name`` (default: the eval's first model) in an eval.json, or None."""
+    if ev and name is None:
+        name = ev["models"][0]["name"]
     if not ev or name not in ev["results"]:
         return None
     p = ev["results"][name]["perplexity"]
@@ -112,7 +117,31 @@ def table(runs: dict) -> str:
     spread = seed_spread(runs)
     if spread:
         lines += ["", spread]
+    before = finetune_effect(runs, teacher)
+    if before:
+        lines += ["", before]
     return "\n".join(lines) + "\n"
+
+
+def finetune_effect(runs: dict, teacher) -> str:
+    """Held-out perplexity of each hybrid after distillation and after the long-context finetune (runs that
+    scored both; ratios to the teacher when it was scored). Empty when no run has the distilled scores."""
+    rows = []
+    for run_name, r in runs.items():
+        d, s = r.get("distilled") or {}, _summary(r)
+        if not s or not d or d.get("prose") is None:
+            continue
+        cells = [run_name]
+        for after, before, ref in ((s["prose"], d.get("prose"), teacher and teacher[0]),
+                                   (s["code"], d.get("code"), teacher and teacher[1])):
+            for v in (before, after):
+                cells.append("-" if v is None else f"{v:.2f}" + (f" ({v / ref:.2f}×)" if ref else ""))
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = ["run", "ppl prose after distill", "after finetune", "ppl code after distill", "after finetune"]
+    return "\n".join(["The long-context finetune's effect on held-out perplexity (2K windows):", "",
+                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + rows)
 
 
 def _summary(r: dict) -> dict | None:

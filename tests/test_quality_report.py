@@ -57,3 +57,29 @@ def test_reports_of_two_machines_merge_into_one_spread(tmp_path):
         assert "uniform-seed2 appears twice" in str(e)
     else:
         raise AssertionError("conflicting runs merged")
+
+
+def _distilled(work: Path, name: str, prose: float, code: float):
+    for kind, ppl in (("prose", prose), ("code", code)):
+        d = work / name / f"09_eval_distilled_{kind}"
+        d.mkdir(parents=True)
+        d.joinpath("eval.json").write_text(json.dumps({"models": [{"name": name}], "results": {
+            name: {"perplexity": {"held": {"perplexity": ppl}}, "probes": {}}}}))
+
+
+def test_finetune_effect_and_tagged_variants(tmp_path):
+    """Runs scored before the long-context finetune get a before/after row with ratios to the teacher (10.0 in
+    these files); a tagged variant (<plan>-<tag>-seed<N>) is its own plan, never pooled with the plain recipe."""
+    _run(tmp_path, "uniform-seed1", "uniform", 17.6, 7.8, [1.0, 0.75], 100)
+    _run(tmp_path, "uniform-lr1e-3-seed1", "uniform-lr1e-3", 16.0, 7.0, [1.0, 1.0], 100)
+    _run(tmp_path, "uniform-lr1e-3-seed2", "uniform-lr1e-3", 16.5, 7.5, [1.0, 0.5], 100)
+    _distilled(tmp_path, "uniform-lr1e-3-seed1", 15.0, 6.5)
+    report = _report()
+    runs = report.collect(tmp_path)
+    text = report.table(runs)
+    assert ("| uniform-lr1e-3-seed1 | 15.00 (1.50×) | 16.00 (1.60×) | 6.50 (0.65×) | 7.00 (0.70×) |"
+            in text.splitlines())
+    assert "| uniform-seed1 | 1" not in text.split("finetune's effect")[1]   # no distilled scores: no row
+    assert "| uniform-lr1e-3 | 1, 2 | 100 | 16.00 / 16.50 | 0.50 |" in report.seed_spread(runs)
+    assert "| uniform | " not in report.seed_spread(runs)
+    assert report.finetune_effect({"uniform-seed1": runs["uniform-seed1"]}, (10.0, 10.0)) == ""
