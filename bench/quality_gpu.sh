@@ -10,7 +10,7 @@
 #   bash bench/quality_gpu.sh plan=halo,uniform seed=0         # several plans: one per GPU, in parallel
 #   bash bench/quality_gpu.sh plan=uniform seed=1,2            # several seeds likewise; table.md then gives
 #                                                              # each plan's spread between seeds
-#   bash bench/quality_gpu.sh plan=uniform seed=1 tag=lr1e-3 budget.distill_lr=1e-3   # a recipe variant: its runs
+#   bash bench/quality_gpu.sh plan=uniform seed=1 tag=lr3e-4 budget.distill_lr=3e-4   # a recipe variant: its runs
 #                                                              # are named <plan>-<tag>-seed<N>
 #
 # Extra key=value arguments go to `salatrain pipeline`. After the pipeline, held-out code perplexity of the final

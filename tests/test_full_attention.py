@@ -188,3 +188,32 @@ def test_sparse_reference_attention_reads_each_kv_head_once():
     assert (out - ref).abs().max() < 1e-5
     repeated_kv = tk * h * d * 4
     assert _largest_allocation(lambda: masked_attention(q, k, v, visible, 0.25)) * 8 <= repeated_kv
+
+
+@pytest.mark.parametrize("window", [None, 37])
+def test_grouped_attention_takes_sdpa_outputs_in_any_memory_layout(monkeypatch, window):
+    """CUDA's fused SDPA backends return [B, rows, H, D] memory under a [B, H, rows, D] shape (the CPU math
+    backend returns it contiguous). Given such outputs, the full-attention layer's grouped path and the InfLLM-V2
+    reference's masked attention still equal the independent reference (a `.view` of that layout once failed)."""
+    from salatrain_kernels.infllm_v2.naive import masked_attention
+
+    real = F.scaled_dot_product_attention
+
+    def cuda_layout(*args, **kwargs):
+        o = real(*args, **kwargs)
+        out = o.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not out.is_contiguous() or o.shape[1] == 1 or o.shape[2] == 1
+        return out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", cuda_layout)
+    q, k, v = _qkv(2, 50, 50, 9, 3, dtype=torch.float32, seed=5)
+    out = mh._sdpa(q, k, v, torch.tensor([0, 7]), window, 0.3)
+    ref = _sdpa_one_mask(q.double(), k.double(), v.double(), torch.tensor([0, 7]), window, 0.3)
+    assert (out.double() - ref)[1:, 7:].abs().max() < 1e-5 and (out.double() - ref)[0].abs().max() < 1e-5
+    visible = torch.rand(2, 3, 50, 50, generator=torch.Generator().manual_seed(6)) < 0.5
+    visible[..., 0] = True
+    masked = masked_attention(q, k, v, visible, 0.3)
+    kh, vh = (x.permute(0, 2, 1, 3).repeat_interleave(3, 1) for x in (k, v))
+    expect = real(q.permute(0, 2, 1, 3), kh, vh, scale=0.3, attn_mask=visible.repeat_interleave(3, 1))
+    expect = expect.permute(0, 2, 1, 3)
+    assert (masked - expect).abs().max() < 1e-5

@@ -640,7 +640,7 @@ def _grouped_sdpa(q_BHRD, k_BHkvND, v_BHkvND, mask, scale):
     g = h // hkv
     o = F.scaled_dot_product_attention(q_BHRD.reshape(b, hkv, g * r, d), k_BHkvND, v_BHkvND,
                                        attn_mask=mask.repeat(1, 1, g, 1), scale=scale)
-    return o.view(b, h, r, d)
+    return o.reshape(b, h, r, d)  # not view: CUDA's fused backends return [B, rows, H, D] memory under the shape
 
 
 def _chunk_mask(first: int, last: int, lo: int, window: int | None, left_pad, device) -> torch.Tensor:

@@ -233,9 +233,8 @@ def quality_gap(steps: list[Step]) -> str | None:
                 lines.append(f"  {task} @{length} exact match: {v['exact_match']:.2f} vs {t['exact_match']:.2f}")
     trained = sum(json.loads((s.dir / "stage_report.json").read_text()).get("tokens", 0) for s in steps
                   if s.kind == "train" and (s.dir / "stage_report.json").is_file())
-    lines.append(f"this run trained on {trained:,} tokens in all; closing the gap takes a GPU budget. On H200s, "
-                 "112M tokens (bash bench/quality_gpu.sh plan=uniform, ~20 minutes per plan) brought "
-                 "SmolLM2-135M's hybrid to 1.18-1.19x the teacher's held-out prose perplexity (two seeds), with 27-29 "
-                 "of 32 passkeys at 4K and 29 of 32 at 16K where the teacher finds none (docs/quality.md: the exact "
-                 "command and budgets)")
+    lines.append(f"this run trained on {trained:,} tokens in all; closing the gap takes a GPU budget. On an H200, "
+                 "112M tokens (bash bench/quality_gpu.sh plan=uniform, ~16 minutes) brought SmolLM2-135M's hybrid "
+                 "to 1.04x the teacher's held-out prose perplexity and 1.11x on code, with 32 of 32 passkeys at "
+                 "2K-16K where the teacher finds none at 16K (docs/quality.md: the exact command and budgets)")
     return "\n".join(lines)
