@@ -1,6 +1,8 @@
 """Every pipeline recipe composes, and every step's command composes and validates (train steps through the
 stage recipes), without running anything; overrides and bad inputs give one-line errors."""
 
+import json
+
 import pytest
 
 from salatrain.cli import main
@@ -107,3 +109,28 @@ def test_unknown_step_kind(tiny_lm_dir, tmp_path):
     with pytest.raises(UserError, match="unknown kind"):
         validate(compose_pipeline("quickstart", [f"model={tiny_lm_dir}", f"output_dir={tmp_path}",
                                                  "steps.select.args.ratio=0.5", "steps.eval.kind=bench"]))
+
+
+def test_closing_words_say_how_far_the_hybrid_is_and_what_closes_the_gap(tmp_path):
+    """The pipeline's last words (the quickstart's too): the hybrid's perplexity and probes against the teacher's
+    from its eval step, the tokens it trained on, and the measured GPU budget that closes the gap."""
+    from salatrain.pipeline.runner import Step, quality_gap
+    from salatrain.pipeline.steps import Prepared
+
+    def step(i, name, kind, outputs):
+        d = tmp_path / f"0{i}_{name}"
+        d.mkdir()
+        return Step(i, name, kind, d, Prepared([kind], outputs, lambda: None, lambda: None))
+
+    distill = step(1, "distill", "train", {"hybrid": "x"})
+    (distill.dir / "stage_report.json").write_text(json.dumps({"tokens": 2560}))
+    ev = step(2, "eval", "eval", {"eval": str(tmp_path / "eval.json")})
+    assert quality_gap([distill, ev]) is None  # no eval.json yet: nothing to say
+    probe = {"512": {"exact_match": 0.5}}
+    (tmp_path / "eval.json").write_text(json.dumps({"results": {
+        "hybrid": {"perplexity": {"512": {"perplexity": 201.0}}, "probes": {"passkey": probe}},
+        "teacher": {"perplexity": {"512": {"perplexity": 16.75}}, "probes": {"passkey": {"512": {"exact_match": 1.0}}}}}}))
+    text = quality_gap([distill, ev])
+    assert "perplexity @512: 201.0 vs 16.8 (12.0x the teacher's)" in text
+    assert "passkey @512 exact match: 0.50 vs 1.00" in text
+    assert "trained on 2,560 tokens" in text and "docs/quality.md" in text and "1.04x" in text
