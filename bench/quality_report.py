@@ -4,8 +4,9 @@ the retrieval probes, the tokens each step spent, and the distillation curve (KL
     python bench/quality_report.py --work /tmp/salatrain-quality --out bench-out
     python bench/quality_report.py --results a/results.json b/results.json --out merged   # runs of several machines
 
-Reads <work>/<plan>-seed<N>/ (the pipeline folders), or the results.json files that earlier invocations wrote
-(runs of one plan with different seeds, made on different machines); writes <out>/table.md, <out>/results.json and
+Reads <work>/<plan>[-<tag>]-seed<N>/ (the pipeline folders; a tagged recipe variant counts as a plan of its own),
+or the results.json files that earlier invocations wrote (runs of one plan with different seeds, made on different
+machines); writes <out>/table.md, <out>/results.json and
 <out>/distill.png, and prints the table.
 """
 

@@ -126,10 +126,11 @@ def test_closing_words_say_how_far_the_hybrid_is_and_what_closes_the_gap(tmp_pat
     (distill.dir / "stage_report.json").write_text(json.dumps({"tokens": 2560}))
     ev = step(2, "eval", "eval", {"eval": str(tmp_path / "eval.json")})
     assert quality_gap([distill, ev]) is None  # no eval.json yet: nothing to say
-    probe = {"512": {"exact_match": 0.5}}
-    (tmp_path / "eval.json").write_text(json.dumps({"results": {
-        "hybrid": {"perplexity": {"512": {"perplexity": 201.0}}, "probes": {"passkey": probe}},
-        "teacher": {"perplexity": {"512": {"perplexity": 16.75}}, "probes": {"passkey": {"512": {"exact_match": 1.0}}}}}}))
+    def model(ppl, exact):
+        return {"perplexity": {"512": {"perplexity": ppl}}, "probes": {"passkey": {"512": {"exact_match": exact}}}}
+
+    (tmp_path / "eval.json").write_text(json.dumps({"results": {"hybrid": model(201.0, 0.5),
+                                                                "teacher": model(16.75, 1.0)}}))
     text = quality_gap([distill, ev])
     assert "perplexity @512: 201.0 vs 16.8 (12.0x the teacher's)" in text
     assert "passkey @512 exact match: 0.50 vs 1.00" in text

@@ -36,11 +36,16 @@ def test_metrics_mode_writes_plan_and_png(metrics_file, tmp_path, capsys):
     assert plan["sparse_layers"] == [1, 2]
     assert plan["mixer_types"] == ["linear_attention", "sparse_attention", "sparse_attention", "linear_attention"]
     assert plan["method"] == "halo" and plan["num_kept"] == 2 and plan["ratio"] == 0.5
+    assert plan["seed"] is None  # only method=random draws layers from a seed
     assert plan["layers"][1]["score"] == pytest.approx(40.0)
     assert plan["source"]["mode"] == "metrics"
     assert set(plan["cost"]) >= {"tokens", "seconds"}
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert "sparse" in capsys.readouterr().out
+    rand = tmp_path / "rand"
+    assert main(["select", f"metrics={metrics_file}", f"output_dir={rand}", "method=random", "seed=3",
+                 "ratio=0.5"]) == 0
+    assert json.loads((rand / "layer_plan.json").read_text())["seed"] == 3
 
 
 def test_sweep_mode_on_tiny_model(tiny_lm_dir, tiny_aligned_dir, tmp_path):

@@ -5,7 +5,7 @@ Per-layer metrics (a sweep, a metrics file, or none) → layer_plan.json + score
 
 Output folder (written all at once, so a failure leaves nothing):
     layer_plan.json   {"format": "salatrain.layer_plan/1", "mixer_types": [...], "sparse_layers": [...],
-                       "num_layers", "num_kept", "ratio", "method", "seed",
+                       "num_layers", "num_kept", "ratio", "method", "seed" (method=random; else null),
                        "constraints": {"keep_first", "keep_last", "include", "exclude", "forced": {layer: why}},
                        "layers": [{"index", "retrieval", "commonsense", "retrieval_drop", "commonsense_drop",
                                    "score", "kept", "forced"}, ...],
@@ -99,7 +99,7 @@ def build_plan(cfg: SelectConfig, num_layers: int, metrics: LayerMetrics, sel: S
         "num_kept": sel.num_kept,
         "ratio": cfg.ratio,
         "method": cfg.method,
-        "seed": cfg.seed,
+        "seed": cfg.seed if cfg.method == "random" else None,  # only method=random draws from it
         "constraints": {**dataclasses.asdict(cons), "forced": {str(k): v for k, v in sel.forced.items()}},
         "layers": rows,
         "baseline": metrics.baseline,
