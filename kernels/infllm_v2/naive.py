@@ -306,25 +306,35 @@ def _block_mask(block_idx: torch.Tensor, num_blocks: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ step 5: attention
+def grouped_sdpa(q_BHRD, k_BHkvND, v_BHkvND, mask, scale):
+    """Masked attention of [B, H, R, D] queries over [B, Hkv, N, D] keys (mask [B or 1, Hkv or 1, R, N] bool,
+    shared by the heads of a group): the G = H / Hkv heads of a group go as G·R query rows over the group's own
+    K/V, mask rows repeated, so K/V are never repeated per head (decoding reads the cache once per group, not once
+    per head) and the 4-D call takes a fused backend that takes masks. Also the full-attention layers' masked path."""
+    b, h, r, d = q_BHRD.shape
+    hkv = k_BHkvND.shape[1]
+    if h == hkv:
+        return torch.nn.functional.scaled_dot_product_attention(q_BHRD, k_BHkvND, v_BHkvND, attn_mask=mask,
+                                                                scale=scale)
+    g = h // hkv
+    o = torch.nn.functional.scaled_dot_product_attention(q_BHRD.reshape(b, hkv, g * r, d), k_BHkvND, v_BHkvND,
+                                                         attn_mask=mask.repeat(1, 1, g, 1), scale=scale)
+    return o.reshape(b, h, r, d)  # not view: CUDA's fused backends return [B, rows, H, D] memory under the shape
+
+
 def masked_attention(q, k, v, visible, scale):
     """Softmax attention with a boolean mask shared by each GQA group (visible [B, HKV, Tq, Tk]), in q's dtype.
     A row without any visible key outputs 0."""
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
-    g = hq // hkv
     has_key = visible.any(-1, keepdim=True)
     empty_rows = not bool(has_key.all())
     if empty_rows:
         visible = visible | ~has_key  # attend anywhere, then zero the row
-    # the G heads of a group as G·Tq query rows over the group's own K/V: 4-D SDPA, K/V never repeated per head
-    qg = q.view(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * tq, d)  # rows (head, query)
-    kk, vv = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [B, HKV, Tk, D]
-    mask = visible.unsqueeze(2).expand(b, hkv, g, tq, visible.shape[-1]).reshape(b, hkv, g * tq, -1)
-    o = torch.nn.functional.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask, scale=scale)
-    o = o.view(b, hkv, g, tq, d)
+    o = grouped_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), visible, scale)  # [B, HQ, Tq, D]
     if empty_rows:
-        o = o * has_key.unsqueeze(2)
-    return o.permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+        o = (o.reshape(b, hkv, hq // hkv, tq, d) * has_key.unsqueeze(2)).reshape(b, hq, tq, d)
+    return o.transpose(1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------- the two forms of two rules

@@ -37,14 +37,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from .configuration_sala_hybrid import SalaHybridConfig
 
 try:  # the mixers' PyTorch references, one module per op, and the kernels' block-geometry rule
-    from salatrain_kernels.infllm_v2.naive import all_visible_len, dense_prefix_len, infllmv2_attn_torch
+    from salatrain_kernels.infllm_v2.naive import (all_visible_len, dense_prefix_len, grouped_sdpa,
+                                                   infllmv2_attn_torch)
     from salatrain_kernels.infllm_v2.params import triton_geometry_problem
     from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
 except ModuleNotFoundError as e:  # an exported checkpoint without salatrain: the same files, copied next to this one
     if e.name != "salatrain_kernels":
         raise
     from .lightning_attention import lightning_attn_torch, lightning_step
-    from .sparse_attention import all_visible_len, dense_prefix_len, infllmv2_attn_torch
+    from .sparse_attention import all_visible_len, dense_prefix_len, grouped_sdpa, infllmv2_attn_torch
 
     triton_geometry_problem = None
 
@@ -615,7 +616,7 @@ def _sdpa(q, k, v, left_pad, sliding_window, scale):
         first, last = tk - t + s, tk - t + e  # key positions of the chunk's first and one past its last query
         lo = max(0, first - window + 1) if window is not None else 0
         mask = _chunk_mask(first, last, lo, window, left_pad, q.device)
-        outs.append(_grouped_sdpa(qh[:, :, s:e], kh[:, :, lo:last], vh[:, :, lo:last], mask, scale))
+        outs.append(grouped_sdpa(qh[:, :, s:e], kh[:, :, lo:last], vh[:, :, lo:last], mask, scale))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
@@ -627,20 +628,6 @@ def _query_rows(t: int, tk: int, window: int | None, group: int = 1) -> int:
         return max(1, min(t, budget // tk))
     w = window - 1
     return max(1, min(t, int((math.sqrt(w * w + 4 * budget) - w) // 2)))
-
-
-def _grouped_sdpa(q_BHRD, k_BHkvND, v_BHkvND, mask, scale):
-    """Masked attention of [B, H, R, D] queries over [B, Hkv, N, D] keys: the G = H / Hkv heads of a group go as
-    G·R query rows over the group's own K/V, mask rows repeated, so K/V are never repeated per head (decoding
-    reads the cache once per group, not once per head) and the 4-D call takes a fused backend that takes masks."""
-    b, h, r, d = q_BHRD.shape
-    hkv = k_BHkvND.shape[1]
-    if h == hkv:
-        return F.scaled_dot_product_attention(q_BHRD, k_BHkvND, v_BHkvND, attn_mask=mask, scale=scale)
-    g = h // hkv
-    o = F.scaled_dot_product_attention(q_BHRD.reshape(b, hkv, g * r, d), k_BHkvND, v_BHkvND,
-                                       attn_mask=mask.repeat(1, 1, g, 1), scale=scale)
-    return o.reshape(b, h, r, d)  # not view: CUDA's fused backends return [B, rows, H, D] memory under the shape
 
 
 def _chunk_mask(first: int, last: int, lo: int, window: int | None, left_pad, device) -> torch.Tensor:
