@@ -28,7 +28,7 @@ from salatrain_kernels.infllm_v2 import (
     infllmv2_select,
     infllmv2_select_torch,
 )
-from salatrain_kernels.infllm_v2.interface import dense_prefix_rows
+from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, dense_prefix_rows
 from salatrain_kernels.infllm_v2.params import SparseParams
 from tests.helpers.naive import infllmv2_block_attn_naive, selection_margin
 
@@ -337,6 +337,23 @@ def test_dense_prefix_rows_are_dense_causal_attention(mode, local):
     # a rule-dense prefix longer than K blocks is taken whole
     assert dense_prefix_rows(160, SparseParams(**dict(kwargs, dense_len=100, dense_len_mode="position"))) == 100
     assert dense_prefix_rows(60, SparseParams(**dict(kwargs, dense_len=80, dense_len_mode="sequence"))) == 80
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2)])
+def test_dense_prefix_sdpa_shares_kv_heads_like_the_reference(heads, kv_heads):
+    """The fast path's SDPA call (K/V heads shared by enable_gqa on [B, H, T, D] views of sliced [B, T, H, D]
+    tensors) is the reference's dense causal attention, forward and backward, query head h reading KV head
+    h // (heads / kv_heads)."""
+    q, k, v = make_qkv(2, 96, 96, heads, kv_heads, 16, seed=5)
+    prefix = 70  # a slice of the leaves, as the op takes it: strided views, not contiguous tensors
+    ref_ins = [x.detach()[:, :prefix].clone().requires_grad_() for x in (q, k, v)]
+    got = dense_causal_sdpa(*(x[:, :prefix] for x in (q, k, v)), 16**-0.5)
+    want = infllmv2_attn_torch(*ref_ins, **dict(SMALL, dense_len=10**9))
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(3))
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(want, ref_ins, grad_out)):
+        assert_close(g[:, :prefix], w, atol=1e-5, rtol=1e-5)
+        assert not g[:, prefix:].any()
 
 
 @needs_cuda
