@@ -136,6 +136,23 @@ def test_a_stale_deepspeed_build_lock_does_not_hang_a_cpu_run(tmp_path):
     assert sorted(x.name for x in lock.parent.iterdir()) == ["lock"]  # nothing was built
 
 
+def test_a_one_process_run_whose_port_is_taken_before_it_listens_picks_another(tmp_path):
+    """Two runs launched side by side can both be handed one free port; the second to listen got EADDRINUSE and a
+    traceback. Injected: the first two ports offered are held by another listener."""
+    code = ("import os, socket\nfrom salatrain.train import engine\n"
+            "busy = socket.socket(); busy.bind(('', 0)); busy.listen(); port = busy.getsockname()[1]\n"
+            "offers = iter([port, port]); real = engine._free_port\n"
+            "engine._free_port = lambda: next(offers, None) or real()\n"
+            "d = engine.init_distributed()\n"
+            "print(d.world_size, os.environ['MASTER_PORT'] != str(port))\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["1", "True"]
+
+
 def test_a_built_in_asset_left_half_built_by_a_killed_process_is_rebuilt(tmp_path, monkeypatch):
     """A cache directory without its config.json (a build killed mid-way) is replaced, not an OSError."""
     from salatrain.train.tiny import VERSION, resolve

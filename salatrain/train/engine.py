@@ -52,14 +52,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _prepare_env() -> None:
+def _prepare_env() -> bool:
+    """Set the rendezvous variables of a one-process run; True when the port is ours to choose again."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    own_port = False
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        own_port = "MASTER_PORT" not in os.environ
+        if own_port:
+            os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    return own_port
+
+
+def _address_in_use(exc: BaseException) -> bool:
+    return "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower()
+
+
+PORT_ATTEMPTS = 8
 
 
 def _skip_shm_comm_build() -> None:
@@ -73,7 +85,7 @@ def _skip_shm_comm_build() -> None:
 
 def init_distributed() -> Dist:
     """Join (or create) the process group; idempotent within a process."""
-    _prepare_env()
+    own_port = _prepare_env()
     import deepspeed
 
     ds_log = logging.getLogger("DeepSpeed")
@@ -87,8 +99,19 @@ def init_distributed() -> Dist:
         torch.cuda.set_device(local_rank)
     else:
         _skip_shm_comm_build()
-    with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    # A one-process run picks a free port and then listens on it; another run starting in the same instant can take
+    # it in between (two runs launched side by side). Such a run picks another port: nothing else depends on it.
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+            break
+        except RuntimeError as exc:  # torch's DistNetworkError is a RuntimeError
+            if not (own_port and _address_in_use(exc)) or attempt == PORT_ATTEMPTS - 1:
+                raise
+            log.info("port %s was taken before the process group listened on it; trying another",
+                     os.environ["MASTER_PORT"])
+            os.environ["MASTER_PORT"] = str(_free_port())
     world = torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() if cuda else world))
     if not cuda and local_world > 1:
