@@ -14,6 +14,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from timing import median_ms
 
 
 def views_repeat(q, k, v, scale):
@@ -55,19 +56,7 @@ def time_ms(fn, q, k, v, grad, reps):
     def step():
         out = fn(q, k, v, q.shape[-1] ** -0.5)
         torch.autograd.grad(out, (q, k, v), grad)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(step, reps)
 
 
 def main():

@@ -18,6 +18,7 @@ import random
 
 import torch
 import torch.nn.functional as F
+from timing import median_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -29,21 +30,6 @@ def packed_bounds(rows: int, seq: int, mean_doc: float, seed: int) -> list[int]:
         bounds.add(min(pos, rows * seq))
     bounds |= {r * seq for r in range(rows + 1)}
     return sorted(b for b in bounds if b <= rows * seq)
-
-
-def time_ms(step, reps):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -100,7 +86,7 @@ def main():
                        ("dense causal, cuDNN", dense([SDPBackend.CUDNN_ATTENTION])),
                        ("dense causal, FlashAttention-2", dense([SDPBackend.FLASH_ATTENTION]))]:
         try:
-            rows[name] = round(time_ms(step, args.reps), 3)
+            rows[name] = round(median_ms(step, args.reps), 3)
         except RuntimeError as e:  # a backend that does not take this shape
             rows[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
         print(f"{name}: {rows[name]}", flush=True)
