@@ -235,6 +235,7 @@ def quality_gap(steps: list[Step]) -> str | None:
                   if s.kind == "train" and (s.dir / "stage_report.json").is_file())
     lines.append(f"this run trained on {trained:,} tokens in all; closing the gap takes a GPU budget. On an H200, "
                  "112M tokens (bash bench/quality_gpu.sh plan=uniform, ~16 minutes) brought SmolLM2-135M's hybrid "
-                 "to 1.04x the teacher's held-out prose perplexity and 1.11x on code, with 32 of 32 passkeys at "
-                 "2K-16K where the teacher finds none at 16K (docs/quality.md: the exact command and budgets)")
+                 "to 1.03-1.04x the teacher's held-out prose perplexity and 1.11x on code at two seeds, with 32 of 32 "
+                 "passkeys at 2K-16K where the teacher finds none at 16K (docs/quality.md: the exact command and "
+                 "budgets)")
     return "\n".join(lines)
