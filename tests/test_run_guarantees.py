@@ -136,7 +136,7 @@ def test_a_stale_deepspeed_build_lock_does_not_hang_a_cpu_run(tmp_path):
     assert sorted(x.name for x in lock.parent.iterdir()) == ["lock"]  # nothing was built
 
 
-def test_a_one_process_run_whose_port_is_taken_before_it_listens_picks_another(tmp_path):
+def test_a_one_process_run_whose_port_is_taken_before_it_listens_picks_another():
     """Two runs launched side by side can both be handed one free port; the second to listen got EADDRINUSE and a
     traceback. Injected: the first two ports offered are held by another listener."""
     code = ("import os, socket\nfrom salatrain.train import engine\n"
