@@ -103,7 +103,7 @@ class AdamW(torch.optim.AdamW):
     when told to (``skip_next``: a non-finite loss) or when a gradient it would apply is not finite on any rank
     (the ranks agree: each checks its own partition, then they reduce). ``skipped`` tells the last step's fate.
     It is the only guard in two places: ZeRO-0 in fp32, where DeepSpeed calls this optimizer directly, and bf16
-    under ZeRO-1/2, where DeepSpeed's own per-parameter test is turned off (engine.ds_config: it costs ~20 ms of
+    under ZeRO-1/2, where DeepSpeed's own per-parameter test is turned off (engine.ds_config: an estimated ~20 ms of
     kernel launches a step; under ZeRO this test runs over a few flat fp32 partitions). DeepSpeed's ZeRO optimizer
     in fp32 and its bf16 optimizer (ZeRO-0) still skip a step whose gradient norm is not finite themselves."""
 
