@@ -97,8 +97,9 @@ LONGEST_CONFIGS = [
     *[("hybrid", "lm", 2, which, 1) for which in ("xlong_half", "xlong", "x256k", "x512k")],
 ]
 SUITES = {"proof": CONFIGS, "scale": SCALE_CONFIGS, "longest": LONGEST_CONFIGS}
-COST_S = {"short": 30, "long": 50, "xlong": 150, "xlong_half": 100, "x256k": 200, "x512k": 300,
-          "x1m": 450}  # rough wall time of one config
+COST_S = {"short": 30, "long": 50, "xlong": 60, "xlong_half": 60, "x256k": 60, "x512k": 110,
+          "x1m": 200}  # rough wall time of one config (long rows: 1-GPU walls of 53 / 23 / 35 s at 64K / 128K / 256K
+                       # on an H200, 2026-12-01, the first including Triton's compilation)
 
 # Knobs (environment, read by every phase):
 #   ACCUM=N       micro-steps per optimizer step (default 1): the optimizer step and its gradient reduction are
