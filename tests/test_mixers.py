@@ -11,6 +11,7 @@ from salatrain_kernels.infllm_v2.naive import (
     infllmv2_attn_torch,
     infllmv2_block_attn_torch,
     infllmv2_block_scores_torch,
+    infllmv2_decode_torch,
     infllmv2_select_torch,
 )
 from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
@@ -118,6 +119,66 @@ def test_sparse_decode_queries_equal_prefill():
     for tq in (1, 5, 45):
         tail = infllmv2_attn_torch(q[:, -tq:], k, v, **params)
         assert torch.allclose(tail, full[:, -tq:], atol=1e-12)
+
+
+DECODE_CASES = [  # (keys, dense_len, rule, local rule, normalizer, kernel, stride): dense by the rule, every block
+    (5, 0, "position", "token", "exact", 4, 2),  # visible, fewer keys than a window, the sparse path at several
+    (33, 0, "position", "token", "exact", 4, 2),  # lengths (block boundaries, a window straddling two blocks), both
+    (40, 0, "position", "block", "exact", 4, 2),  # forms of both rules, the coarse normaliser, a stride that does
+    (25, 30, "position", "token", "exact", 4, 2),  # not divide the block
+    (31, 30, "position", "token", "exact", 4, 2),
+    (57, 40, "sequence", "token", "exact", 4, 2),
+    (57, 58, "sequence", "token", "exact", 4, 2),
+    (64, 0, "position", "block", "coarse", 4, 2),
+    (90, 0, "sequence", "block", "exact", 6, 4),
+    (97, 12, "position", "token", "coarse", 6, 4),
+]
+
+
+@pytest.mark.parametrize("tk,dense_len,mode,local,normalizer,kernel,stride", DECODE_CASES)
+def test_sparse_decode_step_equals_the_full_op_and_the_oracle(tk, dense_len, mode, local, normalizer, kernel, stride):
+    """infllmv2_decode_torch (one query after tk − 1 cached keys) gives the full op's output for that query, and the
+    independent oracle's; GQA groups of 3, batch of 2 rows with different keys."""
+    q, k, v = _qkv(2, tk, 6, 8, hkv=2, seed=tk)
+    params = dict(SMALL_SPARSE, kernel_size=kernel, kernel_stride=stride, dense_len=dense_len, normalizer=normalizer,
+                  dense_len_mode=mode, local_blocks=local)
+    step = infllmv2_decode_torch(q[:, -1:], k, v, **params)
+    full = infllmv2_attn_torch(q[:, -1:], k, v, **params)
+    assert step.shape == full.shape == (2, 1, 6, 8)
+    assert torch.allclose(step, full, atol=1e-12)
+    for b in range(2):
+        oracle = infllmv2_naive(q[b, -1:], k[b], v[b], **params)
+        assert torch.allclose(step[b], oracle, atol=1e-10)
+
+
+def test_sparse_decode_step_reads_nothing_back_from_the_device():
+    """The decoding step runs on meta tensors, which hold no values: any host read of a device value (.item(),
+    .tolist(), bool(tensor), int(tensor) — a synchronisation on a GPU) would raise. The full op reads back."""
+    params = dict(SMALL_SPARSE, dense_len=0)
+    q, k, v = (torch.empty(2, n, h, 8, device="meta") for n, h in ((1, 6), (97, 2), (97, 2)))
+    out = infllmv2_decode_torch(q, k, v, **params)
+    assert out.shape == (2, 1, 6, 8) and out.device.type == "meta"
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        infllmv2_attn_torch(q, k, v, **params)
+
+
+def test_sparse_layer_decodes_through_the_step(monkeypatch):
+    """The model's sparse layer sends a one-token step to infllmv2_decode_torch (backend auto or torch) and gets
+    the full op's output."""
+    from salatrain.models import modeling_sala_hybrid as modeling
+
+    calls = []
+    real = modeling.infllmv2_decode_torch
+    monkeypatch.setattr(modeling, "infllmv2_decode_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = SalaHybridConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, mixer_types=["sparse_attention"],
+                           sparse_config=dict(SMALL_SPARSE, dense_len=16))
+    layer = SparseAttention(cfg, 0).double()
+    q, k, v = _qkv(1, 60, 4, 8, hkv=2)
+    step = SeqInfo(torch.tensor([[59]]), past_len=59)
+    got = layer.attend(q[:, -1:], k, v, step)
+    want = infllmv2_attn_torch(q[:, -1:], k, v, **layer.sparse_params)
+    assert calls == [1] and torch.allclose(got, want, atol=1e-12)
 
 
 def test_sparse_packed_documents_restart():

@@ -59,6 +59,9 @@ How it runs (Triton; details in each module):
              shared.py). Backward: dq the same way; dk/dv of gathered blocks from a block -> queries map
              (torch.sort, on the device, no host synchronisation) with fp32 atomics. On CUDA, 16-bit padded
              batches send the dense prefix to torch SDPA (FlashAttention).
+Decoding (one new query per row after a cache) has its own step, infllmv2_decode_torch: the same output as the
+full op with no host synchronisation, a few dozen torch ops whatever the cache length; the model takes it for
+every one-token step unless the backend is forced to 'triton'.
 `python -m salatrain_kernels.infllm_v2.compile_check` compiles every kernel for sm_90 without a GPU.
 
 Triton limits: the block geometry in params.py (block_size a power of two >= 16; kernel_stride divides
@@ -80,6 +83,7 @@ _EXPORTS = {
     "infllmv2_block_scores_torch": ".naive",
     "infllmv2_select_torch": ".naive",
     "infllmv2_block_attn_torch": ".naive",
+    "infllmv2_decode_torch": ".naive",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,8 +1,9 @@
 """InfLLM-V2 sparse attention in pure PyTorch: the one reference of the op. Imports torch only.
 
 Where it is used: backend="torch" of salatrain_kernels.infllm_v2 (each entry point below has the signature of
-its Triton twin: the full op and the three stages), the kernels' self-test, and the model's sparse mixer when
-the kernels do not run. It lives in salatrain_kernels because the kernels may not import application code
+its Triton twin: the full op and the three stages), the kernels' self-test, the model's sparse mixer when
+the kernels do not run, and every one-token decoding step (infllmv2_decode_torch: the full op for one query,
+with no host synchronisation). It lives in salatrain_kernels because the kernels may not import application code
 while the model may import the kernels; ``save_pretrained`` copies this file next to the weights as
 ``sparse_attention.py`` (``copy_model_code`` in modeling_sala_hybrid.py), which is where an exported
 checkpoint imports it from, so the export still needs only torch and transformers. Keep it free of imports
@@ -170,6 +171,53 @@ def infllmv2_block_attn_torch(
     return torch.cat(outs, dim=1)
 
 
+def infllmv2_decode_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    kernel_size: int = 32,
+    kernel_stride: int = 16,
+    init_blocks: int = 1,
+    topk: int = 64,
+    window_size: int = 2048,
+    dense_len: int = 8192,
+    scale: float | None = None,
+    normalizer: str = "exact",
+    coarse_kernel_size: int | None = None,
+    coarse_kernel_stride: int | None = None,
+    dense_len_mode: str = "position",
+    local_blocks: str = "token",
+) -> torch.Tensor:
+    """One decoding step: q [B, 1, HQ, D] is the query at position Tk − 1 of every row, k, v [B, Tk, HKV, D] the
+    cache with this token's key. The same output as ``infllmv2_attn_torch(q, k, v, ...)``, with no host
+    synchronisation: what the full op reads back from the device is a Python int here (a decoding query is
+    sparse or dense by its position alone, every window has ended by it, no block lies in its future, and it
+    always sees keys), so on a GPU the host runs ahead of the kernels it launches. Returns [B, 1, HQ, D]."""
+    check_rules(dense_len_mode, local_blocks)
+    if q.shape[1] != 1:
+        raise ValueError(f"infllmv2_decode_torch takes one query per row, got {q.shape[1]}")
+    b, _, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    sparse = tk >= dense_len if dense_len_mode == "sequence" else tk - 1 >= dense_len
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    if not sparse or _num_blocks(tk, block_size) <= topk + window_size // block_size:
+        # dense (by the rule, or every block visible): attention over the whole cache, the group's G heads as rows
+        qg = q.transpose(1, 2).reshape(b, hkv, hq // hkv, d)
+        o = torch.nn.functional.scaled_dot_product_attention(qg, kt, vt, scale=scale)
+        return o.reshape(b, 1, hq, d).to(q.dtype)
+    pos = torch.arange(tk - 1, tk, device=q.device)
+    coarse = (coarse_kernel_size, coarse_kernel_stride)
+    compressed = compressed_keys(k, kernel_size, kernel_stride, normalizer, coarse)
+    scores = block_scores(q, pos, compressed, scale, _num_blocks(tk, block_size), block_size)
+    chosen = select_blocks(scores, pos, block_size=block_size, init_blocks=init_blocks, topk=topk,
+                           window_size=window_size, local_blocks=local_blocks)
+    o = grouped_sdpa(q.transpose(1, 2), kt, vt, _keys_in_blocks(chosen, tk, block_size), scale)
+    return o.reshape(b, 1, hq, d).to(q.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- the full op
 def _attend_document(q, k, v, scale, dense, scoring, selection):
     """One document (or a batch of equal-length rows): q its last Tq positions, k/v all Tk. Row chunks.
@@ -263,7 +311,10 @@ def block_scores_from_windows(win, num_blocks, block_size, kernel_size, kernel_s
     starts = torch.arange(nj, device=win.device) * kernel_stride
     first = starts // block_size
     last = (starts + kernel_size - 1) // block_size
-    for off in range(int((last - first).max()) + 1):
+    # the most blocks past its first that a window reaches (starts fall on multiples of gcd(stride, block) within
+    # a block): a host bound, so no device value is read back
+    reach = (block_size - math.gcd(kernel_stride, block_size) + kernel_size - 1) // block_size
+    for off in range(reach + 1):
         blk = first + off
         ok = (blk <= last) & (blk < num_blocks)
         src = win.masked_fill(~ok, float("-inf"))

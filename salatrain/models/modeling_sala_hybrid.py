@@ -38,14 +38,15 @@ from .configuration_sala_hybrid import SalaHybridConfig
 
 try:  # the mixers' PyTorch references, one module per op, and the kernels' block-geometry rule
     from salatrain_kernels.infllm_v2.naive import (all_visible_len, dense_prefix_len, grouped_sdpa,
-                                                   infllmv2_attn_torch)
+                                                   infllmv2_attn_torch, infllmv2_decode_torch)
     from salatrain_kernels.infllm_v2.params import triton_geometry_problem
     from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
 except ModuleNotFoundError as e:  # an exported checkpoint without salatrain: the same files, copied next to this one
     if e.name != "salatrain_kernels":
         raise
     from .lightning_attention import lightning_attn_torch, lightning_step
-    from .sparse_attention import all_visible_len, dense_prefix_len, grouped_sdpa, infllmv2_attn_torch
+    from .sparse_attention import (all_visible_len, dense_prefix_len, grouped_sdpa, infllmv2_attn_torch,
+                                   infllmv2_decode_torch)
 
     triton_geometry_problem = None
 
@@ -506,6 +507,10 @@ class SparseAttention(_Projections):
                     o[b : b + 1, -real:] = self.attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
         sp = self.sparse_params
+        if q.shape[1] == 1 and seq.cu_seqlens is None and self.kernel_backend != "triton":
+            # one decoding step: a few torch ops and no host synchronisation (the kernels' launch plan reads its
+            # tables back to the host), so the GPU runs ahead of the host whatever the cache length
+            return infllmv2_decode_torch(q, k, v, **sp)
         dense_upto = max(dense_prefix_len(sp["dense_len"], sp["dense_len_mode"]),
                          all_visible_len(sp["block_size"], sp["topk"], sp["window_size"]))
         if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= dense_upto:

@@ -1,0 +1,98 @@
+"""Cached decoding of a hybrid on one GPU: tokens/s and host synchronisations per token, with the sparse layers'
+one-token step (infllmv2_decode_torch, the default) against the same layers forced onto the Triton op (the path
+every decoding step took before the step existed), at a few prompt lengths; a transformers dense model beside it.
+
+    python bench/decode_gpu.py --hybrid <dir> --dense <dir> --lengths 8192 131072 --out decode.json
+
+Each length: one prefill builds the cache, `--warmup` untimed steps, then `--tokens` greedy steps timed with CUDA
+events (median of `--repeats`). Synchronisations: torch's sync debug mode counts the host reads of one step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+from salatrain.eval.bench_measure import cache_arg, decode, load_bench_model, prefill, synthetic_ids
+
+
+def syncs_per_step(model, cache, token, arg: str) -> int:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            decode(model, cache, token, 1, arg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def time_decode(model, length: int, tokens: int, warmup: int, repeats: int) -> dict:
+    arg = cache_arg(model)
+    ids = synthetic_ids(model.config.vocab_size, 1, length, 0, torch.device("cuda"))
+    runs, syncs = [], None
+    for _ in range(repeats):
+        cache, token = prefill(model, ids, None, arg)
+        greedy = [int(token)]
+        for _ in range(warmup):  # untimed; the greedy tokens show both sparse paths decode alike
+            cache, token = decode(model, cache, token, 1, arg)
+            greedy.append(int(token))
+        if syncs is None:
+            syncs = syncs_per_step(model, cache, token, arg)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        decode(model, cache, token, tokens, arg)
+        end.record()
+        torch.cuda.synchronize()
+        runs.append(start.elapsed_time(end) / 1e3)
+        del cache, token
+    t = statistics.median(runs)
+    return {"length": length, "tokens": tokens, "s": t, "ms_per_token": 1e3 * t / tokens, "tokens_per_s": tokens / t,
+            "syncs_per_token": syncs, "greedy": greedy}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hybrid", required=True)
+    ap.add_argument("--dense", required=True)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 131072])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    rows = []
+    hybrid = load_bench_model("hybrid", a.hybrid, torch.device("cuda"), torch.bfloat16)
+    sparse = [m for m in hybrid.modules() if type(m).__name__ == "SparseAttention"]
+    for path in ("step", "triton op"):
+        for m in sparse:
+            m.kernel_backend = "auto" if path == "step" else "triton"
+        for n in a.lengths:
+            t0 = time.time()
+            torch.cuda.reset_peak_memory_stats()
+            r = time_decode(hybrid, n, a.tokens, a.warmup, a.repeats)
+            rows.append({"model": "hybrid", "sparse decode": path, **r,
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+            print(f"hybrid ({path}) {n}: {r['ms_per_token']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s, "
+                  f"{r['syncs_per_token']} syncs/token, greedy {r['greedy']} ({time.time() - t0:.0f} s)", flush=True)
+    del hybrid
+    torch.cuda.empty_cache()
+    dense = load_bench_model("transformers", a.dense, torch.device("cuda"), torch.bfloat16)
+    for n in a.lengths:
+        r = time_decode(dense, n, a.tokens, a.warmup, a.repeats)
+        rows.append({"model": "dense (transformers)", **r})
+        print(f"dense {n}: {r['ms_per_token']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s, "
+              f"{r['syncs_per_token']} syncs/token", flush=True)
+    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": "bfloat16", "batch": 1}
+    with open(a.out, "w") as fh:
+        json.dump({"settings": vars(a), "device": info, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
