@@ -1,6 +1,6 @@
-"""Cached decoding of a hybrid on one GPU: tokens/s and host synchronisations per token, with the sparse layers'
-one-token step (infllmv2_decode_torch, the default) against the same layers forced onto the Triton op (the path
-every decoding step took before the step existed), at a few prompt lengths; a transformers dense model beside it.
+"""Cached decoding of a hybrid on one GPU: tokens/s and host synchronisations per token, with the sparse layers on
+the Triton op (backend auto, the default on CUDA) and on the one-token step infllmv2_decode_torch (backend torch),
+at a few prompt lengths; a transformers dense model beside it (torch's default SDPA dispatch).
 
     python bench/decode_gpu.py --hybrid <dir> --dense <dir> --lengths 8192 131072 --out decode.json
 
@@ -10,12 +10,14 @@ events (median of `--repeats`). Synchronisations: torch's sync debug mode counts
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 import warnings
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from salatrain.eval.bench_measure import cache_arg, decode, load_bench_model, prefill, synthetic_ids
 
@@ -70,9 +72,9 @@ def main() -> None:
     rows = []
     hybrid = load_bench_model("hybrid", a.hybrid, torch.device("cuda"), torch.bfloat16)
     sparse = [m for m in hybrid.modules() if type(m).__name__ == "SparseAttention"]
-    for path in ("step", "triton op"):
+    for path in ("triton op", "step"):
         for m in sparse:
-            m.kernel_backend = "auto" if path == "step" else "triton"
+            m.kernel_backend = "torch" if path == "step" else "auto"
         for n in a.lengths:
             t0 = time.time()
             torch.cuda.reset_peak_memory_stats()
@@ -84,11 +86,16 @@ def main() -> None:
     del hybrid
     torch.cuda.empty_cache()
     dense = load_bench_model("transformers", a.dense, torch.device("cuda"), torch.bfloat16)
-    for n in a.lengths:
-        r = time_decode(dense, n, a.tokens, a.warmup, a.repeats)
-        rows.append({"model": "dense (transformers)", **r})
-        print(f"dense {n}: {r['ms_per_token']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s, "
-              f"{r['syncs_per_token']} syncs/token", flush=True)
+    # torch's default dispatch (what a user gets; cuDNN attention on an H200, which plans each new key length),
+    # and the same model with SDPA kept off cuDNN, as the hybrid's decoding step does
+    no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    for sdpa, ctx in (("default dispatch", contextlib.nullcontext), ("no cuDNN", lambda: sdpa_kernel(no_cudnn))):
+        for n in a.lengths:
+            with ctx():
+                r = time_decode(dense, n, a.tokens, a.warmup, a.repeats)
+            rows.append({"model": "dense (transformers)", "sdpa": sdpa, **r})
+            print(f"dense ({sdpa}) {n}: {r['ms_per_token']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s, "
+                  f"{r['syncs_per_token']} syncs/token", flush=True)
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": "bfloat16", "batch": 1}
     with open(a.out, "w") as fh:
         json.dump({"settings": vars(a), "device": info, "rows": rows}, fh, indent=1)

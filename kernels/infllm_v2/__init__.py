@@ -61,7 +61,7 @@ How it runs (Triton; details in each module):
              batches send the dense prefix to torch SDPA (FlashAttention).
 Decoding (one new query per row after a cache) has its own step, infllmv2_decode_torch: the same output as the
 full op with no host synchronisation, a few dozen torch ops whatever the cache length; the model takes it for
-every one-token step unless the backend is forced to 'triton'.
+one-token steps when the kernels do not run (CPU, backend 'torch', exported checkpoints without salatrain).
 `python -m salatrain_kernels.infllm_v2.compile_check` compiles every kernel for sm_90 without a GPU.
 
 Triton limits: the block geometry in params.py (block_size a power of two >= 16; kernel_stride divides

@@ -2,8 +2,8 @@
 
 Where it is used: backend="torch" of salatrain_kernels.infllm_v2 (each entry point below has the signature of
 its Triton twin: the full op and the three stages), the kernels' self-test, the model's sparse mixer when
-the kernels do not run, and every one-token decoding step (infllmv2_decode_torch: the full op for one query,
-with no host synchronisation). It lives in salatrain_kernels because the kernels may not import application code
+the kernels do not run, with a one-token decoding step of its own (infllmv2_decode_torch: the full op for one
+query, with no host synchronisation). It lives in salatrain_kernels because the kernels may not import application code
 while the model may import the kernels; ``save_pretrained`` copies this file next to the weights as
 ``sparse_attention.py`` (``copy_model_code`` in modeling_sala_hybrid.py), which is where an exported
 checkpoint imports it from, so the export still needs only torch and transformers. Keep it free of imports
@@ -34,6 +34,7 @@ Two rules have a second form, MiniCPM-SALA's released one (DESIGN §5):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -206,7 +207,8 @@ def infllmv2_decode_torch(
     if not sparse or _num_blocks(tk, block_size) <= topk + window_size // block_size:
         # dense (by the rule, or every block visible): attention over the whole cache, the group's G heads as rows
         qg = q.transpose(1, 2).reshape(b, hkv, hq // hkv, d)
-        o = torch.nn.functional.scaled_dot_product_attention(qg, kt, vt, scale=scale)
+        with _decode_sdpa(q.device):
+            o = torch.nn.functional.scaled_dot_product_attention(qg, kt, vt, scale=scale)
         return o.reshape(b, 1, hq, d).to(q.dtype)
     pos = torch.arange(tk - 1, tk, device=q.device)
     coarse = (coarse_kernel_size, coarse_kernel_stride)
@@ -214,8 +216,21 @@ def infllmv2_decode_torch(
     scores = block_scores(q, pos, compressed, scale, _num_blocks(tk, block_size), block_size)
     chosen = select_blocks(scores, pos, block_size=block_size, init_blocks=init_blocks, topk=topk,
                            window_size=window_size, local_blocks=local_blocks)
-    o = grouped_sdpa(q.transpose(1, 2), kt, vt, _keys_in_blocks(chosen, tk, block_size), scale)
+    with _decode_sdpa(q.device):
+        o = grouped_sdpa(q.transpose(1, 2), kt, vt, _keys_in_blocks(chosen, tk, block_size), scale)
     return o.reshape(b, 1, hq, d).to(q.dtype)
+
+
+def _decode_sdpa(device: torch.device):
+    """The SDPA backends of a decoding step: all but cuDNN attention on CUDA. Every step has a new key length,
+    and cuDNN attention (torch's default on an H200) builds an execution plan for each new shape: ~66 ms a call
+    for one decoding query on an H200 against 0.1-0.6 ms for FlashAttention, memory-efficient or math attention
+    (bench/sdpa_decode_shapes.py; bench/notes/2026-12-01-h200-sdpa-decode-shapes.log)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 # ---------------------------------------------------------------------------------------------- the full op

@@ -507,10 +507,6 @@ class SparseAttention(_Projections):
                     o[b : b + 1, -real:] = self.attend(q[b : b + 1, -real:], k[b : b + 1, pad:], v[b : b + 1, pad:], sub)
             return o
         sp = self.sparse_params
-        if q.shape[1] == 1 and seq.cu_seqlens is None and self.kernel_backend != "triton":
-            # one decoding step: a few torch ops and no host synchronisation (the kernels' launch plan reads its
-            # tables back to the host), so the GPU runs ahead of the host whatever the cache length
-            return infllmv2_decode_torch(q, k, v, **sp)
         dense_upto = max(dense_prefix_len(sp["dense_len"], sp["dense_len_mode"]),
                          all_visible_len(sp["block_size"], sp["topk"], sp["window_size"]))
         if q.shape[1] == k.shape[1] and seq.past_len == 0 and q.shape[1] <= dense_upto:
@@ -521,6 +517,10 @@ class SparseAttention(_Projections):
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):
             return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton",
                                           share_tokens=self.share_tokens, **sp)
+        if q.shape[1] == 1 and seq.cu_seqlens is None:
+            # one decoding step without the kernels (CPU, backend 'torch', an export without salatrain): the
+            # reference's output from a few torch ops, with no host synchronisation
+            return infllmv2_decode_torch(q, k, v, **sp)
         return infllmv2_attn_torch(q, k, v, cu_seqlens=seq.cu_seqlens, **sp)
 
     def _triton_fits(self, q) -> bool:
