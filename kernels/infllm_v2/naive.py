@@ -102,7 +102,8 @@ def infllmv2_block_scores_torch(
         qd, kd = q[:, qs], k[:, ks]
         tk = kd.shape[1]
         pos = _positions(qd.shape[1], tk, q.device)
-        compressed = compressed_keys(kd, kernel_size, kernel_stride, normalizer, (coarse_kernel_size, coarse_kernel_stride))
+        coarse = (coarse_kernel_size, coarse_kernel_stride)
+        compressed = compressed_keys(kd, kernel_size, kernel_stride, normalizer, coarse)
         nb = _num_blocks(tk, block_size)
         for rows in _row_chunks(qd.shape[1], tk * q.shape[2]):
             scores = block_scores(qd[:, rows], pos[rows], compressed, scale, nb, block_size)
