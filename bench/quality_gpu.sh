@@ -4,7 +4,8 @@
 # perplexity, and a table of teacher vs hybrid.
 #
 #   bash bench/quality_gpu.sh plan=halo seed=0                 # one H100/H200; < 25 minutes
-#   (plan=X runs the recipe X_smollm2: halo; stepwise, layers kept one at a time; or uniform, the control with
+#   (plan=X runs the recipe X_smollm2: halo; halo_spread, HALO's best layer per eighth of the depth; stepwise,
+#   layers kept one at a time; or uniform, the control with
 #   evenly spaced sparse layers)
 #   bash bench/quality_gpu.sh plan=uniform seed=1 budget.distill_tokens=30000000
 #   bash bench/quality_gpu.sh plan=halo,uniform seed=0         # several plans: one per GPU, in parallel

@@ -22,6 +22,7 @@ KINDS = {
     "sala": ["train", "select", "convert"] + ["train"] * 7 + ["eval"],
     "halo_smollm2": ["train", "select", "convert", "train", "train", "eval"],
     "stepwise_smollm2": ["train", "select", "convert", "train", "train", "eval"],
+    "halo_spread_smollm2": ["train", "select", "convert", "train", "train", "eval"],
     "uniform_smollm2": ["train", "convert", "train", "train", "eval"],
 }
 
@@ -135,3 +136,20 @@ def test_closing_words_say_how_far_the_hybrid_is_and_what_closes_the_gap(tmp_pat
     assert "perplexity @512: 201.0 vs 16.8 (12.0x the teacher's)" in text
     assert "passkey @512 exact match: 0.50 vs 1.00" in text
     assert "trained on 2,560 tokens" in text and "docs/quality.md" in text and "1.03-1.04x" in text
+
+
+def test_halo_spread_recipe_passes_spread_to_select(tiny_lm_dir, tmp_path):
+    """halo_spread_smollm2 differs from halo_smollm2 only in the select step's spread=true."""
+    base = [f"model={tiny_lm_dir}", f"output_dir={tmp_path / 'out'}", "data=[x.jsonl]", "heldout=[x.jsonl]",
+            "steps.select.args.ratio=0.5", "steps.corpus.enabled=false"]
+    commands = {}
+    for recipe in ("halo_smollm2", "halo_spread_smollm2"):
+        _, steps = validate(compose_pipeline(recipe, base))
+        commands[recipe] = {s.name: s.prepared.command for s in steps}
+    assert "spread=true" in commands["halo_spread_smollm2"]["select"]
+    assert "spread=false" in commands["halo_smollm2"]["select"]
+    def same(recipe):  # every other step's command, the W&B group (the recipe's name) aside
+        return {name: [a for a in cmd if not a.startswith("logging.wandb.group=")]
+                for name, cmd in commands[recipe].items() if name != "select"}
+
+    assert same("halo_smollm2") == same("halo_spread_smollm2")

@@ -71,6 +71,34 @@ def test_forced_layers_count_towards_n():
     assert sel.kept == [1, 3, 4, 7]  # 7 and 3 clip at 50; the rest tie at 0 → the lower indices 1 and 4
 
 
+def test_spread_keeps_the_best_layer_of_each_segment():
+    """12 layers, n = 4: segments [0-2] [3-5] [6-8] [9-11]. The retrieval drops are large in 3-8 only: without
+    spread the four largest win (all in 3-8); with it each segment keeps its best, the drop-less ones by index."""
+    r = [0.9, 0.9, 0.9, 0.2, 0.1, 0.3, 0.05, 0.15, 0.25, 0.9, 0.9, 0.9]  # drops .7 .8 .6 / .85 .75 .65 in 3-8
+    c = [0.5] * 12
+    assert select_layers(12, "retrieval", 1 / 3, Constraints(False, False), r, c).kept == [3, 4, 6, 7]
+    assert select_layers(12, "retrieval", 1 / 3, Constraints(False, False, spread=True), r, c).kept == [0, 4, 6, 9]
+    forced = select_layers(12, "halo", 1 / 3, Constraints(spread=True), r, c)
+    assert forced.kept == [0, 4, 6, 11] and forced.forced == {0: "keep_first", 11: "keep_last"}
+
+
+def test_spread_fills_places_when_forced_layers_share_a_segment_or_exclude_empties_one():
+    r = [float(i % 5) for i in range(12)]  # retrieval drops 4 3 2 1 0 4 3 2 1 0 4 3
+    c = [0.5] * 12
+    # include 1 shares segment [0-2] with layer 0, so two segments are free for one place: the better one's best, 5
+    sel = select_layers(12, "retrieval", 1 / 3, Constraints(include=[1], spread=True), r, c)
+    assert sel.kept == [0, 1, 5, 11]
+    # exclude empties segment [3-5]: segment [6-8] keeps 6, and the last place goes to the best layer left, 10
+    assert select_layers(12, "retrieval", 1 / 3, Constraints(exclude=[3, 4, 5]), r, c).kept == [0, 1, 10, 11]
+    assert select_layers(12, "retrieval", 1 / 3, Constraints(exclude=[3, 4, 5], spread=True), r, c).kept == [0, 6, 10, 11]
+
+
+@pytest.mark.parametrize("method", ["uniform", "stepwise"])
+def test_spread_is_refused_where_it_means_nothing(method):
+    with pytest.raises(UserError, match="spread"):
+        select_layers(8, method, 0.5, Constraints(spread=True), [0.1] * 8, [0.1] * 8)
+
+
 def test_mixer_types_follow_the_kept_layers():
     sel = select_layers(4, "retrieval", 0.5, FREE, [0.0, 1.0, 0.0, 1.0], None)
     assert sel.mixer_types(4) == ["sparse_attention", "linear_attention", "sparse_attention", "linear_attention"]

@@ -51,7 +51,8 @@ def run(cfg: SelectConfig) -> dict:
     plan = select(cfg)
     print(table(plan))
     out = Path(cfg.output_dir)
-    print(f"\n{plan['method']}: sparse attention at layers {plan['sparse_layers']} ({plan['num_kept']} of "
+    spread = " (spread: one per segment of the depth)" if plan["constraints"].get("spread") else ""
+    print(f"\n{plan['method']}{spread}: sparse attention at layers {plan['sparse_layers']} ({plan['num_kept']} of "
           f"{plan['num_layers']}); wrote {out / 'layer_plan.json'} and {out / 'scores.png'} "
           f"({plan['cost'].get('seconds_total', 0)} s)")
     print(f"next: salatrain convert model=<dense dir> plan.file={out / 'layer_plan.json'} "

@@ -70,6 +70,7 @@ class SelectConfig:
     keep_last: bool = True
     include: list[int] = at_least(0, [])
     exclude: list[int] = at_least(0, [])
+    spread: bool = False  # halo | retrieval | random: the best-scored layer of each n-th of the depth
     seed: int = random_seed()  # method=random
     sweep: SweepSettings = field(default_factory=SweepSettings)
     overwrite: bool = False
@@ -77,7 +78,8 @@ class SelectConfig:
 
 
 def constraints_of(cfg: SelectConfig) -> Constraints:
-    return Constraints(cfg.keep_first, cfg.keep_last, [int(i) for i in cfg.include], [int(i) for i in cfg.exclude])
+    return Constraints(cfg.keep_first, cfg.keep_last, [int(i) for i in cfg.include], [int(i) for i in cfg.exclude],
+                       bool(cfg.spread))
 
 
 def mode_of(cfg: SelectConfig) -> str:

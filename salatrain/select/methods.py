@@ -9,6 +9,9 @@ Both metrics are higher-is-better and measured with only layer i linearised:
     uniform    n layers at round(linspace(0, L−1, n)) (``salatrain.models.plan.uniform_layers``); no scores
 n = floor(ratio·L + ½) layers are kept in all. Forced layers (first, last, ``include``) count towards n; the rest
 are the best-scored layers not ``exclude``d, ties broken by the larger retrieval drop, then the lower index.
+``spread`` (halo, retrieval, random) spreads them over the depth: the L layers split into n contiguous segments
+(boundaries round(i·L/n)); each segment without a forced layer keeps its best-scored layer (segments in the order
+of those layers' ranks while fewer than n are kept), and any place left goes to the best-scored remaining layers.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Constraints:
     keep_last: bool = True
     include: list[int] = field(default_factory=list)
     exclude: list[int] = field(default_factory=list)
+    spread: bool = False  # at most one chosen layer per n-th of the depth (module docstring)
 
 
 @dataclass
@@ -106,6 +110,10 @@ def check_constraints(num_layers: int, method: str, ratio: float, c: Constraints
         n = num_kept(num_layers, ratio)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if c.spread and method in ("uniform", "stepwise"):
+        raise UserError(f"spread=true spreads the best-scored layers over the depth; method={method} "
+                        + ("is already evenly spaced" if method == "uniform" else "chooses while it sweeps")
+                        + " (use method=halo, retrieval or random with spread)")
     if method == "uniform":
         if c.include or c.exclude:
             raise UserError("method=uniform spaces layers evenly and takes no include/exclude "
@@ -134,8 +142,25 @@ def select_layers(num_layers: int, method: str, ratio: float, constraints: Const
     r_drop = drops(retrieval) if retrieval is not None else [0.0] * num_layers
     candidates = [i for i in range(num_layers) if i not in forced and i not in set(constraints.exclude)]
     candidates.sort(key=lambda i: (-scores[i], -r_drop[i], i))
-    kept = sorted([*forced, *candidates[: n - len(forced)]])
-    return Selection(kept, scores, dict(sorted(forced.items())), n)
+    chosen = spread_choice(num_layers, n, forced, candidates) if constraints.spread else candidates[: n - len(forced)]
+    return Selection(sorted([*forced, *chosen]), scores, dict(sorted(forced.items())), n)
+
+
+def spread_choice(num_layers: int, n: int, forced, ranked: list[int]) -> list[int]:
+    """The n − |forced| layers of ``ranked`` (best first) that ``spread`` keeps: the best of each of the n depth
+    segments holding no forced layer, then the best of the rest while places are left."""
+    bounds = [round(i * num_layers / n) for i in range(n + 1)]
+    segment = {i: s for s in range(n) for i in range(bounds[s], bounds[s + 1])}
+    taken = {segment[i] for i in forced}
+    chosen: list[int] = []
+    for i in ranked:  # best first: a segment's first appearance is its best layer
+        if len(chosen) == n - len(forced):
+            return chosen
+        if segment[i] not in taken:
+            taken.add(segment[i])
+            chosen.append(i)
+    rest = [i for i in ranked if i not in chosen]
+    return chosen + rest[: n - len(forced) - len(chosen)]
 
 
 def _uniform(num_layers: int, ratio: float, n: int, c: Constraints) -> Selection:
