@@ -90,7 +90,8 @@ def test_spread_fills_places_when_forced_layers_share_a_segment_or_exclude_empti
     assert sel.kept == [0, 1, 5, 11]
     # exclude empties segment [3-5]: segment [6-8] keeps 6, and the last place goes to the best layer left, 10
     assert select_layers(12, "retrieval", 1 / 3, Constraints(exclude=[3, 4, 5]), r, c).kept == [0, 1, 10, 11]
-    assert select_layers(12, "retrieval", 1 / 3, Constraints(exclude=[3, 4, 5], spread=True), r, c).kept == [0, 6, 10, 11]
+    spread = Constraints(exclude=[3, 4, 5], spread=True)
+    assert select_layers(12, "retrieval", 1 / 3, spread, r, c).kept == [0, 6, 10, 11]
 
 
 @pytest.mark.parametrize("method", ["uniform", "stepwise"])
