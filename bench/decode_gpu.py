@@ -6,6 +6,8 @@ at a few prompt lengths; a transformers dense model beside it (torch's default S
 
 Each length: one prefill builds the cache, `--warmup` untimed steps, then `--tokens` greedy steps timed with CUDA
 events (median of `--repeats`). Synchronisations: torch's sync debug mode counts the host reads of one step.
+`--device cpu` rehearses the script on tiny models (wall clock, no synchronisation count; both sparse paths are the
+step there, the kernels running on CUDA only); tests/test_bench_command.py runs it so.
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ import warnings
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from salatrain.eval.bench_device import Clock, PeakMemory
 from salatrain.eval.bench_measure import cache_arg, decode, load_bench_model, prefill, synthetic_ids
 
 
-def syncs_per_step(model, cache, token, arg: str) -> int:
+def syncs_per_step(model, cache, token, arg: str) -> int | None:
+    if not torch.cuda.is_available() or model.device.type != "cuda":
+        return None
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -36,7 +41,8 @@ def syncs_per_step(model, cache, token, arg: str) -> int:
 
 def time_decode(model, length: int, tokens: int, warmup: int, repeats: int) -> dict:
     arg = cache_arg(model)
-    ids = synthetic_ids(model.config.vocab_size, 1, length, 0, torch.device("cuda"))
+    ids = synthetic_ids(model.config.vocab_size, 1, length, 0, model.device)
+    clock = Clock(model.device)
     runs, syncs = [], None
     for _ in range(repeats):
         cache, token = prefill(model, ids, None, arg)
@@ -46,20 +52,16 @@ def time_decode(model, length: int, tokens: int, warmup: int, repeats: int) -> d
             greedy.append(int(token))
         if syncs is None:
             syncs = syncs_per_step(model, cache, token, arg)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
+        clock.start()
         decode(model, cache, token, tokens, arg)
-        end.record()
-        torch.cuda.synchronize()
-        runs.append(start.elapsed_time(end) / 1e3)
+        runs.append(clock.stop())
         del cache, token
     t = statistics.median(runs)
     return {"length": length, "tokens": tokens, "s": t, "ms_per_token": 1e3 * t / tokens, "tokens_per_s": tokens / t,
             "syncs_per_token": syncs, "greedy": greedy}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hybrid", required=True)
     ap.add_argument("--dense", required=True)
@@ -68,35 +70,44 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
-    hybrid = load_bench_model("hybrid", a.hybrid, torch.device("cuda"), torch.bfloat16)
+    hybrid = load_bench_model("hybrid", a.hybrid, device, dtype)
     sparse = [m for m in hybrid.modules() if type(m).__name__ == "SparseAttention"]
     for path in ("triton op", "step"):
         for m in sparse:
             m.kernel_backend = "torch" if path == "step" else "auto"
         for n in a.lengths:
             t0 = time.time()
-            torch.cuda.reset_peak_memory_stats()
+            peak = PeakMemory(device)
+            peak.reset()
             r = time_decode(hybrid, n, a.tokens, a.warmup, a.repeats)
             rows.append({"model": "hybrid", "sparse decode": path, **r,
-                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+                         "peak_gib": peak.read() / 2**30})
             print(f"hybrid ({path}) {n}: {r['ms_per_token']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s, "
                   f"{r['syncs_per_token']} syncs/token, greedy {r['greedy']} ({time.time() - t0:.0f} s)", flush=True)
     del hybrid
-    torch.cuda.empty_cache()
-    dense = load_bench_model("transformers", a.dense, torch.device("cuda"), torch.bfloat16)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dense = load_bench_model("transformers", a.dense, device, dtype)
     # torch's default dispatch (what a user gets; cuDNN attention on an H200, which plans each new key length),
     # and the same model with SDPA kept off cuDNN, as the hybrid's decoding step does
     no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    for sdpa, ctx in (("default dispatch", contextlib.nullcontext), ("no cuDNN", lambda: sdpa_kernel(no_cudnn))):
+    variants = [("default dispatch", contextlib.nullcontext)]
+    if device.type == "cuda":
+        variants.append(("no cuDNN", lambda: sdpa_kernel(no_cudnn)))
+    for sdpa, ctx in variants:
         for n in a.lengths:
             with ctx():
                 r = time_decode(dense, n, a.tokens, a.warmup, a.repeats)
             rows.append({"model": "dense (transformers)", "sdpa": sdpa, **r})
             print(f"dense ({sdpa}) {n}: {r['ms_per_token']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s, "
                   f"{r['syncs_per_token']} syncs/token", flush=True)
-    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": "bfloat16", "batch": 1}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    info = {"device": name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1}
     with open(a.out, "w") as fh:
         json.dump({"settings": vars(a), "device": info, "rows": rows}, fh, indent=1)
 

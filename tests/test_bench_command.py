@@ -187,3 +187,24 @@ def test_dense_families_load_as_a_user_gets_them(dense_dirs, tmp_path):
     assert kinds == {"mistral": ("transformers", "MistralForCausalLM"),
                      "minicpm": ("dense-as-hybrid", "SalaHybridForCausalLM")}
     assert all(r["status"] == "ok" for r in report["results"])
+
+
+def test_decode_gpu_script_rehearses_on_cpu(hybrid_dir, tiny_lm_dir, tmp_path):
+    """bench/decode_gpu.py (the GPU decoding comparison) runs end to end on CPU with tiny models, so a GPU session
+    does not find its bugs: every row timed, both sparse paths decode the same greedy tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode_gpu.py"
+    spec = importlib.util.spec_from_file_location("decode_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "decode.json"
+    mod.main(["--hybrid", str(hybrid_dir), "--dense", str(tiny_lm_dir), "--lengths", "96", "160", "--tokens", "2",
+              "--warmup", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r.get("sparse decode"), r["length"]) for r in rows] == [
+        ("hybrid", "triton op", 96), ("hybrid", "triton op", 160), ("hybrid", "step", 96), ("hybrid", "step", 160),
+        ("dense (transformers)", None, 96), ("dense (transformers)", None, 160)]
+    assert all(r["tokens_per_s"] > 0 and len(r["greedy"]) == 3 for r in rows)
+    assert rows[0]["greedy"] == rows[2]["greedy"] and rows[1]["greedy"] == rows[3]["greedy"]
