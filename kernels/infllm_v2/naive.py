@@ -208,7 +208,7 @@ def infllmv2_decode_torch(
     if not sparse or _num_blocks(tk, block_size) <= topk + window_size // block_size:
         # dense (by the rule, or every block visible): attention over the whole cache, the group's G heads as rows
         qg = q.transpose(1, 2).reshape(b, hkv, hq // hkv, d)
-        with _decode_sdpa(q.device):
+        with decode_sdpa_backends(q.device):
             o = torch.nn.functional.scaled_dot_product_attention(qg, kt, vt, scale=scale)
         return o.reshape(b, 1, hq, d).to(q.dtype)
     pos = torch.arange(tk - 1, tk, device=q.device)
@@ -217,12 +217,12 @@ def infllmv2_decode_torch(
     scores = block_scores(q, pos, compressed, scale, _num_blocks(tk, block_size), block_size)
     chosen = select_blocks(scores, pos, block_size=block_size, init_blocks=init_blocks, topk=topk,
                            window_size=window_size, local_blocks=local_blocks)
-    with _decode_sdpa(q.device):
+    with decode_sdpa_backends(q.device):
         o = grouped_sdpa(q.transpose(1, 2), kt, vt, _keys_in_blocks(chosen, tk, block_size), scale)
     return o.reshape(b, 1, hq, d).to(q.dtype)
 
 
-def _decode_sdpa(device: torch.device):
+def decode_sdpa_backends(device: torch.device):
     """The SDPA backends of a decoding step: all but cuDNN attention on CUDA. Every step has a new key length,
     and cuDNN attention (torch's default on an H200) builds an execution plan for each new shape: ~66 ms a call
     for one decoding query on an H200 against 0.1-0.6 ms for FlashAttention, memory-efficient or math attention

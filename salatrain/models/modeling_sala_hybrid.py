@@ -37,16 +37,16 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from .configuration_sala_hybrid import SalaHybridConfig
 
 try:  # the mixers' PyTorch references, one module per op, and the kernels' block-geometry rule
-    from salatrain_kernels.infllm_v2.naive import (all_visible_len, dense_prefix_len, grouped_sdpa,
-                                                   infllmv2_attn_torch, infllmv2_decode_torch)
+    from salatrain_kernels.infllm_v2.naive import (all_visible_len, decode_sdpa_backends, dense_prefix_len,
+                                                   grouped_sdpa, infllmv2_attn_torch, infllmv2_decode_torch)
     from salatrain_kernels.infllm_v2.params import triton_geometry_problem
     from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
 except ModuleNotFoundError as e:  # an exported checkpoint without salatrain: the same files, copied next to this one
     if e.name != "salatrain_kernels":
         raise
     from .lightning_attention import lightning_attn_torch, lightning_step
-    from .sparse_attention import (all_visible_len, dense_prefix_len, grouped_sdpa, infllmv2_attn_torch,
-                                   infllmv2_decode_torch)
+    from .sparse_attention import (all_visible_len, decode_sdpa_backends, dense_prefix_len, grouped_sdpa,
+                                   infllmv2_attn_torch, infllmv2_decode_torch)
 
     triton_geometry_problem = None
 
@@ -616,12 +616,14 @@ def _sdpa(q, k, v, left_pad, sliding_window, scale):
     group = qh.shape[1] // kh.shape[1]
     rows = _query_rows(t, tk, window, group)
     outs = []
-    for s in range(0, t, rows):
-        e = min(t, s + rows)
-        first, last = tk - t + s, tk - t + e  # key positions of the chunk's first and one past its last query
-        lo = max(0, first - window + 1) if window is not None else 0
-        mask = _chunk_mask(first, last, lo, window, left_pad, q.device)
-        outs.append(grouped_sdpa(qh[:, :, s:e], kh[:, :, lo:last], vh[:, :, lo:last], mask, scale))
+    # a decoding step (one query) has a new key length every time: keep SDPA off cuDNN, which plans each new shape
+    with decode_sdpa_backends(q.device) if t == 1 else contextlib.nullcontext():
+        for s in range(0, t, rows):
+            e = min(t, s + rows)
+            first, last = tk - t + s, tk - t + e  # key positions of the chunk's first and one past its last query
+            lo = max(0, first - window + 1) if window is not None else 0
+            mask = _chunk_mask(first, last, lo, window, left_pad, q.device)
+            outs.append(grouped_sdpa(qh[:, :, s:e], kh[:, :, lo:last], vh[:, :, lo:last], mask, scale))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
