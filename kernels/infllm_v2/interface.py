@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import resolve_backend
-from .layout import DenseRows, DocLayout, dense_until
+from .layout import DenseRows, DocLayout, dense_until, to_device
 from .naive import infllmv2_attn_torch
 from .params import SparseParams, check_qkv
 from .plan import AttnPlan, SparseAttnFn, window_split_exact
@@ -31,7 +31,7 @@ def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
     if row0.numel() == 0:
         return
     starts, ends = row0.tolist(), (row0 + host_tiles[1]).tolist()
-    row0, nrows, docs = (x.to(q3.device) for x in host_tiles)
+    row0, nrows, docs = (to_device(x, q3.device) for x in host_tiles)
     bytes_per_row = 4 * k3.shape[1] * scorer.num_blocks * (2 if scorer.kernel_ratio > 1 else 1)
     rows_per_chunk = max(scorer.rows_per_tile, score_budget_bytes // bytes_per_row)
     first = 0

@@ -15,8 +15,18 @@ import torch
 Bound = int | list[int]  # a position bound: one for every document, or one per document
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host table onto ``device`` without a host synchronisation: a plain copy to CUDA from pageable memory
+    waits for the stream (every kernel queued so far) before it starts, so the host stops running ahead of the
+    GPU; from pinned memory the copy is queued like a kernel (the caching host allocator keeps the pinned block
+    until the copy has run)."""
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _int32(values, device) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.int32).to(device)
+    return to_device(torch.as_tensor(values, dtype=torch.int32), device)
 
 
 @dataclass
@@ -62,7 +72,7 @@ class DocLayout:
             kstart = bounds[:-1]
             length = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
             qstart, qpos0, qlen = list(kstart), [0] * len(length), list(length)
-            lens = torch.as_tensor(length, device=device)
+            lens = to_device(torch.as_tensor(length), device)
             starts = cu_seqlens[:-1].to(device)
             row_kbase = torch.repeat_interleave(starts, lens, output_size=seqlen_q).int()
             row_pos = (torch.arange(seqlen_q, device=device) - row_kbase).int()
@@ -103,7 +113,7 @@ class DocLayout:
         first_row, first_pos, count = self._row_ranges(pos_lo, pos_hi, row_lo, row_hi)
         rows, pos = cat_ranges(first_row, count), cat_ranges(first_pos, count)
         order = torch.argsort(pos, descending=True, stable=True)
-        return rows[order].int().to(self.device)
+        return to_device(rows[order].int(), self.device)
 
     def tiles(self, tile: int, pos_lo: Bound = 0, pos_hi: Bound = 2**62, row_lo: int = 0, row_hi: int = 2**62,
               on_device: bool = True):
@@ -117,14 +127,14 @@ class DocLayout:
         end = torch.repeat_interleave(first_row + count, per_doc)
         docs = torch.repeat_interleave(torch.arange(self.num_docs), per_doc)
         device = self.device if on_device else "cpu"
-        return tuple(x.int().to(device) for x in (row0, torch.clamp(end - row0, max=tile), docs))
+        return tuple(to_device(x.int(), device) for x in (row0, torch.clamp(end - row0, max=tile), docs))
 
     def key_tiles(self, tile: int, pos_hi_per_doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tiles of `tile` keys (document index, first key position) covering positions [0, pos_hi) per doc."""
         per_doc = (torch.clamp(self._docs(pos_hi_per_doc), min=0) + tile - 1) // tile
         starts = cat_ranges(torch.zeros_like(per_doc), per_doc, tile)
         docs = torch.repeat_interleave(torch.arange(self.num_docs), per_doc)
-        return docs.int().to(self.device), starts.int().to(self.device)
+        return to_device(docs.int(), self.device), to_device(starts.int(), self.device)
 
     def doc_tensor(self, values: list[int]) -> torch.Tensor:
         return _int32(values, self.device)
@@ -135,7 +145,7 @@ class DocLayout:
         counts = torch.where(length >= kernel_size, (length - kernel_size) // stride + 1, 0)
         firsts = torch.cumsum(counts, 0) - counts
         rows = cat_ranges(self._docs(self.kstart), counts, stride)
-        return rows.to(self.device), firsts.tolist(), counts.tolist()
+        return to_device(rows, self.device), firsts.tolist(), counts.tolist()
 
     def global_blocks(self, block_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Blocks of all documents numbered globally: per-doc base, and per block its first/end key row."""
@@ -144,7 +154,7 @@ class DocLayout:
         first = cat_ranges(kstart, per_doc, block_size)
         end = torch.repeat_interleave(kstart + length, per_doc)
         base = torch.cumsum(per_doc, 0) - per_doc
-        return base.tolist(), first.int().to(self.device), end.int().to(self.device)
+        return base.tolist(), to_device(first.int(), self.device), to_device(end.int(), self.device)
 
 
 def dense_until(lengths: list[int], dense_len: int, dense_len_mode: str) -> list[int]:

@@ -635,6 +635,23 @@ def test_gpu_full_op_8k_forward():
 
 
 @needs_cuda
+@pytest.mark.parametrize("seqlen_q", [1, 4096])
+def test_gpu_padded_call_reads_nothing_back(seqlen_q):
+    """A padded-batch call (one decoding query after 9,000 keys, or a 4K prefill), after a first call has compiled
+    the kernels and filled the pinned-memory cache, raises nothing under torch's sync debug mode "error": the
+    host tables reach the GPU from pinned memory (layout.to_device) and nothing is read back."""
+    q, k, v, _ = gpu_case(1, seqlen_q, 9000 if seqlen_q == 1 else seqlen_q, 32, 2, torch.bfloat16)
+    with torch.no_grad():
+        infllmv2_attn(q, k, v, backend="triton", **GPU)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            infllmv2_attn(q, k, v, backend="triton", **GPU)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
 def test_gpu_dense_only_matches_sdpa():
     """T <= dense_len: our Triton dense kernel (the SDPA prefix shortcut off) against SDPA flash."""
     q, k, v, _ = gpu_case(1, 1024, 1024, 32, 2, torch.bfloat16)
