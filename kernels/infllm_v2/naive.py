@@ -229,8 +229,10 @@ def decode_sdpa_backends(device: torch.device):
     (bench/sdpa_decode_shapes.py; bench/notes/2026-12-01-h200-sdpa-decode-shapes.log)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3 (an exported checkpoint may meet one): its default dispatch
+        return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
