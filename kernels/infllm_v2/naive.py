@@ -1,10 +1,10 @@
 """InfLLM-V2 sparse attention in pure PyTorch: the one reference of the op. Imports torch only.
 
 Where it is used: backend="torch" of salatrain_kernels.infllm_v2 (each entry point below has the signature of
-its Triton twin: the full op and the three stages), the kernels' self-test, the model's sparse mixer when
+its Triton twin: the full op and the three stages), the kernels' self-test, and the model's sparse mixer when
 the kernels do not run, with a one-token decoding step of its own (infllmv2_decode_torch: the full op for one
-query, with no host synchronisation). It lives in salatrain_kernels because the kernels may not import application code
-while the model may import the kernels; ``save_pretrained`` copies this file next to the weights as
+query, with no host synchronisation). It lives in salatrain_kernels because the kernels may not import
+application code while the model may import the kernels; ``save_pretrained`` copies this file next to the weights as
 ``sparse_attention.py`` (``copy_model_code`` in modeling_sala_hybrid.py), which is where an exported
 checkpoint imports it from, so the export still needs only torch and transformers. Keep it free of imports
 other than torch and the standard library.
