@@ -6,7 +6,8 @@ Per-layer metrics (a sweep, a metrics file, or none) → layer_plan.json + score
 Output folder (written all at once, so a failure leaves nothing):
     layer_plan.json   {"format": "salatrain.layer_plan/1", "mixer_types": [...], "sparse_layers": [...],
                        "num_layers", "num_kept", "ratio", "method", "seed" (method=random; else null),
-                       "constraints": {"keep_first", "keep_last", "include", "exclude", "forced": {layer: why}},
+                       "constraints": {"keep_first", "keep_last", "include", "exclude", "spread",
+                                       "forced": {layer: why}},
                        "layers": [{"index", "retrieval", "commonsense", "retrieval_drop", "commonsense_drop",
                                    "score", "kept", "forced"}, ...],
                        "baseline": {"retrieval", "commonsense"} | null, "source": {...}, "cost": {...}}

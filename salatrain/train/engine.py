@@ -200,7 +200,8 @@ def ds_config(cfg: TrainConfig, grad_accum: int) -> dict:
         "gradient_clipping": cfg.trainer.grad_clip,
         # check_grad_overflow (read by the ZeRO-1/2 optimizer): DeepSpeed's test for a non-finite gradient runs ~8
         # small ops per parameter (~3,000 launches a step for SmolLM2's 368 tensors: an estimated ~20 ms of host
-        # time on an H200, where the optimizer's kernels take 6-10 ms; not yet measured there). Our AdamW makes the
+        # time on an H200; the first distill run without it, 194.7K tokens/s, is within the spread between
+        # machines, so the saving is not shown: docs/perf.md). Our AdamW makes the
         # same test over the few flat fp32 partitions it steps and skips the step (optim.AdamW), so DeepSpeed's is off.
         "bf16": {"enabled": cfg.trainer.precision == "bf16", "check_grad_overflow": False},
         "zero_optimization": zero,
