@@ -1,6 +1,6 @@
 """Cached decoding of a hybrid on one GPU: tokens/s and host synchronisations per token, with the sparse layers on
-the Triton op (backend auto, the default on CUDA) and on the one-token step infllmv2_decode_torch (backend torch),
-at a few prompt lengths; a transformers dense model beside it (torch's default SDPA dispatch).
+the Triton op (the default on CUDA) and on the one-token step infllmv2_decode_torch (`decode_with_step`; the prefill
+runs the kernels either way), at a few prompt lengths; a transformers dense model beside it (torch's default SDPA dispatch).
 
     python bench/decode_gpu.py --hybrid <dir> --dense <dir> --lengths 8192 131072 --out decode.json
 
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     hybrid = load_bench_model("hybrid", a.hybrid, device, dtype)
     sparse = [m for m in hybrid.modules() if type(m).__name__ == "SparseAttention"]
     for path in ("triton op", "step"):
-        for m in sparse:
-            m.kernel_backend = "torch" if path == "step" else "auto"
+        for m in sparse:  # prefill runs the kernels either way (the reference's prefill is quadratic)
+            m.decode_with_step = path == "step"
         for n in a.lengths:
             t0 = time.time()
             peak = PeakMemory(device)

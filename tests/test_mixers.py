@@ -181,6 +181,39 @@ def test_sparse_layer_decodes_through_the_step(monkeypatch):
     assert calls == [1] and torch.allclose(got, want, atol=1e-12)
 
 
+def test_sparse_layer_decode_with_step_keeps_the_kernels_for_prefill(monkeypatch):
+    """decode_with_step sends a one-token step to infllmv2_decode_torch where the Triton op would run (backend
+    'triton': the interpreter on CPU, compiled on a GPU), with the reference's output, and leaves a prefill on
+    the op."""
+    from salatrain.models import modeling_sala_hybrid as modeling
+
+    calls = []
+    real = modeling._kernels.infllmv2_attn
+    monkeypatch.setattr(modeling, "_checked", {})
+    monkeypatch.setattr(modeling._kernels, "self_test", lambda what, **kw: None)
+    counted = lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(modeling._kernels, "infllmv2_attn", counted)
+    cfg = SalaHybridConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, mixer_types=["sparse_attention"],
+                           sparse_config=dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, topk=2,
+                                              window_size=16, dense_len=64))  # a geometry the kernels take
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = SparseAttention(cfg, 0).to(device)
+    layer.kernel_backend = "triton"
+    q, k, v = (x.float().to(device) for x in _qkv(1, 120, 4, 8, hkv=2))
+    step = SeqInfo(torch.tensor([[119]], device=device), past_len=119)
+    want = infllmv2_attn_torch(q[:, -1:], k, v, **layer.sparse_params)
+    if device == "cpu" and not modeling._interpreting():
+        pytest.skip("the Triton interpreter is off")
+    layer.attend(q[:, -1:], k, v, step)
+    assert calls == [1]
+    layer.decode_with_step = True
+    got = layer.attend(q[:, -1:], k, v, step)
+    assert calls == [1] and torch.allclose(got, want, atol=1e-5)
+    layer.attend(q, k, v, SeqInfo(torch.arange(120, device=device)[None]))
+    assert calls == [1, 120]
+
+
 def test_sparse_packed_documents_restart():
     lens = [30, 45]
     q, k, v = _qkv(1, 75, 2, 8, hkv=1)

@@ -481,6 +481,9 @@ class SparseAttention(_Projections):
             self.k_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.kernel_backend = "auto"
+        # decode one token with infllmv2_decode_torch even where the kernels run (prefill keeps them): what
+        # bench/decode_gpu.py compares with the Triton op on CUDA, where the op stays the default until measured
+        self.decode_with_step = False
 
     def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
         q, k, v = self.qkv(x)
@@ -513,11 +516,14 @@ class SparseAttention(_Projections):
             # every query attends densely (dense_len not reached, or every block visible): InfLLM-V2 is exactly
             # dense causal attention
             return softmax_attention(q, k, v, seq, None, scale=self.head_dim**-0.5)
+        one_step = q.shape[1] == 1 and seq.cu_seqlens is None
+        if one_step and self.decode_with_step:
+            return infllmv2_decode_torch(q, k, v, **sp)
         rules = {name: sp[name] for name in ("dense_len_mode", "local_blocks")}
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):
             return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton",
                                           share_tokens=self.share_tokens, **sp)
-        if q.shape[1] == 1 and seq.cu_seqlens is None:
+        if one_step:
             # one decoding step without the kernels (CPU, backend 'torch', an export without salatrain): the
             # reference's output from a few torch ops, with no host synchronisation
             return infllmv2_decode_torch(q, k, v, **sp)
