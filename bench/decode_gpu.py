@@ -1,11 +1,13 @@
 """Cached decoding of a hybrid on one GPU: tokens/s and host synchronisations per token, with the sparse layers on
 the Triton op (the default on CUDA) and on the one-token step infllmv2_decode_torch (`decode_with_step`; the prefill
-runs the kernels either way), at a few prompt lengths; a transformers dense model beside it (torch's default SDPA dispatch).
+runs the kernels either way), at a few prompt lengths; a transformers dense model beside it (torch's default SDPA
+dispatch).
 
     python bench/decode_gpu.py --hybrid <dir> --dense <dir> --lengths 8192 131072 --out decode.json
 
 Each length: one prefill builds the cache, `--warmup` untimed steps, then `--tokens` greedy steps timed with CUDA
-events (median of `--repeats`). Synchronisations: torch's sync debug mode counts the host reads of one step.
+events (median of `--repeats`). Synchronisations: torch's sync debug mode counts the host reads of one step; torch
+ops: the aten ops one step dispatches (a decoded token's time on a GPU is mostly the host launching them).
 `--device cpu` rehearses the script on tiny models (wall clock, no synchronisation count; both sparse paths are the
 step there, the kernels running on CUDA only); tests/test_bench_command.py runs it so.
 """
@@ -20,6 +22,7 @@ import warnings
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from salatrain.eval.bench_device import Clock, PeakMemory
 from salatrain.eval.bench_measure import cache_arg, decode, load_bench_model, prefill, synthetic_ids
@@ -39,11 +42,30 @@ def syncs_per_step(model, cache, token, arg: str) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops a region dispatches (views included; Triton launches do not pass through here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(model, cache, token, arg: str) -> int:
+    """The torch ops one decoding step dispatches: on a GPU each non-view op is a kernel launch the host pays."""
+    with _CountOps() as count:
+        decode(model, cache, token, 1, arg)
+    return count.ops
+
+
 def time_decode(model, length: int, tokens: int, warmup: int, repeats: int) -> dict:
     arg = cache_arg(model)
     ids = synthetic_ids(model.config.vocab_size, 1, length, 0, model.device)
     clock = Clock(model.device)
-    runs, syncs = [], None
+    runs, syncs, ops = [], None, None
     for _ in range(repeats):
         cache, token = prefill(model, ids, None, arg)
         greedy = [int(token)]
@@ -52,13 +74,14 @@ def time_decode(model, length: int, tokens: int, warmup: int, repeats: int) -> d
             greedy.append(int(token))
         if syncs is None:
             syncs = syncs_per_step(model, cache, token, arg)
+            ops = ops_per_step(model, cache, token, arg)
         clock.start()
         decode(model, cache, token, tokens, arg)
         runs.append(clock.stop())
         del cache, token
     t = statistics.median(runs)
     return {"length": length, "tokens": tokens, "s": t, "ms_per_token": 1e3 * t / tokens, "tokens_per_s": tokens / t,
-            "syncs_per_token": syncs, "greedy": greedy}
+            "syncs_per_token": syncs, "torch_ops_per_token": ops, "greedy": greedy}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"model": "hybrid", "sparse decode": path, **r,
                          "peak_gib": peak.read() / 2**30})
             print(f"hybrid ({path}) {n}: {r['ms_per_token']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s, "
-                  f"{r['syncs_per_token']} syncs/token, greedy {r['greedy']} ({time.time() - t0:.0f} s)", flush=True)
+                  f"{r['syncs_per_token']} syncs/token, {r['torch_ops_per_token']} torch ops/token, "
+                  f"greedy {r['greedy']} ({time.time() - t0:.0f} s)", flush=True)
     del hybrid
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -105,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                 r = time_decode(dense, n, a.tokens, a.warmup, a.repeats)
             rows.append({"model": "dense (transformers)", "sdpa": sdpa, **r})
             print(f"dense ({sdpa}) {n}: {r['ms_per_token']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s, "
-                  f"{r['syncs_per_token']} syncs/token", flush=True)
+                  f"{r['syncs_per_token']} syncs/token, {r['torch_ops_per_token']} torch ops/token", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     info = {"device": name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1}
     with open(a.out, "w") as fh:

@@ -43,6 +43,25 @@ def test_lightning_chunked_equals_recurrent_and_quadratic(t):
     assert torch.allclose(state, rstate, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lightning_one_token_steps_equal_the_recurrence(dtype):
+    """lightning_step's one-token form (decoding) chained over 6 tokens from a non-zero state gives the loop's
+    outputs and state (fp32 state for low-precision inputs, as the loop keeps it)."""
+    q, k, v = (x.to(dtype) for x in _qkv(2, 6, 3, 16))
+    s = _decay(3)
+    start = torch.randn(2, 3, 16, 16, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    looped, looped_state = lightning_step(q, k, v, s, start)
+    state, outs = start, []
+    for i in range(6):
+        o, state = lightning_step(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], s, state)
+        outs.append(o)
+    assert state.dtype == looped_state.dtype and torch.cat(outs, 1).dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(state, looped_state, atol=tol, rtol=tol)
+    torch.testing.assert_close(torch.cat(outs, 1).float(), looped.float(), atol=1e-2 if dtype != torch.float64 else tol,
+                               rtol=0)
+
+
 def test_lightning_initial_state_continues_the_sequence():
     q, k, v = _qkv(1, 150, 2, 8)
     s = _decay(2)
@@ -398,3 +417,40 @@ def test_cuda_sparse_layer_with_shared_blocks_equals_unshared():
         x = torch.randn(1, 700, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         outs.append(layer(x, None, SeqInfo(torch.arange(700, device="cuda").view(1, -1)), None))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_lightning_decoding_runs_the_fused_kernels_and_matches_the_reference(monkeypatch):
+    """Where the kernels run (backend 'triton': the interpreter on CPU, compiled on a GPU), a Lightning layer's
+    decoding step goes through the fused q/k-norm + RoPE and norm + gate kernels (one launch each for ~24 and ~8
+    torch ops), and prefill + one cached step give the next-token logits of the PyTorch reference's full
+    forward."""
+    from salatrain.models import SalaHybridForCausalLM
+    from salatrain.models import modeling_sala_hybrid as modeling
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not modeling._interpreting():
+        pytest.skip("the Triton interpreter is off")
+    fused = modeling._fused_ops()
+    seen = []
+    for name in ("qk_norm_rope", "out_norm_gate"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _n=name, **kw: seen.append((_n, a[0].shape[1]))
+                            or _real(*a, **kw))
+    monkeypatch.setattr(modeling, "_checked", {})
+    monkeypatch.setattr(modeling._kernels, "self_test", lambda what, **kw: None)
+    torch.manual_seed(0)
+    cfg = SalaHybridConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           mixer_types=["linear_attention", "linear_attention"])
+    model = SalaHybridForCausalLM(cfg).to(device).eval()
+    ids = torch.randint(0, 64, (1, 40), device=device)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits[:, -1]
+        for m in model.modules():
+            if hasattr(m, "kernel_backend"):
+                m.kernel_backend = "triton"
+        first = model(ids[:, :-1], use_cache=True)
+        seen.clear()
+        got = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+    assert sorted(seen) == [("out_norm_gate", 1)] * 2 + [("qk_norm_rope", 1)] * 2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

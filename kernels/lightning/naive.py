@@ -109,6 +109,10 @@ def lightning_step(
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = torch.exp(-decay.detach().to(device=q.device, dtype=work)).view(1, -1, 1, 1)
     state = state.to(work)
+    if q.shape[1] == 1:  # a decoding step: the same recurrence in four ops (each one a kernel launch on a GPU)
+        state = torch.addcmul(lam * state, k[:, 0, :, :, None].to(work), v[:, 0, :, None, :].to(work))
+        o = torch.matmul((q[:, 0].to(work) * scale).unsqueeze(-2), state).transpose(1, 2).to(q.dtype)
+        return o, (state if work == torch.float64 else state.float())
     outs = []
     for i in range(q.shape[1]):
         state = lam * state + torch.einsum("bhd,bhe->bhde", k[:, i].to(work), v[:, i].to(work))

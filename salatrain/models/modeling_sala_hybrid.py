@@ -420,7 +420,9 @@ class LightningAttention(_Projections):
         q, k, v = self.qkv(x)
         state = cache.states[self.layer_idx] if cache is not None else None
         decode = state is not None and q.shape[1] == 1
-        fused = None if decode or not _use_kernels(q, k, self.kernel_backend, "lightning_attn") else _fused_ops()
+        # the fused norm/RoPE and norm/gate kernels also serve decoding: one launch each for ~24 and ~8 torch ops,
+        # where a decoded token's time is the host's launches
+        fused = _fused_ops() if _use_kernels(q, k, self.kernel_backend, "lightning_attn") else None
         if fused is not None and self.use_rope:
             q, k = fused.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.variance_epsilon,
                                       backend="triton")
