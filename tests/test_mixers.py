@@ -233,6 +233,27 @@ def test_sparse_layer_decode_with_step_keeps_the_kernels_for_prefill(monkeypatch
     assert calls == [1, 120]
 
 
+@pytest.mark.parametrize("block,kernel,stride", [(8, 4, 2), (8, 8, 4), (16, 8, 4), (64, 32, 16), (16, 20, 4), (8, 6, 4),
+                                                  (8, 4, 8), (12, 8, 4), (8, 6, 3)])
+@pytest.mark.parametrize("num_windows", [0, 1, 7, 40])
+def test_block_scores_are_the_max_over_overlapping_windows(block, kernel, stride, num_windows):
+    """block_scores_from_windows (one max pool where the stride divides the block, a loop over offsets where it
+    does not) against its definition: block i's score is the max over the windows [j·stride, j·stride + kernel)
+    that overlap it, −inf where none does; blocks past the windows and windows past the blocks included."""
+    from salatrain_kernels.infllm_v2.naive import block_scores_from_windows
+
+    win = torch.randn(2, 3, 5, num_windows, dtype=torch.float64)
+    win[0, 0, 0, : num_windows // 2] = float("-inf")  # windows not yet ended
+    for num_blocks in (1, 4, (num_windows * stride + kernel) // block + 2):
+        got = block_scores_from_windows(win, num_blocks, block, kernel, stride)
+        want = torch.full((2, 3, 5, num_blocks), float("-inf"), dtype=torch.float64)
+        for i in range(num_blocks):
+            over = [j for j in range(num_windows) if j * stride < (i + 1) * block and j * stride + kernel > i * block]
+            if over:
+                want[..., i] = win[..., over].amax(-1)
+        assert torch.equal(got, want), (num_blocks, got, want)
+
+
 def test_sparse_packed_documents_restart():
     lens = [30, 45]
     q, k, v = _qkv(1, 75, 2, 8, hkv=1)

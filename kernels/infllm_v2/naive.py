@@ -211,15 +211,37 @@ def infllmv2_decode_torch(
         with decode_sdpa_backends(q.device):
             o = torch.nn.functional.scaled_dot_product_attention(qg, kt, vt, scale=scale)
         return o.reshape(b, 1, hq, d).to(q.dtype)
-    pos = torch.arange(tk - 1, tk, device=q.device)
     coarse = (coarse_kernel_size, coarse_kernel_stride)
-    compressed = compressed_keys(k, kernel_size, kernel_stride, normalizer, coarse)
-    scores = block_scores(q, pos, compressed, scale, _num_blocks(tk, block_size), block_size)
-    chosen = select_blocks(scores, pos, block_size=block_size, init_blocks=init_blocks, topk=topk,
-                           window_size=window_size, local_blocks=local_blocks)
+    compressed = compressed_keys(k, kernel_size, kernel_stride, normalizer, coarse)  # complete windows only
+    scores = block_scores(q, None, compressed, scale, _num_blocks(tk, block_size), block_size)
+    blocks = _decode_blocks(scores[:, :, 0], tk, block_size=block_size, init_blocks=init_blocks, topk=topk,
+                            window_size=window_size, local_blocks=local_blocks)
+    # the keys of the chosen blocks, gathered: the last block is the query's own, so its keys past the cache end
+    # are the tail of every row, cut off by one slice; then attention without a mask (FlashAttention on a GPU)
+    # over those keys alone, not a masked pass over the whole cache
+    kept = (blocks.shape[-1] - 1) * block_size + tk - (tk - 1) // block_size * block_size
+    keys = (blocks.unsqueeze(-1) * block_size + torch.arange(block_size, device=q.device)).flatten(2)[..., :kept]
+    index = keys.unsqueeze(-1).expand(-1, -1, -1, d)
+    qg = q.transpose(1, 2).reshape(b, hkv, hq // hkv, d)
     with decode_sdpa_backends(q.device):
-        o = grouped_sdpa(q.transpose(1, 2), kt, vt, _keys_in_blocks(chosen, tk, block_size), scale)
+        o = torch.nn.functional.scaled_dot_product_attention(qg, kt.gather(2, index), vt.gather(2, index), scale=scale)
     return o.reshape(b, 1, hq, d).to(q.dtype)
+
+
+def _decode_blocks(scores, tk, *, block_size, init_blocks, topk, window_size, local_blocks):
+    """select_blocks for one decoding query at position tk − 1 whose cache has more blocks than it may see
+    (scores [B, HKV, NB]): the same choice, as ascending block indices [B, HKV, topk + window_size / block_size]
+    ending with the query's own block. No block lies in its future and the forced ones (init and local) are two
+    ranges known on the host, so two fills replace the masks."""
+    pos, nb = tk - 1, scores.shape[-1]
+    cur = pos // block_size
+    first_local = int(first_local_block(torch.tensor(pos), block_size, window_size, local_blocks))
+    scores = scores.clone()
+    scores[..., :init_blocks] = float("inf")
+    scores[..., first_local : cur + 1] = float("inf")
+    budget = min(nb, topk + window_size // block_size)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :budget]
+    return torch.sort(order, dim=-1).values
 
 
 def decode_sdpa_backends(device: torch.device):
@@ -282,7 +304,8 @@ def compressed_keys(k, kernel_size, kernel_stride, normalizer, coarse=(None, Non
 
 
 def block_scores(q, pos, compressed, scale, num_blocks, block_size):
-    """Block scores [B, HKV, Tq, NB] fp32 of queries q [B, Tq, HQ, D] at document positions pos [Tq]."""
+    """Block scores [B, HKV, Tq, NB] fp32 of queries q [B, Tq, HQ, D] at document positions pos [Tq] (None: past
+    the end of every window, as a decoding query is)."""
     (k_cmp, kernel_size, kernel_stride), lse_from = compressed
     win = group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_from)
     return block_scores_from_windows(win, num_blocks, block_size, kernel_size, kernel_stride)
@@ -292,25 +315,30 @@ def group_window_scores(q, k_cmp, pos, kernel_size, kernel_stride, scale, lse_fr
     """Σ over the group of softmax_j(scale·q·k_cmp[j]) over windows ending <= pos: [B, HKV, Tq, J] fp32.
 
     ``lse_from`` = (k_coarse, coarse_kernel, coarse_stride) replaces the exact normaliser by the log-sum-exp
-    over a coarser compression (InfLLM-V2's approximation). Windows not yet complete are −inf.
+    over a coarser compression (InfLLM-V2's approximation). Windows not yet complete are −inf; pos None: every
+    window has ended (a decoding query's), so no masks.
     """
     b, tq, hq, d = q.shape
     hkv, nj = k_cmp.shape[1], k_cmp.shape[2]
     g = hq // hkv
     qg = q.float().view(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
     logits = torch.einsum("bhgtd,bhjd->bhgtj", qg, k_cmp) * scale
-    done = _windows_ended(nj, kernel_size, kernel_stride, pos)  # [Tq, J]
-    logits = logits.masked_fill(~done, float("-inf"))
+    done = None if pos is None else _windows_ended(nj, kernel_size, kernel_stride, pos)  # [Tq, J]
+    if done is not None:
+        logits = logits.masked_fill(~done, float("-inf"))
     if lse_from is None:
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     else:
         k_coarse, ck, cs = lse_from
         coarse = torch.einsum("bhgtd,bhjd->bhgtj", qg, k_coarse) * scale
-        coarse = coarse.masked_fill(~_windows_ended(k_coarse.shape[2], ck, cs, pos), float("-inf"))
+        if done is not None:
+            coarse = coarse.masked_fill(~_windows_ended(k_coarse.shape[2], ck, cs, pos), float("-inf"))
         lse = torch.logsumexp(coarse, dim=-1, keepdim=True)
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # no coarse window yet: every p is 0
-    probs = torch.exp(logits - lse).nan_to_num(0.0)  # rows with no finished window: all zero
-    probs = probs.sum(2)
+    probs = torch.exp(logits - lse)
+    if done is None:
+        return probs.sum(2)
+    probs = probs.nan_to_num(0.0).sum(2)  # rows with no finished window: all zero
     return probs.masked_fill(~done, float("-inf"))
 
 
@@ -323,6 +351,13 @@ def _windows_ended(num_windows, kernel_size, kernel_stride, pos):
 def block_scores_from_windows(win, num_blocks, block_size, kernel_size, kernel_stride):
     """Max over the windows overlapping each block: win [B, HKV, Tq, J] → [B, HKV, Tq, NB] (−inf if none)."""
     nj = win.shape[-1]
+    if nj and block_size % kernel_stride == 0:
+        # block i overlaps windows i·m − p … (i+1)·m − 1 (m = block / stride, p = (kernel − 1) // stride): one max
+        # pool over the windows padded with −inf (p on the left, the blocks past the last window on the right)
+        m, p = block_size // kernel_stride, (kernel_size - 1) // kernel_stride
+        padded = torch.nn.functional.pad(win, (p, max(num_blocks * m - nj, 0)), value=float("-inf"))
+        pooled = torch.nn.functional.max_pool1d(padded.reshape(-1, 1, padded.shape[-1]), m + p, m)
+        return pooled.view(*win.shape[:-1], -1)[..., :num_blocks]
     out = win.new_full((*win.shape[:-1], num_blocks), float("-inf"))
     if nj == 0:
         return out
