@@ -29,7 +29,6 @@ def _compare(name, fn, ref, inputs, dtype, generator):
     """Run fn and ref on the same inputs (ref in fp32); compare outputs and input gradients. Random numbers
     come from ``generator`` only, so the caller's RNG streams (dropout under activation checkpointing) are
     left as they were."""
-    tol = TOLERANCE[dtype]
     lo = [x.detach().to(dtype).requires_grad_(x.is_floating_point()) for x in inputs]
     hi = [x.detach().float().requires_grad_(x.is_floating_point()) for x in inputs]
     out, expected = fn(*lo), ref(*hi)
@@ -38,6 +37,12 @@ def _compare(name, fn, ref, inputs, dtype, generator):
     (expected * g).sum().backward()
     checks = {"output": (out, expected)}
     checks.update({f"grad[{i}]": (a.grad, b.grad) for i, (a, b) in enumerate(zip(lo, hi)) if b.grad is not None})
+    _check(name, checks, dtype)
+
+
+def _check(name, checks, dtype):
+    """checks: {what: (kernel's tensor, fp32 reference's)}; raises KernelSelfTestError on the first mismatch."""
+    tol = TOLERANCE[dtype]
     for what, (a, b) in checks.items():
         if a is None or not torch.isfinite(a).all() or _rel(a, b) > tol:
             err = "non-finite or missing" if a is None or not torch.isfinite(a).all() else f"{_rel(a, b):.2e}"
@@ -50,7 +55,7 @@ def _compare(name, fn, ref, inputs, dtype, generator):
 
 def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int = 1, head_dim: int = 64,
               seq_len: int = 200, dense_len_mode: str = "position", local_blocks: str = "token") -> None:
-    """``what`` is "lightning_attn" or "infllmv2_attn"; raises KernelSelfTestError on mismatch. ``seq_len``
+    """``what`` is "lightning_attn", "infllmv2_attn" or "rms_norm"; raises KernelSelfTestError on mismatch. ``seq_len``
     (Lightning) spans several chunks; InfLLM-V2 always uses 512 tokens so that its sparse path runs, under the
     selection rules ``dense_len_mode`` and ``local_blocks`` (the caller's, which select the kernel variants).
 
@@ -86,6 +91,14 @@ def self_test(what: str, *, device, dtype, num_heads: int = 4, num_kv_heads: int
                  lambda o, z: fused.out_norm_gate(o, z, ow.to(o.dtype), 1e-6, backend="triton"),
                  lambda o, z: fused.out_norm_gate_torch(o, z, ow, 1e-6),
                  [torch.randn(1, shape[1], n, device=device, generator=g) for _ in range(2)], dtype, g)
+    elif what == "rms_norm":  # forward only (the kernel serves inference); head_dim is the normalised width
+        from .lightning import fused
+
+        x = torch.randn(3, head_dim, device=device, generator=g)
+        w = 1 + 0.1 * torch.randn(head_dim, device=device, generator=g)
+        with torch.no_grad():
+            out = fused.rms_norm(x.to(dtype), w.to(dtype), 1e-6, backend="triton")
+        _check(f"{what} (forward)", {"output": (out, fused.rms_norm_hf(x, w, 1e-6))}, dtype)
     elif what == "infllmv2_attn":
         from .infllm_v2 import infllmv2_attn, infllmv2_attn_torch
 

@@ -475,3 +475,38 @@ def test_lightning_decoding_runs_the_fused_kernels_and_matches_the_reference(mon
         got = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
     assert sorted(seen) == [("out_norm_gate", 1)] * 2 + [("qk_norm_rope", 1)] * 2
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_model_norms_run_the_fused_kernel_in_eval_without_gradients(monkeypatch):
+    """The decoder's RMSNorms take the fused forward kernel where the kernels run (backend 'triton': the
+    interpreter on CPU) in eval mode without gradients, with the reference's output; in training mode, or with
+    gradients, the reference. set_kernel_backend reaches them."""
+    from salatrain.models import SalaHybridForCausalLM
+    from salatrain.models import modeling_sala_hybrid as modeling
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not modeling._interpreting():
+        pytest.skip("the Triton interpreter is off")
+    fused = modeling._fused_ops()
+    calls, real = [], fused.rms_norm
+    monkeypatch.setattr(fused, "rms_norm", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    monkeypatch.setattr(modeling, "_checked", {})
+    monkeypatch.setattr(modeling._kernels, "self_test", lambda what, **kw: None)
+    torch.manual_seed(0)
+    cfg = SalaHybridConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                           mixer_types=["full_attention", "full_attention"])
+    model = SalaHybridForCausalLM(cfg).to(device).eval()
+    ids = torch.randint(0, 64, (1, 20), device=device)
+    with torch.no_grad():
+        want = model(ids).logits
+        model.set_kernel_backend("triton")
+        got = model(ids).logits
+    assert len(calls) == 5  # two norms per layer and the final one
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    calls.clear()
+    model(ids).logits.sum().backward()  # gradients: the reference
+    model.train()
+    with torch.no_grad():
+        model(ids)
+    assert calls == []

@@ -8,6 +8,8 @@ PyTorch reference of the same signature (``*_torch``).
         then RoPE in HF's rotate_half convention,  out = y * cos + rotate_half(y) * sin.
     out_norm_gate(o, z, weight, eps) -> y
         o, z [B, T, N] (N = H*D); weight [N]. y = RMSNorm(o) * sigmoid(z), the norm as above.
+    rms_norm(x, weight, eps) -> y
+        the norm alone over the last dim, forward only (inference; the model's decoder norms when decoding).
 
 Numerics: the kernels compute in fp32 and round to the input dtype at the same points as the HF modules
 do when the weights share the input dtype, so outputs match HF bit for bit up to the order of the mean's
@@ -255,6 +257,21 @@ def _out_norm_gate_bwd_kernel(o, z, w, dy, do, dz, dw_part, n_rows, eps, ROWS_PE
     tl.store(dw_part + pid * N + o_n, acc_w, mask=o_n < N)
 
 
+@triton.jit
+def _rms_norm_fwd_kernel(x, w, y, n_rows, eps, ROWS_PER_PROG, N: tl.constexpr, BN: tl.constexpr):
+    pid = tl.program_id(0)
+    o_n = tl.arange(0, BN)
+    DT = y.dtype.element_ty
+    wv = tl.load(w + o_n, mask=o_n < N, other=0.0).to(tl.float32)
+    for i in range(0, ROWS_PER_PROG):
+        row = pid * ROWS_PER_PROG + i
+        mask = o_n < N * (row < n_rows).to(tl.int32)
+        base = row.to(tl.int64) * N
+        xv = tl.load(x + base + o_n, mask=mask, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(xv * xv, axis=0) / N + eps)
+        tl.store(y + base + o_n, (wv * _rnd(xv * r, DT)).to(DT), mask=mask)
+
+
 def _row_warps(bn):
     return 4 if bn <= 1024 else (8 if bn <= 4096 else 16)
 
@@ -300,6 +317,27 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, *, backend="auto"):
     if resolve_backend(backend, q) == "torch":
         return qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps)
     return QKNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, float(eps))
+
+
+def rms_norm(x, weight, eps, *, backend="auto"):
+    """HF RMSNorm over the last dim (``rms_norm_hf``), forward only: one launch for the reference's eight torch
+    ops, which is what a decoded token's norms cost the host. Inputs that need gradients, or a weight whose dtype
+    is not x's (the reference's output dtype then differs), take the reference."""
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight must be [N] for x [..., N]; got {tuple(weight.shape)}, {tuple(x.shape)}")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if resolve_backend(backend, x) == "torch" or needs_grad or weight.dtype != x.dtype:
+        return rms_norm_hf(x, weight, eps)
+    x = x.contiguous()
+    N = x.shape[-1]
+    rows = x.numel() // N
+    y = new_buffer(x)
+    num_prog, per_prog = _programs(rows, MAX_PROGRAMS_FWD)
+    BN = next_pow2(N)
+    with device_guard(x):
+        _rms_norm_fwd_kernel[(num_prog,)](x=x, w=weight, y=y, n_rows=rows, eps=float(eps), ROWS_PER_PROG=per_prog,
+                                          N=N, BN=BN, num_warps=_row_warps(BN))
+    return y
 
 
 def out_norm_gate(o, z, weight, eps, *, backend="auto"):

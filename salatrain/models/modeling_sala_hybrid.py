@@ -155,8 +155,15 @@ class SalaRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.kernel_backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in eval mode without gradients (evaluation, decoding), one fused launch where the kernels run for the
+        # eight torch ops (training keeps the reference: a checkpointed region's no-grad first pass included)
+        if not self.training and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
+                and x.dtype == self.weight.dtype \
+                and _use_kernels(x, x, self.kernel_backend, "rms_norm", shape=(1, 1, x.shape[-1])):
+            return _fused_ops().rms_norm(x, self.weight, self.variance_epsilon, backend="triton")
         return rms_norm(x, self.weight, self.variance_epsilon)
 
 
@@ -290,7 +297,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str, **options) -> bool:
+def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str, shape: tuple | None = None,
+                 **options) -> bool:
     """True when the Triton kernels should run (CUDA tensors, salatrain_kernels importable, self-test passed
     for this device, dtype, head shape and `options`, the kernel's own ones the self-test takes). On CPU they run
     only when forced (backend 'triton') under Triton's interpreter (TRITON_INTERPRET=1). The first decision per
@@ -303,7 +311,9 @@ def _use_kernels(q: torch.Tensor, k: torch.Tensor, backend: str, what: str, **op
             _checked[("missing", what)] = True
             logger.warning("%s: salatrain_kernels is not importable; using the PyTorch reference (slow)", what)
         return False
-    shape = dict(num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3])
+    # (query heads, K/V heads, head dim) of [B, T, H, D] q and k unless given
+    heads = shape or (q.shape[2], k.shape[2], q.shape[3])
+    shape = dict(num_heads=heads[0], num_kv_heads=heads[1], head_dim=heads[2])
     key = (what, q.device.type, q.device.index, q.dtype, tuple(shape.values()), tuple(sorted(options.items())))
     if key not in _checked:
         # raises on mismatch
@@ -825,9 +835,9 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
         """'auto' (Triton on CUDA when available), 'triton' (required) or 'torch' (reference mixers)."""
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"kernel backend must be auto, triton or torch, got {backend!r}")
-        for layer in self.model.layers:
-            if hasattr(layer.self_attn, "kernel_backend"):
-                layer.self_attn.kernel_backend = backend
+        for module in self.modules():
+            if hasattr(module, "kernel_backend"):
+                module.kernel_backend = backend
 
     def forward(
         self,

@@ -21,6 +21,16 @@ def test_infllmv2_self_test_passes(rules):
               head_dim=16, **rules)
 
 
+def test_rms_norm_self_test_passes_and_stops_a_broken_kernel(monkeypatch):
+    from salatrain_kernels.lightning import fused
+
+    self_test("rms_norm", device=torch.device(DEVICE), dtype=torch.float32, num_heads=1, num_kv_heads=1, head_dim=576)
+    real = fused.rms_norm
+    monkeypatch.setattr(fused, "rms_norm", lambda *a, **kw: real(*a, **kw) * 1.1)  # fault injection
+    with pytest.raises(KernelSelfTestError, match=r"rms_norm \(forward\) self-test failed .* output relative error"):
+        self_test("rms_norm", device=torch.device(DEVICE), dtype=torch.float32, head_dim=576)
+
+
 def test_broken_kernel_is_stopped(monkeypatch):
     real = lightning_pkg.lightning_attn
 
