@@ -208,3 +208,28 @@ def test_decode_gpu_script_rehearses_on_cpu(hybrid_dir, tiny_lm_dir, tmp_path):
         ("dense (transformers)", None, 96), ("dense (transformers)", None, 160)]
     assert all(r["tokens_per_s"] > 0 and len(r["greedy"]) == 3 and r["torch_ops_per_token"] > 100 for r in rows)
     assert rows[0]["greedy"] == rows[2]["greedy"] and rows[1]["greedy"] == rows[3]["greedy"]
+
+
+def test_decode_ops_script_counts_fewer_launches_for_the_hybrid_than_llama(tmp_path):
+    """bench/decode_ops.py: one decoded token of the 1B bench pair's layer structure, the hybrid on its kernel
+    path (fused Lightning and norm launches, the sparse one-token step) dispatches fewer non-view torch ops than
+    transformers' Llama of the same shape, at a prompt where the sparse layers select blocks (past SALA's
+    dense_len) and one where they attend densely."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode_ops.py"
+    spec = importlib.util.spec_from_file_location("decode_ops", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ops.json"
+    mod.main(["--prompts", "300", "9000", "--out", str(out)])
+    rows = {(r["model"], r["prompt"]): r for r in json.loads(out.read_text())["rows"]}
+    for prompt in (300, 9000):
+        hybrid, llama = rows[("hybrid", prompt)], rows[("transformers", prompt)]
+        assert hybrid["ops"] < 0.8 * llama["ops"], (hybrid, llama)
+        assert hybrid["by_part"]["norms"]["ops"] == 33  # one fused launch per norm
+        assert set(hybrid["by_part"]) >= {"mixer: LightningAttention", "mixer: SparseAttention", "mlp", "norms"}
+    # past dense_len the sparse layers select blocks: more ops than attending densely, still a few dozen a layer
+    sparse = [rows[("hybrid", p)]["by_part"]["mixer: SparseAttention"]["ops"] for p in (300, 9000)]
+    assert sparse[0] < sparse[1] <= 4 * 40, sparse
