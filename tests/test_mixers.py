@@ -151,16 +151,20 @@ DECODE_CASES = [  # (keys, dense_len, rule, local rule, normalizer, kernel, stri
     (64, 0, "position", "block", "coarse", 4, 2),
     (90, 0, "sequence", "block", "exact", 6, 4),
     (97, 12, "position", "token", "coarse", 6, 4),
+    (70, 0, "position", "token", "exact", 4, 2, dict(topk=1, init_blocks=2)),  # forced blocks outnumber places
+    (70, 0, "position", "block", "exact", 4, 2, dict(topk=0)),
 ]
 
 
-@pytest.mark.parametrize("tk,dense_len,mode,local,normalizer,kernel,stride", DECODE_CASES)
-def test_sparse_decode_step_equals_the_full_op_and_the_oracle(tk, dense_len, mode, local, normalizer, kernel, stride):
+@pytest.mark.parametrize("tk,dense_len,mode,local,normalizer,kernel,stride,other", [
+    case if len(case) == 8 else (*case, {}) for case in DECODE_CASES])
+def test_sparse_decode_step_equals_the_full_op_and_the_oracle(tk, dense_len, mode, local, normalizer, kernel, stride,
+                                                              other):
     """infllmv2_decode_torch (one query after tk − 1 cached keys) gives the full op's output for that query, and the
     independent oracle's; GQA groups of 3, batch of 2 rows with different keys."""
     q, k, v = _qkv(2, tk, 6, 8, hkv=2, seed=tk)
     params = dict(SMALL_SPARSE, kernel_size=kernel, kernel_stride=stride, dense_len=dense_len, normalizer=normalizer,
-                  dense_len_mode=mode, local_blocks=local)
+                  dense_len_mode=mode, local_blocks=local, **other)
     step = infllmv2_decode_torch(q[:, -1:], k, v, **params)
     full = infllmv2_attn_torch(q[:, -1:], k, v, **params)
     assert step.shape == full.shape == (2, 1, 6, 8)

@@ -214,8 +214,14 @@ def infllmv2_decode_torch(
     coarse = (coarse_kernel_size, coarse_kernel_stride)
     compressed = compressed_keys(k, kernel_size, kernel_stride, normalizer, coarse)  # complete windows only
     scores = block_scores(q, None, compressed, scale, _num_blocks(tk, block_size), block_size)
-    blocks = _decode_blocks(scores[:, :, 0], tk, block_size=block_size, init_blocks=init_blocks, topk=topk,
-                            window_size=window_size, local_blocks=local_blocks)
+    selection = dict(block_size=block_size, init_blocks=init_blocks, topk=topk, window_size=window_size,
+                     local_blocks=local_blocks)
+    blocks = _decode_blocks(scores[:, :, 0], tk, **selection)
+    if blocks is None:  # more forced blocks than places, so the query's own block may be left out: masks
+        chosen = select_blocks(scores, torch.arange(tk - 1, tk, device=q.device), **selection)
+        with decode_sdpa_backends(q.device):
+            o = grouped_sdpa(q.transpose(1, 2), kt, vt, _keys_in_blocks(chosen, tk, block_size), scale)
+        return o.reshape(b, 1, hq, d).to(q.dtype)
     # the keys of the chosen blocks, gathered: the last block is the query's own, so its keys past the cache end
     # are the tail of every row, cut off by one slice; then attention without a mask (FlashAttention on a GPU)
     # over those keys alone, not a masked pass over the whole cache
@@ -232,14 +238,17 @@ def _decode_blocks(scores, tk, *, block_size, init_blocks, topk, window_size, lo
     """select_blocks for one decoding query at position tk − 1 whose cache has more blocks than it may see
     (scores [B, HKV, NB]): the same choice, as ascending block indices [B, HKV, topk + window_size / block_size]
     ending with the query's own block. No block lies in its future and the forced ones (init and local) are two
-    ranges known on the host, so two fills replace the masks."""
+    ranges known on the host, so two fills replace the masks. None when the forced blocks outnumber the places
+    (a configuration with few top-k places): select_blocks then keeps the lowest of them, not the query's own."""
     pos, nb = tk - 1, scores.shape[-1]
     cur = pos // block_size
     first_local = int(first_local_block(torch.tensor(pos), block_size, window_size, local_blocks))
+    budget = min(nb, topk + window_size // block_size)
+    if len(set(range(min(init_blocks, nb))) | set(range(first_local, cur + 1))) > budget:
+        return None
     scores = scores.clone()
     scores[..., :init_blocks] = float("inf")
     scores[..., first_local : cur + 1] = float("inf")
-    budget = min(nb, topk + window_size // block_size)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :budget]
     return torch.sort(order, dim=-1).values
 
