@@ -7,11 +7,10 @@ import torch
 
 from salatrain.models import SalaHybridConfig
 from salatrain.models.modeling_sala_hybrid import FullAttention, SeqInfo, SparseAttention
-from salatrain_kernels.infllm_v2.naive import (
-    infllmv2_attn_torch,
+from salatrain_kernels.infllm_v2.naive import infllmv2_attn_torch, infllmv2_decode_torch
+from salatrain_kernels.infllm_v2.stages_torch import (
     infllmv2_block_attn_torch,
     infllmv2_block_scores_torch,
-    infllmv2_decode_torch,
     infllmv2_select_torch,
 )
 from salatrain_kernels.lightning.naive import lightning_attn_torch, lightning_step
@@ -444,25 +443,32 @@ def test_cuda_sparse_layer_with_shared_blocks_equals_unshared():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
+def _on_the_kernel_path(monkeypatch, *names):
+    """The device for a test of the model's kernel path (the interpreter on CPU; skipped without it), with the
+    start-up self-tests skipped and the fused kernels ``names`` recording each call's first argument's shape."""
+    from salatrain.models import modeling_sala_hybrid as modeling
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not modeling._interpreting():
+        pytest.skip("the Triton interpreter is off")
+    fused, calls = modeling._fused_ops(), []
+    for name in names:
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _n=name, **kw: calls.append((_n, a[0].shape))
+                            or _real(*a, **kw))
+    monkeypatch.setattr(modeling, "_checked", {})
+    monkeypatch.setattr(modeling._kernels, "self_test", lambda what, **kw: None)
+    return device, calls
+
+
 def test_lightning_decoding_runs_the_fused_kernels_and_matches_the_reference(monkeypatch):
     """Where the kernels run (backend 'triton': the interpreter on CPU, compiled on a GPU), a Lightning layer's
     decoding step goes through the fused q/k-norm + RoPE and norm + gate kernels (one launch each for ~24 and ~8
     torch ops), and prefill + one cached step give the next-token logits of the PyTorch reference's full
     forward."""
     from salatrain.models import SalaHybridForCausalLM
-    from salatrain.models import modeling_sala_hybrid as modeling
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not modeling._interpreting():
-        pytest.skip("the Triton interpreter is off")
-    fused = modeling._fused_ops()
-    seen = []
-    for name in ("qk_norm_rope", "out_norm_gate"):
-        real = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _real=real, _n=name, **kw: seen.append((_n, a[0].shape[1]))
-                            or _real(*a, **kw))
-    monkeypatch.setattr(modeling, "_checked", {})
-    monkeypatch.setattr(modeling._kernels, "self_test", lambda what, **kw: None)
+    device, seen = _on_the_kernel_path(monkeypatch, "qk_norm_rope", "out_norm_gate")
     torch.manual_seed(0)
     cfg = SalaHybridConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -477,7 +483,7 @@ def test_lightning_decoding_runs_the_fused_kernels_and_matches_the_reference(mon
         first = model(ids[:, :-1], use_cache=True)
         seen.clear()
         got = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
-    assert sorted(seen) == [("out_norm_gate", 1)] * 2 + [("qk_norm_rope", 1)] * 2
+    assert sorted((name, shape[1]) for name, shape in seen) == [("out_norm_gate", 1)] * 2 + [("qk_norm_rope", 1)] * 2
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -486,16 +492,8 @@ def test_model_norms_run_the_fused_kernel_in_eval_without_gradients(monkeypatch)
     interpreter on CPU) in eval mode without gradients, with the reference's output; in training mode, or with
     gradients, the reference. set_kernel_backend reaches them."""
     from salatrain.models import SalaHybridForCausalLM
-    from salatrain.models import modeling_sala_hybrid as modeling
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not modeling._interpreting():
-        pytest.skip("the Triton interpreter is off")
-    fused = modeling._fused_ops()
-    calls, real = [], fused.rms_norm
-    monkeypatch.setattr(fused, "rms_norm", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
-    monkeypatch.setattr(modeling, "_checked", {})
-    monkeypatch.setattr(modeling._kernels, "self_test", lambda what, **kw: None)
+    device, calls = _on_the_kernel_path(monkeypatch, "rms_norm")
     torch.manual_seed(0)
     cfg = SalaHybridConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=12,

@@ -80,9 +80,9 @@ _EXPORTS = {
     "infllmv2_block_attn": ".attention",
     "triton_geometry_problem": ".params",
     "infllmv2_attn_torch": ".naive",
-    "infllmv2_block_scores_torch": ".naive",
-    "infllmv2_select_torch": ".naive",
-    "infllmv2_block_attn_torch": ".naive",
+    "infllmv2_block_scores_torch": ".stages_torch",
+    "infllmv2_select_torch": ".stages_torch",
+    "infllmv2_block_attn_torch": ".stages_torch",
     "infllmv2_decode_torch": ".naive",
 }
 

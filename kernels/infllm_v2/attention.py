@@ -18,7 +18,8 @@ import torch
 
 from ..utils import resolve_backend
 from .layout import DocLayout
-from .naive import check_rules, infllmv2_block_attn_torch
+from .naive import check_rules
+from .stages_torch import infllmv2_block_attn_torch
 from .params import ATTENTION_RULE, check_qkv, triton_attention_ok
 from .plan import AttnPlan, SparseAttnFn, sort_block_lists
 

@@ -37,7 +37,7 @@ from ..utils import (
 )
 from .attn_steps import online_softmax
 from .layout import DocLayout, compress_keys
-from .naive import infllmv2_block_scores_torch
+from .stages_torch import infllmv2_block_scores_torch
 from .params import SparseParams, check_qkv, triton_scoring_ok
 
 __all__ = ["infllmv2_block_scores", "BlockScorer", "combine_tail"]

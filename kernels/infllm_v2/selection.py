@@ -17,7 +17,7 @@ import triton.language as tl
 from ..utils import new_empty, next_pow2, resolve_backend, row_cumsum, row_sum
 from .attn_steps import first_local_block
 from .layout import DenseRows, DocLayout
-from .naive import infllmv2_select_torch
+from .stages_torch import infllmv2_select_torch
 from .params import SparseParams
 
 __all__ = ["infllmv2_select", "select_rows"]
