@@ -477,9 +477,7 @@ def test_lightning_decoding_runs_the_fused_kernels_and_matches_the_reference(mon
     ids = torch.randint(0, 64, (1, 40), device=device)
     with torch.no_grad():
         want = model(ids, use_cache=False).logits[:, -1]
-        for m in model.modules():
-            if hasattr(m, "kernel_backend"):
-                m.kernel_backend = "triton"
+        model.set_kernel_backend("triton")
         first = model(ids[:, :-1], use_cache=True)
         seen.clear()
         got = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]

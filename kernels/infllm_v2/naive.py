@@ -3,11 +3,11 @@
 Where it is used: backend="torch" of salatrain_kernels.infllm_v2 (the full op below has the signature of its
 Triton twin; the three stages' references, stages_torch.py, are built from the steps here), the kernels'
 self-test, and the model's sparse mixer when the kernels do not run, with a one-token decoding step of its own
-(infllmv2_decode_torch: the full op for one query, with no host synchronisation). It lives in salatrain_kernels because the kernels may not import
-application code while the model may import the kernels; ``save_pretrained`` copies this file next to the weights as
-``sparse_attention.py`` (``copy_model_code`` in modeling_sala_hybrid.py), which is where an exported
-checkpoint imports it from, so the export still needs only torch and transformers. Keep it free of imports
-other than torch and the standard library.
+(infllmv2_decode_torch: the full op for one query, with no host synchronisation). It lives in salatrain_kernels
+because the kernels may not import application code while the model may import the kernels; ``save_pretrained``
+copies this file next to the weights as ``sparse_attention.py`` (``copy_model_code`` in modeling_sala_hybrid.py),
+which is where an exported checkpoint imports it from, so the export still needs only torch and transformers.
+Keep it free of imports other than torch and the standard library.
 
 Legend: B batch, Tq queries (the last Tq of Tk keys), HQ query heads, HKV key/value heads, G = HQ/HKV,
 D head dim, J compressed windows, NB blocks. Positions count from the start of the document; with
@@ -148,7 +148,7 @@ def _decode_blocks(scores, tk, *, block_size, init_blocks, topk, window_size, lo
     (a configuration with few top-k places): select_blocks then keeps the lowest of them, not the query's own."""
     pos, nb = tk - 1, scores.shape[-1]
     cur = pos // block_size
-    first_local = int(first_local_block(torch.tensor(pos), block_size, window_size, local_blocks))
+    first_local = first_local_block(pos, block_size, window_size, local_blocks)
     budget = min(nb, topk + window_size // block_size)
     if len(set(range(min(init_blocks, nb))) | set(range(first_local, cur + 1))) > budget:
         return None
@@ -374,15 +374,19 @@ def all_visible_len(block_size: int, topk: int, window_size: int) -> int:
     return (topk + window_size // block_size) * block_size
 
 
-def first_local_block(pos: torch.Tensor, block_size: int, window_size: int, local_blocks: str) -> torch.Tensor:
-    """First block forced visible as local context for queries at ``pos``; the local run ends at the query's block.
+def first_local_block(pos, block_size: int, window_size: int, local_blocks: str):
+    """First block forced visible as local context for queries at ``pos`` (a tensor, or an int: a decoding query's
+    position, known on the host); the local run ends at the query's block.
 
     token: the block holding token t - window_size + 1 (32 or 33 blocks for SALA's values);
     block: window_size / block_size blocks before the query's block (always 33 for SALA's values).
     """
+    def at_least_0(x):
+        return x.clamp(min=0) if isinstance(x, torch.Tensor) else max(x, 0)
+
     if local_blocks == "block":
-        return (pos // block_size - window_size // block_size).clamp(min=0)
-    return (pos - window_size + 1).clamp(min=0) // block_size
+        return at_least_0(pos // block_size - window_size // block_size)
+    return at_least_0(pos - window_size + 1) // block_size
 
 
 # -------------------------------------------------------------------------------------------------- helpers
