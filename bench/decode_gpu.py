@@ -1,6 +1,6 @@
 """Cached decoding of a hybrid on one GPU: tokens/s and host synchronisations per token, with the sparse layers on
-the Triton op (the default on CUDA) and on the one-token step infllmv2_decode_torch (`decode_with_step`; the prefill
-runs the kernels either way), at a few prompt lengths; a transformers dense model beside it (torch's default SDPA
+the Triton op (`decode_with_step = False`) and on the one-token step infllmv2_decode_torch (the default,
+`decode_with_step`; the prefill runs the kernels either way), at a few prompt lengths; a transformers dense model beside it (torch's default SDPA
 dispatch).
 
     python bench/decode_gpu.py --hybrid <dir> --dense <dir> --lengths 8192 131072 --out decode.json

@@ -204,9 +204,9 @@ def test_sparse_layer_decodes_through_the_step(monkeypatch):
 
 
 def test_sparse_layer_decode_with_step_keeps_the_kernels_for_prefill(monkeypatch):
-    """decode_with_step sends a one-token step to infllmv2_decode_torch where the Triton op would run (backend
-    'triton': the interpreter on CPU, compiled on a GPU), with the reference's output, and leaves a prefill on
-    the op."""
+    """decode_with_step (the default) sends a one-token step to infllmv2_decode_torch where the Triton op would
+    run (backend 'triton': the interpreter on CPU, compiled on a GPU), with the reference's output, and leaves a
+    prefill on the op; turned off, the step goes to the op."""
     from salatrain.models import modeling_sala_hybrid as modeling
 
     calls = []
@@ -227,6 +227,8 @@ def test_sparse_layer_decode_with_step_keeps_the_kernels_for_prefill(monkeypatch
     want = infllmv2_attn_torch(q[:, -1:], k, v, **layer.sparse_params)
     if device == "cpu" and not modeling._interpreting():
         pytest.skip("the Triton interpreter is off")
+    assert layer.decode_with_step
+    layer.decode_with_step = False
     layer.attend(q[:, -1:], k, v, step)
     assert calls == [1]
     layer.decode_with_step = True

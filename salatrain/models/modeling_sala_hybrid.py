@@ -493,9 +493,10 @@ class SparseAttention(_Projections):
             self.k_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.kernel_backend = "auto"
-        # decode one token with infllmv2_decode_torch even where the kernels run (prefill keeps them): what
-        # bench/decode_gpu.py compares with the Triton op on CUDA, where the op stays the default until measured
-        self.decode_with_step = False
+        # decode one token with infllmv2_decode_torch even where the kernels run (prefill keeps them): it reads
+        # nothing back from the device and launches fewer kernels than the Triton op (16% less time a token at 8K
+        # on an H200, docs/perf.md); False sends a decoding step to the op (bench/decode_gpu.py times both)
+        self.decode_with_step = True
 
     def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
         q, k, v = self.qkv(x)
