@@ -501,6 +501,7 @@ def test_model_norms_run_the_fused_kernel_in_eval_without_gradients(monkeypatch)
     model = SalaHybridForCausalLM(cfg).to(device).eval()
     ids = torch.randint(0, 64, (1, 20), device=device)
     with torch.no_grad():
+        model.set_kernel_backend("torch")  # (on a GPU "auto" would already take the kernel)
         want = model(ids).logits
         model.set_kernel_backend("triton")
         got = model(ids).logits

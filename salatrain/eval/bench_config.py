@@ -28,6 +28,9 @@ class BenchConfig:
     batch_size: int = at_least(1, 1)
     prefill_chunk: Optional[int] = at_least(1, None)  # feed the prompt through the cache this many tokens at a time
     warmup: int = at_least(0, 1)  # untimed prefill + decode runs before the timed ones, per model and length
+    # salatrain's models decode on CUDA with the steps between attention calls replayed as CUDA graphs
+    # (models.decode_graphs; its warm-up and capture steps untimed); false: forward a token at a time, as generate
+    decode_graphs: bool = True
     repeats: int = at_least(1, 1)  # timed runs per model and length (the median is reported)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16

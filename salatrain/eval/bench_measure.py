@@ -78,9 +78,13 @@ def synthetic_ids(vocab: int, batch: int, length: int, seed: int, device: torch.
 
 def measure(model, length: int, cfg: BenchConfig, device: torch.device) -> dict:
     """Warm-up runs, then ``cfg.repeats`` timed prefill + decode runs; medians of the timed ones."""
+    from ..models import SalaHybridForCausalLM
+    from ..models.decode_graphs import GraphDecoder
+
     arg = cache_arg(model)
     ids = synthetic_ids(model.config.vocab_size, cfg.batch_size, length, cfg.seed, device)
     clock, peak = Clock(device), PeakMemory(device)
+    graphs = cfg.decode_graphs and device.type == "cuda" and isinstance(model, SalaHybridForCausalLM)
     for _ in range(cfg.warmup):
         cache, token = prefill(model, ids, cfg.prefill_chunk, arg)
         decode(model, cache, token, min(2, cfg.decode_tokens), arg)
@@ -92,9 +96,19 @@ def measure(model, length: int, cfg: BenchConfig, device: torch.device) -> dict:
         cache, token = prefill(model, ids, cfg.prefill_chunk, arg)
         t_prefill = clock.stop()
         held = cache_bytes(cache)
-        clock.start()
-        cache, token = decode(model, cache, token, cfg.decode_tokens, arg)
-        t_decode = clock.stop()
+        if graphs:  # its warm-up steps and the capture untimed (the cache grows by those few tokens)
+            decoder = GraphDecoder(model, cache, token)
+            for _ in range(decoder.setup_steps):
+                decoder.step()
+            clock.start()
+            for _ in range(cfg.decode_tokens):
+                decoder.step()
+            t_decode = clock.stop()
+            del decoder
+        else:
+            clock.start()
+            cache, token = decode(model, cache, token, cfg.decode_tokens, arg)
+            t_decode = clock.stop()
         runs.append((t_prefill, t_decode, peak.read(), held))
         del cache, token
     t_prefill = statistics.median(r[0] for r in runs)
@@ -103,4 +117,4 @@ def measure(model, length: int, cfg: BenchConfig, device: torch.device) -> dict:
     return {"status": "ok", "prefill_s": t_prefill, "prefill_tokens_per_s": tokens / t_prefill,
             "decode_tokens_per_s": cfg.batch_size * cfg.decode_tokens / t_decode,
             "decode_tokens": cfg.decode_tokens, "peak_memory_bytes": max(r[2] for r in runs), "cache_bytes": runs[0][3],
-            "prefill_s_runs": [r[0] for r in runs]}
+            "prefill_s_runs": [r[0] for r in runs], "decode_graphs": graphs}

@@ -396,13 +396,20 @@ class FullAttention(_Projections):
             self.k_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
+        q, k, v = self.prepare(x, rope, seq)
+        if cache is not None:
+            k, v = cache.append_kv(self.layer_idx, k, v)
+        return self.finish(x, self.attend(q, k, v, seq))
+
+    def prepare(self, x, rope, seq: SeqInfo):
+        """q, k, v of the new tokens, ready for the cache and ``attend`` (forward = prepare, attend, finish)."""
         q, k, v = self.qkv(x)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.append_kv(self.layer_idx, k, v)
-        o = self.attend(q, k, v, seq)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def finish(self, x, o):
+        """The layer's output from attend's o [B, T, H, D] (x: the layer's input)."""
         return self.o_proj(o.flatten(2))
 
     def attend(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
@@ -499,6 +506,13 @@ class SparseAttention(_Projections):
         self.decode_with_step = True
 
     def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
+        q, k, v = self.prepare(x, rope, seq)
+        if cache is not None:
+            k, v = cache.append_kv(self.layer_idx, k, v)
+        return self.finish(x, self.attend(q, k, v, seq))
+
+    def prepare(self, x, rope, seq: SeqInfo):
+        """q, k, v of the new tokens, ready for the cache and ``attend`` (forward = prepare, attend, finish)."""
         q, k, v = self.qkv(x)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -507,11 +521,11 @@ class SparseAttention(_Projections):
         if self.nope_logit_scale:
             a = self.nope_logit_scale_base
             q = q * (torch.log(seq.positions.clamp(min=0).to(q.dtype) + a) / math.log(a))[..., None, None]
-        if cache is not None:
-            k, v = cache.append_kv(self.layer_idx, k, v)
-        o = self.attend(q, k, v, seq)
-        o = sigmoid_gate(o.flatten(2), self.g_proj(x))
-        return self.o_proj(o)
+        return q, k, v
+
+    def finish(self, x, o):
+        """The layer's output from attend's o [B, T, H, D] (x: the layer's input): gate, then o_proj."""
+        return self.o_proj(sigmoid_gate(o.flatten(2), self.g_proj(x)))
 
     def attend(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
         if seq.left_pad is not None:  # each row's document starts after its padding; padded queries give 0
@@ -686,8 +700,12 @@ class SalaHybridDecoderLayer(GradientCheckpointingLayer):
         self.residual_scale = config.residual_scale
 
     def forward(self, hidden_states, rope, seq, cache=None):
-        a = self.self_attn(self.input_layernorm(hidden_states), rope, seq, cache)
-        h = hidden_states + (a if self.residual_scale == 1.0 else self.residual_scale * a)
+        return self.add_mixer_and_mlp(hidden_states, self.self_attn(self.input_layernorm(hidden_states), rope, seq,
+                                                                     cache))
+
+    def add_mixer_and_mlp(self, h, a):
+        """The layer's work after its mixer: the residual add of the mixer's output a, then the MLP block."""
+        h = h + (a if self.residual_scale == 1.0 else self.residual_scale * a)
         m = self.mlp(self.post_attention_layernorm(h))
         return h + (m if self.residual_scale == 1.0 else self.residual_scale * m)
 

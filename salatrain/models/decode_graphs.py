@@ -1,0 +1,171 @@
+"""Token-by-token decoding of a SalaHybridForCausalLM with the work between attention calls replayed as CUDA graphs.
+
+At batch 1 a decoded token costs the host more than the GPU: every norm, projection, gate and Lightning step is
+a kernel launch of a few microseconds of GPU work, and the host pays ~10-20 us to dispatch each (a 1B hybrid
+decodes at ~17 ms a token on an H200 whose kernels take ~2-4 ms; bench/decode_profile.py). Lightning layers
+have a fixed-size state, so everything a decoding step does is shape-static except the softmax-type layers'
+attention over a growing cache. ``GraphDecoder`` cuts the step at those calls: each run of layers between
+two of them (embedding and RoPE tables first, final norm, head and greedy argmax last) is one CUDA graph; the
+cache append and ``attend`` of sparse and full-attention layers run eagerly between the graphs, on the same
+code as the model's forward (``prepare`` / ``attend`` / ``finish``), so the tokens are the model's own.
+
+    dec = GraphDecoder(model, cache, token)      # after a prefill: its cache and first greedy token [B, 1]
+    for _ in range(n):
+        token = dec.step()                      # the next greedy token [B, 1]; dec.cache stays the model's cache
+
+Off CUDA (or with ``graphs=False``) the same pieces run eagerly: tests/test_decode_graphs.py holds that path to
+the model's forward on the CPU, and the captured one to it on a GPU. Scope: rows without padding (a prefill of
+equal-length prompts), default RoPE, eval mode. Not used by ``generate`` (which calls ``forward`` a token at a
+time); `salatrain bench` and bench/decode_gpu.py time it beside that path.
+"""
+from __future__ import annotations
+
+import torch
+
+from .modeling_sala_hybrid import SalaHybridCache, SalaHybridForCausalLM, SeqInfo
+
+
+class GraphDecoder:
+    def __init__(self, model: SalaHybridForCausalLM, cache: SalaHybridCache, token: torch.Tensor,
+                 graphs: bool | None = None, warmup: int = 2):
+        inner = model.model
+        if model.training:
+            raise ValueError("GraphDecoder needs the model in eval mode (model.eval())")
+        if not isinstance(cache, SalaHybridCache) or cache.seen_tokens == 0:
+            raise ValueError("GraphDecoder continues a prefill: pass the SalaHybridCache it returned")
+        rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"GraphDecoder supports default RoPE only, not {rope_type!r}: decode with generate()")
+        self.model, self.inner, self.cache = model, inner, cache
+        device = token.device
+        self.graphs = device.type == "cuda" if graphs is None else graphs
+        if self.graphs and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA model")
+        self.ids = token.detach().clone().long()  # the static inputs: the token and its position
+        self.pos = torch.full_like(self.ids, cache.seen_tokens)
+        # pieces: run i covers layers[bounds[i]:bounds[i+1]]; every boundary but the last is a softmax-type layer
+        # whose prepare ends run i and whose attend (eager) and finish (run i+1) follow
+        cuts = [i for i, layer in enumerate(inner.layers) if layer.mixer_type != "linear_attention"]
+        self.cuts = cuts
+        self._graphs: list[torch.cuda.CUDAGraph] | None = None
+        self._out: list[dict] = []
+        self._attn_in: torch.Tensor | None = None
+        self._warmup = warmup if self.graphs else 0
+        self.setup_steps = self._warmup + 1 if self.graphs else 0  # eager warm-up steps, then the capturing one
+
+    # ------------------------------------------------------------------------------------------------ the pieces
+    def _seq(self) -> SeqInfo:
+        return SeqInfo(self.pos, self.cache.seen_tokens)
+
+    def _layers(self, h, lo: int, hi: int, rope, seq, attn_out=None, x_in=None, h_in=None):
+        """Layers lo..hi-1 from hidden state h; layer lo starts at its finish when attn_out is given (its mixer's
+        input x_in and residual stream h_in kept from the run before); a softmax-type layer hi stops after its
+        prepare. Returns the state the next eager part needs."""
+        layers = self.inner.layers
+        for i in range(lo, hi):
+            layer = layers[i]
+            if i == lo and attn_out is not None:
+                h = layer.add_mixer_and_mlp(h_in, layer.self_attn.finish(x_in, attn_out))
+            else:
+                h = layer(h, rope, seq, self.cache)
+        if hi < len(layers):
+            x = layers[hi].input_layernorm(h)
+            q, k, v = layers[hi].self_attn.prepare(x, rope, seq)
+            return {"h": h, "x": x, "q": q, "k": k, "v": v}
+        h = self.inner.norm(h)
+        if self.model.config.logit_scale != 1.0:
+            h = h * self.model.config.logit_scale
+        return {"token": self.model.lm_head(h).argmax(-1)}
+
+    def _head(self):
+        """Piece 0: embedding, RoPE tables of the new position, then the layers up to the first cut."""
+        h = self.inner.embed_tokens(self.ids)
+        if self.model.config.scale_emb != 1.0:
+            h = h * self.model.config.scale_emb
+        rope = self.inner.rotary_emb(h, self.pos)
+        out = self._layers(h, 0, self._bound(0), rope, self._seq())
+        return {**out, "rope": rope}
+
+    def _bound(self, piece: int) -> int:
+        return self.cuts[piece] if piece < len(self.cuts) else len(self.inner.layers)
+
+    def _piece(self, piece: int, prev: dict, rope, attn_out):
+        lo = self.cuts[piece - 1]
+        return self._layers(prev["h"], lo, self._bound(piece), rope, self._seq(), attn_out, prev["x"], prev["h"])
+
+    def _attend(self, piece: int, prev: dict) -> torch.Tensor:
+        """The eager part after piece `piece`: the softmax-type layer's cache append and attention."""
+        mixer = self.inner.layers[self.cuts[piece]].self_attn
+        k, v = self.cache.append_kv(mixer.layer_idx, prev["k"], prev["v"])
+        return mixer.attend(prev["q"], k, v, self._seq())
+
+    # --------------------------------------------------------------------------------------------------- a step
+    def _eager_step(self) -> torch.Tensor:
+        out = self._head()
+        rope = out["rope"]
+        for piece in range(1, len(self.cuts) + 1):
+            o = self._attend(piece - 1, out)
+            out = self._piece(piece, out, rope, o)
+        return out["token"]
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Decode one token: the greedy next token [B, 1] after the current one (the cache grows by one)."""
+        if self._warmup > 0 or not self.graphs:
+            token = self._eager_step()
+            self._warmup -= 1
+        elif self._graphs is None:
+            token = self._capture_step()
+        else:
+            token = self._replay_step()
+        self.cache.seen_tokens += 1
+        self.ids.copy_(token)
+        self.pos.add_(1)
+        return token.clone()
+
+    def _static_states(self):
+        """Lightning states the graphs read and write in place: the cache keeps these tensors."""
+        for i, s in enumerate(self.cache.states):
+            if s is not None:
+                self.cache.states[i] = s.clone()
+        return list(self.cache.states)
+
+    def _keep_states(self, static):
+        """After a capture: copy each new state into its static tensor (in the graph) and keep the static one."""
+        for i, s in enumerate(static):
+            if s is not None and self.cache.states[i] is not s:
+                s.copy_(self.cache.states[i])
+                self.cache.states[i] = s
+
+    def _capture_step(self) -> torch.Tensor:
+        """Capture each piece, replay it (capturing runs nothing), and run the eager parts between them."""
+        static = self._static_states()
+        pool = torch.cuda.graph_pool_handle()
+        graphs, outs = [], []
+        torch.cuda.synchronize()
+        for piece in range(len(self.cuts) + 1):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                if piece == 0:
+                    out = self._head()
+                else:
+                    out = self._piece(piece, outs[-1], outs[0]["rope"], self._attn_in)
+                self._keep_states(static)
+            g.replay()
+            graphs.append(g)
+            outs.append(out)
+            if piece < len(self.cuts):  # one static buffer serves every cut: the pieces run one after another
+                o = self._attend(piece, out)
+                if self._attn_in is None:
+                    self._attn_in = torch.empty_like(o)
+                self._attn_in.copy_(o)
+        self._graphs, self._out = graphs, outs
+        return outs[-1]["token"]
+
+    def _replay_step(self) -> torch.Tensor:
+        outs = self._out
+        for piece, g in enumerate(self._graphs):
+            g.replay()
+            if piece < len(self.cuts):
+                self._attn_in.copy_(self._attend(piece, outs[piece]))
+        return outs[-1]["token"]
