@@ -42,6 +42,7 @@ from tests.helpers.naive import infllmv2_block_attn_naive, selection_margin  # n
 
 HQ, HKV, D = 32, 2, 128
 SHARE = (4, 8)  # share_tokens timed beside the per-query kernels
+ATOMIC_ROWS = (64, 32, 128)  # query rows a gathered dk/dv step, timed with dq_mode="atomic"
 CORRELATION_TOKENS = 256  # "correlated" q/k: a moving sum over this many positions
 SALA = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=64, window_size=2048, dense_len=8192)
 GATE = dict(SALA, topk=8, window_size=256, dense_len=512)
@@ -60,6 +61,17 @@ BASELINES = {
 
 
 # ------------------------------------------------------------------------------------------------ baselines
+def _with_dkdv_rows(n, fn):
+    """fn() with the gathered dk/dv kernel taking n query rows a step (the plan's DKDV_ROWS, restored after)."""
+    from salatrain_kernels.infllm_v2 import plan
+
+    before, plan.DKDV_ROWS = plan.DKDV_ROWS, n
+    try:
+        return fn()
+    finally:
+        plan.DKDV_ROWS = before
+
+
 def sdpa_default(q, k, v):
     """Dense causal GQA attention with torch's default dispatch; q, k, v contiguous [B, H, T, D]."""
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -102,7 +114,7 @@ def _rule(out, ref, lowp, rel_eps=1e-4):
     return ok, f"err {err:.2e} vs torch-lowp {err_lp:.2e}"
 
 
-def gate(device, dtype, normalizer):
+def gate(device, dtype, normalizer, dq_mode="gather"):
     """Full op at T = 2048 (G = 16, D = 128): selection vs reference, output and gradients within 2x torch-lowp."""
     g = torch.Generator(device="cpu").manual_seed(0)
     T, (heads, kv_heads) = GATE_T, GATE_HEADS
@@ -124,7 +136,7 @@ def gate(device, dtype, normalizer):
     attn_kw = dict(block_size=GATE["block_size"], dense_len=GATE["dense_len"])
     outs = {}
     for name, fn, cast in (
-        ("ours", lambda *x: infllmv2_attn(*x, backend="triton", normalizer=normalizer, **GATE), None),
+        ("ours", lambda *x: infllmv2_attn(*x, backend="triton", normalizer=normalizer, dq_mode=dq_mode, **GATE), None),
         ("ref", lambda *x: infllmv2_block_attn_naive(*x, idx, **attn_kw), torch.float32),
         ("lowp", lambda *x: infllmv2_block_attn_naive(*x, idx, upcast=False, **attn_kw), None),
     ):
@@ -305,7 +317,7 @@ def block_overlap(q, k, tq, settings=SALA):
     return (ucount.float().sum() / counts[:, rows.long()].float().sum()).item()
 
 
-def bench_T(T, dtype, device, impls, ceilings, quick, data="random"):
+def bench_T(T, dtype, device, impls, ceilings, quick, data="random", extras=True):
     q, k, v, do = make_inputs(T, dtype, device, data)
     bhtd = [x.transpose(1, 2).contiguous() for x in (q, k, v, do)]  # the layout a dense user holds
     rows = []
@@ -317,9 +329,9 @@ def bench_T(T, dtype, device, impls, ceilings, quick, data="random"):
         rows.append(_row(T, name, ms_f, ms_fb, peak, work, ceilings, note, data=data))
         print(f"[row] T={T} {name}: fwd {ms_f} ms, fwd+bwd {ms_fb} ms, peak {peak}", flush=True)
         torch.cuda.empty_cache()
-    if T > SALA["dense_len"] and data == "random":
+    if T > SALA["dense_len"] and data == "random" and extras:
         rows += stage_rows(T, q, k, v, do, ceilings, quick)
-    if T > SALA["dense_len"]:
+    if T > SALA["dense_len"] and extras:
         for tq in SHARE:
             ratio = block_overlap(q, k, tq)
             print(f"[overlap] T={T} {data}: share x{tq} loads {ratio:.3f} of the unshared blocks", flush=True)
@@ -355,9 +367,10 @@ def measure_ceilings():
     return {"matmul_tflops": 2 * n**3 / ms / 1e9}
 
 
-def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda"):
+def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda", only=None):
     t0 = time.time()
     gates = {norm: gate(device, dtype, norm) for norm in ("exact", "coarse")}
+    gates["atomic dq"] = gate(device, dtype, "exact", dq_mode="atomic")
     for norm, (ok, note) in gates.items():
         print(f"[gate] infllmv2 {norm}: {'PASS' if ok else 'FAIL'} ({note})", flush=True)
     print(f"[infllmv2] gates {time.time() - t0:.0f} s", flush=True)
@@ -372,6 +385,13 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda")
         impls = [(OURS, lambda q, k, v: infllmv2_attn(q, k, v, backend="triton", **SALA), flops(T, "exact"),
                   "scoring + selection + attention; dense prefix via SDPA"),
                  (DENSE, sdpa_default, flops(T), "dense causal, default dispatch (the baseline)")]
+        if sparse_rows and gates["atomic dq"][0]:
+            for n_rows in ATOMIC_ROWS:
+                impls.append((f"triton (atomic dq{'' if n_rows == 64 else f', {n_rows} rows'})",
+                              lambda q, k, v, n_rows=n_rows: _with_dkdv_rows(n_rows, lambda: infllmv2_attn(
+                                  q, k, v, backend="triton", dq_mode="atomic", **SALA)), flops(T, "exact"),
+                              f"sparse rows' dq added in the dk/dv pass with fp32 atomics (dq_mode=atomic), "
+                              f"{n_rows} query rows a dk/dv step"))
         for tq in SHARE if sparse_rows else ():
             impls.append((f"triton shared x{tq}", lambda q, k, v, tq=tq: infllmv2_attn(
                 q, k, v, backend="triton", share_tokens=tq, **SALA), flops(T, "exact"),
@@ -386,13 +406,15 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda")
         impls.append(("sdpa flash forced (dense)", sdpa_flash_forced, flops(T), "dense causal, FA2 forced"))
         if nsa is not None:
             impls.append(("fla parallel_nsa top16x64", nsa, None, "compression + top-16 x 64 selection"))
-        rows += bench_T(T, dtype, device, impls, ceilings, quick)
+        if only:  # ours and the baseline always, then the named rows
+            impls = [i for i in impls if i[0] in (OURS, DENSE) or any(name in i[0] for name in only)]
+        rows += bench_T(T, dtype, device, impls, ceilings, quick, extras=not only)
         torch.cuda.empty_cache()
         # the same kernels on q/k that drift along T as a converted model's do (selections overlap); dense
         # attention's time does not depend on the values
         if sparse_rows:
-            ours = [i for i in impls if i[0] == OURS or i[0].startswith("triton shared")]
-            rows += bench_T(T, dtype, device, ours, ceilings, quick, data="correlated")
+            ours = [i for i in impls if i[0] == OURS or i[0].startswith("triton shared") or "atomic" in i[0]]
+            rows += bench_T(T, dtype, device, ours, ceilings, quick, data="correlated", extras=not only)
             torch.cuda.empty_cache()
         print(f"[infllmv2] T={T} done ({time.time() - t0:.0f} s)", flush=True)
     if nsa is None:
@@ -404,11 +426,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T = 8K and 32K, shorter timing loops")
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 8K 32K 128K)")
+    p.add_argument("--only", nargs="+", help="time only the rows whose name contains one of these (ours and the "
+                   "dense baseline always), e.g. --only atomic 'shared x4'")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_infllmv2.py needs a CUDA GPU")
     T_list = args.T or ([8192, 32768] if args.quick else [8192, 32768, 131072])
-    rows = run(T_list, torch.bfloat16, ceilings=measure_ceilings(), quick=args.quick)
+    rows = run(T_list, torch.bfloat16, ceilings=measure_ceilings(), quick=args.quick, only=args.only)
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]

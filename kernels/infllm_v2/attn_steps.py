@@ -59,13 +59,14 @@ def dq_update(dq, p, do, kt, vt, delta, PREC: tl.constexpr):
 
 @triton.jit
 def dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC: tl.constexpr):
-    """dv += Pᵀ·dO and dk += dSᵀ·Q for the transposed scores s_t [keys, rows] (visible where vis)."""
+    """dv += Pᵀ·dO and dk += dSᵀ·Q for the transposed scores s_t [keys, rows] (visible where vis); also returns
+    dSᵀ [keys, rows] (in q's dtype), from which a caller may take the rows' dq part dS·K."""
     p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
     dp_t = tl.dot(vt, tl.trans(do), input_precision=PREC)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
-    return dk, dv
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q, input_precision=PREC)
+    return dk, dv, ds_t
 
 
 @triton.jit

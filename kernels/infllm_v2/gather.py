@@ -11,7 +11,9 @@ dq walks the same lists. dk/dv use the transposed map (``AttnPlan.key_map``): th
 entries sorted by (group, block) and cut into chunks (their number stays on the device: programs past it return
 at once); a program loads its K/V block once, gathers TP queries ×
 G heads of q/dO per step and adds dk/dv into fp32 buffers with atomics (so the last bits of dk/dv may vary run
-to run).
+to run). With DQ the same program also adds each query's dq part from its block, dS·K, into an fp32 dq buffer
+with atomics (dq_mode="atomic"): one pass over the (query, block) entries instead of two, at the price of
+run-to-run rounding in dq too and an fp32 dq buffer of all rows.
 """
 from __future__ import annotations
 
@@ -152,14 +154,14 @@ def _gather_dq_kernel(
 
 @triton.jit
 def _gather_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
     chunk_key_ptr, chunk_e0_ptr, chunk_e1_ptr, n_chunks_ptr, entry_row_ptr, gb_krow0_ptr, gb_kend_ptr,
     row_pos_ptr, row_kbase_ptr,
     num_gblocks,
-    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_dkr, stride_dkh,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_dkr, stride_dkh, stride_dqr, stride_dqh,
     scale_log2, scale,
     G: tl.constexpr, GP: tl.constexpr, TP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DQ: tl.constexpr,
 ):
     M: tl.constexpr = TP * GP
     c = tl.program_id(0)
@@ -188,11 +190,15 @@ def _gather_dkdv_kernel(
         e_ok = (ent < e1) & (g < G)
         r = tl.load(entry_row_ptr + ent, mask=e_ok, other=0)
         q_krow = tl.load(row_kbase_ptr + r, mask=e_ok, other=0) + tl.load(row_pos_ptr + r, mask=e_ok, other=0)
-        _, _, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r.to(tl.int64), heads, e_ok, d, dm,
-                                                stride_qr, stride_qh, stride_lr)
+        _, qd_mask, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r.to(tl.int64), heads, e_ok,
+                                                      d, dm, stride_qr, stride_qh, stride_lr)
         s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, M]
         vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
-        dk, dv = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
+        dk, dv, ds_t = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
+        if DQ:  # the queries' dq part from this block, dS·K (times scale), added into the fp32 dq buffer
+            dq = tl.dot(tl.trans(ds_t), kt, input_precision=PREC) * scale  # [M, BD]
+            dq_off = (r.to(tl.int64) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
+            tl.atomic_add(dq_ptr + dq_off, dq, mask=qd_mask)
     store_dkdv(dk_ptr, dv_ptr, dk, dv, krow, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh)
 
 

@@ -81,6 +81,7 @@ def infllmv2_attn(
     local_blocks: str = "token",
     dense_prefix_sdpa: bool = True,
     share_tokens: int = 1,
+    dq_mode: str = "gather",
 ) -> torch.Tensor:
     """InfLLM-V2 sparse attention; o has q's shape and dtype. Semantics: see the package docstring.
 
@@ -92,6 +93,9 @@ def infllmv2_attn(
     fp32, varlen and Tq < Tk always use Triton.
     share_tokens: Triton only, 1, 2, 4, 8 or 16: > 1 lets that many neighbouring sparse queries share each
     gathered block (one load, per-query masks; exact, see shared.py); 1 gives every query its own (the default).
+    dq_mode: Triton only: "gather" computes the sparse rows' dq over gathered blocks in a pass of its own per
+    query; "atomic" adds it in the dk/dv pass over the blocks' query lists (fp32 atomics: one pass fewer, dq's
+    last bits vary run to run, an fp32 buffer of q's size). With share_tokens > 1 dq keeps its own pass.
     """
     check_qkv(q, k, v, cu_seqlens)
     params = SparseParams(
@@ -118,9 +122,9 @@ def infllmv2_attn(
         # the dense rows see only keys before the first sparse row: the prefix is plain causal attention
         parts = [dense_causal_sdpa(q[:, :prefix], k[:, :prefix], v[:, :prefix], scale)]
         if prefix < seqlen_q:
-            parts.append(_sparse(q[:, prefix:], k, v, None, params, scale, share_tokens))
+            parts.append(_sparse(q[:, prefix:], k, v, None, params, scale, share_tokens, dq_mode))
         return torch.cat(parts, dim=1)
-    return _sparse(q, k, v, cu_seqlens, params, scale, share_tokens)
+    return _sparse(q, k, v, cu_seqlens, params, scale, share_tokens, dq_mode)
 
 
 def dense_prefix_rows(num_keys: int, params: SparseParams) -> int:
@@ -141,7 +145,7 @@ def dense_causal_sdpa(q, k, v, scale):
     return out.transpose(1, 2)
 
 
-def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float, share_tokens: int = 1):
+def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float, share_tokens: int = 1, dq_mode: str = "gather"):
     batch, seqlen_q, heads, dim = q.shape
     kv_heads = k.shape[2]
     layout = DocLayout.build(q, k, cu_seqlens)
@@ -153,5 +157,5 @@ def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float, share_token
                                params.local_blocks)
     plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, params.block_size, scale, params.dense_len,
                     local_window=params.window_size if split else 0, dense_len_mode=params.dense_len_mode,
-                    local_blocks=params.local_blocks, share_tokens=share_tokens)
+                    local_blocks=params.local_blocks, share_tokens=share_tokens, dq_mode=dq_mode)
     return SparseAttnFn.apply(q, k, v, block_idx, plan)

@@ -27,6 +27,8 @@ from .window import _local_dkdv_kernel, _local_dq_kernel, local_fwd
 
 __all__ = ["AttnPlan", "SparseAttnFn", "sort_block_lists", "window_split_exact"]
 
+DQ_MODES = ("gather", "atomic")
+DKDV_ROWS = 64  # gathered dk/dv: query rows (queries x G heads) per step on tensor cores
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
 PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
@@ -71,9 +73,15 @@ class AttnPlan:
 
     def __init__(self, layout: DocLayout, heads: int, kv_heads: int, dim: int, dtype, block_size: int,
                  scale: float, dense_len: int, local_window: int = 0, part_budget_bytes: int | None = None,
-                 dense_len_mode: str = "position", local_blocks: str = "token", share_tokens: int = 1):
+                 dense_len_mode: str = "position", local_blocks: str = "token", share_tokens: int = 1,
+                 dq_mode: str = "gather"):
         check_share(share_tokens)
+        if dq_mode not in DQ_MODES:
+            raise ValueError(f"dq_mode must be one of {', '.join(DQ_MODES)}, got {dq_mode!r}")
         self.share = share_tokens  # > 1: neighbouring sparse rows share their gathered blocks (shared.py)
+        # the sparse rows' gathered dq: "gather" walks each query's block list (its own pass), "atomic" adds it in
+        # the dk/dv pass over the transposed lists (shared blocks keep their own dq pass)
+        self.dq_atomic = dq_mode == "atomic" and share_tokens == 1
         self._unions: dict[int, tuple] = {}
         self.layout, self.heads, self.kv_heads, self.dim = layout, heads, kv_heads, dim
         self.group = heads // kv_heads
@@ -95,7 +103,7 @@ class AttnPlan:
         self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
         self.dkdv_chunk = 4096 if interpreting() else DKDV_CHUNK
         # gathered dk/dv: query rows (TP queries x G heads, padded) per step; local dk/dv: programs per group
-        self.dkdv_rows = 256 if interpreting() else (32 if self.prec == "ieee" else 64)
+        self.dkdv_rows = 256 if interpreting() else (32 if self.prec == "ieee" else DKDV_ROWS)
         self.dkdv_nsplit = min(self.group, 4)
         # local dk/dv: key tile x query step (Triton's flash-attention backward uses 128 keys x 32 queries; the
         # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
@@ -236,12 +244,19 @@ class AttnPlan:
                      stride_lr=lse.stride(0), scale_log2=self.scale * LOG2E, scale=self.scale)
         wide = self.bd >= 128
         tune = should_tune(q3, self.group)
+        any_sparse = any(ch.sparse_rows.numel() for ch in self.chunks)
+        dq_acc = None
+        if any_sparse and self.dq_atomic:  # the gathered dq of every sparse row, added by the dk/dv pass
+            dq_acc = torch.zeros(q3.shape, dtype=torch.float32, device=q3.device)
+            self._gather_dkdv(grads, idx3, counts, dk, dv, 8 if wide else 4, dq_acc)
         for ci, ch in enumerate(self.chunks):
             part, base = dq, 0
             n_sparse = ch.sparse_rows.numel()
-            if n_sparse and self.window:
+            if n_sparse and dq_acc is not None:
+                part, base = dq_acc, 0
+            elif n_sparse and self.window:
                 part, base = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device), ch.lo
-            if n_sparse and self.share > 1:
+            if n_sparse and dq_acc is None and self.share > 1:
                 u, ubits, ucount, gb_krow0, gb_kend = self._union(ci, idx3, counts)
                 shared_dq.launch(
                     (ucount.shape[1], self.kv_heads), tune,
@@ -250,7 +265,7 @@ class AttnPlan:
                     out_row_base=base, stride_uh=u.stride(0), stride_ut=u.stride(1), stride_ch=ucount.stride(0),
                     stride_dqr=part.stride(0), stride_dqh=part.stride(1), **self._shared_meta(),
                 )
-            elif n_sparse:
+            elif n_sparse and dq_acc is None:
                 gather_dq.launch(
                     (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
                     **grads, dq_ptr=part, idx_ptr=idx3, count_ptr=counts, rows_ptr=ch.sparse_rows, n_rows=n_sparse,
@@ -276,21 +291,26 @@ class AttnPlan:
                 **dict(self._local_meta(self.dkdv_bm), BN=self.dkdv_bn), NSPLIT=nsplit,
                 num_warps=8 if wide else 4, num_stages=2,
             )
-        if any(ch.sparse_rows.numel() for ch in self.chunks):
+        if dq_acc is not None and not self.window:  # sparse rows took no local dq kernel: their whole dq
+            rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()
+            dq.index_copy_(0, rows, dq_acc.index_select(0, rows).to(dq.dtype))
+        elif any_sparse and dq_acc is None:
             self._gather_dkdv(grads, idx3, counts, dk, dv, 8 if wide else 4)
         return dq, dk.to(k3.dtype), dv.to(v3.dtype)
 
-    def _gather_dkdv(self, grads, idx3, counts, dk, dv, num_warps):
+    def _gather_dkdv(self, grads, idx3, counts, dk, dv, num_warps, dq_acc=None):
         chunks, n_chunks, entry_row, gb_krow0, gb_kend, num_gblocks = self.key_map(idx3, counts)
         group_pad = next_pow2(self.group)
         per_step = max(1, self.dkdv_rows // group_pad)
+        dq_out = dk if dq_acc is None else dq_acc  # (an unused pointer without DQ)
         _gather_dkdv_kernel[(chunks[0].numel(),)](
-            **grads, dk_ptr=dk, dv_ptr=dv, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1], chunk_e1_ptr=chunks[2],
-            n_chunks_ptr=n_chunks,
+            **grads, dk_ptr=dk, dv_ptr=dv, dq_ptr=dq_out, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1],
+            chunk_e1_ptr=chunks[2], n_chunks_ptr=n_chunks,
             entry_row_ptr=entry_row, gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend, **self.row_tables,
             num_gblocks=num_gblocks, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
+            stride_dqr=dq_out.stride(0), stride_dqh=dq_out.stride(1),
             G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, PREC=self.prec,
-            num_warps=num_warps, num_stages=2,
+            DQ=dq_acc is not None, num_warps=num_warps, num_stages=2,
         )
 
     def key_map(self, idx3, counts):

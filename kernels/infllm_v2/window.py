@@ -247,7 +247,7 @@ def _local_dkdv_kernel(
                                                     stride_qr, stride_qh, stride_lr)
             s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BN, BM]
             vis = (kp[:, None] <= tq[None, :]) & (kp[:, None] >= lo[None, :]) & k_ok[:, None] & q_ok[None, :]
-            dk, dv = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
+            dk, dv, _ = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
     store_dkdv(dk_ptr, dv_ptr, dk, dv, kstart + kp, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh)
 
 

@@ -240,6 +240,40 @@ def test_shared_blocks_match_reference(case, share, monkeypatch):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+ATOMIC_DQ_CASES = ["g2_exact", "g16", "varlen_3docs", "chunked_prefill", "decode", "straddle_dense_len",
+                   "forced_exceed_k", "window_24"]
+
+
+@interpreter
+@pytest.mark.parametrize("case", ATOMIC_DQ_CASES + ["released_rules"])
+def test_atomic_dq_matches_reference(case, monkeypatch):
+    """dq_mode="atomic": the sparse rows' gathered dq comes from the dk/dv pass over the blocks' query lists (the
+    per-query dq kernel must not run), with and without the local window split, across documents, chunked
+    prefill and decoding rows, under both forms of the rules; outputs and every gradient as the reference."""
+    from salatrain_kernels.infllm_v2 import plan
+
+    monkeypatch.setattr(plan, "gather_dq", None)
+    rules = case == "released_rules"
+    c = dict(FULL_CASES["g2_exact" if rules else case])
+    cu = c.pop("cu", None)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = make_qkv(*c.pop("shape"), seed=len(case) + 11)
+    kwargs = dict(SMALL, cu_seqlens=cu, **c)
+    if rules:
+        kwargs.update(dense_len_mode="sequence", local_blocks="block", dense_len=40)
+    out = infllmv2_attn(q, k, v, backend="triton", dq_mode="atomic", **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_dq_mode_is_checked():
+    q, k, v = make_qkv(1, 40, 40, 2, 1, 16)
+    with pytest.raises(ValueError, match="dq_mode must be one of gather, atomic"):
+        infllmv2_attn(q, k, v, backend="triton", dq_mode="fast", **dict(SMALL, dense_len=0))
+
+
 @interpreter
 @pytest.mark.parametrize("mode, local", [("sequence", "block"), ("position", "block")])
 def test_shared_blocks_under_the_released_rules(mode, local):
@@ -561,6 +595,7 @@ def test_gpu_full_op(dtype, shape, cu):
     kwargs = dict(GPU, cu_seqlens=cu)
     out = infllmv2_attn(q, k, v, backend="triton", dense_prefix_sdpa=False, **kwargs)
     with_sdpa = infllmv2_attn(q, k, v, backend="triton", **kwargs)  # dense prefix through torch SDPA when possible
+    atomic = infllmv2_attn(q, k, v, backend="triton", dq_mode="atomic", **kwargs)  # dq in the dk/dv pass
     idx = triton_block_idx(q, k, cu, shape[2])
     stages = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"],
                                  cu_seqlens=cu)
@@ -578,7 +613,7 @@ def test_gpu_full_op(dtype, shape, cu):
     for result in (out, with_sdpa, stages):
         within_rule(result, ref, lowp)
     ref_grads, lowp_grads = grads(ref, (qf, kf, vf)), grads(lowp, (q, k, v))
-    for result in (out, with_sdpa):
+    for result in (out, with_sdpa, atomic):
         for got, want, torch_lowp in zip(grads(result, (q, k, v)), ref_grads, lowp_grads):
             within_rule(got, want, torch_lowp, eps=1e-4)
 
