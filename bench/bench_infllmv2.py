@@ -42,7 +42,7 @@ from tests.helpers.naive import infllmv2_block_attn_naive, selection_margin  # n
 
 HQ, HKV, D = 32, 2, 128
 SHARE = (4, 8)  # share_tokens timed beside the per-query kernels
-ATOMIC_ROWS = (64, 32, 128)  # query rows a gathered dk/dv step, timed with dq_mode="atomic"
+ATOMIC_ROWS = (64,)  # query rows a gathered dk/dv step, timed with dq_mode="atomic" (32 and 128 lost more: perf.md)
 CORRELATION_TOKENS = 256  # "correlated" q/k: a moving sum over this many positions
 SALA = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=64, window_size=2048, dense_len=8192)
 GATE = dict(SALA, topk=8, window_size=256, dense_len=512)
