@@ -111,6 +111,25 @@ def test_out_of_memory_is_a_row(hybrid_dir, tiny_lm_dir, tmp_path, monkeypatch, 
     assert sum(" OOM " in line for line in table.splitlines()) == 2
 
 
+def test_a_decode_the_cuda_graphs_cannot_take_is_run_eagerly_and_said(hybrid_dir, tmp_path, monkeypatch, capsys):
+    """decode_graphs: where GraphDecoder fails (injected: a step raising as a failed capture does), that length is
+    measured again from a fresh prefill, decoding as generate does, and the row says why."""
+    from salatrain.eval import bench_measure
+    from salatrain.models.decode_graphs import GraphDecoder
+
+    def broken_step(self):
+        raise RuntimeError("operation not permitted when stream is capturing (injected)")
+
+    monkeypatch.setattr(bench_measure, "graphs_apply", lambda model, device: True)  # as on CUDA
+    monkeypatch.setattr(GraphDecoder, "step", broken_step)
+    out = tmp_path / "bench"
+    assert _bench(f"model={hybrid_dir}", "lengths=[96]", "decode_tokens=3", "repeats=2", f"output_dir={out}") == 0
+    (row,) = json.loads((out / "bench.json").read_text())["results"]
+    assert row["status"] == "ok" and row["decode_graphs"] is False and row["decode_tokens_per_s"] > 0
+    assert "CUDA graphs failed (operation not permitted" in row["decode_note"] and len(row["prefill_s_runs"]) == 2
+    assert "decoded eagerly" in capsys.readouterr().out
+
+
 def test_what_counts_as_out_of_memory():
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"))

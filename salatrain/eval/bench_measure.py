@@ -4,12 +4,15 @@ then token-by-token decoding with that cache; warm-up runs first, medians of the
 from __future__ import annotations
 
 import inspect
+import logging
 import statistics
 
 import torch
 
 from .bench_config import BenchConfig
-from .bench_device import Clock, PeakMemory
+from .bench_device import Clock, PeakMemory, is_oom
+
+log = logging.getLogger("salatrain.eval.bench")
 
 
 def load_bench_model(kind: str, path, device: torch.device, dtype: torch.dtype):
@@ -78,33 +81,32 @@ def synthetic_ids(vocab: int, batch: int, length: int, seed: int, device: torch.
 
 def measure(model, length: int, cfg: BenchConfig, device: torch.device) -> dict:
     """Warm-up runs, then ``cfg.repeats`` timed prefill + decode runs; medians of the timed ones."""
-    from ..models import SalaHybridForCausalLM
-    from ..models.decode_graphs import GraphDecoder
-
     arg = cache_arg(model)
     ids = synthetic_ids(model.config.vocab_size, cfg.batch_size, length, cfg.seed, device)
     clock, peak = Clock(device), PeakMemory(device)
-    graphs = cfg.decode_graphs and device.type == "cuda" and isinstance(model, SalaHybridForCausalLM)
+    graphs, note = cfg.decode_graphs and graphs_apply(model, device), ""
     for _ in range(cfg.warmup):
         cache, token = prefill(model, ids, cfg.prefill_chunk, arg)
         decode(model, cache, token, min(2, cfg.decode_tokens), arg)
         del cache, token
     runs = []
-    for _ in range(cfg.repeats):
+    while len(runs) < cfg.repeats:
         peak.reset()
         clock.start()
         cache, token = prefill(model, ids, cfg.prefill_chunk, arg)
         t_prefill = clock.stop()
         held = cache_bytes(cache)
-        if graphs:  # its warm-up steps and the capture untimed (the cache grows by those few tokens)
-            decoder = GraphDecoder(model, cache, token)
-            for _ in range(decoder.setup_steps):
-                decoder.step()
-            clock.start()
-            for _ in range(cfg.decode_tokens):
-                decoder.step()
-            t_decode = clock.stop()
-            del decoder
+        if graphs:
+            try:
+                t_decode = _decode_graphed(model, cache, token, cfg.decode_tokens, clock)
+            except RuntimeError as e:  # (out of memory goes up as a row of its own)
+                if is_oom(e):
+                    raise
+                # a step the graphs could not take: this model decodes as generate does, said in the row
+                graphs, note = False, f"CUDA graphs failed ({str(e).strip().splitlines()[0][:120]}); decoded eagerly"
+                log.warning("bench: %s", note)
+                del cache, token
+                continue
         else:
             clock.start()
             cache, token = decode(model, cache, token, cfg.decode_tokens, arg)
@@ -117,4 +119,25 @@ def measure(model, length: int, cfg: BenchConfig, device: torch.device) -> dict:
     return {"status": "ok", "prefill_s": t_prefill, "prefill_tokens_per_s": tokens / t_prefill,
             "decode_tokens_per_s": cfg.batch_size * cfg.decode_tokens / t_decode,
             "decode_tokens": cfg.decode_tokens, "peak_memory_bytes": max(r[2] for r in runs), "cache_bytes": runs[0][3],
-            "prefill_s_runs": [r[0] for r in runs], "decode_graphs": graphs}
+            "prefill_s_runs": [r[0] for r in runs], "decode_graphs": graphs, "decode_note": note}
+
+
+def graphs_apply(model, device: torch.device) -> bool:
+    """Whether ``decode_graphs`` decodes this model with CUDA graphs: salatrain's models on CUDA."""
+    from ..models import SalaHybridForCausalLM
+
+    return device.type == "cuda" and isinstance(model, SalaHybridForCausalLM)
+
+
+def _decode_graphed(model, cache, token, steps: int, clock) -> float:
+    """Seconds for ``steps`` tokens through GraphDecoder, after its warm-up and capturing steps (untimed; the cache
+    grows by those few tokens)."""
+    from ..models.decode_graphs import GraphDecoder
+
+    decoder = GraphDecoder(model, cache, token)
+    for _ in range(decoder.setup_steps):
+        decoder.step()
+    clock.start()
+    for _ in range(steps):
+        decoder.step()
+    return clock.stop()

@@ -50,7 +50,8 @@ def table(report: dict) -> str:
                _num(None if r["cache_bytes"] is None else r["cache_bytes"] / 2**20, ".1f")]
         if base is not None:
             row += [_num(r.get("prefill_speedup"), ".2f"), _num(r.get("decode_speedup"), ".2f")]
-        row.append(r["note"] if oom else ("decode: CUDA graphs" if r.get("decode_graphs") else ""))
+        row.append(r["note"] if oom else (r.get("decode_note") or ("decode: CUDA graphs" if r.get("decode_graphs")
+                                                                     else "")))
         rows.append(row)
     rows = _right_aligned(header, rows, skip={1, len(header) - 1})
     title = (f"{dev['name']} ({dev['type']}), {dev['dtype']}, batch {dev['batch_size']}, "
