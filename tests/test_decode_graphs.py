@@ -42,6 +42,16 @@ def test_eager_pieces_decode_the_model_s_own_tokens_and_cache(prompt_len):
             assert torch.equal(a, b)
 
 
+def test_from_prompt_prefills_as_the_model_does():
+    model = tiny_hybrid(seed=2)
+    ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(5))
+    dec, token = GraphDecoder.from_prompt(model, ids, graphs=False)
+    got = torch.cat([token] + [dec.step() for _ in range(10)], 1)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=11, do_sample=False, min_new_tokens=11)[:, 30:]
+    assert torch.equal(got, want)
+
+
 def test_graph_decoder_refuses_what_it_cannot_decode():
     model = tiny_hybrid(seed=0)
     ids = torch.randint(0, 96, (1, 8))

@@ -9,9 +9,11 @@ two of them (embedding and RoPE tables first, final norm, head and greedy argmax
 cache append and ``attend`` of sparse and full-attention layers run eagerly between the graphs, on the same
 code as the model's forward (``prepare`` / ``attend`` / ``finish``), so the tokens are the model's own.
 
-    dec = GraphDecoder(model, cache, token)      # after a prefill: its cache and first greedy token [B, 1]
+    dec, token = GraphDecoder.from_prompt(model, input_ids)   # prefill; the first greedy token [B, 1]
     for _ in range(n):
         token = dec.step()                      # the next greedy token [B, 1]; dec.cache stays the model's cache
+
+(``GraphDecoder(model, cache, token)`` continues a prefill made otherwise: its SalaHybridCache and first token.)
 
 Off CUDA (or with ``graphs=False``) the same pieces run eagerly: tests/test_decode_graphs.py holds that path to
 the model's forward on the CPU, and the captured one to it on a GPU. Scope: rows without padding (a prefill of
@@ -52,6 +54,17 @@ class GraphDecoder:
         self._attn_in: torch.Tensor | None = None
         self._warmup = warmup if self.graphs else 0
         self.setup_steps = self._warmup + 1 if self.graphs else 0  # eager warm-up steps, then the capturing one
+
+    @classmethod
+    @torch.no_grad()
+    def from_prompt(cls, model: SalaHybridForCausalLM, input_ids: torch.Tensor, **kw) -> tuple[GraphDecoder,
+                                                                                               torch.Tensor]:
+        """Prefill input_ids [B, T] (rows without padding) through the model; returns (decoder, first greedy token
+        [B, 1]); ``decoder.step()`` gives the ones after it."""
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        token = out.logits[:, -1:].argmax(-1)
+        return cls(model, cache, token, **kw), token
 
     # ------------------------------------------------------------------------------------------------ the pieces
     def _seq(self) -> SeqInfo:
