@@ -60,6 +60,9 @@ def test_graph_decoder_refuses_what_it_cannot_decode():
         GraphDecoder(model, cache, token, graphs=True)
     with pytest.raises(ValueError, match="continues a prefill"):
         GraphDecoder(model, None, token)
+    model.config.rope_parameters = dict(model.config.rope_parameters, rope_type="dynamic", factor=2.0)
+    with pytest.raises(ValueError, match="RoPE type 'dynamic' updates its frequencies on the host"):
+        GraphDecoder(model, cache, token)
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
         GraphDecoder(model, cache, token)

@@ -81,10 +81,14 @@ def synthetic_ids(vocab: int, batch: int, length: int, seed: int, device: torch.
 
 def measure(model, length: int, cfg: BenchConfig, device: torch.device) -> dict:
     """Warm-up runs, then ``cfg.repeats`` timed prefill + decode runs; medians of the timed ones."""
+    from ..models.decode_graphs import GraphDecoder
+
     arg = cache_arg(model)
     ids = synthetic_ids(model.config.vocab_size, cfg.batch_size, length, cfg.seed, device)
     clock, peak = Clock(device), PeakMemory(device)
     graphs, note = cfg.decode_graphs and graphs_apply(model, device), ""
+    if graphs and GraphDecoder.unsupported(model):
+        graphs, note = False, f"decoded eagerly: {GraphDecoder.unsupported(model)}"
     for _ in range(cfg.warmup):
         cache, token = prefill(model, ids, cfg.prefill_chunk, arg)
         decode(model, cache, token, min(2, cfg.decode_tokens), arg)

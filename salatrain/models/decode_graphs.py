@@ -17,8 +17,9 @@ code as the model's forward (``prepare`` / ``attend`` / ``finish``), so the toke
 
 Off CUDA (or with ``graphs=False``) the same pieces run eagerly: tests/test_decode_graphs.py holds that path to
 the model's forward on the CPU, and the captured one to it on a GPU. Scope: rows without padding (a prefill of
-equal-length prompts), default RoPE, eval mode. Not used by ``generate`` (which calls ``forward`` a token at a
-time); `salatrain bench` and bench/decode_gpu.py time it beside that path.
+equal-length prompts), eval mode, RoPE other than the dynamic kinds (``GraphDecoder.unsupported``). Not used by
+``generate`` (which calls ``forward`` a token at a time); `salatrain bench` and bench/decode_gpu.py time it
+beside that path.
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ class GraphDecoder:
             raise ValueError("GraphDecoder needs the model in eval mode (model.eval())")
         if not isinstance(cache, SalaHybridCache) or cache.seen_tokens == 0:
             raise ValueError("GraphDecoder continues a prefill: pass the SalaHybridCache it returned")
-        rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"GraphDecoder supports default RoPE only, not {rope_type!r}: decode with generate()")
+        why = self.unsupported(model)
+        if why:
+            raise ValueError(f"GraphDecoder cannot decode this model: {why}; decode with generate()")
         self.model, self.inner, self.cache = model, inner, cache
         device = token.device
         self.graphs = device.type == "cuda" if graphs is None else graphs
@@ -54,6 +55,15 @@ class GraphDecoder:
         self._attn_in: torch.Tensor | None = None
         self._warmup = warmup if self.graphs else 0
         self.setup_steps = self._warmup + 1 if self.graphs else 0  # eager warm-up steps, then the capturing one
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why this model's decoding steps cannot be captured, or None. RoPE whose frequencies follow the longest
+        position seen (dynamic NTK, LongRoPE) changes on the host between steps; every other type is fixed."""
+        rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if "dynamic" in rope_type or rope_type == "longrope":
+            return f"RoPE type {rope_type!r} updates its frequencies on the host"
+        return None
 
     @classmethod
     @torch.no_grad()
