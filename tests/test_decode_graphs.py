@@ -35,11 +35,37 @@ def test_eager_pieces_decode_the_model_s_own_tokens_and_cache(prompt_len):
     want, got, cache, dec_cache = _both(model, ids, 20, graphs=False)
     assert torch.equal(got, want)
     assert dec_cache.seen_tokens == cache.seen_tokens == prompt_len + 20
+    _assert_same_cache(cache, dec_cache)
+
+
+def _assert_same_cache(cache, dec_cache):
+    """Every K/V and Lightning state tensor equal (not only the greedy tokens, which near-ties could hide)."""
     for a, b in zip([*cache.keys, *cache.values, *cache.states], [*dec_cache.keys, *dec_cache.values,
                                                                    *dec_cache.states]):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.equal(a, b)
+
+
+def test_eager_pieces_with_minicpm_scales_qk_norms_and_nope_logit_scale():
+    """μP scales (embeddings, residual branches, logits), Qwen3 q/k norms and HALO's NoPE logit scale go through
+    the pieces as through forward."""
+    from salatrain.models import SalaHybridConfig, SalaHybridForCausalLM
+    from tests.test_checkpoint_roundtrip import PLAN, SPARSE
+
+    torch.manual_seed(4)
+    cfg = SalaHybridConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, mixer_types=PLAN, sparse_config=dict(SPARSE, nope_logit_scale=True), qk_norm=True,
+        scale_emb=12.0, scale_depth=1.4, dim_model_base=16, max_position_embeddings=256, eos_token_id=None,
+        bos_token_id=None,
+    )
+    model = SalaHybridForCausalLM(cfg).eval()
+    assert cfg.residual_scale != 1.0 and cfg.logit_scale != 1.0
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(9))
+    want, got, cache, dec_cache = _both(model, ids, 12, graphs=False)
+    assert torch.equal(got, want)
+    _assert_same_cache(cache, dec_cache)
 
 
 def test_from_prompt_prefills_as_the_model_does():
