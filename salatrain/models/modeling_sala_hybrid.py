@@ -248,9 +248,14 @@ class SeqInfo:
 
 
 class SalaHybridCache:
-    """Per-layer decoding state: K/V for softmax and sparse layers, the fp32 Lightning state for linear ones."""
+    """Per-layer decoding state: K/V for softmax and sparse layers, the fp32 Lightning state for linear ones.
+
+    ``keys[i]`` / ``values[i]`` are [B, T, HKV, D] views of buffers with room for ``KV_HEADROOM`` more tokens, so a
+    decoding step writes its token in place instead of copying the whole cache (O(1) a token and layer, not O(T));
+    a buffer that fills up is replaced by one with room again."""
 
     is_compileable = False
+    KV_HEADROOM = 4096  # tokens of room past the cached ones (a new buffer, and one copy, every this many tokens)
 
     def __init__(self, config: SalaHybridConfig):
         n = config.num_hidden_layers
@@ -258,6 +263,7 @@ class SalaHybridCache:
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
         self.states: list[torch.Tensor | None] = [None] * n
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
         self.seen_tokens = 0
 
     def __len__(self) -> int:
@@ -267,11 +273,26 @@ class SalaHybridCache:
         return self.seen_tokens
 
     def append_kv(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[i] is not None:
-            k = torch.cat([self.keys[i], k], dim=1)
-            v = torch.cat([self.values[i], v], dim=1)
-        self.keys[i], self.values[i] = k, v
-        return k, v
+        old_k, old_v = self.keys[i], self.values[i]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):  # autograd: no in-place writes
+            self._buffers[i] = None
+            if old_k is not None:
+                k, v = torch.cat([old_k, k], dim=1), torch.cat([old_v, v], dim=1)
+            self.keys[i], self.values[i] = k, v
+            return k, v
+        n, t = (0 if old_k is None else old_k.shape[1]), k.shape[1]
+        buf = self._buffers[i]
+        if (buf is None or old_k is None or old_k.data_ptr() != buf[0].data_ptr() or n + t > buf[0].shape[1]
+                or buf[0].shape[::2] != k.shape[::2] or buf[0].shape[3:] != k.shape[3:] or buf[0].dtype != k.dtype):
+            # a new buffer: first append, full, or the views replaced (reorder_cache) or of another shape
+            cap = n + t + self.KV_HEADROOM
+            buf = (k.new_empty((k.shape[0], cap, *k.shape[2:])), v.new_empty((v.shape[0], cap, *v.shape[2:])))
+            if n:
+                buf[0][:, :n], buf[1][:, :n] = old_k, old_v
+            self._buffers[i] = buf
+        buf[0][:, n : n + t], buf[1][:, n : n + t] = k, v
+        self.keys[i], self.values[i] = buf[0][:, : n + t], buf[1][:, : n + t]
+        return self.keys[i], self.values[i]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in (self.keys, self.values, self.states):
@@ -922,7 +943,8 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
         copy_model_code(save_directory)
 
     def _reorder_cache(self, cache, beam_idx):
-        cache.reorder_cache(beam_idx)
+        if cache is not None:  # (beam search without a cache passes None)
+            cache.reorder_cache(beam_idx)
         return cache
 
 
