@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from salatrain.models import SalaHybridConfig, SalaHybridForCausalLM
+from salatrain.models import SalaHybridCache, SalaHybridConfig, SalaHybridForCausalLM
 
 SPARSE = dict(block_size=8, kernel_size=4, kernel_stride=2, init_blocks=1, topk=2, window_size=8, dense_len=24)
 PLAN = ["sparse_attention", "linear_attention", "full_attention", "linear_attention"]
@@ -77,9 +77,12 @@ print("ok", type(m).__module__)
     assert r.stdout.startswith("ok transformers_modules")
 
 
-@pytest.mark.parametrize("prompt_len", [10, 30])
-def test_generate_with_cache_equals_without(prompt_len):
-    """Greedy decoding through the cache crosses dense_len=24 (and the sliding window of 12)."""
+@pytest.mark.parametrize("prompt_len, headroom", [(10, None), (30, None), (10, 3)])
+def test_generate_with_cache_equals_without(prompt_len, headroom, monkeypatch):
+    """Greedy decoding through the cache crosses dense_len=24 (and the sliding window of 12); with a headroom of 3
+    tokens the K/V buffers are replaced every few tokens on the way (SalaHybridCache.KV_HEADROOM)."""
+    if headroom is not None:
+        monkeypatch.setattr(SalaHybridCache, "KV_HEADROOM", headroom)
     model = tiny_hybrid(seed=1)
     ids = torch.randint(0, 96, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     with torch.no_grad():
