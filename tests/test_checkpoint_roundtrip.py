@@ -91,15 +91,21 @@ def test_generate_with_cache_equals_without(prompt_len, headroom, monkeypatch):
 
 
 def test_incremental_logits_equal_full_forward():
+    """Chunked prefill, one token, another chunk: the K/V land in the buffers the first prefill made (no new
+    tensor a step: SalaHybridCache's headroom), and the logits are the full forward's."""
     model = tiny_hybrid(seed=2)
     ids = torch.randint(0, 96, (1, 60), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :20], use_cache=True)
         pieces, cache = [out.logits], out["cache" if "cache" in out else "past_key_values"]
-        for a, b in ((20, 33), (33, 34), (34, 60)):  # chunked prefill, one token, another chunk
+        softmax_layers = [i for i, k in enumerate(cache.keys) if k is not None]
+        ptrs = [cache.keys[i].data_ptr() for i in softmax_layers]
+        for a, b in ((20, 33), (33, 34), (34, 60)):
             out = model(ids[:, a:b], cache=cache, use_cache=True)
             pieces.append(out.logits)
+    assert softmax_layers == [0, 2] and [cache.keys[i].data_ptr() for i in softmax_layers] == ptrs
+    assert all(cache.keys[i].shape[1] == 60 for i in softmax_layers)
     assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
 
 
