@@ -87,8 +87,9 @@ def measure(model, length: int, cfg: BenchConfig, device: torch.device) -> dict:
     ids = synthetic_ids(model.config.vocab_size, cfg.batch_size, length, cfg.seed, device)
     clock, peak = Clock(device), PeakMemory(device)
     graphs, note = cfg.decode_graphs and graphs_apply(model, device), ""
-    if graphs and GraphDecoder.unsupported(model):
-        graphs, note = False, f"decoded eagerly: {GraphDecoder.unsupported(model)}"
+    why = graphs and GraphDecoder.unsupported(model)
+    if why:
+        graphs, note = False, f"decoded eagerly: {why}"
     for _ in range(cfg.warmup):
         cache, token = prefill(model, ids, cfg.prefill_chunk, arg)
         decode(model, cache, token, min(2, cfg.decode_tokens), arg)

@@ -80,15 +80,15 @@ class GraphDecoder:
     def _seq(self) -> SeqInfo:
         return SeqInfo(self.pos, self.cache.seen_tokens)
 
-    def _layers(self, h, lo: int, hi: int, rope, seq, attn_out=None, x_in=None, h_in=None):
-        """Layers lo..hi-1 from hidden state h; layer lo starts at its finish when attn_out is given (its mixer's
-        input x_in and residual stream h_in kept from the run before); a softmax-type layer hi stops after its
-        prepare. Returns the state the next eager part needs."""
+    def _layers(self, h, lo: int, hi: int, rope, seq, resume=None):
+        """Layers lo..hi-1 from the residual stream h; with resume = (x, o), layer lo starts at its finish (its
+        mixer's input x, kept from the run before, and attend's output o); a softmax-type layer hi stops after
+        its prepare. Returns the state the next eager part needs."""
         layers = self.inner.layers
         for i in range(lo, hi):
             layer = layers[i]
-            if i == lo and attn_out is not None:
-                h = layer.add_mixer_and_mlp(h_in, layer.self_attn.finish(x_in, attn_out))
+            if i == lo and resume is not None:
+                h = layer.add_mixer_and_mlp(h, layer.self_attn.finish(*resume))
             else:
                 h = layer(h, rope, seq, self.cache)
         if hi < len(layers):
@@ -113,8 +113,9 @@ class GraphDecoder:
         return self.cuts[piece] if piece < len(self.cuts) else len(self.inner.layers)
 
     def _piece(self, piece: int, prev: dict, rope, attn_out):
-        lo = self.cuts[piece - 1]
-        return self._layers(prev["h"], lo, self._bound(piece), rope, self._seq(), attn_out, prev["x"], prev["h"])
+        """Piece `piece` > 0: the cut layer's finish from attend's output, then the layers up to the next cut."""
+        return self._layers(prev["h"], self.cuts[piece - 1], self._bound(piece), rope, self._seq(),
+                            resume=(prev["x"], attn_out))
 
     def _attend(self, piece: int, prev: dict) -> torch.Tensor:
         """The eager part after piece `piece`: the softmax-type layer's cache append and attention."""

@@ -406,7 +406,18 @@ class _Projections(nn.Module):
         return q, k, v
 
 
-class FullAttention(_Projections):
+class _CachedKV(_Projections):
+    """A softmax-type mixer (full or sparse attention): ``prepare`` → K/V into the cache → ``attend`` → ``finish``.
+    GraphDecoder (decode_graphs.py, salatrain only) runs the three parts apart, so forward stays exactly this."""
+
+    def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
+        q, k, v = self.prepare(x, rope, seq)
+        if cache is not None:
+            k, v = cache.append_kv(self.layer_idx, k, v)
+        return self.finish(x, self.attend(q, k, v, seq))
+
+
+class FullAttention(_CachedKV):
     """The base model's softmax attention: RoPE, GQA, optional sliding window and q/k norm (Qwen3)."""
 
     def __init__(self, config: SalaHybridConfig, layer_idx: int):
@@ -415,12 +426,6 @@ class FullAttention(_Projections):
         if config.qk_norm:
             self.q_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = SalaRMSNorm(self.head_dim, config.rms_norm_eps)
-
-    def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
-        q, k, v = self.prepare(x, rope, seq)
-        if cache is not None:
-            k, v = cache.append_kv(self.layer_idx, k, v)
-        return self.finish(x, self.attend(q, k, v, seq))
 
     def prepare(self, x, rope, seq: SeqInfo):
         """q, k, v of the new tokens, ready for the cache and ``attend`` (forward = prepare, attend, finish)."""
@@ -500,7 +505,7 @@ class LightningAttention(_Projections):
         )
 
 
-class SparseAttention(_Projections):
+class SparseAttention(_CachedKV):
     """InfLLM-V2 sparse attention (NoPE by default) with a sigmoid output gate σ(W_g x); no extra parameters
     for the block selection. Queries at document positions < dense_len attend densely (dense_len_mode
     "position"; under "sequence", every query of a document shorter than dense_len). The kernels and the
@@ -522,15 +527,9 @@ class SparseAttention(_Projections):
         self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.kernel_backend = "auto"
         # decode one token with infllmv2_decode_torch even where the kernels run (prefill keeps them): it reads
-        # nothing back from the device and launches fewer kernels than the Triton op (16% less time a token at 8K
-        # on an H200, docs/perf.md); False sends a decoding step to the op (bench/decode_gpu.py times both)
+        # nothing back from the device and launches fewer kernels than the Triton op (19-26% less time a token at
+        # 8K-128K on an H200, docs/perf.md); False sends a decoding step to the op (bench/decode_gpu.py times both)
         self.decode_with_step = True
-
-    def forward(self, x, rope, seq: SeqInfo, cache: SalaHybridCache | None):
-        q, k, v = self.prepare(x, rope, seq)
-        if cache is not None:
-            k, v = cache.append_kv(self.layer_idx, k, v)
-        return self.finish(x, self.attend(q, k, v, seq))
 
     def prepare(self, x, rope, seq: SeqInfo):
         """q, k, v of the new tokens, ready for the cache and ``attend`` (forward = prepare, attend, finish)."""
