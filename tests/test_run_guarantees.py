@@ -54,6 +54,24 @@ def test_a_non_finite_gradient_is_skipped_like_a_non_finite_loss(tmp_path, data_
     assert all(bool(torch.isfinite(p).all()) for p in exported.parameters())
 
 
+@pytest.mark.parametrize("zero,precision", [("zero0", "fp32"), ("zero1", "fp32"), ("zero2", "fp32"),
+                                            ("zero0", "bf16"), ("zero1", "bf16"), ("zero2", "bf16")])
+def test_a_skipped_step_moves_no_parameter(tmp_path, data_cache, monkeypatch, zero, precision):
+    """A step skipped for a non-finite gradient in one parameter leaves every parameter where it was: DeepSpeed
+    steps the optimizer one parameter group at a time, so the decision must be made for the whole step, not per
+    group. Two steps, the second skipped, end on the weights of one step."""
+    from safetensors.torch import load_file
+
+    settings = (f"deepspeed={zero}", f"trainer.precision={precision}")
+    one = train(tmp_path / "one", data_cache, *settings, steps=1)
+    monkeypatch.setenv("SALATRAIN_FAULTS", "nan_grad@2")
+    two = train(tmp_path / "two", data_cache, *settings, steps=2)
+    assert metrics(two.output_dir)[1]["skipped"] is True
+    a, b = load_file(Path(one.output_dir) / "model.safetensors"), load_file(Path(two.output_dir) / "model.safetensors")
+    moved = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not moved, f"{len(moved)} of {len(a)} tensors moved in the skipped step, e.g. {moved[:3]}"
+
+
 def test_non_finite_weights_stop_the_run_with_nothing_saved_or_exported(tmp_path, data_cache, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("SALATRAIN_FAULTS", "nan_weights@3")

@@ -198,12 +198,12 @@ def ds_config(cfg: TrainConfig, grad_accum: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.trainer.grad_clip,
-        # check_grad_overflow (read by the ZeRO-1/2 optimizer): DeepSpeed's test for a non-finite gradient runs ~8
-        # small ops per parameter (~3,000 launches a step for SmolLM2's 368 tensors: an estimated ~20 ms of host
-        # time on an H200; the first distill run without it, 194.7K tokens/s, is within the spread between
-        # machines, so the saving is not shown: docs/perf.md). Our AdamW makes the
-        # same test over the few flat fp32 partitions it steps and skips the step (optim.AdamW), so DeepSpeed's is off.
-        "bf16": {"enabled": cfg.trainer.precision == "bf16", "check_grad_overflow": False},
+        # check_grad_overflow stays on (DeepSpeed's default): the ZeRO-1/2 optimizer steps our AdamW one parameter
+        # group at a time, so only DeepSpeed's test, made before any group steps, can skip a whole step for a
+        # non-finite gradient under bf16. With it off, a NaN in one group skipped that group and stepped the
+        # others (tests/test_run_guarantees.py). Its ~8 small ops per tensor cost no measurable throughput
+        # (docs/perf.md: 193.6K tokens/s with it, 194.7K without, within the spread between machines).
+        "bf16": {"enabled": cfg.trainer.precision == "bf16", "check_grad_overflow": True},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 60,

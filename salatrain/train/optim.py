@@ -102,10 +102,10 @@ class AdamW(torch.optim.AdamW):
     """torch AdamW that skips a step (parameters and moments untouched, whatever DeepSpeed wrapper calls it)
     when told to (``skip_next``: a non-finite loss) or when a gradient it would apply is not finite on any rank
     (the ranks agree: each checks its own partition, then they reduce). ``skipped`` tells the last step's fate.
-    It is the only guard in two places: ZeRO-0 in fp32, where DeepSpeed calls this optimizer directly, and bf16
-    under ZeRO-1/2, where DeepSpeed's own per-parameter test is turned off (engine.ds_config: an estimated ~20 ms of
-    kernel launches a step; under ZeRO this test runs over a few flat fp32 partitions). DeepSpeed's ZeRO optimizer
-    in fp32 and its bf16 optimizer (ZeRO-0) still skip a step whose gradient norm is not finite themselves."""
+    It is the only guard under ZeRO-0 in fp32, where DeepSpeed calls this optimizer directly, once for all
+    groups. DeepSpeed's ZeRO-1/2 optimizer calls it one parameter group at a time, so there the whole-step
+    decision is DeepSpeed's (its overflow test, and the gradient norm in fp32; engine.ds_config keeps both on),
+    as it is under its bf16 optimizer (ZeRO-0) and ZeRO-3."""
 
     skip_next = False
     skipped = False
