@@ -70,6 +70,8 @@ with torch.no_grad():
 assert torch.equal(out, e["logits"]), (out - e["logits"]).abs().max()
 g = m.generate(e["ids"][:, :30], max_new_tokens=6, do_sample=False)
 assert g.shape == (1, 36)
+assert torch.equal(m.generate(e["ids"][:, :30], max_new_tokens=6, do_sample=False, cuda_graphs=True), g)
+assert type(m).__module__.rpartition(".")[0] + ".decode_graphs" in sys.modules  # the copied decoding loop ran
 print("ok", type(m).__module__)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

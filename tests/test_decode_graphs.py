@@ -106,3 +106,82 @@ def test_cuda_graphs_decode_the_model_s_own_tokens(dtype):
     for a, b in zip(cache.states, dec_cache.states):
         if a is not None:
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------- generate
+
+
+def _generate_both(model, ids, monkeypatch, **kw):
+    """generate through transformers' loop and through decode_graphs.sample (seeded alike); the second's count
+    of decoding steps GraphDecoder ran."""
+    import salatrain.models.decode_graphs as dg
+
+    steps = {"n": 0}
+    run = dg.GraphDecoder._run
+
+    def counting(self):
+        steps["n"] += 1
+        return run(self)
+
+    monkeypatch.setattr(dg.GraphDecoder, "_run", counting)
+    out = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        out.append(model.generate(ids, cuda_graphs=graphs, **kw))
+    return out[0], out[1], steps["n"]
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False),
+                                dict(do_sample=True, temperature=0.7, top_k=20, repetition_penalty=1.3)],
+                         ids=["greedy", "sampled"])
+def test_generate_through_graph_decoding_gives_transformers_tokens(kw, monkeypatch):
+    """The same logits processors, sampling draws and stopping as transformers' loop; every token after the
+    first comes from GraphDecoder (its eager pieces on the CPU)."""
+    model = tiny_hybrid(seed=3)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    want, got, steps = _generate_both(model, ids, monkeypatch, max_new_tokens=16, min_new_tokens=16, **kw)
+    assert got.shape == (2, 28) and torch.equal(got, want)
+    assert steps == 15
+
+
+def test_generate_through_graph_decoding_stops_and_pads_at_eos(monkeypatch):
+    model = tiny_hybrid(seed=3)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    greedy = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, cuda_graphs=False)
+    eos = int(greedy[0, 12 + 5])  # row 0 emits it at its 6th new token
+    want, got, steps = _generate_both(model, ids, monkeypatch, max_new_tokens=16, do_sample=False,
+                                      eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want) and int(got[0, 12 + 5]) == eos
+    assert steps == got.shape[1] - 12 - 1
+
+
+def test_generate_keeps_transformers_loop_for_padded_rows(monkeypatch):
+    model = tiny_hybrid(seed=3)
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    want, got, steps = _generate_both(model, ids, monkeypatch, attention_mask=mask, max_new_tokens=8,
+                                      do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want) and steps == 0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_on_cuda_runs_captured_graphs_and_gives_transformers_tokens(dtype, monkeypatch):
+    """On CUDA generate takes the graph path by default: the greedy tokens of transformers' loop over steps that
+    cross dense_len and the capture."""
+    model = tiny_hybrid(seed=1).to("cuda", dtype)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3)).cuda()
+    import salatrain.models.decode_graphs as dg
+
+    captured = {"n": 0}
+    capture = dg.GraphDecoder._capture_step
+
+    def counting(self):
+        captured["n"] += 1
+        return capture(self)
+
+    monkeypatch.setattr(dg.GraphDecoder, "_capture_step", counting)
+    got = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    want = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, cuda_graphs=False)
+    assert torch.equal(got, want) and captured["n"] == 1

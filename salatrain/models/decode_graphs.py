@@ -24,6 +24,7 @@ beside that path.
 from __future__ import annotations
 
 import torch
+from transformers import GenerationMixin
 
 from .modeling_sala_hybrid import SalaHybridCache, SalaHybridForCausalLM, SeqInfo
 
@@ -98,7 +99,8 @@ class GraphDecoder:
         h = self.inner.norm(h)
         if self.model.config.logit_scale != 1.0:
             h = h * self.model.config.logit_scale
-        return {"token": self.model.lm_head(h).argmax(-1)}
+        logits = self.model.lm_head(h)
+        return {"token": logits.argmax(-1), "logits": logits}
 
     def _head(self):
         """Piece 0: embedding, RoPE tables of the new position, then the layers up to the first cut."""
@@ -124,28 +126,40 @@ class GraphDecoder:
         return mixer.attend(prev["q"], k, v, self._seq())
 
     # --------------------------------------------------------------------------------------------------- a step
-    def _eager_step(self) -> torch.Tensor:
+    def _eager_step(self) -> dict:
         out = self._head()
         rope = out["rope"]
         for piece in range(1, len(self.cuts) + 1):
             o = self._attend(piece - 1, out)
             out = self._piece(piece, out, rope, o)
-        return out["token"]
+        return out
+
+    def _run(self) -> dict:
+        """The model on the current token (self.ids at self.pos): the last piece's outputs (token, logits)."""
+        if self._warmup > 0 or not self.graphs:
+            out = self._eager_step()
+            self._warmup -= 1
+        elif self._graphs is None:
+            out = self._capture_step()
+        else:
+            out = self._replay_step()
+        self.cache.seen_tokens += 1
+        self.pos.add_(1)
+        return out
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Decode one token: the greedy next token [B, 1] after the current one (the cache grows by one)."""
-        if self._warmup > 0 or not self.graphs:
-            token = self._eager_step()
-            self._warmup -= 1
-        elif self._graphs is None:
-            token = self._capture_step()
-        else:
-            token = self._replay_step()
-        self.cache.seen_tokens += 1
+        token = self._run()["token"]
         self.ids.copy_(token)
-        self.pos.add_(1)
         return token.clone()
+
+    @torch.no_grad()
+    def logits(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed ``token`` [B, 1] (the token chosen after the previous step, e.g. sampled) and return the logits of
+        the one after it, [B, V] in float32 (the cache grows by one)."""
+        self.ids.copy_(token.reshape(self.ids.shape))
+        return self._run()["logits"][:, -1].to(torch.float32, copy=True)  # the graph's buffer is reused
 
     def _static_states(self):
         """Lightning states the graphs read and write in place: the cache keeps these tensors."""
@@ -184,7 +198,7 @@ class GraphDecoder:
                     self._attn_in = torch.empty_like(o)
                 self._attn_in.copy_(o)
         self._graphs, self._out = graphs, outs
-        return outs[-1]["token"]
+        return outs[-1]
 
     def _replay_step(self) -> torch.Tensor:
         outs = self._out
@@ -192,4 +206,76 @@ class GraphDecoder:
             g.replay()
             if piece < len(self.cuts):
                 self._attn_in.copy_(self._attend(piece, outs[piece]))
-        return outs[-1]["token"]
+        return outs[-1]
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def sample_unsupported(model, input_ids: torch.Tensor, generation_config, synced_gpus: bool,
+                       model_kwargs: dict) -> str | None:
+    """Why ``sample`` hands this call to transformers' own loop, or None."""
+    why = GraphDecoder.unsupported(model)
+    if why:
+        return why
+    mask = model_kwargs.get("attention_mask")
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    pos = model_kwargs.get("position_ids")
+    unknown = set(model_kwargs) - {"attention_mask", "cache", "past_key_values", "use_cache", "output_attentions",
+                                   "output_hidden_states", "logits_to_keep", "position_ids"}
+    checks = [
+        (model.training, "the model is in training mode"),
+        (synced_gpus, "synced_gpus"),
+        (not model_kwargs.get("use_cache", True), "use_cache=False"),
+        (generation_config.return_dict_in_generate, "return_dict_in_generate"),
+        (getattr(generation_config, "prefill_chunk_size", None), "prefill_chunk_size"),
+        (mask is not None and not bool(mask.all()), "padded rows (an attention mask with zeros)"),
+        (pos is not None and not torch.equal(pos, torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)),
+         "position_ids other than 0, 1, 2, ..."),
+        (cache is not None and (not isinstance(cache, SalaHybridCache) or cache.seen_tokens > 0),
+         "a cache passed in"),
+        (unknown, f"model inputs {sorted(unknown)}"),
+    ]
+    return next((what for bad, what in checks if bad), None)
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, generation_config,
+           synced_gpus: bool = False, streamer=None, **model_kwargs) -> torch.Tensor:
+    """transformers' greedy / multinomial decoding loop (``GenerationMixin._sample``: the same logits processors,
+    stopping criteria, padding after EOS and streamer calls) with the decoding steps run by ``GraphDecoder``.
+    ``SalaHybridForCausalLM.generate`` uses it on CUDA; ``model.generate(..., custom_generate=sample)`` asks for it
+    anywhere (off CUDA the pieces run eagerly). Calls it does not cover (``sample_unsupported``: padded rows,
+    ``return_dict_in_generate``, a cache passed in, ...) go to transformers' loop."""
+    if sample_unsupported(model, input_ids, generation_config, synced_gpus, model_kwargs) is not None:
+        return GenerationMixin._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                       synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+    pad = generation_config._pad_token_tensor
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    out = model(input_ids=input_ids, use_cache=True, cache=cache, logits_to_keep=1)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    logits = out.logits[:, -1].to(torch.float32, copy=True)
+    del out
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    dec = None
+    while True:
+        scores = logits_processor(input_ids, logits)
+        if generation_config.do_sample:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        if has_eos:
+            token = token * unfinished + pad.to(token.device) * (1 - unfinished)
+        input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+        if unfinished.max() == 0:
+            break
+        if dec is None:
+            dec = GraphDecoder(model, cache, token[:, None])
+        logits = dec.logits(token[:, None])
+    if streamer is not None:
+        streamer.end()
+    return input_ids
