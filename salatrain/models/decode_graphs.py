@@ -17,9 +17,9 @@ code as the model's forward (``prepare`` / ``attend`` / ``finish``), so the toke
 
 Off CUDA (or with ``graphs=False``) the same pieces run eagerly: tests/test_decode_graphs.py holds that path to
 the model's forward on the CPU, and the captured one to it on a GPU. Scope: rows without padding (a prefill of
-equal-length prompts), eval mode, RoPE other than the dynamic kinds (``GraphDecoder.unsupported``). Not used by
-``generate`` (which calls ``forward`` a token at a time); `salatrain bench` and bench/decode_gpu.py time it
-beside that path.
+equal-length prompts), eval mode, RoPE other than the dynamic kinds (``GraphDecoder.unsupported``).
+``generate`` on CUDA uses it through ``sample`` below (transformers' decoding loop with these steps);
+`salatrain bench`, bench/decode_gpu.py and bench/generate_gpu.py time it beside transformers' loop.
 """
 from __future__ import annotations
 
