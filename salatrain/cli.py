@@ -102,6 +102,8 @@ def _run(name: str, args: list[str]) -> None:
         except UserError as e:
             raise UserError(f"[multirun {n + 1}/{len(jobs)}] {' '.join(job)}: {e}" if multirun else str(e)) from None
         typed.append((job, obj))
+    if multirun and typed:
+        _check_sweep_outputs(typed)
     for n, (job, obj) in enumerate(typed):
         if multirun:
             print(f"[multirun {n + 1}/{len(jobs)}] {' '.join(job)}", file=sys.stderr)
@@ -149,6 +151,48 @@ def _sweep_jobs(command) -> list[list[str]]:
             job = [o for o in job if not o.startswith("output_dir=")] + [f"output_dir={Path(base_out) / str(n)}"]
         out.append(job)
     return out
+
+
+def _check_sweep_outputs(typed: list) -> None:
+    """Each job of a sweep checks its own output_dir against its own inputs; this checks it against every job's
+    inputs, so that no job writes where another reads (e.g. model=<dir>,<output_dir>/0)."""
+    from .rundir import check_not_input
+
+    inputs = {}
+    for n, (job, obj) in enumerate(typed):
+        for key, value in _path_values(obj):
+            inputs[f"{key} (multirun job {n + 1})"] = value
+    for n, (job, obj) in enumerate(typed):
+        out = getattr(obj, "output_dir", None)
+        if out:
+            try:
+                check_not_input(out, inputs)
+            except UserError as e:
+                raise UserError(f"[multirun {n + 1}/{len(typed)}] {e}") from None
+
+
+def _path_values(obj, prefix: str = ""):
+    """(key, value) for every string in a typed config that names an existing file or folder, but output and
+    cache locations (which a run writes)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    else:
+        return
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if str(k).endswith(("output_dir", "cache_dir")):
+            continue
+        if isinstance(v, str):
+            if v and not v.startswith("builtin:") and os.path.exists(os.path.expanduser(v)):
+                yield key, v
+        else:
+            yield from _path_values(v, key + ".")
 
 
 def _fail(message: str, verbose: bool = False) -> int:

@@ -167,3 +167,17 @@ def test_a_sweep_into_foreign_directories_is_refused_before_running(tmp_path, de
                  f"output_dir={tmp_path / 'sweep'}"])
     one_line_error(capsys, code, "[multirun 2/2]", "was not written by salatrain")
     assert sorted(os.listdir(tmp_path / "sweep")) == ["1"]
+
+
+def test_a_sweep_whose_job_would_write_where_another_reads_is_refused(tmp_path, dense_dirs, capsys):
+    """Job 1 of model=<A>,<sweep>/0 would write <sweep>/0 (with overwrite=true, replacing it) before job 2 reads
+    it as its model: refused before anything runs, the second model left as it was."""
+    import shutil
+
+    second = tmp_path / "sweep" / "0"
+    shutil.copytree(dense_dirs["llama"], second)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in second.iterdir())
+    code = main(["convert", "-m", f"model={dense_dirs['llama']},{second}", "plan.method=uniform", "overwrite=true",
+                 f"output_dir={tmp_path / 'sweep'}"])
+    one_line_error(capsys, code, "[multirun 1/2]", "model (multirun job 2)", "never writes into its inputs")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in second.iterdir()) == before
