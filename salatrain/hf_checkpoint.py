@@ -29,6 +29,25 @@ TOKENIZER_FILES = (
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
+# config.json keys every supported family reads as sizes (positive integers) or as real numbers
+_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
+_REAL_KEYS = ("rms_norm_eps", "rope_theta", "initializer_range")
+
+
+def _check_config_types(path: Path, config: dict) -> None:
+    """Sizes that are not positive integers and numbers that are not numbers, named before any library reads them
+    (transformers would fail deep inside a model's constructor)."""
+    for key in _INT_KEYS:
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise UserError(f"{path}: {key} must be a positive integer, got {json.dumps(v)}; fix config.json")
+    for key in _REAL_KEYS:
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise UserError(f"{path}: {key} must be a number, got {json.dumps(v)}; fix config.json")
+
+
 class CheckpointDir:
     """A validated HF checkpoint directory: its config.json and weight files."""
 
@@ -49,6 +68,7 @@ class CheckpointDir:
             raise UserError(f"{cfg} is not a text file (corrupt?)") from None
         if not isinstance(self.config, dict):
             raise UserError(f"{cfg} must hold a JSON object")
+        _check_config_types(cfg, self.config)
         self.weight_files = sorted(self.path.glob("*.safetensors"))
         self._headers = {f: read_safetensors_header(f) for f in self.weight_files}
         self.pickle_files = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)

@@ -181,3 +181,29 @@ def test_a_sweep_whose_job_would_write_where_another_reads_is_refused(tmp_path, 
                  f"output_dir={tmp_path / 'sweep'}"])
     one_line_error(capsys, code, "[multirun 1/2]", "model (multirun job 2)", "never writes into its inputs")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in second.iterdir()) == before
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("hidden_size", "64", 'hidden_size must be a positive integer, got "64"'),
+    ("num_hidden_layers", 4.0, "num_hidden_layers must be a positive integer, got 4.0"),
+    ("vocab_size", 0, "vocab_size must be a positive integer, got 0"),
+    ("rms_norm_eps", "a", 'rms_norm_eps must be a number, got "a"'),
+])
+@pytest.mark.parametrize("command", ["convert", "eval", "bench", "train"])
+def test_a_config_json_of_the_wrong_types_is_a_one_line_error(tmp_path, tiny_lm_dir, capsys, key, value, expected,
+                                                              command):
+    """Valid JSON whose sizes are not integers fails with the key named, not deep inside transformers."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_lm_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, key: value}))
+    out = tmp_path / "out"
+    args = {"convert": ["convert", f"model={bad}", "plan.method=uniform"],
+            "eval": ["eval", f"model={bad}", "perplexity.seq_lens=[64]", "probes.tasks=[]"],
+            "bench": ["bench", f"model={bad}", "lengths=[64]", "decode_tokens=2"],
+            "train": ["train", "recipe=tiny", "stage=distill", f"teacher.path={bad}", "trainer.max_steps=1"]}[command]
+    code = main([*args, f"output_dir={out}"])
+    one_line_error(capsys, code, "config.json", expected)
+    assert not out.exists()
