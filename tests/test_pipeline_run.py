@@ -7,7 +7,6 @@ import pytest
 
 from salatrain.cli import main
 
-pytestmark = pytest.mark.slow
 
 TINY = [
     "budget.corpus_train_bytes=40000", "budget.corpus_heldout_bytes=4000",
@@ -78,3 +77,14 @@ def test_unfinished_step_runs_again_with_the_steps_after_it(quickstart_run, caps
     record = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in record["steps"]] == ["skipped"] * 4 + ["ran"] * 2
     assert f"distill ran again: deleting {out / '06_eval'}" in capsys.readouterr().err
+
+
+def test_a_changed_model_is_refused_not_skipped(quickstart_run, capsys):
+    """Finished steps are skipped only for the model they ran on (its fingerprint in pipeline.json)."""
+    out, args = quickstart_run
+    record = json.loads((out / "pipeline.json").read_text())
+    assert len(record["model_fingerprint"]) == 16
+    (out / "pipeline.json").write_text(json.dumps({**record, "model_fingerprint": "0" * 16}))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "changed since this pipeline's finished steps ran" in err and "restart_from=corpus" in err

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..hf_checkpoint import CheckpointDir
 from ..eval.report import check_wandb, format_table, write_json_atomic
 from .config import PipelineConfig
 from ..rundir import OutputDir
@@ -129,10 +130,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def _run(cfg: PipelineConfig, base: str, steps: list[Step], out_dir: OutputDir) -> dict:
     t0 = time.time()
     out = out_dir.create().resolve()
+    fingerprint = CheckpointDir(base).fingerprint()
     if cfg.restart_from is not None:
         _restart(steps, cfg.restart_from)
-    record = {"format": "salatrain.pipeline/1", "name": cfg.name, "model": base, "output_dir": str(out),
-              "steps": []}
+    else:
+        _check_same_model(out / "pipeline.json", base, fingerprint, steps)
+    record = {"format": "salatrain.pipeline/1", "name": cfg.name, "model": base, "model_fingerprint": fingerprint,
+              "output_dir": str(out), "steps": []}
     for n, step in enumerate(steps, start=1):
         row = _run_step(step, n, len(steps))
         if row["status"] == "ran":
@@ -142,6 +146,18 @@ def _run(cfg: PipelineConfig, base: str, steps: list[Step], out_dir: OutputDir) 
         write_json_atomic(out / "pipeline.json", record)
     _summary(cfg, record, steps)
     return record
+
+
+def _check_same_model(record: Path, base: str, fingerprint: str, steps: list[Step]) -> None:
+    """Finished steps are skipped only while the model they started from is the one they were run on."""
+    try:
+        before = json.loads(record.read_text()).get("model_fingerprint") if record.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        before = None
+    if before is not None and before != fingerprint and any((s.dir / MARKER).is_file() for s in steps):
+        raise UserError(f"the model {base} changed since this pipeline's finished steps ran (fingerprint "
+                        f"{before} != {fingerprint}); pass restart_from={steps[0].name} to redo every step, or use "
+                        "a new output_dir")
 
 
 def _restart(steps: list[Step], name: str) -> None:
