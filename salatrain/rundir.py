@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob as globmod
 import json
 import os
 import shutil
@@ -46,25 +47,26 @@ def _input_paths(value) -> list[str]:
     return [str(value)]
 
 
-def _where(entry: str) -> Path | None:
-    """The local file or folder an input names (the fixed part of a glob); None for what is not on disk."""
+def _where(entry: str) -> list[Path]:
+    """The local files or folders an input names: a glob's matches, or the folder it searches when it descends
+    (``**``: an output inside it could be matched later); nothing for what is not on disk."""
     if entry.startswith("builtin:"):
-        return None
+        return []
     if any(ch in entry for ch in "*?["):
-        fixed = entry[: min(entry.index(ch) for ch in "*?[" if ch in entry)]
-        entry = os.path.dirname(fixed) or "."
+        if "**" in entry:
+            fixed = entry[: min(entry.index(ch) for ch in "*?[" if ch in entry)]
+            entry = os.path.dirname(fixed) or "."
+        else:
+            return [_real(m) for m in globmod.glob(os.path.expanduser(entry))]
     path = _real(entry)
-    return path if path.exists() else None
+    return [path] if path.exists() else []
 
 
 def check_not_input(out: str | os.PathLike, inputs: Inputs) -> None:
     """output_dir may not be an input, lie inside one, or contain one (the input would be overwritten)."""
     o = _real(out)
     for key, value in inputs.items():
-        for entry in _input_paths(value):
-            p = _where(entry)
-            if p is None:
-                continue
+        for entry, p in ((e, p) for e in _input_paths(value) for p in _where(e)):
             if p == o:
                 how = "is"
             elif p in o.parents:

@@ -69,8 +69,8 @@ def test_every_command_refuses_an_output_dir_around_an_input(tmp_path, tiny_lm_d
     corpus.write_text('{"text": "hello"}\n')
     code = main(["train", "recipe=tiny", f"data.files=[{corpus}]", f"output_dir={run}", "overwrite=true"])
     one_line_error(capsys, code, "contains the input data.files=")
-    code = main(["train", "recipe=tiny", f"data.files=[{run}/*.jsonl]", f"output_dir={run / 'sub'}"])
-    one_line_error(capsys, code, "is inside the input data.files=")
+    code = main(["train", "recipe=tiny", f"data.files=[{run}/*.jsonl]", f"output_dir={run}", "overwrite=true"])
+    one_line_error(capsys, code, "contains the input data.files=")
     assert sorted(os.listdir(run)) == ["corpus.jsonl", "metrics.json"]
 
 
@@ -155,3 +155,20 @@ def test_a_directory_held_by_another_process_fails_at_once_naming_its_pid(tmp_pa
     # the lock died with its holder: the stale lock file is simply taken over
     assert main(["convert", f"model={dense}", f"output_dir={out}", "plan.method=uniform", "kl_check=false"]) == 0
     assert (out / "model.safetensors").is_file() and not (tmp_path / ".hybrid.lock").exists()
+
+
+def test_a_glob_input_is_the_files_it_matches():
+    """data.files=<dir>/*.jsonl: an output_dir beside the matched files is allowed (nothing it writes is matched),
+    one that is a matched path is refused; a descending glob (**) still guards its whole folder."""
+    from salatrain.rundir import check_not_input
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "a.jsonl").write_text("{}\n")
+        check_not_input(d / "run", {"data.files": [str(d / "*.jsonl")]})
+        with pytest.raises(UserError, match=r"is the input data.files="):
+            check_not_input(d / "a.jsonl", {"data.files": [str(d / "*.jsonl")]})
+        with pytest.raises(UserError, match=r"is inside the input data.files="):
+            check_not_input(d / "run", {"data.files": [str(d / "**" / "*.jsonl")]})
