@@ -224,7 +224,16 @@ class OutputDir:
     # ------------------------------------------------------------------------------------------------ writing
 
     def create(self) -> Path:
-        """Make output_dir (and parents) with this command's marker; returns the path."""
+        """Make output_dir (and parents) with this command's marker; returns the path. With overwrite=true a
+        folder holding anything but this command's own resumable run is emptied first (overwrite replaces)."""
+        if self.overwrite and self.path.is_dir() and any(n != MARKER for n in os.listdir(self.path)):
+            marker = read_marker(self.path) if (self.path / MARKER).is_file() else None
+            if not (self.reuse and marker is not None and marker["command"] == self.command):
+                with interrupt.deferred():
+                    backup = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+                    os.replace(self.path, backup)
+                    self.path.mkdir()
+                    shutil.rmtree(backup, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self._made = [d for d in self._made if d != self.path and d not in self.path.parents]
         marker = read_marker(self.path) if (self.path / MARKER).is_file() else None

@@ -172,3 +172,18 @@ def test_a_glob_input_is_the_files_it_matches():
             check_not_input(d / "a.jsonl", {"data.files": [str(d / "*.jsonl")]})
         with pytest.raises(UserError, match=r"is inside the input data.files="):
             check_not_input(d / "run", {"data.files": [str(d / "**" / "*.jsonl")]})
+
+
+def test_overwrite_replaces_what_another_command_left(tmp_path, tiny_lm_dir, capsys):
+    """eval overwrite=true into a train run's folder replaces it: nothing of the run is kept under eval's marker."""
+    from salatrain.rundir import read_marker, write_marker
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"x")
+    write_marker(run, "train")
+    assert main(["eval", f"model={tiny_lm_dir}", f"output_dir={run}", "overwrite=true", "probes.tasks=[]",
+                 "perplexity.seq_lens=[64]", "perplexity.max_tokens=128"]) == 0
+    assert "checkpoints" not in os.listdir(run) and "model.safetensors" not in os.listdir(run)
+    assert read_marker(run)["command"] == "eval"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".run.old")]
