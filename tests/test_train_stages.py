@@ -58,6 +58,8 @@ def test_lm_stage_loss_falls_and_writes_its_outputs(lm_run):
                  "stage_report.json"):
         assert (out / name).is_file(), name
     assert (out / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert not (out / "checkpoints" / ".partial").exists()  # nothing of a finished save is left half-way
+    assert (out / "checkpoints" / "zero_to_fp32.py").is_file()
     assert json.loads((out / "stage_report.json").read_text())["final_loss"] == pytest.approx(rows[-1]["loss"])
 
 

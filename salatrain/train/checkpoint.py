@@ -133,6 +133,10 @@ class Store:
             os.replace(written, final)
             _fsync(self.root)
             write_atomic(self.root / "latest", final.name)
+            script = written.parent / "zero_to_fp32.py"  # DeepSpeed's consolidation script, kept beside them
+            if script.is_file():
+                os.replace(script, self.root / script.name)
+            shutil.rmtree(written.parent, ignore_errors=True)  # .partial/: nothing of it is read
         for old in self.complete()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
