@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in argv)
     argv = [a for a in argv if a not in ("-v", "--verbose")]
+    if argv and argv[0] in ("-m", "--multirun") and len(argv) > 1:  # `salatrain -m convert ...` as `convert -m`
+        argv = [argv[1], argv[0], *argv[2:]]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

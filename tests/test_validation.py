@@ -207,3 +207,18 @@ def test_a_config_json_of_the_wrong_types_is_a_one_line_error(tmp_path, tiny_lm_
     code = main([*args, f"output_dir={out}"])
     one_line_error(capsys, code, "config.json", expected)
     assert not out.exists()
+
+
+def test_small_usability_errors(tmp_path, tiny_lm_dir, capsys):
+    """eval with nothing to measure is refused; a plan.file that is a folder is named as one; -m before the
+    command works as after it."""
+    code = main(["eval", f"model={tiny_lm_dir}", "probes.tasks=[]", "perplexity.seq_lens=[]",
+                 f"output_dir={tmp_path / 'e'}"])
+    one_line_error(capsys, code, "nothing to measure")
+    (tmp_path / "plan").mkdir()
+    code = main(["convert", f"model={tiny_lm_dir}", f"plan.file={tmp_path / 'plan'}", f"output_dir={tmp_path / 'c'}"])
+    one_line_error(capsys, code, "is a directory; give the layer_plan.json inside it")
+    code = main(["-m", "convert", f"model={tiny_lm_dir}", "plan.method=uniform", "plan.ratio=0.25,abc",
+                 f"output_dir={tmp_path / 'c'}"])
+    one_line_error(capsys, code, "[multirun 2/2]")
+    assert sorted(os.listdir(tmp_path)) == ["plan"]

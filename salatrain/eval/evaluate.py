@@ -112,6 +112,11 @@ def check_settings(cfg: EvalConfig) -> list[str]:
     if any(s < 2 for s in text.seq_lens) or text.max_tokens < 2:
         raise UserError("perplexity.seq_lens and perplexity.max_tokens must be >= 2")
     lm_eval_adapter.require(list(cfg.lm_eval.tasks))
+    measures = [(bool(cfg.probes.tasks) and bool(cfg.probes.lengths)),
+                bool(text.seq_lens) and (bool(text.files) or text.builtin != "none"), bool(cfg.lm_eval.tasks)]
+    if not any(measures):
+        raise UserError("nothing to measure: probes.tasks / probes.lengths, perplexity.seq_lens (with text) and "
+                        "lm_eval.tasks are all empty; give at least one")
     check_wandb(cfg.logging)
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     if cfg.chunk_tokens is not None and cfg.chunk_tokens < 1:

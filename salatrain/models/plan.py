@@ -47,6 +47,8 @@ def validate_plan(mixer_types: list[str], num_layers: int, source: str = "plan")
 
 def plan_from_file(path: str | Path, num_layers: int) -> list[str]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"plan file {path} is a directory; give the layer_plan.json inside it")
     if not path.is_file():
         raise ValueError(f"plan file {path} does not exist")
     try:
