@@ -209,3 +209,18 @@ def test_corrupt_weights_leave_nothing(dense_dirs, tmp_path):
     r = run_cli("convert", f"model={src}", f"output_dir={tmp_path / 'o'}", "plan.method=uniform")
     assert r.returncode == 2 and "has shape [3, 3]" in r.stderr
     assert not Path(tmp_path / "o").exists()
+
+
+def test_a_source_without_a_tokenizer_converts_with_a_warning(tiny_lm_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="salatrain.convert.convert"):
+        convert(ConvertConfig(model=str(tiny_lm_dir), output_dir=str(tmp_path / "ok"),
+                              plan=PlanSettings(method="uniform")))
+    assert "tokenizer" not in caplog.text
+    src = tmp_path / "src"
+    shutil.copytree(tiny_lm_dir, src)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    with caplog.at_level("WARNING", logger="salatrain.convert.convert"):
+        convert(ConvertConfig(model=str(src), output_dir=str(tmp_path / "out"), plan=PlanSettings(method="uniform")))
+    assert "has no tokenizer files, so neither does the hybrid" in caplog.text

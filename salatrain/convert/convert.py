@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..config.schema import ConvertConfig, PlanSettings
 from ..errors import UserError
 from ..config.ranges import check_ranges
-from ..hf_checkpoint import CheckpointDir, ShardWriter, copy_side_files, parse_size
+from ..hf_checkpoint import TOKENIZER_FILES, CheckpointDir, ShardWriter, copy_side_files, parse_size
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
 from ..models.families import family_for
 from ..models.export import write_model_code
@@ -181,6 +181,9 @@ def _convert(cfg: ConvertConfig, out: OutputDir) -> Path:
         shards = writer.finish()
         save_config(hcfg, tmp, dtype=cfg.dtype if cfg.dtype != "auto" else _stored_dtype(src))
         side = copy_side_files(src.path, tmp)
+        if not set(side) & set(TOKENIZER_FILES):
+            log.warning("%s has no tokenizer files, so neither does the hybrid; copy them into %s before eval or "
+                        "train", src.path, out.path)
         report = _report(cfg, src, dense_cfg, hcfg, plan, targets, shards, side, t0)
         report["kl_check"] = kl_check(src, tmp, cfg.kl_check_tokens) if cfg.kl_check else {"skipped": "kl_check=false"}
         if cfg.format == "minicpm_sala":
