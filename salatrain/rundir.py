@@ -79,6 +79,20 @@ def check_not_input(out: str | os.PathLike, inputs: Inputs) -> None:
                             "inputs: choose another output_dir")
 
 
+def _check_writable(path: Path, given: str) -> None:
+    """Fail before any work when output_dir (or the nearest folder that exists above it) cannot be written: a
+    file that deletes itself is created there and gone at once."""
+    where = path if path.is_dir() else next((q for q in path.parents if q.is_dir()), None)
+    if where is None:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise UserError(f"output_dir {given} cannot be written ({e.strerror} in {where}); choose another "
+                        "output_dir or fix its permissions") from None
+
+
 def read_marker(directory: Path) -> dict | None:
     """The marker of a salatrain output directory, or None when there is none."""
     f = Path(directory) / MARKER
@@ -143,6 +157,7 @@ class OutputDir:
         p = self.path
         if p.exists() and not p.is_dir():
             raise UserError(f"output_dir {self.given} exists and is not a directory")
+        _check_writable(p, self.given)
         if not p.is_dir() or not any(n != MARKER for n in os.listdir(p)):
             return
         marker = read_marker(p)

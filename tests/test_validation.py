@@ -222,3 +222,27 @@ def test_small_usability_errors(tmp_path, tiny_lm_dir, capsys):
                  f"output_dir={tmp_path / 'c'}"])
     one_line_error(capsys, code, "[multirun 2/2]")
     assert sorted(os.listdir(tmp_path)) == ["plan"]
+
+
+def test_a_plan_file_whose_two_lists_disagree_is_refused(tmp_path, tiny_lm_dir, capsys):
+    plan = tmp_path / "plan.json"
+    mixers = ["sparse_attention", "linear_attention", "linear_attention", "sparse_attention"]
+    plan.write_text(json.dumps({"mixer_types": mixers, "sparse_layers": [0, 2]}))
+    code = main(["convert", f"model={tiny_lm_dir}", f"plan.file={plan}", f"output_dir={tmp_path / 'c'}"])
+    one_line_error(capsys, code, "sparse_layers [0, 2] disagrees with the sparse layers of its mixer_types")
+    plan.write_text(json.dumps({"mixer_types": mixers, "sparse_layers": [3, 0]}))
+    assert main(["convert", f"model={tiny_lm_dir}", f"plan.file={plan}", f"output_dir={tmp_path / 'c'}"]) == 0
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_any_work(tmp_path, tiny_lm_dir, capsys, monkeypatch):
+    """(Injected: the probe file cannot be created, as in a read-only folder; root ignores permission bits.)"""
+    import errno
+    import tempfile
+
+    def denied(*a, **k):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    code = main(["bench", f"model={tiny_lm_dir}", "lengths=[64]", "decode_tokens=2", f"output_dir={tmp_path / 'b'}"])
+    one_line_error(capsys, code, "cannot be written (Permission denied in", "fix its permissions")
+    assert os.listdir(tmp_path) == []

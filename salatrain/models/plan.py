@@ -57,4 +57,10 @@ def plan_from_file(path: str | Path, num_layers: int) -> list[str]:
         raise ValueError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict) or "mixer_types" not in data:
         raise ValueError(f'plan file {path} must hold {{"mixer_types": [...]}}')
-    return validate_plan(data["mixer_types"], num_layers, source=f"plan file {path}")
+    mixers = validate_plan(data["mixer_types"], num_layers, source=f"plan file {path}")
+    listed = data.get("sparse_layers")
+    if listed is not None and (not isinstance(listed, list) or not all(isinstance(i, int) for i in listed)
+                               or sorted(listed) != [i for i, m in enumerate(mixers) if m == "sparse_attention"]):
+        raise ValueError(f"plan file {path}: sparse_layers {listed} disagrees with the sparse layers of its "
+                         "mixer_types; fix one of them")
+    return mixers
