@@ -245,10 +245,9 @@ class OutputDir:
             marker = read_marker(self.path) if (self.path / MARKER).is_file() else None
             if not (self.reuse and marker is not None and marker["command"] == self.command):
                 with interrupt.deferred():
-                    backup = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-                    os.replace(self.path, backup)
-                    self.path.mkdir()
-                    shutil.rmtree(backup, ignore_errors=True)
+                    empty = tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+                    os.chmod(empty, 0o777 & ~_umask())
+                    _swap_in(empty, self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._made = [d for d in self._made if d != self.path and d not in self.path.parents]
         marker = read_marker(self.path) if (self.path / MARKER).is_file() else None
@@ -269,16 +268,21 @@ class OutputDir:
             write_marker(tmp, self.command)
             interrupt.check()
             with interrupt.deferred():
-                if out.exists():
-                    backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-                    os.replace(out, backup)
-                    os.replace(tmp, out)
-                    shutil.rmtree(backup, ignore_errors=True)
-                else:
-                    os.replace(tmp, out)
+                _swap_in(tmp, out)
         finally:
             with interrupt.deferred():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: str | Path, out: Path) -> None:
+    """Put folder ``new`` at ``out``, replacing what is there (renamed aside, then deleted)."""
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, backup)
+        os.replace(new, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(new, out)
 
 
 def _holder(fd: int) -> str:

@@ -111,19 +111,22 @@ def test_cuda_graphs_decode_the_model_s_own_tokens(dtype):
 # --------------------------------------------------------------------------------------------------- generate
 
 
+def _count_calls(monkeypatch, method: str) -> dict:
+    """Count the calls of GraphDecoder.<method> (it still runs); {"n": calls so far}."""
+    calls, original = {"n": 0}, getattr(GraphDecoder, method)
+
+    def counting(self):
+        calls["n"] += 1
+        return original(self)
+
+    monkeypatch.setattr(GraphDecoder, method, counting)
+    return calls
+
+
 def _generate_both(model, ids, monkeypatch, **kw):
     """generate through transformers' loop and through decode_graphs.sample (seeded alike); the second's count
     of decoding steps GraphDecoder ran."""
-    import salatrain.models.decode_graphs as dg
-
-    steps = {"n": 0}
-    run = dg.GraphDecoder._run
-
-    def counting(self):
-        steps["n"] += 1
-        return run(self)
-
-    monkeypatch.setattr(dg.GraphDecoder, "_run", counting)
+    steps = _count_calls(monkeypatch, "_run")
     out = []
     for graphs in (False, True):
         torch.manual_seed(0)
@@ -172,16 +175,7 @@ def test_generate_on_cuda_runs_captured_graphs_and_gives_transformers_tokens(dty
     cross dense_len and the capture."""
     model = tiny_hybrid(seed=1).to("cuda", dtype)
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3)).cuda()
-    import salatrain.models.decode_graphs as dg
-
-    captured = {"n": 0}
-    capture = dg.GraphDecoder._capture_step
-
-    def counting(self):
-        captured["n"] += 1
-        return capture(self)
-
-    monkeypatch.setattr(dg.GraphDecoder, "_capture_step", counting)
+    captured = _count_calls(monkeypatch, "_capture_step")
     got = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     want = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, cuda_graphs=False)
     assert torch.equal(got, want) and captured["n"] == 1
