@@ -7,6 +7,8 @@
 #
 #   bash bench/profile_gpu.sh            # repo root, on the GPU machine; ~5 minutes on 2 GPUs
 #   RUNS="distill distill-before" bash bench/profile_gpu.sh
+#   RUNS="distill distill-before distill-loops distill#2 distill-before#2 distill-loops#2" \
+#     EXTRA="trainer.micro_batch_size=16 trainer.max_steps=40" bash bench/profile_gpu.sh   # an A/B, alternated
 #
 # Needs .whl/ (../shared/tools/gpu-wheels.sh) and .gpu/smollm2-shape (config.json + tokenizer of SmolLM2-135M:
 # `python bench/profile_train.py` copies nothing itself; see docs/perf.md for the two commands).
@@ -41,16 +43,20 @@ fi
 export CUDA_VISIBLE_DEVICES=0
 log "building the dense model, corpus and hybrid"
 timeout 240 python3 bench/profile_train.py build --work "$WORK" > "$OUT/profile_build.log" 2>&1 || { log "build failed"; tail -20 "$OUT/profile_build.log"; }
+# A run named kind#n repeats kind (A/B pairs alternate to spread drift); EXTRA is appended to every run.
 for r in ${RUNS:-distill distill-before align align-before distill-sparse}; do
-  case $r in
+  case ${r%%#*} in
     distill) args="--stage distill" ;;
     distill-before) args="--stage distill --before" ;;
+    distill-loops) args="--stage distill deepspeed.fused_grad_checks=false" ;;
     align) args="--stage align" ;;
     align-before) args="--stage align --before" ;;
     distill-sparse) args="--stage distill stage.sparse_attention=true" ;;
+    *) log "unknown run $r"; continue ;;
   esac
   log "run $r"
-  timeout 200 python3 bench/profile_train.py run --work "$WORK" --name "$r" $args trainer.loss_chunk_tokens=8192
+  timeout 200 python3 bench/profile_train.py run --work "$WORK" --name "${r//#/-}" $args trainer.loss_chunk_tokens=8192 \
+    ${EXTRA:-}
 done
 python3 bench/profile_train.py report --work "$WORK" --out "$OUT/profile.md" > /dev/null
 [ -n "${side:-}" ] && wait $side

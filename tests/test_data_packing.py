@@ -42,6 +42,27 @@ def test_rows_never_mix_documents_and_cover_the_stream():
     assert stream == expected[: len(stream)]
 
 
+def test_rows_read_from_arrow_buffers_equal_rows_read_through_datasets(tmp_path):
+    """Documents come straight from the memory-mapped Arrow buffers (several chunks, a sliced chunk whose
+    offsets do not start at 0, a dataset loaded from disk); rows equal those read through ``datasets``. A
+    dataset with an indices mapping (shuffled) takes the ``datasets`` path."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    rng = np.random.default_rng(0)
+    a = _docs(rng.integers(1, 70, 30).tolist())
+    b = _docs(rng.integers(1, 70, 50).tolist()).select(range(7, 41))  # a contiguous slice: no indices mapping
+    a.save_to_disk(tmp_path / "a")
+    cases = {"chunks": concatenate_datasets([a, b, a]), "disk": load_from_disk(tmp_path / "a"),
+             "shuffled": concatenate_datasets([a, b]).shuffle(seed=1)}
+    for name, docs in cases.items():
+        fast, slow = PackedSequences(docs, seq_len=24, seed=5), PackedSequences(docs, seq_len=24, seed=5)
+        slow._columns = None
+        assert (fast._columns is None) == (name == "shuffled"), name
+        for g in range(3 * fast.rows_per_epoch):
+            x, y = fast.row(g), slow.row(g)
+            assert all(np.array_equal(x[k], y[k]) for k in y), (name, g)
+
+
 def test_rows_are_deterministic_and_epochs_reshuffle():
     a = PackedSequences(_docs([17] * 20), seq_len=16, seed=0)
     b = PackedSequences(_docs([17] * 20), seq_len=16, seed=0)

@@ -38,6 +38,7 @@ class PackedSequences:
                             f"sequence of trainer.seq_len={seq_len}")
         self._epoch: int | None = None
         self._order = self._ends = None
+        self._columns = _arrow_columns(docs, ("input_ids", "loss_mask"))
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._epoch != epoch:
@@ -58,16 +59,25 @@ class PackedSequences:
         ids, mask, pos = [], [], []
         while start < stop:
             doc_start = ends[i] - self.lengths[order[i]]
-            doc = self.docs[int(order[i])]
+            doc_ids, doc_mask = self._document(int(order[i]))
             lo, hi = start - doc_start, min(stop, ends[i]) - doc_start
-            ids.append(doc["input_ids"][lo:hi])
-            mask.append(doc["loss_mask"][lo:hi])
+            ids.append(doc_ids[lo:hi])
+            mask.append(doc_mask[lo:hi])
             pos.append(np.arange(hi - lo))
             start += hi - lo
             i += 1
         ids, mask, pos = (np.concatenate(x).astype(np.int64) for x in (ids, mask, pos))
         labels = np.where((mask > 0) & (pos > 0), ids, IGNORE)
         return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+    def _document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Document ``i``'s input_ids and loss_mask: views into the memory-mapped Arrow buffers where the dataset
+        allows it (a row lookup through ``datasets`` converts the whole document and costs ~0.3 ms, ~20 ms of
+        a 32-row step of 4K tokens while the GPU waits), else through ``datasets``."""
+        if self._columns is None:
+            doc = self.docs[i]
+            return doc["input_ids"], doc["loss_mask"]
+        return tuple(_slice(col, i) for col in self._columns)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Rows stacked into [len(indices), seq_len] int64 tensors."""
@@ -78,3 +88,29 @@ class PackedSequences:
 def num_targets(labels: torch.Tensor) -> int:
     """Positions that are predicted (labels[:, 1:] not ignored)."""
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+def _arrow_columns(docs, names: tuple[str, ...]):
+    """Per column, (first document of each chunk, each chunk's flat values, each chunk's offsets) as numpy arrays
+    sharing the dataset's buffers; None when the dataset has an indices mapping or another layout."""
+    try:
+        if getattr(docs, "_indices", None) is not None:
+            return None
+        table = docs.data.table
+        out = []
+        for name in names:
+            chunks = [c for c in table.column(name).chunks if len(c)]
+            starts = np.cumsum([0] + [len(c) for c in chunks[:-1]]).astype(np.int64)
+            values = [c.values.to_numpy(zero_copy_only=True) for c in chunks]
+            offsets = [c.offsets.to_numpy(zero_copy_only=True) for c in chunks]
+            out.append((starts, values, offsets))
+        return out
+    except Exception:  # nested nulls, an in-memory layout pyarrow cannot expose without copying: the slow path
+        return None
+
+
+def _slice(column, i: int) -> np.ndarray:
+    starts, values, offsets = column
+    c = int(np.searchsorted(starts, i, side="right")) - 1
+    j = i - int(starts[c])
+    return values[c][offsets[c][j] : offsets[c][j + 1]]

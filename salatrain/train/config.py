@@ -80,6 +80,7 @@ class DeepSpeedSettings:
     allgather_bucket_size: int = at_least(1, 200_000_000)
     stage3_prefetch_bucket_size: int = at_least(0, 50_000_000)
     stage3_param_persistence_threshold: int = at_least(0, 100_000)
+    fused_grad_checks: bool = True  # ZeRO-1/2: overflow test and gradient norm as multi-tensor kernels
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed config last
 
 
@@ -184,6 +185,8 @@ def ignored_keys(cfg: TrainConfig) -> dict[str, str]:
     if ds.zero_stage != 3:
         for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
             out[f"deepspeed.{key}"] = f"with deepspeed.zero_stage={ds.zero_stage} (ZeRO-3 only)"
+    if ds.zero_stage in (0, 3):
+        out["deepspeed.fused_grad_checks"] = f"with deepspeed.zero_stage={ds.zero_stage} (ZeRO-1/2 only)"
     if ds.zero_stage == 0:
         for key in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size"):
             out[f"deepspeed.{key}"] = "with deepspeed.zero_stage=0"

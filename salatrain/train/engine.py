@@ -219,11 +219,18 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
-    """A DeepSpeed engine around ``module`` with the torch ``optimizer`` (no compiled DeepSpeed ops)."""
+def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict,
+               fused_grad_checks: bool = True):
+    """A DeepSpeed engine around ``module`` with the torch ``optimizer`` (no compiled DeepSpeed ops).
+    ``fused_grad_checks``: ZeRO-1/2's per-tensor overflow test and gradient norm run as multi-tensor kernels
+    (grad_checks.py)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    if fused_grad_checks:
+        from .grad_checks import fuse
+
+        fuse(engine.optimizer)
     return engine
 
 

@@ -154,7 +154,8 @@ class Run:
         trainable = select_trainable(named, self.stage.trainable(cfg), mixers, qk)
         self.optimizer = build_optimizer(param_groups(named, trainable, cfg.optim, mixers, qk), cfg.optim)
         self.flops = self._flops_per_token()
-        self.eng = engine.initialize(self.stage, self.optimizer, engine.ds_config(cfg, self.gas))
+        self.eng = engine.initialize(self.stage, self.optimizer, engine.ds_config(cfg, self.gas),
+                                     cfg.deepspeed.fused_grad_checks)
         if self.teacher is not None:
             module, self._teacher_engine = engine.place_frozen(self.teacher, cfg, self.dist)
             self.stage.attach_teacher(module)
