@@ -69,9 +69,11 @@ def cli(args: list[str], before: bool, log: Path | None = None) -> int:
     if before:
         env["PYTHONPATH"] = "/tmp/before" + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     code = "import sys; from salatrain.cli import main; sys.exit(main(sys.argv[1:]))"
+    # -P: without it `python -c` puts the working directory (this checkout) first on sys.path, ahead of
+    # PYTHONPATH, and --before would time this checkout's code
     out = open(log, "w") if log else None
     try:
-        return subprocess.run([sys.executable, "-c", code, *args], env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        return subprocess.run([sys.executable, "-P", "-c", code, *args], env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     finally:
         if out:
             out.close()

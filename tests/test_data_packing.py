@@ -44,8 +44,8 @@ def test_rows_never_mix_documents_and_cover_the_stream():
 
 def test_rows_read_from_arrow_buffers_equal_rows_read_through_datasets(tmp_path):
     """Documents come straight from the memory-mapped Arrow buffers (several chunks, a sliced chunk whose
-    offsets do not start at 0, a dataset loaded from disk); rows equal those read through ``datasets``. A
-    dataset with an indices mapping (shuffled) takes the ``datasets`` path."""
+    offsets do not start at 0, a dataset loaded from disk, a filtered and a shuffled one, whose rows go through an
+    indices mapping); rows equal those read through ``datasets``."""
     from datasets import concatenate_datasets, load_from_disk
 
     rng = np.random.default_rng(0)
@@ -53,11 +53,12 @@ def test_rows_read_from_arrow_buffers_equal_rows_read_through_datasets(tmp_path)
     b = _docs(rng.integers(1, 70, 50).tolist()).select(range(7, 41))  # a contiguous slice: no indices mapping
     a.save_to_disk(tmp_path / "a")
     cases = {"chunks": concatenate_datasets([a, b, a]), "disk": load_from_disk(tmp_path / "a"),
-             "shuffled": concatenate_datasets([a, b]).shuffle(seed=1)}
+             "shuffled": concatenate_datasets([a, b]).shuffle(seed=1),
+             "filtered": concatenate_datasets([b, a]).filter(lambda r: r["length"] % 3 != 0)}
     for name, docs in cases.items():
         fast, slow = PackedSequences(docs, seq_len=24, seed=5), PackedSequences(docs, seq_len=24, seed=5)
         slow._columns = None
-        assert (fast._columns is None) == (name == "shuffled"), name
+        assert fast._columns is not None and (fast._columns[0] is None) == (name in ("chunks", "disk")), name
         for g in range(3 * fast.rows_per_epoch):
             x, y = fast.row(g), slow.row(g)
             assert all(np.array_equal(x[k], y[k]) for k in y), (name, g)

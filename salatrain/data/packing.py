@@ -77,7 +77,9 @@ class PackedSequences:
         if self._columns is None:
             doc = self.docs[i]
             return doc["input_ids"], doc["loss_mask"]
-        return tuple(_slice(col, i) for col in self._columns)
+        rows, columns = self._columns
+        physical = i if rows is None else int(rows[i])
+        return tuple(_slice(col, physical) for col in columns)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Rows stacked into [len(indices), seq_len] int64 tensors."""
@@ -91,11 +93,13 @@ def num_targets(labels: torch.Tensor) -> int:
 
 
 def _arrow_columns(docs, names: tuple[str, ...]):
-    """Per column, (first document of each chunk, each chunk's flat values, each chunk's offsets) as numpy arrays
-    sharing the dataset's buffers; None when the dataset has an indices mapping or another layout."""
+    """Where document i lies in the dataset's memory-mapped Arrow buffers: (physical row of each document, or
+    None without an indices mapping — ``filter``/``shuffle`` leave one —, and per column the first row of each
+    chunk, each chunk's flat values and its offsets), numpy arrays sharing the dataset's buffers; None when
+    pyarrow cannot expose a column without copying."""
     try:
-        if getattr(docs, "_indices", None) is not None:
-            return None
+        indices = getattr(docs, "_indices", None)
+        rows = None if indices is None else indices.column(0).to_numpy()
         table = docs.data.table
         out = []
         for name in names:
@@ -104,8 +108,8 @@ def _arrow_columns(docs, names: tuple[str, ...]):
             values = [c.values.to_numpy(zero_copy_only=True) for c in chunks]
             offsets = [c.offsets.to_numpy(zero_copy_only=True) for c in chunks]
             out.append((starts, values, offsets))
-        return out
-    except Exception:  # nested nulls, an in-memory layout pyarrow cannot expose without copying: the slow path
+        return rows, out
+    except Exception:  # nested nulls, a layout pyarrow cannot expose without copying: the datasets path
         return None
 
 
