@@ -73,7 +73,8 @@ def cli(args: list[str], before: bool, log: Path | None = None) -> int:
     # PYTHONPATH, and --before would time this checkout's code
     out = open(log, "w") if log else None
     try:
-        return subprocess.run([sys.executable, "-P", "-c", code, *args], env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        return subprocess.run([sys.executable, "-P", "-c", code, *args], env=env, stdout=out,
+                              stderr=subprocess.STDOUT).returncode
     finally:
         if out:
             out.close()

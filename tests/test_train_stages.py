@@ -142,6 +142,29 @@ def test_bad_run_inputs_fail_before_training(tmp_path, data_cache, capsys, lm_ru
     assert "needs a teacher" in capsys.readouterr().err
     assert main(["train", "recipe=tiny", f"output_dir={lm_run.output_dir}", "deepspeed=zero3"]) == 2
     assert "cannot resume from" in capsys.readouterr().err
+    # a checkpoint of another architecture: refused by name before anything is written (it read as "corrupt")
+    other = tmp_path / "other"
+    assert main(["train", "recipe=tiny", f"output_dir={other}", "model=tiny_dense", f"data.cache_dir={data_cache}",
+                 f"resume={lm_run.output_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "it was trained for another model (mixer_types [" in err and "resume=never" in err, err
+    assert len(err.splitlines()) == 1 and not other.exists()
+
+
+def test_resume_names_the_model_it_continues(tmp_path, data_cache, lm_run, caplog):
+    """Resuming continues the checkpoint's weights: a model.path other than the one the run started from is
+    named as unused, not silently ignored."""
+    import shutil
+
+    from salatrain.train.checkpoint import read_meta
+    from salatrain.train.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(str(lm_run.output_dir), "resume")
+    copy = tmp_path / "copy"
+    shutil.copytree(read_meta(ckpt)["model"], copy)
+    train(tmp_path / "run", data_cache, f"model.path={copy}", f"resume={ckpt}", steps=STEPS)
+    warned = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+    assert len(warned) == 1 and f"model.path={copy} is not used: resuming from {ckpt}" in warned[0], warned
 
 
 def test_seq_len_past_rope_training_length_warns(tmp_path, data_cache, caplog):

@@ -188,6 +188,44 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "mixer_types", "tie_word_embeddings")
+
+
+def check_same_model(ckpt: Path, config: dict, model_path: str | None) -> str | None:
+    """Refuse to resume ``ckpt`` into a model of another shape (``config``: this run's model config as a dict,
+    compared with the checkpoint's hf/config.json), before anything is written; return a warning when the run
+    names another model.path than the run that wrote the checkpoint (resuming continues that run's weights)."""
+    theirs_file = ckpt / "hf" / "config.json"
+    theirs = _read_json(theirs_file) if theirs_file.is_file() else {}
+    meta = read_meta(ckpt)
+    started = meta.get("model")
+    diffs = [f"{k} {_brief(theirs[k])} there, {_brief(config[k])} here" for k in ARCHITECTURE_KEYS
+             if k in theirs and k in config and theirs[k] != config[k]]
+    if diffs:
+        shown = "; ".join(diffs[:3])
+        raise UserError(f"cannot resume from {ckpt}: it was trained for another model ({shown}); resume it with "
+                        f"the model it started from (model.path={started}), or start this run afresh (resume=never)")
+    if started and model_path and _same_path(started, model_path) is False:
+        return (f"model.path={model_path} is not used: resuming from {ckpt} continues the run that started from "
+                f"{started}, with that run's weights; pass resume=never to start from "
+                f"{model_path} instead")
+    return None
+
+
+def _brief(value) -> str:
+    """A config value for a one-line message: lists as counts per item (mixer_types of 30 layers)."""
+    if isinstance(value, list):
+        from collections import Counter
+
+        return "[" + ", ".join(f"{n} × {v}" for v, n in Counter(map(str, value)).items()) + "]"
+    return str(value)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -32,7 +32,7 @@ from ..memory import check_training_memory
 from ..rundir import OutputDir, write_text_atomic
 from ..tracking import RunLogger
 from . import engine, faults
-from .checkpoint import Store, TrainState, load_rng, read_meta, read_state, save_rng, tag, write_state
+from .checkpoint import Store, TrainState, check_same_model, load_rng, read_meta, read_state, save_rng, tag, write_state
 from .config import TrainConfig, input_paths, rows_per_step, validate
 from .optim import Schedule, build_optimizer, param_groups, select_trainable
 from .profile import StepProfiler, phase
@@ -98,6 +98,10 @@ class Run:
         _seed(cfg.trainer.seed)
         self._build_data()
         self._build_stage()
+        if self.start is not None:
+            note = check_same_model(self.start, self.stage.config.to_dict(), self.paths["model"])
+            if note and self.dist.is_main:
+                log.warning(note)
         check_training_memory(cfg, self.stage.config, self.stage, self.teacher, self.dist)
         if self.dist.is_main:
             self.outdir.create()
