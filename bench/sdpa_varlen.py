@@ -1,5 +1,7 @@
 """Softmax attention of a packed training batch: torch's varlen FlashAttention (what the model runs for packed
-documents) against dense causal SDPA on the same rows (what it could run for rows holding a single document).
+documents) against dense causal SDPA on the same rows (what it could run for rows holding a single document),
+and torch's cuDNN attention on the packed documents (aten._cudnn_attention_forward with cumulative lengths,
+the op nested tensors use), checked against the varlen call forward and backward before it is timed.
 
 The shape defaults to SmolLM2-135M's distillation batch: 16 rows of 4096 tokens, 9 query / 3 KV heads of 64,
 bf16. Documents have exponentially distributed lengths (mean --mean-doc tokens), packed end to end and cut into
