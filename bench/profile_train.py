@@ -43,8 +43,14 @@ def build(work: Path, shape: Path, model: str | None, size: str) -> None:
     work.mkdir(parents=True, exist_ok=True)
     dense = work / "dense"
     if not (dense / "config.json").exists():
+        if not model and not (shape / "tokenizer.json").is_file():
+            sys.exit(f"--shape {shape} needs config.json and the tokenizer files of the model (every file of "
+                     "SmolLM2-135M's directory but the weights)")
+        # built beside, then renamed: a build that fails half-way leaves nothing a later call would take as done
+        tmp = work / "dense.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
         if model:
-            shutil.copytree(model, dense)
+            shutil.copytree(model, tmp)
         else:
             cfg = json.loads((shape / "config.json").read_text())
             if size == "small":
@@ -52,10 +58,12 @@ def build(work: Path, shape: Path, model: str | None, size: str) -> None:
                            num_key_value_heads=2, head_dim=16)
             torch.manual_seed(0)
             m = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
-            m.to(torch.bfloat16).save_pretrained(dense, safe_serialization=True)
-            AutoTokenizer.from_pretrained(shape).save_pretrained(dense)
+            m.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+            AutoTokenizer.from_pretrained(shape).save_pretrained(tmp)
+        shutil.rmtree(dense, ignore_errors=True)
+        tmp.rename(dense)
     corpus = work / "corpus"
-    if not (corpus / "train.jsonl").exists():
+    if not (corpus / "corpus.json").exists():  # written last: a corpus cut short is rebuilt
         write_corpus(corpus, ["stdlib", "site"], 12_000_000 if size == "full" else 400_000, 10_000, 20)
     hybrid = work / "hybrid"
     if not (hybrid / "config.json").exists():
