@@ -3,9 +3,10 @@
 Steps first..last run with the device synchronised at every phase boundary and each phase timed (data,
 forward with its student / teacher / loss parts, backward, optimizer, host synchronisation); the step after
 ``last`` runs under ``torch.profiler`` and its device kernels are summed by kind (matmul, Lightning kernels,
-InfLLM-V2 kernels, softmax attention, logit loss, elementwise and the rest). Synchronising costs a little
-overlap, so the phases add up to slightly more than an unprofiled step; tokens/s in metrics.jsonl of the
-other steps is the throughput. Written to ``output_dir/profile.json`` and ``profile.md``.
+InfLLM-V2 kernels, softmax attention, logit loss, elementwise and the rest), counted, and set against that
+step's wall time: the share of it the device was busy (union of the kernels' intervals) says whether the host
+keeps up. Synchronising costs a little overlap, so the phases add up to slightly more than an unprofiled step;
+tokens/s in metrics.jsonl of the other steps is the throughput. Written to ``output_dir/profile.json`` and ``profile.md``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class StepProfiler:
         self.stack: list[str] = []
         self.steps_timed = 0
         self.kernels: dict[str, float] = {}
-        self._torch_prof = None
+        self.launches = 0
+        self.busy_s = 0.0  # union of the traced step's kernel intervals
+        self.traced_wall_s = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -94,10 +97,12 @@ class StepProfiler:
                 self.steps_timed += 1
             else:
                 self._sync()
+                t0 = time.perf_counter()
                 with torch.profiler.profile(activities=self._activities()) as prof:
                     yield
                     self._sync()
-                self._collect(prof)
+                    self.traced_wall_s = time.perf_counter() - t0
+                self._collect(prof.events())
                 self.write()
         finally:
             _ACTIVE = None
@@ -109,11 +114,23 @@ class StepProfiler:
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         return acts
 
-    def _collect(self, prof) -> None:
+    def _collect(self, events) -> None:
+        """Sum the device events of the traced step: kernels, memcpy, memset. Ranges that ``record_function``
+        marks on the device timeline (``Optimizer.step#AdamW.step``) are annotations over kernels, not kernels."""
         cuda = torch.autograd.DeviceType.CUDA
-        for evt in prof.events():
-            if evt.device_type == cuda:  # a kernel, memcpy or memset on the device
-                self.kernels[evt.name] = self.kernels.get(evt.name, 0.0) + evt.time_range.elapsed_us() / 1e6
+        spans = []
+        for evt in events:
+            if evt.device_type != cuda or getattr(evt, "is_user_annotation", False):
+                continue
+            r = evt.time_range
+            self.kernels[evt.name] = self.kernels.get(evt.name, 0.0) + r.elapsed_us() / 1e6
+            self.launches += 1
+            spans.append((r.start, r.end))
+        end = float("-inf")
+        for a, b in sorted(spans):  # kernels of several streams overlap: count busy time once
+            if b > end:
+                self.busy_s += (b - max(a, end)) / 1e6
+                end = b
 
     def summary(self) -> dict:
         n = max(self.steps_timed, 1)
@@ -127,7 +144,8 @@ class StepProfiler:
                 "synchronised_tokens_per_s": self.tokens / step if step else None,
                 "phase_seconds_per_step": phases, "kernel_seconds_by_kind": dict(sorted(kinds.items(),
                                                                                         key=lambda kv: -kv[1])),
-                "top_kernels_seconds": dict(top)}
+                "top_kernels_seconds": dict(top), "kernel_launches": self.launches,
+                "device_busy_seconds": self.busy_s, "traced_step_wall_seconds": self.traced_wall_s}
 
     def write(self) -> None:
         s = self.summary()
@@ -142,6 +160,13 @@ class StepProfiler:
         lines += ["", "| device kernels (one step, torch.profiler) | ms | share |", "|---|---|---|"]
         for k, v in s["kernel_seconds_by_kind"].items():
             lines.append(f"| {k} | {v * 1e3:.1f} | {v / total:.0%} |")
+        if s["kernel_launches"]:
+            wall = s["traced_step_wall_seconds"]
+            lines += ["", f"traced step: {s['kernel_launches']} device operations, mean "
+                          f"{sum(self.kernels.values()) / s['kernel_launches'] * 1e6:.0f} µs each; device busy "
+                          f"{s['device_busy_seconds'] * 1e3:.1f} ms of the step's {wall * 1e3:.1f} ms "
+                          f"({s['device_busy_seconds'] / wall:.0%}; torch.profiler slows the host, so an unprofiled "
+                          "step idles less)" if wall else ""]
         lines += ["", "| top kernels | ms |", "|---|---|"]
         for k, v in s["top_kernels_seconds"].items():
             lines.append(f"| `{k[:90]}` | {v * 1e3:.2f} |")
