@@ -6,7 +6,8 @@ forward with its student / teacher / loss parts, backward, optimizer, host synch
 InfLLM-V2 kernels, softmax attention, logit loss, elementwise and the rest), counted, and set against that
 step's wall time: the share of it the device was busy (union of the kernels' intervals) says whether the host
 keeps up. Synchronising costs a little overlap, so the phases add up to slightly more than an unprofiled step;
-tokens/s in metrics.jsonl of the other steps is the throughput. Written to ``output_dir/profile.json`` and ``profile.md``.
+tokens/s in metrics.jsonl of the other steps is the throughput. Written to ``output_dir/profile.json`` and
+``profile.md``.
 """
 
 from __future__ import annotations
