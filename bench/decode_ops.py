@@ -10,7 +10,10 @@ of its uniform 25% conversion (4 InfLLM-V2 + 12 Lightning layers). The hybrid de
 the kernels run: Lightning layers and norms on the Triton kernels (under the interpreter; each launch counted as
 one op, the interpreter's own torch calls not), sparse layers on the one-token step (`decode_with_step`). The
 prefill runs the PyTorch references (the interpreter would take minutes). At 300 tokens the sparse layers attend
-densely (SALA's dense_len is 8192); at 9000 they select blocks.
+densely (SALA's dense_len is 8192); at 9000 they select blocks. ``--scaled-down`` converts with SALA's sparse
+settings scaled down 4x (top-16 blocks, window 512, dense_len 1024): a 2400-token prompt then selects blocks as
+9000 do at SALA's, and the prefill takes seconds instead of minutes on a CPU (the tests use it); a decoded token's
+op count depends on whether the layers select, not on how many blocks they select.
 """
 from __future__ import annotations
 
@@ -60,17 +63,21 @@ class OpCounter(TorchDispatchMode):
         return run
 
 
-def build(work: Path) -> tuple[Path, Path]:
+SCALED_DOWN = dict(topk=16, window_size=512, dense_len=1024)
+
+
+def build(work: Path, scaled_down: bool = False) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from salatrain.config.schema import ConvertConfig, PlanSettings
+    from salatrain.config.schema import ConvertConfig, PlanSettings, SparseSettings
     from salatrain.convert.convert import convert
 
     llama, hybrid = work / "llama", work / "hybrid"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**SHAPE, bos_token_id=None, eos_token_id=None)).save_pretrained(llama)
+    sparse = SparseSettings(**SCALED_DOWN) if scaled_down else SparseSettings()
     convert(ConvertConfig(model=str(llama), output_dir=str(hybrid), plan=PlanSettings(method="uniform", ratio=0.25),
-                          kl_check=False))
+                          sparse=sparse, kl_check=False))
     return llama, hybrid
 
 
@@ -130,12 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, nargs="+", default=[300, 9000])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--scaled-down", action="store_true", help=f"sparse settings {SCALED_DOWN} (SALA's / 4)")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         sys.exit("set TRITON_INTERPRET=1 (before Python starts): the hybrid's kernels run under Triton's interpreter")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        llama, hybrid = build(Path(tmp))
+        llama, hybrid = build(Path(tmp), a.scaled_down)
         for prompt in a.prompts:
             for kind, path in (("hybrid", hybrid), ("transformers", llama)):
                 r = count(kind, path, prompt)
