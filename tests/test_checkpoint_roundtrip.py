@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from salatrain.models import SalaHybridCache, SalaHybridConfig, SalaHybridForCausalLM
+from salatrain.models.modeling_sala_hybrid import packed_cu_seqlens
 
 SPARSE = dict(block_size=8, kernel_size=4, kernel_stride=2, init_blocks=1, topk=2, window_size=8, dense_len=24)
 PLAN = ["sparse_attention", "linear_attention", "full_attention", "linear_attention"]
@@ -138,11 +139,19 @@ def test_packed_documents_do_not_attend_across_boundaries():
         by_cu = model(packed, cu_seqlens=torch.tensor([0, 37, 82], dtype=torch.int32), use_cache=False).logits
         # two rows that each hold packed documents are flattened consistently
         rows = model(torch.cat([packed, packed]), position_ids=torch.cat([pos, pos]), use_cache=False).logits
+        # ... and so are they when a trainer hands over the boundaries it built on the host (no host read)
+        cu = packed_cu_seqlens(torch.cat([pos, pos]))
+        assert cu.tolist() == [0, 37, 82, 119, 164]
+        rows_cu = model(torch.cat([packed, packed]), position_ids=torch.cat([pos, pos]), cu_seqlens=cu, max_seqlen=45,
+                        use_cache=False).logits
     assert torch.allclose(by_pos, sep, atol=1e-5) and torch.allclose(by_cu, sep, atol=1e-5)
     assert torch.allclose(rows[1:], sep, atol=1e-5)
+    assert rows_cu.shape == rows.shape and torch.equal(rows_cu, rows)
 
 
 def test_bad_cu_seqlens_is_a_clear_error():
     model = tiny_hybrid()
     with pytest.raises(ValueError, match="cu_seqlens must run from 0"):
         model(torch.zeros(1, 10, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="every row start"):
+        model(torch.zeros(2, 10, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 12, 20], dtype=torch.int32))

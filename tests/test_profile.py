@@ -8,7 +8,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
 from salatrain.train import compose_train, run_stage
-from salatrain.train.profile import StepProfiler, kind_of
+from salatrain.train.profile import StepProfiler, kind_of, sync_site
 from tests.helpers.common import data_cache, one_thread  # noqa: F401 (fixtures)
 
 
@@ -69,3 +69,22 @@ def test_a_traced_step_counts_kernels_once_and_skips_annotations(tmp_path):
     p.write()
     assert "3 device operations" in (tmp_path / "profile.md").read_text()
     assert "device busy 0.2 ms of the step's 0.4 ms (62%" in (tmp_path / "profile.md").read_text()
+
+
+def test_host_synchronisations_are_counted_by_the_line_that_caused_them(tmp_path):
+    import traceback
+
+    import salatrain.train.loop as loop
+
+    here = traceback.FrameSummary(loop.__file__, 258, "_train_step")
+    inner = traceback.FrameSummary(torch.__file__, 10, "item")
+    outside = traceback.FrameSummary(__file__, 5, "test")
+    assert sync_site([outside, here, inner]) == "train/loop.py:258 (_train_step)"
+    assert sync_site([outside, inner]) is None
+    p = StepProfiler([1, 1], torch.device("cpu"), tmp_path, tokens_per_step=1000)
+    for _ in range(3):  # what torch's sync debug mode warns, seen from this test (no salatrain frame on the stack)
+        p._on_warning(UserWarning("called a synchronizing CUDA operation"), UserWarning, "/x/loop.py", 7)
+    p._on_warning(UserWarning("something else"), UserWarning, "/x/loop.py", 8)
+    assert p.summary()["host_syncs"] == {"loop.py:7": 3}
+    p.write()
+    assert "host synchronisations in the traced step: 3" in (tmp_path / "profile.md").read_text()

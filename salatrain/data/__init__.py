@@ -3,7 +3,7 @@ boundaries, random access by global row index (deterministic, resumable, sharded
 
 from __future__ import annotations
 
-from .packing import IGNORE, PackedSequences, num_targets
+from .packing import IGNORE, PackedSequences, num_targets, packed_layout
 from .settings import DataSettings
 
 
@@ -27,4 +27,4 @@ def build_packed(settings: DataSettings, tokenizer, seq_len: int) -> PackedSeque
     return PackedSequences(docs, seq_len, seed=settings.seed, shuffle=settings.shuffle)
 
 
-__all__ = ["DataSettings", "IGNORE", "PackedSequences", "build_packed", "num_targets"]
+__all__ = ["DataSettings", "IGNORE", "PackedSequences", "build_packed", "num_targets", "packed_layout"]

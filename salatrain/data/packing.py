@@ -87,6 +87,28 @@ class PackedSequences:
         return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
+def packed_layout(batch: dict[str, torch.Tensor]) -> dict:
+    """What the model and the loss would otherwise work out on the device, each with host reads, for a batch of
+    whole rows (built on the host, where it costs nothing, before the batch moves to the device):
+
+    - ``cu_seqlens`` (int32 [N+1], the documents over the rows laid end to end) and ``max_seqlen`` (the longest),
+      only when some row holds more than one document (otherwise rows stay rows);
+    - ``target_index`` (int64 [M], positions in the flattened [B·T] rows whose next token is a target) and
+      ``target`` (int64 [M], those targets), when the batch has ``labels``."""
+    from ..models.modeling_sala_hybrid import packed_cu_seqlens
+
+    pos, labels = batch["position_ids"], batch.get("labels")
+    out: dict = {}
+    if pos.shape[1] > 1 and bool((pos[:, 1:] == 0).any()):
+        cu = packed_cu_seqlens(pos)
+        out.update(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+    if labels is not None:
+        nxt = labels[:, 1:]
+        row, col = torch.nonzero(nxt != IGNORE, as_tuple=True)
+        out.update(target_index=row * labels.shape[1] + col, target=nxt[row, col])
+    return out
+
+
 def num_targets(labels: torch.Tensor) -> int:
     """Positions that are predicted (labels[:, 1:] not ignored)."""
     return int((labels[:, 1:] != IGNORE).sum())

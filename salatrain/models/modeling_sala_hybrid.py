@@ -775,6 +775,7 @@ class SalaHybridModel(SalaHybridPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: SalaHybridCache | None = None,
+        max_seqlen: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         cache = cache if cache is not None else past_key_values
@@ -789,7 +790,7 @@ class SalaHybridModel(SalaHybridPreTrainedModel):
         if self.training:
             cache = None
         b, t = h.shape[:2]
-        h, seq, rope_pos, unflatten = _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache)
+        h, seq, rope_pos, unflatten = _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache, max_seqlen)
         rope = self.rotary_emb(h, rope_pos)
         hidden_states = [h] if output_hidden_states else None
         for layer in self.layers:
@@ -806,26 +807,38 @@ class SalaHybridModel(SalaHybridPreTrainedModel):
         return out
 
 
-def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache):
+def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache, max_seqlen=None):
     """Work out documents, padding and positions. Rows with restarting position ids (packed documents) are
-    flattened into one row with ``cu_seqlens``. Returns (h, seq, rope positions, whether h was flattened)."""
+    flattened into one row with ``cu_seqlens``. Returns (h, seq, rope positions, whether h was flattened).
+
+    ``cu_seqlens`` given: document boundaries over the B rows laid end to end (every row start is one), the rows
+    are flattened; ``position_ids``, when given, are the positions within the documents. With ``max_seqlen``
+    (the longest document) as well, nothing is read back from the device: the caller vouches for both, as a
+    trainer that built them on the host from its batch does (:func:`packed_cu_seqlens`). Without it the
+    boundaries are checked and the longest document measured, one host read each."""
     b, t = h.shape[:2]
     dev = h.device
     past = cache.seen_tokens if cache is not None else 0
     if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError("cu_seqlens requires batch size 1 (documents packed into one row)")
-        if int(cu_seqlens[-1]) != t or int(cu_seqlens[0]) != 0:
-            raise ValueError(f"cu_seqlens must run from 0 to the sequence length {t}, got {cu_seqlens.tolist()}")
-        pos = _positions_from_cu_seqlens(cu_seqlens.to(dev), t).view(1, t)
-        return h, SeqInfo(pos, past, cu_seqlens.to(device=dev, dtype=torch.int32)), pos, False
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if position_ids is not None and past == 0 and t > 1 and not padded and bool((position_ids[:, 1:] == 0).any()):
+        n = b * t
+        if max_seqlen is None:
+            if int(cu_seqlens[-1]) != n or int(cu_seqlens[0]) != 0:
+                raise ValueError(f"cu_seqlens must run from 0 to the number of tokens {n}, got {cu_seqlens.tolist()}")
+            if b > 1 and not bool(torch.isin(torch.arange(0, n, t, device=cu_seqlens.device), cu_seqlens).all()):
+                raise ValueError("cu_seqlens over several rows must hold every row start as a boundary")
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32, non_blocking=True)
+        if position_ids is not None:
+            pos = position_ids.reshape(1, n).to(dev)
+        else:
+            pos = _positions_from_cu_seqlens(cu, n).view(1, n)
+        seq = SeqInfo(pos, past, cu, _max_doc_len=int(max_seqlen) if max_seqlen is not None else None)
+        return h.reshape(1, n, -1), seq, pos, b > 1
+    if position_ids is not None and past == 0 and t > 1 and not (attention_mask is not None and not bool(
+            attention_mask.all())) and bool((position_ids[:, 1:] == 0).any()):
+        cu = packed_cu_seqlens(position_ids)
         flat = position_ids.reshape(1, -1)
-        starts = torch.nonzero(flat[0] == 0).flatten()
-        starts = torch.unique(torch.cat([starts, torch.arange(0, b * t, t, device=starts.device)]))
-        cu = torch.cat([starts, torch.tensor([b * t], device=starts.device)]).to(torch.int32)
         return h.reshape(1, b * t, -1), SeqInfo(flat, 0, cu.to(dev)), flat, b > 1
+    padded = attention_mask is not None and not bool(attention_mask.all())
     left_pad = None
     if padded and attention_mask.dim() == 2:
         mask = attention_mask.bool()
@@ -840,6 +853,16 @@ def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache):
     pos = idx - (left_pad.view(-1, 1).to(dev) if left_pad is not None else 0)
     rope_pos = position_ids if position_ids is not None else pos.clamp(min=0)
     return h, SeqInfo(pos, past, None, left_pad.to(dev) if left_pad is not None else None), rope_pos, False
+
+
+def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document boundaries (int32 [N+1]) of rows [B, T] whose ``position_ids`` restart at 0 where a document
+    starts, over the rows laid end to end: every restart and every row start."""
+    b, t = position_ids.shape
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    starts = torch.unique(torch.cat([starts, torch.arange(0, b * t, t, device=starts.device)]))
+    return torch.cat([starts, torch.tensor([b * t], device=starts.device)]).to(torch.int32)
 
 
 def _positions_from_cu_seqlens(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
@@ -892,12 +915,13 @@ class SalaHybridForCausalLM(SalaHybridPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         past_key_values: SalaHybridCache | None = None,
         return_dict: bool | None = None,
+        max_seqlen: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states,
+            cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states, max_seqlen=max_seqlen,
         )
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import interrupt
+from ..data import packed_layout
 from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, copy_side_files, load_tokenizer
 from ..memory import check_training_memory
@@ -242,9 +243,9 @@ class Run:
         t0 = time.perf_counter()
         dev = self.dist.device
         with phase("data"):
-            batches = [self.sp.shard(self.data.batch(self._rows_of(self.state.rows, m))) for m in range(self.gas)]
+            batches = self._micro_batches()
             local = torch.tensor([float(sum(self.stage.count(b) for b in batches))])
-            batches = [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in batches]
+            batches = [_to_device(b, dev) for b in batches]
         with phase("sync"):
             count = float(engine.all_reduce(local.to(dev))[0])
         scale = self.dist.world_size * self.gas / max(count, 1.0)
@@ -273,6 +274,15 @@ class Run:
         with phase("sync"):
             totals = self._reduce(loss_sum, stats)
         return self._account(step, finite, count, totals, lr, time.perf_counter() - t0)
+
+    def _micro_batches(self) -> list[dict]:
+        """The step's micro-batches on the host, from the current data position. Whole rows (no sequence
+        parallelism) carry their document layout and target positions, built here so that no forward reads
+        anything back from the device (:func:`salatrain.data.packed_layout`)."""
+        batches = [self.sp.shard(self.data.batch(self._rows_of(self.state.rows, m))) for m in range(self.gas)]
+        if self.sp.size == 1:
+            batches = [{**b, **packed_layout(b)} for b in batches]
+        return batches
 
     def _reduce(self, loss_sum: torch.Tensor, stats: dict) -> dict:
         keys = sorted(stats)
@@ -390,11 +400,10 @@ class Run:
     def _eval_stats(self):
         """(statistics summed over every rank, tokens, train state) of the global batch after the last training
         rows, without gradients: what a stage's end-of-stage report measures."""
-        batches = [self.sp.shard(self.data.batch(self._rows_of(self.state.rows, m))) for m in range(self.gas)]
         total: dict = {}
         with torch.no_grad():
-            for b in batches:
-                _, st = self.eng(**{k: v.to(self.dist.device) for k, v in b.items()})
+            for b in self._micro_batches():
+                _, st = self.eng(**_to_device(b, self.dist.device))
                 for k, v in st.items():
                     total[k] = total[k] + v.double() if k in total else v.double()
         total = {k: engine.all_reduce(v).cpu() for k, v in sorted(total.items())}
@@ -442,6 +451,11 @@ def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device) -> dict:
+    """Tensors to ``device`` (asynchronously), other entries (``max_seqlen``) as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _float(x) -> float | None:

@@ -5,7 +5,9 @@ forward with its student / teacher / loss parts, backward, optimizer, host synch
 ``last`` runs under ``torch.profiler`` and its device kernels are summed by kind (matmul, Lightning kernels,
 InfLLM-V2 kernels, softmax attention, logit loss, elementwise and the rest), counted, and set against that
 step's wall time: the share of it the device was busy (union of the kernels' intervals) says whether the host
-keeps up. Synchronising costs a little overlap, so the phases add up to slightly more than an unprofiled step;
+keeps up. The same step counts the host synchronisations torch reports (its CUDA sync debug mode: ``.item()``,
+``nonzero``, boolean indexing, copies to the host ...) by the line of salatrain or DeepSpeed that caused them:
+each one drains the device's queue, so the host can no longer run ahead of the device. Synchronising costs a little overlap, so the phases add up to slightly more than an unprofiled step;
 tokens/s in metrics.jsonl of the other steps is the throughput. Written to ``output_dir/profile.json`` and
 ``profile.md``.
 """
@@ -16,6 +18,8 @@ import contextlib
 import json
 import re
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +64,7 @@ class StepProfiler:
         self.launches = 0
         self.busy_s = 0.0  # union of the traced step's kernel intervals
         self.traced_wall_s = 0.0
+        self.syncs: dict[str, int] = {}  # host synchronisations of the traced step, by causing line
 
     @property
     def enabled(self) -> bool:
@@ -100,7 +105,8 @@ class StepProfiler:
                 self._sync()
                 t0 = time.perf_counter()
                 with torch.profiler.profile(activities=self._activities()) as prof:
-                    yield
+                    with self.count_syncs():
+                        yield
                     self._sync()
                     self.traced_wall_s = time.perf_counter() - t0
                 self._collect(prof.events())
@@ -108,6 +114,28 @@ class StepProfiler:
         finally:
             _ACTIVE = None
             self.timing = False
+
+    @contextlib.contextmanager
+    def count_syncs(self):
+        """Count the host synchronisations torch reports inside the block (CUDA devices only), by site."""
+        if self.device.type != "cuda":
+            yield
+            return
+        before = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = self._on_warning
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
+
+    def _on_warning(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        site = sync_site(traceback.extract_stack()[:-1]) or f"{Path(filename).name}:{lineno}"
+        self.syncs[site] = self.syncs.get(site, 0) + 1
 
     def _activities(self):
         acts = [torch.profiler.ProfilerActivity.CPU]
@@ -146,7 +174,8 @@ class StepProfiler:
                 "phase_seconds_per_step": phases, "kernel_seconds_by_kind": dict(sorted(kinds.items(),
                                                                                         key=lambda kv: -kv[1])),
                 "top_kernels_seconds": dict(top), "kernel_launches": self.launches,
-                "device_busy_seconds": self.busy_s, "traced_step_wall_seconds": self.traced_wall_s}
+                "device_busy_seconds": self.busy_s, "traced_step_wall_seconds": self.traced_wall_s,
+                "host_syncs": dict(sorted(self.syncs.items(), key=lambda kv: -kv[1]))}
 
     def write(self) -> None:
         s = self.summary()
@@ -168,7 +197,29 @@ class StepProfiler:
                           f"{s['device_busy_seconds'] * 1e3:.1f} ms of the step's {wall * 1e3:.1f} ms "
                           f"({s['device_busy_seconds'] / wall:.0%}; torch.profiler slows the host, so an unprofiled "
                           "step idles less)" if wall else ""]
+        if s["host_syncs"]:
+            lines += ["", f"host synchronisations in the traced step: {sum(s['host_syncs'].values())}", "",
+                      "| caused at | count |", "|---|---|"]
+            lines += [f"| `{k}` | {v} |" for k, v in s["host_syncs"].items()]
         lines += ["", "| top kernels | ms |", "|---|---|"]
         for k, v in s["top_kernels_seconds"].items():
             lines.append(f"| `{k[:90]}` | {v * 1e3:.2f} |")
         (self.out_dir / "profile.md").write_text("\n".join(lines) + "\n")
+
+
+def _package_roots() -> list[Path]:
+    import sys
+
+    return [Path(m.__file__).parent for name in ("salatrain", "salatrain_kernels", "deepspeed")
+            if (m := sys.modules.get(name)) is not None and getattr(m, "__file__", None)]
+
+
+def sync_site(stack) -> str | None:
+    """The innermost frame of salatrain (other than this file), its kernels or DeepSpeed in ``stack`` (a list of
+    traceback.FrameSummary, outermost first), as ``folder/file.py:line (function)``."""
+    roots = _package_roots()
+    for fr in reversed(stack):
+        path = Path(fr.filename)
+        if path != Path(__file__) and any(root in path.parents for root in roots):
+            return f"{path.parent.name}/{path.name}:{fr.lineno} ({fr.name})"
+    return None

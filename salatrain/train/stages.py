@@ -91,14 +91,33 @@ def predicting(h_BTH: torch.Tensor, labels_BT, shift_labels_BT) -> torch.Tensor:
     return h_BTH if shift_labels_BT is not None else h_BTH[:, :-1]
 
 
-def targets(h_BTH: torch.Tensor, labels_BT: torch.Tensor | None, shift_labels_BT: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden states at positions whose next token is a target: (h [M, H], target [M], mask over
-    ``predicting(h, ...)``). ``labels`` [B, T] are the row's own tokens (position i predicts labels[i + 1]);
-    ``shift_labels`` [B, T] already hold each position's target."""
+def targets(h_BTH: torch.Tensor, labels_BT: torch.Tensor | None, shift_labels_BT: torch.Tensor | None = None,
+            target_index: torch.Tensor | None = None, target: torch.Tensor | None = None):
+    """Hidden states at positions whose next token is a target: (h [M, H], target [M], pick) where ``pick(x)``
+    takes the same positions of another model's hidden states [B, T, H]. ``labels`` [B, T] are the row's own
+    tokens (position i predicts labels[i + 1]); ``shift_labels`` [B, T] already hold each position's target.
+    ``target_index`` / ``target`` (:func:`salatrain.data.packed_layout`, built on the host): the positions in
+    the flattened [B·T] rows and their targets; without them a boolean mask picks the positions (a host read)."""
+    if target_index is not None:
+        def pick(x):
+            return x.reshape(-1, x.shape[-1]).index_select(0, target_index)
+
+        return pick(h_BTH), target, pick
     shifted = shift_labels_BT if shift_labels_BT is not None else labels_BT[:, 1:]
     mask = shifted != IGNORE
-    return predicting(h_BTH, labels_BT, shift_labels_BT)[mask], shifted[mask], mask
+
+    def pick(x):
+        return predicting(x, labels_BT, shift_labels_BT)[mask]
+
+    return pick(h_BTH), shifted[mask], pick
+
+
+def model_inputs(input_ids, position_ids, cu_seqlens=None, max_seqlen=None) -> dict:
+    """Keyword arguments of a model's forward over a micro-batch (with its host-built document layout, if any)."""
+    kw = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+    if cu_seqlens is not None:
+        kw.update(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return kw
 
 
 def count_targets(batch: dict) -> int:
@@ -152,13 +171,14 @@ class LMStage(Stage):
         super().__init__(student)
         self.chunk = chunk
 
-    def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
+    def forward(self, input_ids, position_ids, labels=None, shift_labels=None, cu_seqlens=None, max_seqlen=None,
+                target_index=None, target=None):
         with phase("student"):
-            h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            h = self.student.model(**model_inputs(input_ids, position_ids, cu_seqlens, max_seqlen)).last_hidden_state
         from .losses import chunked_cross_entropy
 
         with phase("loss"):
-            h_M, t_M, _ = targets(h, labels, shift_labels)
+            h_M, t_M, _ = targets(h, labels, shift_labels, target_index, target)
             return chunked_cross_entropy(h_M, t_M, head_of(self.student), self.chunk), {}
 
 
@@ -173,17 +193,19 @@ class DistillStage(Stage):
                              f"{self.student.config.vocab_size}")
         self._teacher[:] = [teacher]
 
-    def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
+    def forward(self, input_ids, position_ids, labels=None, shift_labels=None, cu_seqlens=None, max_seqlen=None,
+                target_index=None, target=None):
         from .losses import chunked_kl
 
         teacher = self._teacher[0]
+        inputs = model_inputs(input_ids, position_ids, cu_seqlens, max_seqlen)
         with phase("student"):
-            h = self.student.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            h = self.student.model(**inputs).last_hidden_state
         with phase("teacher"), torch.no_grad():
-            ht = teacher.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            ht = teacher.model(**inputs).last_hidden_state
         with phase("loss"):
-            hs_M, t_M, mask = targets(h, labels, shift_labels)
-            ht_M = predicting(ht, labels, shift_labels)[mask]
+            hs_M, t_M, pick = targets(h, labels, shift_labels, target_index, target)
+            ht_M = pick(ht)
             kl, ce = chunked_kl(hs_M, ht_M, t_M, head_of(self.student), head_of(teacher), self.chunk,
                                 self.temperature)
         return kl, {"kl": kl.detach(), "lm_loss": ce}
@@ -265,10 +287,11 @@ class AlignStage(nn.Module):
             "mse": "mean over tokens and hidden units of (lightning - teacher attention output)^2, on the rows "
                    "after the training rows"}}
 
-    def forward(self, input_ids, position_ids, labels=None, shift_labels=None):
+    def forward(self, input_ids, position_ids, labels=None, shift_labels=None, cu_seqlens=None, max_seqlen=None,
+                target_index=None, target=None):
         self._captured.clear()
         with phase("teacher"), torch.no_grad():
-            self._teacher[0].model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            self._teacher[0].model(**model_inputs(input_ids, position_ids, cu_seqlens, max_seqlen))
         per_layer = []
         with phase("student"):
             for i, layer in enumerate(self.student.model.layers):
