@@ -108,7 +108,12 @@ COST_S = {"short": 30, "long": 50, "xlong": 60, "xlong_half": 60, "x256k": 60, "
 #   ONLY=k1,k2    run only these configuration keys (e.g. dense-lm-zero2-short-2gpu), in CONFIGS order
 #   SUITE=scale   the scaling suite (SCALE_CONFIGS) instead of the training proof (CONFIGS)
 #   SUITE=longest the longest row that trains on 1 GPU and on 2 (LONGEST_CONFIGS)
+#   STEPS=N       optimizer steps of every configuration (default 8 / 5, or 5 / 4 with ACCUM > 1): the median
+#                 of 3-6 steps moves by ±20% between invocations on an H200, too much to tell two codes apart
+# This file runs the code of the repository it sits in (ROOT goes first on sys.path): to time another checkout,
+# run that checkout's bench/train_gpu.sh.
 SUITE = os.environ.get("SUITE", "proof")
+STEPS = int(os.environ.get("STEPS", "0"))
 ACCUM = int(os.environ.get("ACCUM", "1"))
 LONG_CKPT = os.environ.get("LONG_CKPT", "1") != "0"
 ONLY = [k for k in os.environ.get("ONLY", "").split(",") if k]
@@ -177,6 +182,7 @@ def overrides(work: Path, c, peak: float | None) -> list[str]:
     micro, steps = (2, 8) if which == "short" else (1, 5)
     if ACCUM > 1:
         steps = 5 if which == "short" else 4
+    steps = STEPS or steps
     out = [f"model.path={work / model}", f"output_dir={work / 'runs' / key(c)}",
            f"stage={'distill' if stage == 'distill' else 'lm'}",
            f"deepspeed=zero{zero}", f"data.files=[{work / 'corpus.jsonl'}]", f"data.cache_dir={work / 'datasets'}",
@@ -258,7 +264,8 @@ def _decide(results: Path, c, deadline: float) -> str:
         return "done" if done["status"] != "started" else "crashed (process died or hung)"
     if ONLY and key(c) not in ONLY:
         return "not selected"
-    return "skipped (time budget)" if time.time() + COST_S[c[3]] * max(1, ACCUM // 2) > deadline else "run"
+    cost = COST_S[c[3]] * max(1, ACCUM // 2) * max(1.0, STEPS / 8)
+    return "skipped (time budget)" if time.time() + cost > deadline else "run"
 
 
 def run(work: Path, gpus: int, deadline: float) -> None:
@@ -320,7 +327,7 @@ def _measure(run_dir: Path) -> dict:
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
             "mfu": statistics.median(r.get("mfu") or 0.0 for r in steady),
             "mem_gb": max(r["mem_gb"] for r in rows), "steps": len(rows),
-            "loss": rows[-1]["loss"]}
+            "tokens_per_s_steps": [round(r["tokens_per_s"]) for r in rows], "loss": rows[-1]["loss"]}
 
 
 # --------------------------------------------------------------------------------------------------- report
