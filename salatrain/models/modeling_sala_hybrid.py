@@ -833,12 +833,11 @@ def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache, max_seq
             pos = _positions_from_cu_seqlens(cu, n).view(1, n)
         seq = SeqInfo(pos, past, cu, _max_doc_len=int(max_seqlen) if max_seqlen is not None else None)
         return h.reshape(1, n, -1), seq, pos, b > 1
-    if position_ids is not None and past == 0 and t > 1 and not (attention_mask is not None and not bool(
-            attention_mask.all())) and bool((position_ids[:, 1:] == 0).any()):
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if position_ids is not None and past == 0 and t > 1 and not padded and bool((position_ids[:, 1:] == 0).any()):
         cu = packed_cu_seqlens(position_ids)
         flat = position_ids.reshape(1, -1)
         return h.reshape(1, b * t, -1), SeqInfo(flat, 0, cu.to(dev)), flat, b > 1
-    padded = attention_mask is not None and not bool(attention_mask.all())
     left_pad = None
     if padded and attention_mask.dim() == 2:
         mask = attention_mask.bool()
