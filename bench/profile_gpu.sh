@@ -9,6 +9,7 @@
 #   RUNS="distill distill-before" bash bench/profile_gpu.sh
 #   RUNS="distill distill-before distill-loops distill#2 distill-before#2 distill-loops#2" \
 #     EXTRA="trainer.micro_batch_size=16 trainer.max_steps=40" bash bench/profile_gpu.sh   # an A/B, alternated
+#   RUNS="1b 1b-before 1b#2 1b-before#2" bash bench/profile_gpu.sh   # the ~1B hybrid (lm, 4K, 1 GPU), 20 steps each
 #
 # Needs .whl/ (../shared/tools/gpu-wheels.sh) and .gpu/smollm2-shape (config.json + tokenizer of SmolLM2-135M:
 # `python bench/profile_train.py` copies nothing itself; see docs/perf.md for the two commands).
@@ -52,6 +53,16 @@ for r in ${RUNS:-distill distill-before align align-before distill-sparse}; do
     align) args="--stage align" ;;
     align-before) args="--stage align --before" ;;
     distill-sparse) args="--stage distill stage.sparse_attention=true" ;;
+    1b|1b-before)  # the ~1B regression check (hybrid lm, 1 GPU, 4K), this checkout or .before/ (its own script:
+                   # train_bench.py runs the code of the repository it sits in)
+      root=.; [ "${r%%#*}" = 1b-before ] && root=.before
+      dir="$WORK/runs/${r//#/-}"; mkdir -p "$dir"
+      log "run $r"
+      ONLY=hybrid-lm-zero2-short-1gpu STEPS=${STEPS_1B:-20} ACCUM=4 BUDGET_S=${BUDGET_1B:-240} OUT="$dir" \
+        WORK="/tmp/salatrain-1b-${r//#/-}" timeout 300 bash $root/bench/train_gpu.sh > "$dir/run.log" 2>&1 \
+        || log "$r failed"
+      echo "$r $(grep -E '^\| hybrid' "$dir/train_bench.md" 2>/dev/null)" | tee -a "$OUT/profile_1b.md"
+      continue ;;
     *) log "unknown run $r"; continue ;;
   esac
   log "run $r"
