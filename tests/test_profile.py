@@ -84,7 +84,10 @@ def test_host_synchronisations_are_counted_by_the_line_that_caused_them(tmp_path
     p = StepProfiler([1, 1], torch.device("cpu"), tmp_path, tokens_per_step=1000)
     for _ in range(3):  # what torch's sync debug mode warns, seen from this test (no salatrain frame on the stack)
         p._on_warning(UserWarning("called a synchronizing CUDA operation"), UserWarning, "/x/loop.py", 7)
+    shown = []
+    p._show_other = lambda *args: shown.append(args[:4])
     p._on_warning(UserWarning("something else"), UserWarning, "/x/loop.py", 8)
+    assert len(shown) == 1 and shown[0][2:] == ("/x/loop.py", 8)  # passed on, not counted
     assert p.summary()["host_syncs"] == {"loop.py:7": 3}
     p.write()
     assert "host synchronisations in the traced step: 3" in (tmp_path / "profile.md").read_text()

@@ -66,6 +66,7 @@ class StepProfiler:
         self.busy_s = 0.0  # union of the traced step's kernel intervals
         self.traced_wall_s = 0.0
         self.syncs: dict[str, int] = {}  # host synchronisations of the traced step, by causing line
+        self._show_other = warnings.showwarning  # where other warnings go while they are being counted
 
     @property
     def enabled(self) -> bool:
@@ -124,6 +125,7 @@ class StepProfiler:
             return
         before = torch.cuda.get_sync_debug_mode()
         with warnings.catch_warnings():
+            self._show_other = warnings.showwarning
             warnings.simplefilter("always")
             warnings.showwarning = self._on_warning
             torch.cuda.set_sync_debug_mode("warn")
@@ -133,7 +135,8 @@ class StepProfiler:
                 torch.cuda.set_sync_debug_mode(before)
 
     def _on_warning(self, message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" not in str(message):
+        if "synchroniz" not in str(message):  # any other warning is shown as it would have been
+            self._show_other(message, category, filename, lineno, file, line)
             return
         site = sync_site(traceback.extract_stack()[:-1]) or f"{Path(filename).name}:{lineno}"
         self.syncs[site] = self.syncs.get(site, 0) + 1
