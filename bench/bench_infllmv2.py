@@ -114,7 +114,7 @@ def _rule(out, ref, lowp, rel_eps=1e-4):
     return ok, f"err {err:.2e} vs torch-lowp {err_lp:.2e}"
 
 
-def gate(device, dtype, normalizer, dq_mode="gather"):
+def gate(device, dtype, normalizer, **options):
     """Full op at T = 2048 (G = 16, D = 128): selection vs reference, output and gradients within 2x torch-lowp."""
     g = torch.Generator(device="cpu").manual_seed(0)
     T, (heads, kv_heads) = GATE_T, GATE_HEADS
@@ -136,7 +136,7 @@ def gate(device, dtype, normalizer, dq_mode="gather"):
     attn_kw = dict(block_size=GATE["block_size"], dense_len=GATE["dense_len"])
     outs = {}
     for name, fn, cast in (
-        ("ours", lambda *x: infllmv2_attn(*x, backend="triton", normalizer=normalizer, dq_mode=dq_mode, **GATE), None),
+        ("ours", lambda *x: infllmv2_attn(*x, backend="triton", normalizer=normalizer, **options, **GATE), None),
         ("ref", lambda *x: infllmv2_block_attn_naive(*x, idx, **attn_kw), torch.float32),
         ("lowp", lambda *x: infllmv2_block_attn_naive(*x, idx, upcast=False, **attn_kw), None),
     ):
@@ -377,6 +377,7 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
     failed = (False, "not run (not asked for)")
     gates["coarse"] = gate(device, dtype, "coarse") if wanted("triton (coarse)") else failed
     gates["atomic dq"] = gate(device, dtype, "exact", dq_mode="atomic") if wanted("triton (atomic dq)") else failed
+    gates["pointer"] = gate(device, dtype, "exact", kv_loads="pointer") if wanted("(pointer loads)") else failed
     for norm, (ok, note) in gates.items():
         print(f"[gate] infllmv2 {norm}: {'PASS' if ok else 'skipped' if note.startswith('not run') else 'FAIL'} "
               f"({note})", flush=True)
@@ -403,6 +404,14 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
             impls.append((f"triton shared x{tq}", lambda q, k, v, tq=tq: infllmv2_attn(
                 q, k, v, backend="triton", share_tokens=tq, **SALA), flops(T, "exact"),
                 f"{tq} neighbouring queries share each gathered block (share_tokens={tq})"))
+        if gates["pointer"][0]:  # the gathered kernels' K/V loads before tensor descriptors (kv_loads="tma")
+            impls.append(("triton (pointer loads)", lambda q, k, v: infllmv2_attn(
+                q, k, v, backend="triton", kv_loads="pointer", **SALA), flops(T, "exact"),
+                "gathered K/V blocks by per-element pointers (kv_loads=pointer)"))
+            if sparse_rows:
+                impls.append(("triton shared x4 (pointer loads)", lambda q, k, v: infllmv2_attn(
+                    q, k, v, backend="triton", kv_loads="pointer", share_tokens=4, **SALA), flops(T, "exact"),
+                    "share_tokens=4, K/V blocks by pointers"))
         impls.append(("triton (released rules)", lambda q, k, v: infllmv2_attn(
             q, k, v, backend="triton", dense_len_mode="sequence", local_blocks="block", **SALA), flops(T, "exact"),
             "MiniCPM-SALA's selection rules: dense_len_mode=sequence, local_blocks=block"))
@@ -420,7 +429,8 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
         # the same kernels on q/k that drift along T as a converted model's do (selections overlap); dense
         # attention's time does not depend on the values
         if sparse_rows:
-            ours = [i for i in impls if i[0] == OURS or i[0].startswith("triton shared") or "atomic" in i[0]]
+            ours = [i for i in impls if i[0] == OURS or i[0].startswith("triton shared") or "atomic" in i[0]
+                    or "pointer" in i[0]]
             for data in [f"correlated w{w}" for w in widths] or ["correlated"]:
                 rows += bench_T(T, dtype, device, ours, ceilings, quick, data=data, extras=not only)
                 if only:  # the overlap of this data (the full run prints it with the extras)
@@ -440,7 +450,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="T = 8K and 32K, shorter timing loops")
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 8K 32K 128K)")
     p.add_argument("--only", nargs="+", help="time only the rows whose name contains one of these (ours and the "
-                   "dense baseline always), e.g. --only atomic 'shared x4'")
+                   "dense baseline always), e.g. --only atomic 'shared x4' pointer")
     p.add_argument("--correlation-tokens", type=int, nargs="+", default=[],
                    help=f"time the correlated rows with q/k summed over these many positions instead of "
                         f"{CORRELATION_TOKENS} (fewer overlap less: 16 gives a real model's 0.35-0.40 at share x4)")

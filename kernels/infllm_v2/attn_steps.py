@@ -8,10 +8,11 @@ lse2 = +inf, which makes its output and its gradients 0.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ..utils import row_max, row_sum
+from ..utils import interpreting, row_max, row_sum
 
 
 @triton.jit
@@ -67,6 +68,39 @@ def dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC: tl.constexpr):
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk += tl.dot(ds_t, q, input_precision=PREC)
     return dk, dv, ds_t
+
+
+def kv_descriptors(k3: torch.Tensor, v3: torch.Tensor, block_size: int, block_d: int):
+    """Tensor descriptors over K and V [rows, heads, D] for loads of one block's rows of one head
+    ([block_size, 1, block_d]; columns past D and rows past the tensor read as 0), or None where bulk tensor copies
+    cannot take them: a GPU before Hopper, or a base or a row/head stride not 16-byte aligned."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if k3.is_cuda and torch.cuda.get_device_capability(k3.device)[0] < 9:
+        return None
+    if not (k3.is_cuda or interpreting()):
+        return None
+    for x in (k3, v3):
+        size = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
+            return None
+    return tuple(TensorDescriptor.from_tensor(x, [block_size, 1, block_d]) for x in (k3, v3))
+
+
+@triton.jit
+def key_rows(ptr, desc, off, ok, row0, hk, d, dm, BS: tl.constexpr, BD: tl.constexpr, DESC: tl.constexpr,
+             FULL: tl.constexpr):
+    """One gathered block's BS rows of K or V [BS, BD]: by pointers at element offsets off (rows not ok read as 0),
+    or, with DESC, from the tensor descriptor over [rows, heads, D] at key row row0 of head hk (one bulk tensor copy
+    on Hopper; rows past the tensor read as 0). Descriptor rows not ok are zeroed unless FULL says every row is:
+    a masked probability (0) times a non-finite K or V value would still be NaN."""
+    if DESC:
+        x = tl.reshape(desc.load([row0, hk, 0]), (BS, BD))
+        if not FULL:
+            x = tl.where(ok[:, None], x, tl.zeros_like(x))
+    else:
+        x = tl.load(ptr + off[:, None] + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+    return x
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..utils import Tunable, row_max
 from .attn_steps import (
-    backward_rows, dkdv_update, dq_update, kv_tile, online_softmax, store_dkdv,
+    backward_rows, dkdv_update, dq_update, key_rows, kv_tile, online_softmax, store_dkdv,
 )
 
 
@@ -62,28 +62,41 @@ def _key_lanes(rows_ptr, n_rows, count_ptr, row_pos_ptr, row_kbase_ptr, idx_ptr,
 
 @triton.jit
 def _gathered_keys(idx_k, s0, n_k, t_k, jj, BS: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    """Key positions of list entries s0.. of a gather step (jj = 0..NBI·BS·TOK-1) and which are visible."""
+    """Key positions of list entries s0.. of a gather step (jj = 0..NBI·BS·TOK-1), which are visible, and the
+    step's first key position (the block's, with ONE_BLOCK: where a tensor-descriptor load starts)."""
     if ONE_BLOCK:  # one block per step: a scalar block index
         blk = tl.load(idx_k + s0)
         kp = blk * BS + jj
         k_ok = kp <= t_k
+        kp0 = blk * BS
     else:
         slot = s0 + jj // BS
         s_ok = slot < n_k
         blk = tl.load(idx_k + slot, mask=s_ok, other=0)
         kp = blk * BS + jj % BS
         k_ok = s_ok & (kp <= t_k)
-    return kp, k_ok
+        kp0 = 0
+    return kp, k_ok, kp0
+
+
+@triton.jit
+def _desc_row_base(row_kbase_ptr, rows_ptr, DESC: tl.constexpr):
+    """With tensor-descriptor loads (one query per program): the first key row of the program's document."""
+    if DESC:
+        base = tl.load(row_kbase_ptr + tl.load(rows_ptr + tl.program_id(0)))
+    else:
+        base = 0
+    return base
 
 
 @triton.jit
 def _gather_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, count_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, lse_ptr, idx_ptr, count_ptr,
     rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_or, stride_oh, stride_lr, stride_ih, stride_ir, stride_ch,
     scale_log2,
     G: tl.constexpr, M: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    NBI: tl.constexpr, PREC: tl.constexpr,
+    NBI: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, FULL: tl.constexpr,
 ):
     # rows of the tile: TOK queries x M head slots; keys: TOK x (NBI blocks of BS keys), block-diagonal
     BN: tl.constexpr = NBI * BS
@@ -100,14 +113,15 @@ def _gather_fwd_kernel(
     m_i = tl.full([TOK * M], float("-inf"), tl.float32)
     l_i = tl.full([TOK * M], 0.0, tl.float32)
     acc = tl.full([TOK * M, BD], 0.0, tl.float32)
+    krow_base = _desc_row_base(row_kbase_ptr, rows_ptr, DESC)
     for s0 in range(0, n_max, NBI):
-        kp, k_ok = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
+        kp, k_ok, kp0 = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
         kv_off = kv_base + kp.to(tl.int64) * stride_kr
-        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        kt = key_rows(k_ptr, k_desc, kv_off, k_ok, krow_base + kp0, hk, d, dm, BS, BD, DESC, FULL)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         s = tl.where(same_tok & k_ok[None, :], s, float("-inf"))
         m_i, alpha, p, l_i = online_softmax(s, m_i, l_i)
-        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        vt = key_rows(v_ptr, v_desc, kv_off, k_ok, krow_base + kp0, hk, d, dm, BS, BD, DESC, FULL)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
     l_ok = l_i > 0
     l_div = tl.where(l_ok, l_i, 1.0)
@@ -121,12 +135,12 @@ def _gather_fwd_kernel(
 
 @triton.jit
 def _gather_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, count_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, count_ptr,
     rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_ih, stride_ir, stride_ch, stride_dqr, stride_dqh,
     scale_log2, scale,
     G: tl.constexpr, M: tl.constexpr, TOK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    NBI: tl.constexpr, PREC: tl.constexpr,
+    NBI: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, FULL: tl.constexpr,
 ):
     BN: tl.constexpr = NBI * BS
     hk = tl.program_id(1)
@@ -140,11 +154,12 @@ def _gather_dq_kernel(
                                                        stride_qr, stride_qh, stride_lr)
     same_tok = tok_m[:, None] == tok_k[None, :]
     dq = tl.full([TOK * M, BD], 0.0, tl.float32)
+    krow_base = _desc_row_base(row_kbase_ptr, rows_ptr, DESC)
     for s0 in range(0, n_max, NBI):
-        kp, k_ok = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
+        kp, k_ok, kp0 = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
         kv_off = kv_base + kp.to(tl.int64) * stride_kr
-        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
-        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        kt = key_rows(k_ptr, k_desc, kv_off, k_ok, krow_base + kp0, hk, d, dm, BS, BD, DESC, FULL)
+        vt = key_rows(v_ptr, v_desc, kv_off, k_ok, krow_base + kp0, hk, d, dm, BS, BD, DESC, FULL)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         p = tl.where(same_tok & k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dq = dq_update(dq, p, do, kt, vt, delta, PREC)
@@ -202,5 +217,5 @@ def _gather_dkdv_kernel(
     store_dkdv(dk_ptr, dv_ptr, dk, dv, krow, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh)
 
 
-gather_fwd = Tunable(_gather_fwd_kernel, [(4, 3), (4, 2), (8, 3)], key=["G", "D", "BS", "NBI"])
-gather_dq = Tunable(_gather_dq_kernel, [(4, 2), (4, 3), (8, 2)], key=["G", "D", "BS", "NBI"])
+gather_fwd = Tunable(_gather_fwd_kernel, [(4, 3), (4, 2), (8, 3)], key=["G", "D", "BS", "NBI", "DESC"])
+gather_dq = Tunable(_gather_dq_kernel, [(4, 2), (4, 3), (8, 2)], key=["G", "D", "BS", "NBI", "DESC"])

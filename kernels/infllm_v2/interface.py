@@ -82,6 +82,7 @@ def infllmv2_attn(
     dense_prefix_sdpa: bool = True,
     share_tokens: int = 1,
     dq_mode: str = "gather",
+    kv_loads: str = "tma",
 ) -> torch.Tensor:
     """InfLLM-V2 sparse attention; o has q's shape and dtype. Semantics: see the package docstring.
 
@@ -96,6 +97,10 @@ def infllmv2_attn(
     dq_mode: Triton only: "gather" computes the sparse rows' dq over gathered blocks in a pass of its own per
     query; "atomic" adds it in the dk/dv pass over the blocks' query lists (fp32 atomics: one pass fewer, dq's
     last bits vary run to run, an fp32 buffer of q's size). With share_tokens > 1 dq keeps its own pass.
+    kv_loads: Triton only: how the gathered-block kernels (forward and dq) load K/V blocks: "tma" (the default:
+    tensor descriptors, Hopper's bulk tensor copies, where the GPU and K/V's layout allow them, pointers elsewhere;
+    2-4% faster fwd+bwd on an H200, 5% with share_tokens=4, docs/perf.md) or "pointer" (per-element addresses
+    always). Same results either way.
     """
     check_qkv(q, k, v, cu_seqlens)
     params = SparseParams(
@@ -117,14 +122,15 @@ def infllmv2_attn(
     seqlen_q, dim = q.shape[1], q.shape[3]
     scale = dim**-0.5 if scale is None else scale
     prefix = min(dense_prefix_rows(k.shape[1], params), seqlen_q)
+    options = dict(share_tokens=share_tokens, dq_mode=dq_mode, kv_loads=kv_loads)
     fast_dtype = q.dtype in (torch.float16, torch.bfloat16)
     if dense_prefix_sdpa and fast_dtype and cu_seqlens is None and seqlen_q == k.shape[1] and q.is_cuda and prefix > 0:
         # the dense rows see only keys before the first sparse row: the prefix is plain causal attention
         parts = [dense_causal_sdpa(q[:, :prefix], k[:, :prefix], v[:, :prefix], scale)]
         if prefix < seqlen_q:
-            parts.append(_sparse(q[:, prefix:], k, v, None, params, scale, share_tokens, dq_mode))
+            parts.append(_sparse(q[:, prefix:], k, v, None, params, scale, **options))
         return torch.cat(parts, dim=1)
-    return _sparse(q, k, v, cu_seqlens, params, scale, share_tokens, dq_mode)
+    return _sparse(q, k, v, cu_seqlens, params, scale, **options)
 
 
 def dense_prefix_rows(num_keys: int, params: SparseParams) -> int:
@@ -145,7 +151,9 @@ def dense_causal_sdpa(q, k, v, scale):
     return out.transpose(1, 2)
 
 
-def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float, share_tokens: int = 1, dq_mode: str = "gather"):
+def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float, **options):
+    """The sparse rows (and any dense rows the SDPA prefix did not take) through the Triton kernels; options:
+    share_tokens, dq_mode, kv_loads (AttnPlan)."""
     batch, seqlen_q, heads, dim = q.shape
     kv_heads = k.shape[2]
     layout = DocLayout.build(q, k, cu_seqlens)
@@ -157,5 +165,5 @@ def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float, share_token
                                params.local_blocks)
     plan = AttnPlan(layout, heads, kv_heads, dim, q.dtype, params.block_size, scale, params.dense_len,
                     local_window=params.window_size if split else 0, dense_len_mode=params.dense_len_mode,
-                    local_blocks=params.local_blocks, share_tokens=share_tokens, dq_mode=dq_mode)
+                    local_blocks=params.local_blocks, **options)
     return SparseAttnFn.apply(q, k, v, block_idx, plan)

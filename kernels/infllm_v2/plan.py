@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..utils import LOG2E, dot_precision, interpreting, new_empty, next_pow2, row_sum, should_tune
+from .attn_steps import kv_descriptors
 from .gather import _gather_dkdv_kernel, gather_dq, gather_fwd
 from .shared import check_share, shared_dq, shared_fwd, union_lists
 from .layout import DenseRows, DocLayout
@@ -28,6 +29,7 @@ from .window import _local_dkdv_kernel, _local_dq_kernel, local_fwd
 __all__ = ["AttnPlan", "SparseAttnFn", "sort_block_lists", "window_split_exact"]
 
 DQ_MODES = ("gather", "atomic")
+KV_LOADS = ("pointer", "tma")
 DKDV_ROWS = 64  # gathered dk/dv: query rows (queries x G heads) per step on tensor cores
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
@@ -74,10 +76,13 @@ class AttnPlan:
     def __init__(self, layout: DocLayout, heads: int, kv_heads: int, dim: int, dtype, block_size: int,
                  scale: float, dense_len: int, local_window: int = 0, part_budget_bytes: int | None = None,
                  dense_len_mode: str = "position", local_blocks: str = "token", share_tokens: int = 1,
-                 dq_mode: str = "gather"):
+                 dq_mode: str = "gather", kv_loads: str = "tma"):
         check_share(share_tokens)
         if dq_mode not in DQ_MODES:
             raise ValueError(f"dq_mode must be one of {', '.join(DQ_MODES)}, got {dq_mode!r}")
+        if kv_loads not in KV_LOADS:
+            raise ValueError(f"kv_loads must be one of {', '.join(KV_LOADS)}, got {kv_loads!r}")
+        self.kv_loads = kv_loads
         self.share = share_tokens  # > 1: neighbouring sparse rows share their gathered blocks (shared.py)
         # the sparse rows' gathered dq: "gather" walks each query's block list (its own pass), "atomic" adds it in
         # the dk/dv pass over the transposed lists (shared blocks keep their own dq pass)
@@ -149,9 +154,22 @@ class AttnPlan:
         cap = max(1, (1 << 20) // (tok * tok * self.gather_rows * self.block_size))
         return max(1, min(next_pow2(k_slots), 1 << (cap.bit_length() - 1)))
 
+    def _one_block(self, idx3) -> bool:
+        """Whether a gather program takes one query's one block per step (the GPU code path)."""
+        return self.tokens_per_prog == 1 and self._blocks_per_step(idx3.shape[-1]) == 1
+
     def _gather_meta(self, k_slots):
         return dict(G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,
                     BS=self.block_size, NBI=self._blocks_per_step(k_slots), PREC=self.prec)
+
+    def _kv_args(self, k3, v3, one_block: bool) -> dict:
+        """How the gathered-block kernels load K/V: tensor descriptors (kv_loads="tma", a program that takes one
+        query's one block per step, and a layout the bulk copies accept) or pointers (the descriptor arguments
+        are then the tensors, unused). FULL: every gathered block lies wholly before its query's local window
+        (window split), so all its rows are visible and the descriptor path masks nothing."""
+        descs = kv_descriptors(k3, v3, self.block_size, self.bd) if self.kv_loads == "tma" and one_block else None
+        return dict(k_desc=descs[0] if descs else k3, v_desc=descs[1] if descs else v3, DESC=descs is not None,
+                    FULL=bool(self.window))
 
     def _shared_meta(self):
         return dict(G=self.group, M=self.gather_rows, TQ=self.share, D=self.dim, BD=self.bd, BS=self.block_size,
@@ -205,7 +223,7 @@ class AttnPlan:
                     n_rows=n_sparse, **self.row_tables, out_row_base=base, **_qk_strides(q3, k3),
                     stride_or=part_o.stride(0), stride_oh=part_o.stride(1), stride_lr=part_lse.stride(0),
                     stride_uh=u.stride(0), stride_ut=u.stride(1), stride_ch=ucount.stride(0), scale_log2=scale_log2,
-                    **self._shared_meta(),
+                    **self._shared_meta(), **self._kv_args(k3, v3, True),
                 )
             elif n_sparse:
                 gather_fwd.launch(
@@ -215,6 +233,7 @@ class AttnPlan:
                     **_qk_strides(q3, k3), stride_or=part_o.stride(0), stride_oh=part_o.stride(1),
                     stride_lr=part_lse.stride(0), stride_ih=idx3.stride(0), stride_ir=idx3.stride(1),
                     stride_ch=counts.stride(0), scale_log2=scale_log2, **self._gather_meta(idx3.shape[-1]),
+                    **self._kv_args(k3, v3, self._one_block(idx3)),
                 )
             row0, nrows, _ = ch.tiles
             if row0.numel():
@@ -264,6 +283,7 @@ class AttnPlan:
                     gb_kend_ptr=gb_kend, rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables,
                     out_row_base=base, stride_uh=u.stride(0), stride_ut=u.stride(1), stride_ch=ucount.stride(0),
                     stride_dqr=part.stride(0), stride_dqh=part.stride(1), **self._shared_meta(),
+                    **self._kv_args(k3, v3, True),
                 )
             elif n_sparse and dq_acc is None:
                 gather_dq.launch(
@@ -271,7 +291,7 @@ class AttnPlan:
                     **grads, dq_ptr=part, idx_ptr=idx3, count_ptr=counts, rows_ptr=ch.sparse_rows, n_rows=n_sparse,
                     **self.row_tables, out_row_base=base, stride_ih=idx3.stride(0), stride_ir=idx3.stride(1),
                     stride_ch=counts.stride(0), stride_dqr=part.stride(0), stride_dqh=part.stride(1),
-                    **self._gather_meta(idx3.shape[-1]),
+                    **self._gather_meta(idx3.shape[-1]), **self._kv_args(k3, v3, self._one_block(idx3)),
                 )
             row0, nrows, _ = ch.dq_tiles  # tiles of dq_tile_m rows: the kernel's BM must cover each tile
             if row0.numel():

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..utils import Tunable
-from .attn_steps import backward_rows, dq_update, online_softmax
+from .attn_steps import backward_rows, dq_update, key_rows, online_softmax
 
 SHARE_VALUES = (1, 2, 4, 8, 16)  # powers of two (tile rows); query bits per union entry live in an int32
 
@@ -50,24 +50,25 @@ def _tile_union(union_ptr, bits_ptr, ucount_ptr, hk, stride_uh, stride_ut, strid
 
 @triton.jit
 def _union_block(union_ptr, bits_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS: tl.constexpr):
-    """Union entry s: its key rows, which exist, and which (row, key) pairs are visible."""
+    """Union entry s: its first key row, its key rows, which exist, and which (row, key) pairs are visible."""
     gb = tl.load(union_ptr + s)
     bits = tl.load(bits_ptr + s)
-    krow = tl.load(gb_krow0_ptr + gb) + tl.arange(0, BS)
+    krow0 = tl.load(gb_krow0_ptr + gb)
+    krow = krow0 + tl.arange(0, BS)
     k_ok = krow < tl.load(gb_kend_ptr + gb)
     chose = ((bits >> tok) & 1) != 0
     vis = (chose & ok)[:, None] & k_ok[None, :] & (krow[None, :] <= q_krow[:, None])
-    return krow, k_ok, vis
+    return krow0, krow, k_ok, vis
 
 
 @triton.jit
 def _shared_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, union_ptr, bits_ptr, ucount_ptr, gb_krow0_ptr, gb_kend_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, lse_ptr, union_ptr, bits_ptr, ucount_ptr, gb_krow0_ptr, gb_kend_ptr,
     rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_or, stride_oh, stride_lr, stride_uh, stride_ut, stride_ch,
     scale_log2,
     G: tl.constexpr, M: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DESC: tl.constexpr, FULL: tl.constexpr,
 ):
     hk = tl.program_id(1)
     tok, heads, ok, r, q_krow = _shared_rows(rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, hk, G, M, TQ)
@@ -80,12 +81,12 @@ def _shared_fwd_kernel(
     l_i = tl.full([TQ * M], 0.0, tl.float32)
     acc = tl.full([TQ * M, BD], 0.0, tl.float32)
     for s in range(0, n_u):
-        krow, k_ok, vis = _union_block(u_ptr, b_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS)
+        krow0, krow, k_ok, vis = _union_block(u_ptr, b_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS)
         kv_off = krow.to(tl.int64) * stride_kr + hk * stride_kh
-        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        kt = key_rows(k_ptr, k_desc, kv_off, k_ok, krow0, hk, d, dm, BS, BD, DESC, FULL)
         sc = tl.where(vis, tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2, float("-inf"))
         m_i, alpha, p, l_i = online_softmax(sc, m_i, l_i)
-        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        vt = key_rows(v_ptr, v_desc, kv_off, k_ok, krow0, hk, d, dm, BS, BD, DESC, FULL)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
     l_ok = l_i > 0
     l_div = tl.where(l_ok, l_i, 1.0)
@@ -97,12 +98,12 @@ def _shared_fwd_kernel(
 
 @triton.jit
 def _shared_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, union_ptr, bits_ptr, ucount_ptr, gb_krow0_ptr,
-    gb_kend_ptr, rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, do_ptr, lse_ptr, delta_ptr, dq_ptr, union_ptr, bits_ptr, ucount_ptr,
+    gb_krow0_ptr, gb_kend_ptr, rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_uh, stride_ut, stride_ch, stride_dqr, stride_dqh,
     scale_log2, scale,
     G: tl.constexpr, M: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DESC: tl.constexpr, FULL: tl.constexpr,
 ):
     hk = tl.program_id(1)
     tok, heads, ok, r, q_krow = _shared_rows(rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, hk, G, M, TQ)
@@ -113,10 +114,10 @@ def _shared_dq_kernel(
     u_ptr, b_ptr, n_u = _tile_union(union_ptr, bits_ptr, ucount_ptr, hk, stride_uh, stride_ut, stride_ch)
     dq = tl.full([TQ * M, BD], 0.0, tl.float32)
     for s in range(0, n_u):
-        krow, k_ok, vis = _union_block(u_ptr, b_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS)
+        krow0, krow, k_ok, vis = _union_block(u_ptr, b_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS)
         kv_off = krow.to(tl.int64) * stride_kr + hk * stride_kh
-        kt = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
-        vt = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & dm[None, :], other=0.0)
+        kt = key_rows(k_ptr, k_desc, kv_off, k_ok, krow0, hk, d, dm, BS, BD, DESC, FULL)
+        vt = key_rows(v_ptr, v_desc, kv_off, k_ok, krow0, hk, d, dm, BS, BD, DESC, FULL)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
         dq = dq_update(dq, p, do, kt, vt, delta, PREC)
@@ -130,8 +131,8 @@ def check_share(tq: int) -> None:
                          "the group padded to a power of two, must be a power of two")
 
 
-shared_fwd = Tunable(_shared_fwd_kernel, [(4, 2), (8, 2), (4, 3)], key=["G", "D", "BS", "TQ"])
-shared_dq = Tunable(_shared_dq_kernel, [(4, 2), (8, 2), (4, 3)], key=["G", "D", "BS", "TQ"])
+shared_fwd = Tunable(_shared_fwd_kernel, [(4, 2), (8, 2), (4, 3)], key=["G", "D", "BS", "TQ", "DESC"])
+shared_dq = Tunable(_shared_dq_kernel, [(4, 2), (8, 2), (4, 3)], key=["G", "D", "BS", "TQ", "DESC"])
 
 
 def union_lists(idx3: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, row_doc_base: torch.Tensor,

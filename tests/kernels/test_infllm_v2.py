@@ -596,6 +596,8 @@ def test_gpu_full_op(dtype, shape, cu):
     out = infllmv2_attn(q, k, v, backend="triton", dense_prefix_sdpa=False, **kwargs)
     with_sdpa = infllmv2_attn(q, k, v, backend="triton", **kwargs)  # dense prefix through torch SDPA when possible
     atomic = infllmv2_attn(q, k, v, backend="triton", dq_mode="atomic", **kwargs)  # dq in the dk/dv pass
+    pointer = infllmv2_attn(q, k, v, backend="triton", kv_loads="pointer", **kwargs)  # K/V without bulk copies
+    shared = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, **kwargs)  # (bulk copies: the default)
     idx = triton_block_idx(q, k, cu, shape[2])
     stages = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"],
                                  cu_seqlens=cu)
@@ -610,10 +612,10 @@ def test_gpu_full_op(dtype, shape, cu):
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = infllmv2_block_attn_naive(qf, kf, vf, idx, **attn)
     lowp = infllmv2_block_attn_naive(q, k, v, idx, upcast=False, **attn)
-    for result in (out, with_sdpa, stages):
+    for result in (out, with_sdpa, stages, pointer, shared):
         within_rule(result, ref, lowp)
     ref_grads, lowp_grads = grads(ref, (qf, kf, vf)), grads(lowp, (q, k, v))
-    for result in (out, with_sdpa, atomic):
+    for result in (out, with_sdpa, atomic, pointer, shared):
         for got, want, torch_lowp in zip(grads(result, (q, k, v)), ref_grads, lowp_grads):
             within_rule(got, want, torch_lowp, eps=1e-4)
 
