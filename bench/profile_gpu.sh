@@ -10,6 +10,8 @@
 #   RUNS="distill distill-before distill-loops distill#2 distill-before#2 distill-loops#2" \
 #     EXTRA="trainer.micro_batch_size=16 trainer.max_steps=40" bash bench/profile_gpu.sh   # an A/B, alternated
 #   RUNS="1b 1b-before 1b#2 1b-before#2" bash bench/profile_gpu.sh   # the ~1B hybrid (lm, 4K, 1 GPU), 20 steps each
+#   RUNS="align align-m16 align#2 align-m16#2" EXTRA="trainer.max_steps=40" bash bench/profile_gpu.sh
+#                                                  # align at 8 against 16 rows a micro-batch
 #
 # Needs .whl/ (../shared/tools/gpu-wheels.sh) and .gpu/smollm2-shape (config.json + tokenizer of SmolLM2-135M:
 # `python bench/profile_train.py` copies nothing itself; see docs/perf.md for the two commands).
@@ -52,6 +54,7 @@ for r in ${RUNS:-distill distill-before align align-before distill-sparse}; do
     distill-loops) args="--stage distill deepspeed.fused_grad_checks=false" ;;
     align) args="--stage align" ;;
     align-before) args="--stage align --before" ;;
+    align-m16) args="--stage align trainer.micro_batch_size=16" ;;  # 16 rows a micro-batch (2 a step)
     distill-sparse) args="--stage distill stage.sparse_attention=true" ;;
     1b|1b-before)  # the ~1B regression check (hybrid lm, 1 GPU, 4K), this checkout or .before/ (its own script:
                    # train_bench.py runs the code of the repository it sits in)
