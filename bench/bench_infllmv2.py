@@ -35,6 +35,7 @@ from salatrain_kernels.infllm_v2 import (
 from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, dense_prefix_rows, score_chunks, select_blocks
 from salatrain_kernels.infllm_v2.layout import DocLayout
 from salatrain_kernels.infllm_v2.params import SparseParams
+from salatrain_kernels.infllm_v2.shared import SHARE_MAX_UNION
 from salatrain_kernels.infllm_v2.plan import AttnPlan, SparseAttnFn, window_split_exact
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
@@ -42,6 +43,7 @@ from tests.helpers.naive import infllmv2_block_attn_naive, selection_margin  # n
 
 HQ, HKV, D = 32, 2, 128
 SHARE = (4, 8)  # share_tokens timed beside the per-query kernels
+OVERLAP_RULE = 0.5  # share_max_union timed beside forced sharing
 ATOMIC_ROWS = (64,)  # query rows a gathered dk/dv step, timed with dq_mode="atomic" (32 and 128 lost more: perf.md)
 CORRELATION_TOKENS = 256  # "correlated" q/k: a moving sum over this many positions
 SALA = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk=64, window_size=2048, dense_len=8192)
@@ -403,7 +405,11 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
         for tq in SHARE if sparse_rows else ():
             impls.append((f"triton shared x{tq}", lambda q, k, v, tq=tq: infllmv2_attn(
                 q, k, v, backend="triton", share_tokens=tq, **SALA), flops(T, "exact"),
-                f"{tq} neighbouring queries share each gathered block (share_tokens={tq})"))
+                f"{tq} neighbouring queries share each gathered block (share_tokens={tq}, "
+                f"share_max_union={SHARE_MAX_UNION})"))
+            impls.append((f"triton shared x{tq} (where lists overlap)", lambda q, k, v, tq=tq: infllmv2_attn(
+                q, k, v, backend="triton", share_tokens=tq, share_max_union=OVERLAP_RULE, **SALA), flops(T, "exact"),
+                f"a tile of {tq} queries shares when its union is at most {OVERLAP_RULE} of their lists"))
         if gates["pointer"][0]:  # the gathered kernels' K/V loads before tensor descriptors (kv_loads="tma")
             impls.append(("triton (pointer loads)", lambda q, k, v: infllmv2_attn(
                 q, k, v, backend="triton", kv_loads="pointer", **SALA), flops(T, "exact"),

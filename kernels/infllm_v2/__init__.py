@@ -58,8 +58,8 @@ How it runs (Triton; details in each module):
              queries walk the union of their lists together (each block loaded once, per-query bits mask it;
              shared.py); the gathered K/V blocks arrive by tensor descriptors (Hopper's bulk copies,
              kv_loads="tma", the default) or pointers. Backward: dq the same way; dk/dv of gathered blocks
-             from a block -> queries map (torch.sort, on the device, no host synchronisation) with fp32 atomics. On CUDA, 16-bit padded
-             batches send the dense prefix to torch SDPA (FlashAttention).
+             from a block -> queries map (torch.sort, on the device, no host synchronisation) with fp32 atomics.
+             On CUDA, 16-bit padded batches send the dense prefix to torch SDPA (FlashAttention).
 Decoding (one new query per row after a cache) has its own step, infllmv2_decode_torch: the same output as the
 full op with no host synchronisation, a few dozen torch ops whatever the cache length; the model takes it for
 one-token steps when the kernels do not run (CPU, backend 'torch', exported checkpoints without salatrain).

@@ -104,8 +104,8 @@ def jobs():
                     out.append((f"gather_{kind} {dt} {gname}{tag}", fn, {**args, **loads[0]}, consts, tuned(opts)))
             for kind, fn in (("fwd", SH._shared_fwd_kernel), ("dq", SH._shared_dq_kernel)):
                 args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "o_ptr", "lse_ptr",
-                        "delta_ptr", "dq_ptr"), **_ptrs("i32", "union_ptr", "bits_ptr", "ucount_ptr", "gb_krow0_ptr",
-                        "gb_kend_ptr", "rows_ptr", "row_pos_ptr", "row_kbase_ptr"),
+                        "delta_ptr", "dq_ptr"), **_ptrs("i32", "union_ptr", "bits_ptr", "ucount_ptr", "use_ptr",
+                        "gb_krow0_ptr", "gb_kend_ptr", "rows_ptr", "row_pos_ptr", "row_kbase_ptr"),
                         **_ints("n_rows", "out_row_base", "stride_qr", "stride_qh", "stride_kr", "stride_kh",
                                 "stride_or", "stride_oh", "stride_lr", "stride_uh", "stride_ut", "stride_ch",
                                 "stride_dqr", "stride_dqh"), "scale_log2": "fp32", "scale": "fp32"}

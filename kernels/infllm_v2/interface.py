@@ -15,6 +15,7 @@ from .params import SparseParams, check_qkv
 from .plan import AttnPlan, SparseAttnFn, window_split_exact
 from .score import BlockScorer
 from .selection import select_rows
+from .shared import SHARE_MAX_UNION
 
 __all__ = ["infllmv2_attn", "select_blocks", "score_chunks", "dense_causal_sdpa", "dense_prefix_rows"]
 
@@ -83,6 +84,7 @@ def infllmv2_attn(
     share_tokens: int = 1,
     dq_mode: str = "gather",
     kv_loads: str = "tma",
+    share_max_union: float = SHARE_MAX_UNION,
 ) -> torch.Tensor:
     """InfLLM-V2 sparse attention; o has q's shape and dtype. Semantics: see the package docstring.
 
@@ -94,6 +96,9 @@ def infllmv2_attn(
     fp32, varlen and Tq < Tk always use Triton.
     share_tokens: Triton only, 1, 2, 4, 8 or 16: > 1 lets that many neighbouring sparse queries share each
     gathered block (one load, per-query masks; exact, see shared.py); 1 gives every query its own (the default).
+    share_max_union: with share_tokens > 1, a tile of neighbouring queries shares only when the union of its lists
+    holds at most this fraction of their entries; the other tiles' queries take their own lists. 1.0 (the default)
+    makes every tile share; 0.5 shares where lists overlap (exact either way; its speed is not measured yet).
     dq_mode: Triton only: "gather" computes the sparse rows' dq over gathered blocks in a pass of its own per
     query; "atomic" adds it in the dk/dv pass over the blocks' query lists (fp32 atomics: one pass fewer, dq's
     last bits vary run to run, an fp32 buffer of q's size). With share_tokens > 1 dq keeps its own pass.
@@ -122,7 +127,7 @@ def infllmv2_attn(
     seqlen_q, dim = q.shape[1], q.shape[3]
     scale = dim**-0.5 if scale is None else scale
     prefix = min(dense_prefix_rows(k.shape[1], params), seqlen_q)
-    options = dict(share_tokens=share_tokens, dq_mode=dq_mode, kv_loads=kv_loads)
+    options = dict(share_tokens=share_tokens, dq_mode=dq_mode, kv_loads=kv_loads, share_max_union=share_max_union)
     fast_dtype = q.dtype in (torch.float16, torch.bfloat16)
     if dense_prefix_sdpa and fast_dtype and cu_seqlens is None and seqlen_q == k.shape[1] and q.is_cuda and prefix > 0:
         # the dense rows see only keys before the first sparse row: the prefix is plain causal attention
@@ -153,7 +158,7 @@ def dense_causal_sdpa(q, k, v, scale):
 
 def _sparse(q, k, v, cu_seqlens, params: SparseParams, scale: float, **options):
     """The sparse rows (and any dense rows the SDPA prefix did not take) through the Triton kernels; options:
-    share_tokens, dq_mode, kv_loads (AttnPlan)."""
+    share_tokens, dq_mode, kv_loads, share_max_union (AttnPlan)."""
     batch, seqlen_q, heads, dim = q.shape
     kv_heads = k.shape[2]
     layout = DocLayout.build(q, k, cu_seqlens)

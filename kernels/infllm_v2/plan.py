@@ -21,7 +21,7 @@ import triton.language as tl
 from ..utils import LOG2E, dot_precision, interpreting, new_empty, next_pow2, row_sum, should_tune
 from .attn_steps import kv_descriptors
 from .gather import _gather_dkdv_kernel, gather_dq, gather_fwd
-from .shared import check_share, shared_dq, shared_fwd, union_lists
+from .shared import SHARE_MAX_UNION, check_share, shared_dq, shared_fwd, union_lists
 from .layout import DenseRows, DocLayout
 from .naive import first_local_block
 from .window import _local_dkdv_kernel, _local_dq_kernel, local_fwd
@@ -76,14 +76,17 @@ class AttnPlan:
     def __init__(self, layout: DocLayout, heads: int, kv_heads: int, dim: int, dtype, block_size: int,
                  scale: float, dense_len: int, local_window: int = 0, part_budget_bytes: int | None = None,
                  dense_len_mode: str = "position", local_blocks: str = "token", share_tokens: int = 1,
-                 dq_mode: str = "gather", kv_loads: str = "tma"):
-        check_share(share_tokens)
+                 dq_mode: str = "gather", kv_loads: str = "tma", share_max_union: float = SHARE_MAX_UNION):
+        check_share(share_tokens, share_max_union)
         if dq_mode not in DQ_MODES:
             raise ValueError(f"dq_mode must be one of {', '.join(DQ_MODES)}, got {dq_mode!r}")
         if kv_loads not in KV_LOADS:
             raise ValueError(f"kv_loads must be one of {', '.join(KV_LOADS)}, got {kv_loads!r}")
         self.kv_loads = kv_loads
         self.share = share_tokens  # > 1: neighbouring sparse rows share their gathered blocks (shared.py)
+        # ... a tile of them only when its union list is at most this fraction of its rows' entries; the other
+        # tiles' rows go through the per-query gather kernels (1.0: every tile shares)
+        self.share_max_union = share_max_union
         # the sparse rows' gathered dq: "gather" walks each query's block list (its own pass), "atomic" adds it in
         # the dk/dv pass over the transposed lists (shared blocks keep their own dq pass)
         self.dq_atomic = dq_mode == "atomic" and share_tokens == 1
@@ -190,9 +193,17 @@ class AttnPlan:
         """Union block lists of row chunk ci (built once per call: forward and backward share the plan)."""
         if ci not in self._unions:
             row_doc_base, gb_krow0, gb_kend, num_gblocks = self._global_blocks
-            u, ubits, ucount = union_lists(idx3, counts, self.chunks[ci].sparse_rows, row_doc_base, num_gblocks,
-                                           self.share)
-            self._unions[ci] = (u, ubits, ucount, gb_krow0, gb_kend)
+            rows = self.chunks[ci].sparse_rows
+            u, ubits, ucount, use = union_lists(idx3, counts, rows, row_doc_base, num_gblocks, self.share,
+                                                self.share_max_union)
+            # the per-query kernels' list lengths: 0 for the rows of sharing tiles (their zero outputs are written
+            # first and overwritten by the shared kernel); None when every tile shares
+            unshared = None
+            if self.share_max_union < 1.0:
+                row_use = use.repeat_interleave(self.share, dim=1)[:, :rows.numel()] != 0
+                unshared = counts.clone()
+                unshared[:, rows.long()] = torch.where(row_use, 0, counts[:, rows.long()])
+            self._unions[ci] = (u, ubits, ucount, use, gb_krow0, gb_kend, unshared)
         return self._unions[ci]
 
     def _local_meta(self, tile_m=None):
@@ -214,26 +225,29 @@ class AttnPlan:
                 part_o = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device)
                 part_lse = new_empty((ch.hi - ch.lo, self.heads), torch.float32, q3.device)
                 base = ch.lo
-            if n_sparse and self.share > 1:
-                u, ubits, ucount, gb_krow0, gb_kend = self._union(ci, idx3, counts)
-                shared_fwd.launch(
-                    (ucount.shape[1], self.kv_heads), tune,
-                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, union_ptr=u, bits_ptr=ubits,
-                    ucount_ptr=ucount, gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend, rows_ptr=ch.sparse_rows,
-                    n_rows=n_sparse, **self.row_tables, out_row_base=base, **_qk_strides(q3, k3),
-                    stride_or=part_o.stride(0), stride_oh=part_o.stride(1), stride_lr=part_lse.stride(0),
-                    stride_uh=u.stride(0), stride_ut=u.stride(1), stride_ch=ucount.stride(0), scale_log2=scale_log2,
-                    **self._shared_meta(), **self._kv_args(k3, v3, True),
-                )
-            elif n_sparse:
+            union = self._union(ci, idx3, counts) if n_sparse and self.share > 1 else None
+            if n_sparse and (union is None or union[-1] is not None):  # per-query lists (first: see _union)
                 gather_fwd.launch(
                     (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
-                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, idx_ptr=idx3, count_ptr=counts,
+                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, idx_ptr=idx3,
+                    count_ptr=counts if union is None else union[-1],
                     rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables, out_row_base=base,
                     **_qk_strides(q3, k3), stride_or=part_o.stride(0), stride_oh=part_o.stride(1),
                     stride_lr=part_lse.stride(0), stride_ih=idx3.stride(0), stride_ir=idx3.stride(1),
                     stride_ch=counts.stride(0), scale_log2=scale_log2, **self._gather_meta(idx3.shape[-1]),
                     **self._kv_args(k3, v3, self._one_block(idx3)),
+                )
+            if union is not None:  # tiles of neighbouring rows that share their blocks
+                u, ubits, ucount, use, gb_krow0, gb_kend, _ = union
+                shared_fwd.launch(
+                    (ucount.shape[1], self.kv_heads), tune,
+                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, union_ptr=u, bits_ptr=ubits,
+                    ucount_ptr=ucount, use_ptr=use, gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend,
+                    rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables, out_row_base=base,
+                    **_qk_strides(q3, k3), stride_or=part_o.stride(0), stride_oh=part_o.stride(1),
+                    stride_lr=part_lse.stride(0), stride_uh=u.stride(0), stride_ut=u.stride(1),
+                    stride_ch=ucount.stride(0), scale_log2=scale_log2, **self._shared_meta(),
+                    **self._kv_args(k3, v3, True),
                 )
             row0, nrows, _ = ch.tiles
             if row0.numel():
@@ -275,23 +289,25 @@ class AttnPlan:
                 part, base = dq_acc, 0
             elif n_sparse and self.window:
                 part, base = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device), ch.lo
-            if n_sparse and dq_acc is None and self.share > 1:
-                u, ubits, ucount, gb_krow0, gb_kend = self._union(ci, idx3, counts)
-                shared_dq.launch(
-                    (ucount.shape[1], self.kv_heads), tune,
-                    **grads, dq_ptr=part, union_ptr=u, bits_ptr=ubits, ucount_ptr=ucount, gb_krow0_ptr=gb_krow0,
-                    gb_kend_ptr=gb_kend, rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables,
-                    out_row_base=base, stride_uh=u.stride(0), stride_ut=u.stride(1), stride_ch=ucount.stride(0),
-                    stride_dqr=part.stride(0), stride_dqh=part.stride(1), **self._shared_meta(),
-                    **self._kv_args(k3, v3, True),
-                )
-            elif n_sparse and dq_acc is None:
+            union = self._union(ci, idx3, counts) if n_sparse and dq_acc is None and self.share > 1 else None
+            if n_sparse and dq_acc is None and (union is None or union[-1] is not None):
                 gather_dq.launch(
                     (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
-                    **grads, dq_ptr=part, idx_ptr=idx3, count_ptr=counts, rows_ptr=ch.sparse_rows, n_rows=n_sparse,
+                    **grads, dq_ptr=part, idx_ptr=idx3, count_ptr=counts if union is None else union[-1],
+                    rows_ptr=ch.sparse_rows, n_rows=n_sparse,
                     **self.row_tables, out_row_base=base, stride_ih=idx3.stride(0), stride_ir=idx3.stride(1),
                     stride_ch=counts.stride(0), stride_dqr=part.stride(0), stride_dqh=part.stride(1),
                     **self._gather_meta(idx3.shape[-1]), **self._kv_args(k3, v3, self._one_block(idx3)),
+                )
+            if union is not None:
+                u, ubits, ucount, use, gb_krow0, gb_kend, _ = union
+                shared_dq.launch(
+                    (ucount.shape[1], self.kv_heads), tune,
+                    **grads, dq_ptr=part, union_ptr=u, bits_ptr=ubits, ucount_ptr=ucount, use_ptr=use,
+                    gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend, rows_ptr=ch.sparse_rows, n_rows=n_sparse,
+                    **self.row_tables, out_row_base=base, stride_uh=u.stride(0), stride_ut=u.stride(1),
+                    stride_ch=ucount.stride(0), stride_dqr=part.stride(0), stride_dqh=part.stride(1),
+                    **self._shared_meta(), **self._kv_args(k3, v3, True),
                 )
             row0, nrows, _ = ch.dq_tiles  # tiles of dq_tile_m rows: the kernel's BM must cover each tile
             if row0.numel():

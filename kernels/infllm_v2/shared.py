@@ -23,6 +23,10 @@ from ..utils import Tunable
 from .attn_steps import backward_rows, dq_update, key_rows, online_softmax
 
 SHARE_VALUES = (1, 2, 4, 8, 16)  # powers of two (tile rows); query bits per union entry live in an int32
+# a tile shares when its union holds at most this fraction of its rows' list entries (1: every tile, the timed
+# behaviour). Forced sharing of four queries' blocks was 11% faster at 0.39 of the blocks loaded and 6% slower at 0.67
+# (docs/perf.md, one H200), so ~0.5 should take the better of the two per tile; that rule is not timed yet.
+SHARE_MAX_UNION = 1.0
 
 
 @triton.jit
@@ -42,10 +46,14 @@ def _shared_rows(rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, hk, G: tl.constex
 
 
 @triton.jit
-def _tile_union(union_ptr, bits_ptr, ucount_ptr, hk, stride_uh, stride_ut, stride_ch):
-    """This program's (tile, group) union list and query bits, and how many entries it has."""
+def _tile_union(union_ptr, bits_ptr, ucount_ptr, use_ptr, hk, stride_uh, stride_ut, stride_ch):
+    """This program's (tile, group) union list and query bits, how many entries it walks, and whether this kernel
+    takes the tile at all (``use``; otherwise its rows went through the per-query gather kernels: no entries, no
+    stores)."""
     base = hk * stride_uh + tl.program_id(0) * stride_ut
-    return union_ptr + base, bits_ptr + base, tl.load(ucount_ptr + hk * stride_ch + tl.program_id(0))
+    use = tl.load(use_ptr + hk * stride_ch + tl.program_id(0)) != 0
+    n_u = tl.where(use, tl.load(ucount_ptr + hk * stride_ch + tl.program_id(0)), 0)
+    return union_ptr + base, bits_ptr + base, n_u, use
 
 
 @triton.jit
@@ -63,7 +71,8 @@ def _union_block(union_ptr, bits_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow,
 
 @triton.jit
 def _shared_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, lse_ptr, union_ptr, bits_ptr, ucount_ptr, gb_krow0_ptr, gb_kend_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, lse_ptr, union_ptr, bits_ptr, ucount_ptr, use_ptr, gb_krow0_ptr,
+    gb_kend_ptr,
     rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_or, stride_oh, stride_lr, stride_uh, stride_ut, stride_ch,
     scale_log2,
@@ -76,7 +85,8 @@ def _shared_fwd_kernel(
     dm = d < D
     q = tl.load(q_ptr + (r * stride_qr + heads * stride_qh)[:, None] + d[None, :],
                 mask=ok[:, None] & dm[None, :], other=0.0)
-    u_ptr, b_ptr, n_u = _tile_union(union_ptr, bits_ptr, ucount_ptr, hk, stride_uh, stride_ut, stride_ch)
+    u_ptr, b_ptr, n_u, use = _tile_union(union_ptr, bits_ptr, ucount_ptr, use_ptr, hk, stride_uh, stride_ut,
+                                         stride_ch)
     m_i = tl.full([TQ * M], float("-inf"), tl.float32)
     l_i = tl.full([TQ * M], 0.0, tl.float32)
     acc = tl.full([TQ * M, BD], 0.0, tl.float32)
@@ -91,6 +101,7 @@ def _shared_fwd_kernel(
     l_ok = l_i > 0
     l_div = tl.where(l_ok, l_i, 1.0)
     r_out = r - out_row_base
+    ok = tl.where(use, ok, False)  # (a tile the gather kernels took: no stores)
     tl.store(o_ptr + (r_out * stride_or + heads * stride_oh)[:, None] + d[None, :],
              (acc / l_div[:, None]).to(o_ptr.dtype.element_ty), mask=ok[:, None] & dm[None, :])
     tl.store(lse_ptr + r_out * stride_lr + heads, tl.where(l_ok, m_i + tl.log2(l_div), float("inf")), mask=ok)
@@ -99,7 +110,7 @@ def _shared_fwd_kernel(
 @triton.jit
 def _shared_dq_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, do_ptr, lse_ptr, delta_ptr, dq_ptr, union_ptr, bits_ptr, ucount_ptr,
-    gb_krow0_ptr, gb_kend_ptr, rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
+    use_ptr, gb_krow0_ptr, gb_kend_ptr, rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_uh, stride_ut, stride_ch, stride_dqr, stride_dqh,
     scale_log2, scale,
     G: tl.constexpr, M: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
@@ -111,7 +122,8 @@ def _shared_dq_kernel(
     dm = d < D
     qd_off, qd_mask, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r, heads, ok, d, dm,
                                                        stride_qr, stride_qh, stride_lr)
-    u_ptr, b_ptr, n_u = _tile_union(union_ptr, bits_ptr, ucount_ptr, hk, stride_uh, stride_ut, stride_ch)
+    u_ptr, b_ptr, n_u, use = _tile_union(union_ptr, bits_ptr, ucount_ptr, use_ptr, hk, stride_uh, stride_ut,
+                                         stride_ch)
     dq = tl.full([TQ * M, BD], 0.0, tl.float32)
     for s in range(0, n_u):
         krow0, krow, k_ok, vis = _union_block(u_ptr, b_ptr, gb_krow0_ptr, gb_kend_ptr, s, tok, q_krow, ok, BS)
@@ -122,13 +134,16 @@ def _shared_dq_kernel(
         p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
         dq = dq_update(dq, p, do, kt, vt, delta, PREC)
     dq_off = ((r - out_row_base) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
-    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tl.where(use, qd_mask, False))
 
 
-def check_share(tq: int) -> None:
+def check_share(tq: int, max_union: float = SHARE_MAX_UNION) -> None:
     if tq not in SHARE_VALUES:
         raise ValueError(f"share_tokens must be one of {SHARE_VALUES} (got {tq}): the tile's rows, share_tokens × "
                          "the group padded to a power of two, must be a power of two")
+    if not 0.0 <= max_union <= 1.0:
+        raise ValueError(f"share_max_union must be within [0, 1] (got {max_union}): the largest union list, as a "
+                         "fraction of the tile's own list entries, at which a tile shares (1: always)")
 
 
 shared_fwd = Tunable(_shared_fwd_kernel, [(4, 2), (8, 2), (4, 3)], key=["G", "D", "BS", "TQ", "DESC"])
@@ -136,11 +151,12 @@ shared_dq = Tunable(_shared_dq_kernel, [(4, 2), (8, 2), (4, 3)], key=["G", "D", 
 
 
 def union_lists(idx3: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, row_doc_base: torch.Tensor,
-                num_gblocks: int, tq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_gblocks: int, tq: int, max_union: float = 1.0):
     """Per tile of ``tq`` consecutive ``rows`` and KV group: the union of the blocks the gather kernels would take
     (the first ``counts`` entries of each row's list), as global block numbers ascending [HKV, tiles, tq·K + 1],
-    which of the tile's queries chose each (bit j = the tile's j-th row) [same shape], and how many [HKV, tiles].
-    On the device, no host synchronisation."""
+    which of the tile's queries chose each (bit j = the tile's j-th row) [same shape], how many [HKV, tiles], and
+    whether the tile shares [HKV, tiles] int32: its union holds at most ``max_union`` × its rows' list entries
+    (1.0: every tile). On the device, no host synchronisation."""
     check_share(tq)
     n = rows.numel()
     tiles = triton.cdiv(n, tq)
@@ -165,4 +181,6 @@ def union_lists(idx3: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, ro
     union.scatter_(-1, torch.where(new, slot, width - 1), vals.to(torch.int32))
     ubits = torch.zeros(*glob.shape[:2], width, dtype=torch.int32, device=dev)
     ubits.scatter_add_(-1, slot, bits.to(torch.int32))
-    return union, ubits, new.sum(-1, dtype=torch.int32)
+    ucount = new.sum(-1, dtype=torch.int32)
+    entries = taken.view(ucount.shape[0], tiles, tq * k).sum(-1)
+    return union, ubits, ucount, (ucount <= max_union * entries).int()

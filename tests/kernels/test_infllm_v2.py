@@ -233,8 +233,41 @@ def test_shared_blocks_match_reference(case, share, monkeypatch):
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     q, k, v = make_qkv(*c.pop("shape"), seed=len(case) + share)
     kwargs = dict(SMALL, cu_seqlens=cu, **c)
-    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=share, **kwargs)
+    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=share, share_max_union=1.0, **kwargs)
     ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@interpreter
+@pytest.mark.parametrize("gpu_path", [False, True], ids=["interpreter-tiles", "gpu-code-path"])
+@pytest.mark.parametrize("case", ["g2_exact", "varlen_3docs", "chunked_prefill", "g3_odd_d32", "window_24"])
+def test_sharing_only_where_lists_overlap(case, gpu_path, monkeypatch):
+    """share_max_union < 1: tiles whose union list is short enough share (shared kernels), the others' queries take
+    their own lists (gather kernels), in one call; both kinds of tile occur here, and outputs and every gradient
+    match the reference (a row written by neither kernel, or overwritten by the wrong one, fails)."""
+    from salatrain_kernels.infllm_v2 import plan, shared
+
+    if gpu_path:
+        monkeypatch.setattr(plan, "INTERPRETER_TOKENS", 1)
+    chosen = []
+
+    def spy(*args):  # the real union_lists; records which tiles share
+        out = shared.union_lists(*args)
+        chosen.append(out[3].flatten().tolist())
+        return out
+
+    monkeypatch.setattr(plan, "union_lists", spy)
+    c = dict(FULL_CASES[case])
+    cu = c.pop("cu", None)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = make_qkv(*c.pop("shape"), seed=len(case) + 5)
+    kwargs = dict(SMALL, cu_seqlens=cu, **c)
+    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, share_max_union=0.5, **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    uses = [u for tiles in chosen for u in tiles]
+    assert 0 in uses and 1 in uses, f"expected both sharing and unshared tiles, got {uses}"
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -294,14 +327,20 @@ def test_union_lists_merge_neighbouring_selections():
     idx3 = torch.tensor([[[0, 2, 5], [2, 3, -1], [5, 7, 9], [1, -1, -1], [4, 6, 8]]], dtype=torch.int32)
     counts = torch.tensor([[3, 2, 2, 1, 3]], dtype=torch.int32)  # row 2 takes 5, 7 (not 9)
     rows = torch.tensor([0, 1, 2, 3, 4])
-    union, bits, count = union_lists(idx3, counts, rows, torch.zeros(5, dtype=torch.long), 10, 2)
-    assert count.tolist() == [[4, 3, 3]]
+    union, bits, count, use = union_lists(idx3, counts, rows, torch.zeros(5, dtype=torch.long), 10, 2)
+    assert count.tolist() == [[4, 3, 3]] and use.tolist() == [[1, 1, 1]]  # max_union 1: every tile shares
+    for max_union, want in ((0.8, [[1, 0, 0]]), (0.79, [[0, 0, 0]])):  # tile 0: 4 of 5 entries, the others 3 of 3
+        assert union_lists(idx3, counts, rows, torch.zeros(5, dtype=torch.long), 10, 2, max_union)[3].tolist() == want
     assert union[0, 0, :4].tolist() == [0, 2, 3, 5] and bits[0, 0, :4].tolist() == [1, 3, 2, 1]
     assert union[0, 1, :3].tolist() == [1, 5, 7] and bits[0, 1, :3].tolist() == [2, 1, 1]
     assert union[0, 2, :3].tolist() == [4, 6, 8] and bits[0, 2, :3].tolist() == [1, 1, 1]
     for bad in (3, 32):
         with pytest.raises(ValueError, match="share_tokens"):
             union_lists(idx3, counts, rows, torch.zeros(5, dtype=torch.long), 10, bad)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="share_max_union"):
+            infllmv2_attn(*make_qkv(1, 40, 40, 2, 1, 16), backend="triton", share_tokens=2, share_max_union=bad,
+                          **SMALL)
 
 
 @interpreter
@@ -597,7 +636,9 @@ def test_gpu_full_op(dtype, shape, cu):
     with_sdpa = infllmv2_attn(q, k, v, backend="triton", **kwargs)  # dense prefix through torch SDPA when possible
     atomic = infllmv2_attn(q, k, v, backend="triton", dq_mode="atomic", **kwargs)  # dq in the dk/dv pass
     pointer = infllmv2_attn(q, k, v, backend="triton", kv_loads="pointer", **kwargs)  # K/V without bulk copies
-    shared = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, **kwargs)  # (bulk copies: the default)
+    shared_all = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, **kwargs)  # every tile shares
+    shared = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, share_max_union=0.5, **kwargs)  # where lists
+    # overlap (random data: few tiles)
     idx = triton_block_idx(q, k, cu, shape[2])
     stages = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"],
                                  cu_seqlens=cu)
@@ -612,10 +653,10 @@ def test_gpu_full_op(dtype, shape, cu):
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = infllmv2_block_attn_naive(qf, kf, vf, idx, **attn)
     lowp = infllmv2_block_attn_naive(q, k, v, idx, upcast=False, **attn)
-    for result in (out, with_sdpa, stages, pointer, shared):
+    for result in (out, with_sdpa, stages, pointer, shared, shared_all):
         within_rule(result, ref, lowp)
     ref_grads, lowp_grads = grads(ref, (qf, kf, vf)), grads(lowp, (q, k, v))
-    for result in (out, with_sdpa, atomic, pointer, shared):
+    for result in (out, with_sdpa, atomic, pointer, shared, shared_all):
         for got, want, torch_lowp in zip(grads(result, (q, k, v)), ref_grads, lowp_grads):
             within_rule(got, want, torch_lowp, eps=1e-4)
 
