@@ -73,8 +73,8 @@ def dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC: tl.constexpr):
 def kv_descriptors(k3: torch.Tensor, v3: torch.Tensor, block_size: int, block_d: int):
     """Tensor descriptors over K and V [rows, heads, D] for loads of one block's rows of one head
     ([block_size, 1, block_d]; columns past D and rows past the tensor read as 0), or None where bulk tensor copies
-    cannot take them: a GPU before Hopper, a Triton without host tensor descriptors (< 3.3), or a base or a row/head
-    stride not 16-byte aligned."""
+    cannot take them: a GPU before Hopper, a Triton without host tensor descriptors (< 3.3), a head dim that is not a
+    power of two, or a base or a row/head stride not 16-byte aligned."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
@@ -82,6 +82,8 @@ def kv_descriptors(k3: torch.Tensor, v3: torch.Tensor, block_size: int, block_d:
     if k3.is_cuda and torch.cuda.get_device_capability(k3.device)[0] < 9:
         return None
     if not (k3.is_cuda or interpreting()):
+        return None
+    if k3.shape[-1] != block_d:  # a head dim that is not a power of two: the box would be wider than the rows
         return None
     for x in (k3, v3):
         size = x.element_size()

@@ -70,6 +70,8 @@ def test_descriptor_eligibility():
     assert kv_descriptors(k3[:, :, 1:], k3[:, :, 1:], 64, 16) is None  # base not 16-byte aligned
     odd = torch.randn(50, 2, 3)
     assert kv_descriptors(odd, odd, 64, 4) is None  # head stride of 12 bytes
+    d24 = torch.randn(50, 2, 24)
+    assert kv_descriptors(d24, d24, 64, 32) is None  # head dim 24 in tiles of 32
 
 
 def test_unknown_kv_loads_value_raises():
