@@ -317,7 +317,7 @@ def block_overlap(q, k, tq, settings=SALA):
     rows = torch.cat([ch.sparse_rows for ch in plan.chunks])
     if rows.numel() == 0:
         return None
-    _, _, ucount = union_lists(idx3, counts, rows, torch.zeros(q.shape[1], dtype=torch.long, device=q.device),
+    _, _, ucount, _ = union_lists(idx3, counts, rows, torch.zeros(q.shape[1], dtype=torch.long, device=q.device),
                                layout.max_blocks(params.block_size), tq)
     return (ucount.float().sum() / counts[:, rows.long()].float().sum()).item()
 
