@@ -104,7 +104,7 @@ def infllmv2_attn(
     last bits vary run to run, an fp32 buffer of q's size). With share_tokens > 1 dq keeps its own pass.
     kv_loads: Triton only: how the gathered-block kernels (forward and dq) load K/V blocks: "tma" (the default:
     tensor descriptors, Hopper's bulk tensor copies, where the GPU and K/V's layout allow them, pointers elsewhere;
-    2-4% faster fwd+bwd on an H200, 5% with share_tokens=4, docs/perf.md) or "pointer" (per-element addresses
+    up to 4% faster fwd+bwd on an H200, 4-11% with share_tokens=4, docs/perf.md) or "pointer" (per-element addresses
     always). Same results either way.
     """
     check_qkv(q, k, v, cu_seqlens)
