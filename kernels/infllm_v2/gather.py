@@ -42,7 +42,8 @@ def _query_rows(rows_ptr, n_rows, hk, G: tl.constexpr, M: tl.constexpr, TOK: tl.
 def _key_lanes(rows_ptr, n_rows, count_ptr, row_pos_ptr, row_kbase_ptr, idx_ptr, hk,
                stride_kr, stride_kh, stride_ih, stride_ir, stride_ch, TOK: tl.constexpr, BN: tl.constexpr):
     """Per key lane of a step (TOK × BN): its query, offset jj in the step, and that query's position t_k, list
-    length n_k, first K/V element and block list; n_max = the longest list of the program."""
+    length n_k, first key row of its document (kbase) and first K/V element, and block list; n_max = the longest
+    list of the program."""
     kk = tl.arange(0, TOK * BN)
     tok_k = kk // BN
     jj = kk % BN
@@ -55,9 +56,10 @@ def _key_lanes(rows_ptr, n_rows, count_ptr, row_pos_ptr, row_kbase_ptr, idx_ptr,
         n_k = tl.load(count_ptr + hk * stride_ch + r_k, mask=tl.program_id(0) * TOK + tok_k < n_rows, other=0)
         n_max = row_max(n_k, 0)
     t_k = tl.load(row_pos_ptr + r_k)
-    kv_base = tl.load(row_kbase_ptr + r_k).to(tl.int64) * stride_kr + hk * stride_kh
+    kbase = tl.load(row_kbase_ptr + r_k)
+    kv_base = kbase.to(tl.int64) * stride_kr + hk * stride_kh
     idx_k = idx_ptr + hk * stride_ih + r_k.to(tl.int64) * stride_ir
-    return tok_k, jj, n_k, n_max, t_k, kv_base, idx_k
+    return tok_k, jj, n_k, n_max, t_k, kbase, kv_base, idx_k
 
 
 @triton.jit
@@ -80,16 +82,6 @@ def _gathered_keys(idx_k, s0, n_k, t_k, jj, BS: tl.constexpr, ONE_BLOCK: tl.cons
 
 
 @triton.jit
-def _desc_row_base(row_kbase_ptr, rows_ptr, DESC: tl.constexpr):
-    """With tensor-descriptor loads (one query per program): the first key row of the program's document."""
-    if DESC:
-        base = tl.load(row_kbase_ptr + tl.load(rows_ptr + tl.program_id(0)))
-    else:
-        base = 0
-    return base
-
-
-@triton.jit
 def _gather_fwd_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, lse_ptr, idx_ptr, count_ptr,
     rows_ptr, n_rows, row_pos_ptr, row_kbase_ptr, out_row_base,
@@ -102,7 +94,7 @@ def _gather_fwd_kernel(
     BN: tl.constexpr = NBI * BS
     hk = tl.program_id(1)
     tok_m, heads, row_m_ok, r_m = _query_rows(rows_ptr, n_rows, hk, G, M, TOK)
-    tok_k, jj, n_k, n_max, t_k, kv_base, idx_k = _key_lanes(
+    tok_k, jj, n_k, n_max, t_k, kbase, kv_base, idx_k = _key_lanes(
         rows_ptr, n_rows, count_ptr, row_pos_ptr, row_kbase_ptr, idx_ptr, hk,
         stride_kr, stride_kh, stride_ih, stride_ir, stride_ch, TOK, BN)
     d = tl.arange(0, BD)
@@ -113,15 +105,14 @@ def _gather_fwd_kernel(
     m_i = tl.full([TOK * M], float("-inf"), tl.float32)
     l_i = tl.full([TOK * M], 0.0, tl.float32)
     acc = tl.full([TOK * M, BD], 0.0, tl.float32)
-    krow_base = _desc_row_base(row_kbase_ptr, rows_ptr, DESC)
     for s0 in range(0, n_max, NBI):
         kp, k_ok, kp0 = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
         kv_off = kv_base + kp.to(tl.int64) * stride_kr
-        kt = key_rows(k_ptr, k_desc, kv_off, k_ok, krow_base + kp0, hk, d, dm, BS, BD, DESC, FULL)
+        kt = key_rows(k_ptr, k_desc, kv_off, k_ok, kbase + kp0, hk, d, dm, BS, BD, DESC, FULL)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         s = tl.where(same_tok & k_ok[None, :], s, float("-inf"))
         m_i, alpha, p, l_i = online_softmax(s, m_i, l_i)
-        vt = key_rows(v_ptr, v_desc, kv_off, k_ok, krow_base + kp0, hk, d, dm, BS, BD, DESC, FULL)
+        vt = key_rows(v_ptr, v_desc, kv_off, k_ok, kbase + kp0, hk, d, dm, BS, BD, DESC, FULL)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
     l_ok = l_i > 0
     l_div = tl.where(l_ok, l_i, 1.0)
@@ -145,7 +136,7 @@ def _gather_dq_kernel(
     BN: tl.constexpr = NBI * BS
     hk = tl.program_id(1)
     tok_m, heads, row_m_ok, r_m = _query_rows(rows_ptr, n_rows, hk, G, M, TOK)
-    tok_k, jj, n_k, n_max, t_k, kv_base, idx_k = _key_lanes(
+    tok_k, jj, n_k, n_max, t_k, kbase, kv_base, idx_k = _key_lanes(
         rows_ptr, n_rows, count_ptr, row_pos_ptr, row_kbase_ptr, idx_ptr, hk,
         stride_kr, stride_kh, stride_ih, stride_ir, stride_ch, TOK, BN)
     d = tl.arange(0, BD)
@@ -154,12 +145,11 @@ def _gather_dq_kernel(
                                                        stride_qr, stride_qh, stride_lr)
     same_tok = tok_m[:, None] == tok_k[None, :]
     dq = tl.full([TOK * M, BD], 0.0, tl.float32)
-    krow_base = _desc_row_base(row_kbase_ptr, rows_ptr, DESC)
     for s0 in range(0, n_max, NBI):
         kp, k_ok, kp0 = _gathered_keys(idx_k, s0, n_k, t_k, jj, BS, NBI * TOK == 1)
         kv_off = kv_base + kp.to(tl.int64) * stride_kr
-        kt = key_rows(k_ptr, k_desc, kv_off, k_ok, krow_base + kp0, hk, d, dm, BS, BD, DESC, FULL)
-        vt = key_rows(v_ptr, v_desc, kv_off, k_ok, krow_base + kp0, hk, d, dm, BS, BD, DESC, FULL)
+        kt = key_rows(k_ptr, k_desc, kv_off, k_ok, kbase + kp0, hk, d, dm, BS, BD, DESC, FULL)
+        vt = key_rows(v_ptr, v_desc, kv_off, k_ok, kbase + kp0, hk, d, dm, BS, BD, DESC, FULL)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         p = tl.where(same_tok & k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dq = dq_update(dq, p, do, kt, vt, delta, PREC)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 import triton
@@ -50,6 +51,24 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, n, D: tl.constexpr, BD: tl.constexpr
 
 def _qk_strides(q3: torch.Tensor, k3: torch.Tensor) -> dict:
     return dict(stride_qr=q3.stride(0), stride_qh=q3.stride(1), stride_kr=k3.stride(0), stride_kh=k3.stride(1))
+
+
+class TileUnions(NamedTuple):
+    """A row chunk's union block lists for the shared kernels (shared.union_lists) and the per-query kernels'
+    list lengths with the sharing tiles' rows at 0 (None when every tile shares)."""
+
+    union: torch.Tensor
+    bits: torch.Tensor
+    count: torch.Tensor
+    use: torch.Tensor
+    gb_krow0: torch.Tensor
+    gb_kend: torch.Tensor
+    unshared: torch.Tensor | None
+
+    def kernel_args(self) -> dict:
+        return dict(union_ptr=self.union, bits_ptr=self.bits, ucount_ptr=self.count, use_ptr=self.use,
+                    gb_krow0_ptr=self.gb_krow0, gb_kend_ptr=self.gb_kend, stride_uh=self.union.stride(0),
+                    stride_ut=self.union.stride(1), stride_ch=self.count.stride(0))
 
 
 @dataclass
@@ -165,14 +184,16 @@ class AttnPlan:
         return dict(G=self.group, M=self.gather_rows, TOK=self.tokens_per_prog, D=self.dim, BD=self.bd,
                     BS=self.block_size, NBI=self._blocks_per_step(k_slots), PREC=self.prec)
 
-    def _kv_args(self, k3, v3, one_block: bool) -> dict:
-        """How the gathered-block kernels load K/V: tensor descriptors (kv_loads="tma", a program that takes one
-        query's one block per step, and a layout the bulk copies accept) or pointers (the descriptor arguments
-        are then the tensors, unused). FULL: every gathered block lies wholly before its query's local window
-        (window split), so all its rows are visible and the descriptor path masks nothing."""
-        descs = kv_descriptors(k3, v3, self.block_size, self.bd) if self.kv_loads == "tma" and one_block else None
-        return dict(k_desc=descs[0] if descs else k3, v_desc=descs[1] if descs else v3, DESC=descs is not None,
-                    FULL=bool(self.window))
+    def _kv_args(self, k3, v3, idx3) -> tuple[dict, dict]:
+        """How the gather and the shared kernels load K/V (built once per forward or backward): tensor descriptors
+        (kv_loads="tma", a layout the bulk copies accept, and for the gather kernels one query's one block per
+        step) or pointers (the descriptor arguments are then the tensors, unused). FULL: every gathered block lies
+        wholly before its query's local window (window split), so all its rows are visible and the descriptor path
+        masks nothing."""
+        descs = kv_descriptors(k3, v3, self.block_size, self.bd) if self.kv_loads == "tma" else None
+        pointers = dict(k_desc=k3, v_desc=v3, DESC=False, FULL=bool(self.window))
+        shared = pointers if descs is None else dict(pointers, k_desc=descs[0], v_desc=descs[1], DESC=True)
+        return (shared if self._one_block(idx3) else pointers), shared
 
     def _shared_meta(self):
         return dict(G=self.group, M=self.gather_rows, TQ=self.share, D=self.dim, BD=self.bd, BS=self.block_size,
@@ -203,7 +224,7 @@ class AttnPlan:
                 row_use = use.repeat_interleave(self.share, dim=1)[:, :rows.numel()] != 0
                 unshared = counts.clone()
                 unshared[:, rows.long()] = torch.where(row_use, 0, counts[:, rows.long()])
-            self._unions[ci] = (u, ubits, ucount, use, gb_krow0, gb_kend, unshared)
+            self._unions[ci] = TileUnions(u, ubits, ucount, use, gb_krow0, gb_kend, unshared)
         return self._unions[ci]
 
     def _local_meta(self, tile_m=None):
@@ -218,6 +239,7 @@ class AttnPlan:
         counts = self.list_lengths(idx3)
         scale_log2 = self.scale * LOG2E
         tune = should_tune(q3, self.group)
+        kv_gather, kv_shared = self._kv_args(k3, v3, idx3)
         for ci, ch in enumerate(self.chunks):
             part_o, part_lse, base = o, lse, 0
             n_sparse = ch.sparse_rows.numel()
@@ -226,28 +248,24 @@ class AttnPlan:
                 part_lse = new_empty((ch.hi - ch.lo, self.heads), torch.float32, q3.device)
                 base = ch.lo
             union = self._union(ci, idx3, counts) if n_sparse and self.share > 1 else None
-            if n_sparse and (union is None or union[-1] is not None):  # per-query lists (first: see _union)
+            if n_sparse and (union is None or union.unshared is not None):  # per-query lists (first: see _union)
                 gather_fwd.launch(
                     (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
                     q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, idx_ptr=idx3,
-                    count_ptr=counts if union is None else union[-1],
+                    count_ptr=counts if union is None else union.unshared,
                     rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables, out_row_base=base,
                     **_qk_strides(q3, k3), stride_or=part_o.stride(0), stride_oh=part_o.stride(1),
                     stride_lr=part_lse.stride(0), stride_ih=idx3.stride(0), stride_ir=idx3.stride(1),
                     stride_ch=counts.stride(0), scale_log2=scale_log2, **self._gather_meta(idx3.shape[-1]),
-                    **self._kv_args(k3, v3, self._one_block(idx3)),
+                    **kv_gather,
                 )
             if union is not None:  # tiles of neighbouring rows that share their blocks
-                u, ubits, ucount, use, gb_krow0, gb_kend, _ = union
                 shared_fwd.launch(
-                    (ucount.shape[1], self.kv_heads), tune,
-                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, union_ptr=u, bits_ptr=ubits,
-                    ucount_ptr=ucount, use_ptr=use, gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend,
+                    (union.count.shape[1], self.kv_heads), tune,
+                    q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, **union.kernel_args(),
                     rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables, out_row_base=base,
                     **_qk_strides(q3, k3), stride_or=part_o.stride(0), stride_oh=part_o.stride(1),
-                    stride_lr=part_lse.stride(0), stride_uh=u.stride(0), stride_ut=u.stride(1),
-                    stride_ch=ucount.stride(0), scale_log2=scale_log2, **self._shared_meta(),
-                    **self._kv_args(k3, v3, True),
+                    stride_lr=part_lse.stride(0), scale_log2=scale_log2, **self._shared_meta(), **kv_shared,
                 )
             row0, nrows, _ = ch.tiles
             if row0.numel():
@@ -277,6 +295,7 @@ class AttnPlan:
                      stride_lr=lse.stride(0), scale_log2=self.scale * LOG2E, scale=self.scale)
         wide = self.bd >= 128
         tune = should_tune(q3, self.group)
+        kv_gather, kv_shared = self._kv_args(k3, v3, idx3)
         any_sparse = any(ch.sparse_rows.numel() for ch in self.chunks)
         dq_acc = None
         if any_sparse and self.dq_atomic:  # the gathered dq of every sparse row, added by the dk/dv pass
@@ -290,24 +309,21 @@ class AttnPlan:
             elif n_sparse and self.window:
                 part, base = new_empty((ch.hi - ch.lo, self.heads, self.dim), torch.float32, q3.device), ch.lo
             union = self._union(ci, idx3, counts) if n_sparse and dq_acc is None and self.share > 1 else None
-            if n_sparse and dq_acc is None and (union is None or union[-1] is not None):
+            if n_sparse and dq_acc is None and (union is None or union.unshared is not None):
                 gather_dq.launch(
                     (triton.cdiv(n_sparse, self.tokens_per_prog), self.kv_heads), tune,
-                    **grads, dq_ptr=part, idx_ptr=idx3, count_ptr=counts if union is None else union[-1],
+                    **grads, dq_ptr=part, idx_ptr=idx3, count_ptr=counts if union is None else union.unshared,
                     rows_ptr=ch.sparse_rows, n_rows=n_sparse,
                     **self.row_tables, out_row_base=base, stride_ih=idx3.stride(0), stride_ir=idx3.stride(1),
                     stride_ch=counts.stride(0), stride_dqr=part.stride(0), stride_dqh=part.stride(1),
-                    **self._gather_meta(idx3.shape[-1]), **self._kv_args(k3, v3, self._one_block(idx3)),
+                    **self._gather_meta(idx3.shape[-1]), **kv_gather,
                 )
             if union is not None:
-                u, ubits, ucount, use, gb_krow0, gb_kend, _ = union
                 shared_dq.launch(
-                    (ucount.shape[1], self.kv_heads), tune,
-                    **grads, dq_ptr=part, union_ptr=u, bits_ptr=ubits, ucount_ptr=ucount, use_ptr=use,
-                    gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend, rows_ptr=ch.sparse_rows, n_rows=n_sparse,
-                    **self.row_tables, out_row_base=base, stride_uh=u.stride(0), stride_ut=u.stride(1),
-                    stride_ch=ucount.stride(0), stride_dqr=part.stride(0), stride_dqh=part.stride(1),
-                    **self._shared_meta(), **self._kv_args(k3, v3, True),
+                    (union.count.shape[1], self.kv_heads), tune,
+                    **grads, dq_ptr=part, **union.kernel_args(), rows_ptr=ch.sparse_rows, n_rows=n_sparse,
+                    **self.row_tables, out_row_base=base, stride_dqr=part.stride(0), stride_dqh=part.stride(1),
+                    **self._shared_meta(), **kv_shared,
                 )
             row0, nrows, _ = ch.dq_tiles  # tiles of dq_tile_m rows: the kernel's BM must cover each tile
             if row0.numel():
