@@ -99,9 +99,9 @@ def jobs():
                         "stride_kh", "stride_or", "stride_oh", "stride_lr", "stride_ih", "stride_ir", "stride_ch",
                         "stride_dqr", "stride_dqh"), "scale_log2": "fp32", "scale": "fp32"}
                 opts = [(4, 3), (4, 2), (8, 3)] if kind == "fwd" else [(4, 2), (4, 3), (8, 2)]
-                for tag, loads in _kv_loads(dt):
-                    consts = dict(G=g, M=max(16, gp), TOK=1, D=128, BD=128, BS=64, NBI=1, PREC=prec, **loads[1])
-                    out.append((f"gather_{kind} {dt} {gname}{tag}", fn, {**args, **loads[0]}, consts, tuned(opts)))
+                for tag, kv_args, kv_consts in _kv_loads(dt):
+                    consts = dict(G=g, M=max(16, gp), TOK=1, D=128, BD=128, BS=64, NBI=1, PREC=prec, **kv_consts)
+                    out.append((f"gather_{kind} {dt} {gname}{tag}", fn, {**args, **kv_args}, consts, tuned(opts)))
             for kind, fn in (("fwd", SH._shared_fwd_kernel), ("dq", SH._shared_dq_kernel)):
                 args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "o_ptr", "lse_ptr",
                         "delta_ptr", "dq_ptr"), **_ptrs("i32", "union_ptr", "bits_ptr", "ucount_ptr", "use_ptr",
@@ -109,9 +109,9 @@ def jobs():
                         **_ints("n_rows", "out_row_base", "stride_qr", "stride_qh", "stride_kr", "stride_kh",
                                 "stride_or", "stride_oh", "stride_lr", "stride_uh", "stride_ut", "stride_ch",
                                 "stride_dqr", "stride_dqh"), "scale_log2": "fp32", "scale": "fp32"}
-                for (tag, loads), tq in ((x, tq) for x in _kv_loads(dt) for tq in (2, 4)):
-                    consts = dict(G=g, M=max(16, gp), TQ=tq, D=128, BD=128, BS=64, PREC=prec, **loads[1])
-                    out.append((f"shared_{kind} {dt} {gname} TQ{tq}{tag}", fn, {**args, **loads[0]}, consts,
+                for (tag, kv_args, kv_consts), tq in ((x, tq) for x in _kv_loads(dt) for tq in (2, 4)):
+                    consts = dict(G=g, M=max(16, gp), TQ=tq, D=128, BD=128, BS=64, PREC=prec, **kv_consts)
+                    out.append((f"shared_{kind} {dt} {gname} TQ{tq}{tag}", fn, {**args, **kv_args}, consts,
                                 tuned([(4, 2), (8, 2), (4, 3)])))
             args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "lse_ptr", "delta_ptr",
                     "dk_ptr", "dv_ptr"), **_ptrs("i32", "chunk_key_ptr", "chunk_e0_ptr", "chunk_e1_ptr", "n_chunks_ptr",
@@ -155,11 +155,11 @@ def jobs():
 
 
 def _kv_loads(dt):
-    """(name tag, (argument types, constexprs)) of the gathered kernels' K/V loads: tensor descriptors (the default,
+    """(name tag, argument types, constexprs) of the gathered kernels' K/V loads: tensor descriptors (the default,
     window split: FULL) and pointers (descriptor arguments then unused)."""
     desc = f"tensordesc<{dt}[64, 1, 128]>"
-    return [(" tma", ({"k_desc": desc, "v_desc": desc}, dict(DESC=True, FULL=True))),
-            (" ptr", (_ptrs(dt, "k_desc", "v_desc"), dict(DESC=False, FULL=True)))]
+    return [(" tma", {"k_desc": desc, "v_desc": desc}, dict(DESC=True, FULL=True)),
+            (" ptr", _ptrs(dt, "k_desc", "v_desc"), dict(DESC=False, FULL=True))]
 
 
 def _local_variants(small: bool):
