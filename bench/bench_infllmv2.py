@@ -372,7 +372,7 @@ def measure_ceilings():
     return {"matmul_tflops": 2 * n**3 / ms / 1e9}
 
 
-def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda", only=None, widths=()):
+def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda", only=None, widths=(), share=SHARE):
     t0 = time.time()
     wanted = lambda name: not only or any(w in name for w in only)  # noqa: E731
     gates = {"exact": gate(device, dtype, "exact")}
@@ -402,11 +402,11 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
                                   q, k, v, backend="triton", dq_mode="atomic", **SALA)), flops(T, "exact"),
                               f"sparse rows' dq added in the dk/dv pass with fp32 atomics (dq_mode=atomic), "
                               f"{n_rows} query rows a dk/dv step"))
-        for tq in SHARE if sparse_rows else ():
+        for tq in share if sparse_rows else ():
             impls.append((f"triton shared x{tq}", lambda q, k, v, tq=tq: infllmv2_attn(
-                q, k, v, backend="triton", share_tokens=tq, **SALA), flops(T, "exact"),
-                f"{tq} neighbouring queries share each gathered block (share_tokens={tq}, "
-                f"share_max_union={SHARE_MAX_UNION})"))
+                q, k, v, backend="triton", share_tokens=tq, share_max_union=1.0, **SALA), flops(T, "exact"),
+                f"{tq} neighbouring queries share each gathered block (share_tokens={tq}, every tile: "
+                f"share_max_union=1; the default is {SHARE_MAX_UNION})"))
             impls.append((f"triton shared x{tq} (where lists overlap)", lambda q, k, v, tq=tq: infllmv2_attn(
                 q, k, v, backend="triton", share_tokens=tq, share_max_union=OVERLAP_RULE, **SALA), flops(T, "exact"),
                 f"a tile of {tq} queries shares when its union is at most {OVERLAP_RULE} of their lists"))
@@ -460,12 +460,14 @@ def main(argv=None):
     p.add_argument("--correlation-tokens", type=int, nargs="+", default=[],
                    help=f"time the correlated rows with q/k summed over these many positions instead of "
                         f"{CORRELATION_TOKENS} (fewer overlap less: 16 gives a real model's 0.35-0.40 at share x4)")
+    p.add_argument("--share", type=int, nargs="+", default=list(SHARE),
+                   help=f"share_tokens values of the shared rows (default {' '.join(map(str, SHARE))})")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_infllmv2.py needs a CUDA GPU")
     T_list = args.T or ([8192, 32768] if args.quick else [8192, 32768, 131072])
     rows = run(T_list, torch.bfloat16, ceilings=measure_ceilings(), quick=args.quick, only=args.only,
-               widths=args.correlation_tokens)
+               widths=args.correlation_tokens, share=tuple(args.share))
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]

@@ -97,8 +97,8 @@ def infllmv2_attn(
     share_tokens: Triton only, 1, 2, 4, 8 or 16: > 1 lets that many neighbouring sparse queries share each
     gathered block (one load, per-query masks; exact, see shared.py); 1 gives every query its own (the default).
     share_max_union: with share_tokens > 1, a tile of neighbouring queries shares only when the union of its lists
-    holds at most this fraction of their entries; the other tiles' queries take their own lists. 1.0 (the default)
-    makes every tile share; 0.5 shares where lists overlap (exact either way; its speed is not measured yet).
+    holds at most this fraction of their entries; the other tiles' queries take their own lists. 0.5 (the default)
+    shares where lists overlap, 1.0 makes every tile share (exact either way; timed in docs/perf.md).
     dq_mode: Triton only: "gather" computes the sparse rows' dq over gathered blocks in a pass of its own per
     query; "atomic" adds it in the dk/dv pass over the blocks' query lists (fp32 atomics: one pass fewer, dq's
     last bits vary run to run, an fp32 buffer of q's size). With share_tokens > 1 dq keeps its own pass.

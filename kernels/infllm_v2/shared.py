@@ -23,10 +23,11 @@ from ..utils import Tunable
 from .attn_steps import backward_rows, dq_update, key_rows, online_softmax
 
 SHARE_VALUES = (1, 2, 4, 8, 16)  # powers of two (tile rows); query bits per union entry live in an int32
-# a tile shares when its union holds at most this fraction of its rows' list entries (1: every tile, the timed
-# behaviour). Forced sharing of four queries' blocks was 11% faster at 0.39 of the blocks loaded and 6% slower at 0.67
-# (docs/perf.md, one H200), so ~0.5 should take the better of the two per tile; that rule is not timed yet.
-SHARE_MAX_UNION = 1.0
+# a tile shares when its union holds at most this fraction of its rows' list entries (1: every tile). On one H200
+# (docs/perf.md, "Sharing only where lists overlap") four queries sharing at 0.5 were 2-5% slower than no sharing on
+# i.i.d. random q/k and 5-10% faster at a real model's overlap; sharing every tile ranged from 4% faster to 12% slower
+# on random q/k, so 0.5 bounds the loss where lists do not overlap.
+SHARE_MAX_UNION = 0.5
 
 
 @triton.jit

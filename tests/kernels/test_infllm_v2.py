@@ -312,7 +312,7 @@ def test_dq_mode_is_checked():
 def test_shared_blocks_under_the_released_rules(mode, local):
     q, k, v = make_qkv(1, 120, 120, 4, 2, 16, seed=3)
     kwargs = dict(SMALL, dense_len_mode=mode, local_blocks=local, dense_len=40)
-    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, **kwargs)
+    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, share_max_union=1.0, **kwargs)  # every tile
     ref = infllmv2_attn_torch(q, k, v, **kwargs)
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
@@ -636,9 +636,9 @@ def test_gpu_full_op(dtype, shape, cu):
     with_sdpa = infllmv2_attn(q, k, v, backend="triton", **kwargs)  # dense prefix through torch SDPA when possible
     atomic = infllmv2_attn(q, k, v, backend="triton", dq_mode="atomic", **kwargs)  # dq in the dk/dv pass
     pointer = infllmv2_attn(q, k, v, backend="triton", kv_loads="pointer", **kwargs)  # K/V without bulk copies
-    shared_all = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, **kwargs)  # every tile shares
-    shared = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, share_max_union=0.5, **kwargs)  # where lists
-    # overlap (random data: few tiles)
+    shared_all = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, share_max_union=1.0, **kwargs)  # every tile
+    # the default rule: tiles share where their lists overlap (random data: few tiles)
+    shared = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, **kwargs)
     idx = triton_block_idx(q, k, cu, shape[2])
     stages = infllmv2_block_attn(q, k, v, idx, backend="triton", block_size=64, dense_len=GPU["dense_len"],
                                  cu_seqlens=cu)

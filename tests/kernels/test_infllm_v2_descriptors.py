@@ -32,7 +32,7 @@ def gpu_code_path(monkeypatch):
 
 def _check(q, k, v, kv_loads, **kwargs):
     out = infllmv2_attn(q, k, v, backend="triton", kv_loads=kv_loads, **kwargs)
-    ref = infllmv2_attn_torch(q, k, v, **{n: x for n, x in kwargs.items() if n != "share_tokens"})
+    ref = infllmv2_attn_torch(q, k, v, **{n: x for n, x in kwargs.items() if not n.startswith("share_")})
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -44,7 +44,7 @@ def _check(q, k, v, kv_loads, **kwargs):
 def test_kv_loads_match_reference(window, share, kv_loads):
     q, k, v = make_qkv(1, 330, 330, 2, 1, 16, seed=13)
     cu = torch.tensor([0, 260, 330], dtype=torch.int32)
-    _check(q, k, v, kv_loads, window_size=window, cu_seqlens=cu, share_tokens=share, **SETTINGS)
+    _check(q, k, v, kv_loads, window_size=window, cu_seqlens=cu, share_tokens=share, share_max_union=1.0, **SETTINGS)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf keys' scores, masked after
