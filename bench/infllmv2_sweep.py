@@ -6,7 +6,7 @@
    32 query / 2 KV heads, head dim 128, block 64, kernel 32/16, topk 64, window 2048, dense_len 8192).
 2. Forward+backward median time (triton.testing.do_bench) with one AttnPlan setting changed at a time:
    dkdv_bn x dkdv_bm (local dk/dv key tile x query step), dkdv_rows (query rows per gathered dk/dv step), dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local
-   dk/dv programs per group), blocks_per_step (64-key blocks per gathered forward/dq step). Every variant is
+   dk/dv programs per group), dkdv_gather_launch (gathered dk/dv warps and stages), blocks_per_step (64-key blocks per gathered forward/dq step). Every variant is
    checked against the default's output and gradients first (bf16 tolerance) and dropped if it disagrees.
 Prints markdown; --out appends it to a file.
 """
@@ -37,6 +37,12 @@ VARIANTS = [
     ("dkdv_nsplit=2", {"dkdv_nsplit": 2}),
     ("dkdv_nsplit=8", {"dkdv_nsplit": 8}),
     ("blocks_per_step=2", {"blocks_per_step": 2}),
+    # the gathered dk/dv kernel runs one 8-warp program per SM (register-bound) at 26% of the SM's compute and 25%
+    # of L2 throughput (ncu, 32K: bench/notes/2026-12-02-h200-infllmv2-ncu-32k.md): deeper pipelining of its q/dO
+    # gathers, or fewer warps
+    ("gathered dk/dv 8 warps, 3 stages", {"dkdv_gather_launch": (8, 3)}),
+    ("gathered dk/dv 8 warps, 4 stages", {"dkdv_gather_launch": (8, 4)}),
+    ("gathered dk/dv 4 warps, 3 stages", {"dkdv_gather_launch": (4, 3)}),
 ]
 
 

@@ -114,12 +114,15 @@ def jobs():
                     out.append((f"shared_{kind} {dt} {gname} TQ{tq}{tag}", fn, {**args, **kv_args}, consts,
                                 tuned([(4, 2), (8, 2), (4, 3)])))
             args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "lse_ptr", "delta_ptr",
-                    "dk_ptr", "dv_ptr"), **_ptrs("i32", "chunk_key_ptr", "chunk_e0_ptr", "chunk_e1_ptr", "n_chunks_ptr",
-                    "entry_row_ptr", "gb_krow0_ptr", "gb_kend_ptr", "row_pos_ptr", "row_kbase_ptr"),
+                    "dk_ptr", "dv_ptr", "dq_ptr"), **_ptrs("i32", "chunk_key_ptr", "chunk_e0_ptr", "chunk_e1_ptr",
+                    "n_chunks_ptr", "entry_row_ptr", "gb_krow0_ptr", "gb_kend_ptr", "row_pos_ptr", "row_kbase_ptr"),
                     **_ints("num_gblocks", "stride_qr", "stride_qh", "stride_kr", "stride_kh", "stride_lr",
-                            "stride_dkr", "stride_dkh"), "scale_log2": "fp32", "scale": "fp32"}
-            consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, PREC=prec)
-            out.append((f"gather_dkdv {dt} {gname}", GA._gather_dkdv_kernel, args, consts, [(8, 2)]))
+                            "stride_dkr", "stride_dkh", "stride_dqr", "stride_dqh"),
+                    "scale_log2": "fp32", "scale": "fp32"}
+            consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, PREC=prec, DQ=False)
+            # the production launch (8, 2), then the sweep's candidates (bench/infllmv2_sweep.py)
+            launches = [(8, 2)] if small else [(8, 2), (8, 3), (8, 4), (4, 3)]
+            out.append((f"gather_dkdv {dt} {gname}", GA._gather_dkdv_kernel, args, consts, launches))
         bm, bn, bmq = (64, 32, 32) if small else (128, 64, 64)
         common = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr"),
                   **_ptrs("fp32", "lse_ptr", "part_o_ptr", "part_lse_ptr", "delta_ptr", "part_ptr", "dk_ptr",

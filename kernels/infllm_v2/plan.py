@@ -34,6 +34,7 @@ KV_LOADS = ("pointer", "tma")
 DKDV_ROWS = 64  # gathered dk/dv: query rows (queries x G heads) per step on tensor cores
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
+INTERPRETER_DKDV_CHUNK = 4096  # the interpreter takes a block's queries in one program (tests set it small)
 PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
 
 
@@ -128,10 +129,12 @@ class AttnPlan:
         self.gather_rows = max(16, next_pow2(self.group))
         self.blocks_per_step = max(1, 64 // block_size)  # 64-key tiles (the interpreter takes a whole list)
         self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
-        self.dkdv_chunk = 4096 if interpreting() else DKDV_CHUNK
+        self.dkdv_chunk = INTERPRETER_DKDV_CHUNK if interpreting() else DKDV_CHUNK
         # gathered dk/dv: query rows (TP queries x G heads, padded) per step; local dk/dv: programs per group
         self.dkdv_rows = 256 if interpreting() else (32 if self.prec == "ieee" else DKDV_ROWS)
         self.dkdv_nsplit = min(self.group, 4)
+        # gathered dk/dv (num_warps, num_stages); None: 8 warps at head dims >= 128 (else 4), 2 stages (a sweep knob)
+        self.dkdv_gather_launch = None
         # local dk/dv: key tile x query step (Triton's flash-attention backward uses 128 keys x 32 queries; the
         # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
         wide_keys = not small and self.bd <= 128
@@ -355,6 +358,7 @@ class AttnPlan:
         group_pad = next_pow2(self.group)
         per_step = max(1, self.dkdv_rows // group_pad)
         dq_out = dk if dq_acc is None else dq_acc  # (an unused pointer without DQ)
+        num_warps, num_stages = self.dkdv_gather_launch or (num_warps, 2)
         _gather_dkdv_kernel[(chunks[0].numel(),)](
             **grads, dk_ptr=dk, dv_ptr=dv, dq_ptr=dq_out, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1],
             chunk_e1_ptr=chunks[2], n_chunks_ptr=n_chunks,
@@ -362,13 +366,15 @@ class AttnPlan:
             num_gblocks=num_gblocks, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
             stride_dqr=dq_out.stride(0), stride_dqh=dq_out.stride(1),
             G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, PREC=self.prec,
-            DQ=dq_acc is not None, num_warps=num_warps, num_stages=2,
+            DQ=dq_acc is not None, num_warps=num_warps, num_stages=num_stages,
         )
 
     def key_map(self, idx3, counts):
         """Transposed block lists: (group, global block) -> the sparse rows that selected it, in chunks, built on
         the device with no host synchronisation (the number of chunks is not read back: the grid is its upper
-        bound, ``n_keys + ceil(entries / chunk)``, and programs past ``n_chunks`` return at once).
+        bound, ``n_keys + ceil(entries / chunk)``, and programs past ``n_chunks`` return at once). A block's chunks
+        are consecutive (launching chunks by their first row instead, so that the programs running at once gather
+        the same rows' q/dO from L2, measured level on an H200: docs/perf.md).
 
         Only the entries the gather kernels take (the first `counts` of each list). Returns ((chunk key, first
         entry, end entry), n_chunks [1] on the device, entry_row, block first key row, block end key row, number

@@ -359,6 +359,38 @@ def test_full_op_in_row_chunks(monkeypatch):
 
 
 @interpreter
+def test_dkdv_blocks_in_several_chunks(monkeypatch):
+    """Gathered dk/dv with a block's queries cut into chunks of 3 (several programs add into one block's dk/dv,
+    as on the GPU, where a chunk holds 256): every gradient as the reference; the chunks cover the entries block by block,
+    consecutively (the grid's spare programs after them)."""
+    from salatrain_kernels.infllm_v2 import plan
+
+    monkeypatch.setattr(plan, "INTERPRETER_DKDV_CHUNK", 3)
+    maps = []
+    real_key_map = plan.AttnPlan.key_map
+
+    def spy(self, idx3, counts):
+        out = real_key_map(self, idx3, counts)
+        maps.append(out)
+        return out
+
+    monkeypatch.setattr(plan.AttnPlan, "key_map", spy)
+    c = dict(FULL_CASES["varlen_3docs"])
+    cu = torch.tensor(c.pop("cu"), dtype=torch.int32)
+    q, k, v = make_qkv(*c.pop("shape"), seed=23)
+    kwargs = dict(SMALL, cu_seqlens=cu, **c)
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+    (key, e0, e1), n_chunks, entry_row = maps[0][0], int(maps[0][1]), maps[0][2]
+    assert n_chunks > key.unique().numel(), "expected blocks with several chunks"
+    assert (e1[:n_chunks] > e0[:n_chunks]).all()
+    assert (key[1:n_chunks] >= key[:n_chunks - 1]).all() and (e0[1:n_chunks] == e1[:n_chunks - 1]).all()
+    assert int(e0[0]) == 0 and int(e1[n_chunks - 1]) <= entry_row.numel()
+
+
+@interpreter
 def test_full_op_gpu_code_path(monkeypatch):
     """One query per gather program and one 64-key block per step: the code path the GPU runs."""
     from salatrain_kernels.infllm_v2 import plan
