@@ -38,8 +38,8 @@ VARIANTS = [
     ("dkdv_nsplit=8", {"dkdv_nsplit": 8}),
     ("blocks_per_step=2", {"blocks_per_step": 2}),
     # the gathered dk/dv kernel runs one 8-warp program per SM (register-bound) at 26% of the SM's compute and 25%
-    # of L2 throughput (ncu, 32K: bench/notes/2026-12-02-h200-infllmv2-ncu-32k.md): deeper pipelining of its q/dO
-    # gathers, or fewer warps
+    # of L2 throughput (ncu, 32K: bench/notes/2026-12-02-h200-infllmv2-ncu-32k.md), waiting on q/dO gathers that miss
+    # L2: more stages in flight, or fewer warps
     ("gathered dk/dv 8 warps, 3 stages", {"dkdv_gather_launch": (8, 3)}),
     ("gathered dk/dv 8 warps, 4 stages", {"dkdv_gather_launch": (8, 4)}),
     ("gathered dk/dv 4 warps, 3 stages", {"dkdv_gather_launch": (4, 3)}),
