@@ -6,7 +6,8 @@
    32 query / 2 KV heads, head dim 128, block 64, kernel 32/16, topk 64, window 2048, dense_len 8192).
 2. Forward+backward median time (triton.testing.do_bench) with one AttnPlan setting changed at a time:
    dkdv_bn x dkdv_bm (local dk/dv key tile x query step), dkdv_rows (query rows per gathered dk/dv step), dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local
-   dk/dv programs per group), dkdv_gather_launch (gathered dk/dv warps and stages), blocks_per_step (64-key blocks per gathered forward/dq step). Every variant is
+   dk/dv programs per group), dkdv_gather_launch (gathered dk/dv warps and stages), dkdv_keys (keys per gathered dk/dv program),
+   blocks_per_step (64-key blocks per gathered forward/dq step). Every variant is
    checked against the default's output and gradients first (bf16 tolerance) and dropped if it disagrees.
 Prints markdown; --out appends it to a file.
 """
@@ -43,6 +44,10 @@ VARIANTS = [
     ("gathered dk/dv 8 warps, 3 stages", {"dkdv_gather_launch": (8, 3)}),
     ("gathered dk/dv 8 warps, 4 stages", {"dkdv_gather_launch": (8, 4)}),
     ("gathered dk/dv 4 warps, 3 stages", {"dkdv_gather_launch": (4, 3)}),
+    # programs of 32 of a block's 64 keys, side by side in the grid: 128 registers at 8 warps (218 at 64 keys), so two
+    # programs per SM; the two halves gather the same q/dO rows at the same time (the second from L2)
+    ("gathered dk/dv 32-key programs", {"dkdv_keys": 32}),
+    ("gathered dk/dv 32-key programs, 4 warps", {"dkdv_keys": 32, "dkdv_gather_launch": (4, 2)}),
 ]
 
 

@@ -119,10 +119,15 @@ def jobs():
                     **_ints("num_gblocks", "stride_qr", "stride_qh", "stride_kr", "stride_kh", "stride_lr",
                             "stride_dkr", "stride_dkh", "stride_dqr", "stride_dqh"),
                     "scale_log2": "fp32", "scale": "fp32"}
-            consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, PREC=prec, DQ=False)
-            # the production launch (8, 2), then the sweep's candidates (bench/infllmv2_sweep.py)
+            consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, BK=64, PREC=prec,
+                          DQ=False)
+            # the production launch (8, 2), then the sweep's candidates (bench/infllmv2_sweep.py): more stages, and
+            # programs of 32 of the block's 64 keys (half the dk/dv accumulators: more programs per SM)
             launches = [(8, 2)] if small else [(8, 2), (8, 3), (8, 4), (4, 3)]
             out.append((f"gather_dkdv {dt} {gname}", GA._gather_dkdv_kernel, args, consts, launches))
+            if not small:
+                out.append((f"gather_dkdv {dt} {gname} BK32", GA._gather_dkdv_kernel, args, dict(consts, BK=32),
+                            [(4, 2), (4, 3), (8, 2)]))
         bm, bn, bmq = (64, 32, 32) if small else (128, 64, 64)
         common = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr"),
                   **_ptrs("fp32", "lse_ptr", "part_o_ptr", "part_lse_ptr", "delta_ptr", "part_ptr", "dk_ptr",

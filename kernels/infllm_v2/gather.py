@@ -9,7 +9,8 @@ TOK queries at once (block-diagonal tiles) to cut interpreter overhead; TOK = 1 
 
 dq walks the same lists. dk/dv use the transposed map (``AttnPlan.key_map``): the (group, block, query)
 entries sorted by (group, block) and cut into chunks (their number stays on the device: programs past it return
-at once); a program loads its K/V block once, gathers TP queries ×
+at once); a program loads its K/V block (or BK of its keys: BS / BK neighbouring programs per chunk) once, gathers TP
+queries ×
 G heads of q/dO per step and adds dk/dv into fp32 buffers with atomics (so the last bits of dk/dv may vary run
 to run). With DQ the same program also adds each query's dq part from its block, dS·K, into an fp32 dq buffer
 with atomics (dq_mode="atomic"): one pass over the (query, block) entries instead of two, at the price of
@@ -166,10 +167,11 @@ def _gather_dkdv_kernel(
     stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_dkr, stride_dkh, stride_dqr, stride_dqh,
     scale_log2, scale,
     G: tl.constexpr, GP: tl.constexpr, TP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    PREC: tl.constexpr, DQ: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, DQ: tl.constexpr,
 ):
     M: tl.constexpr = TP * GP
-    c = tl.program_id(0)
+    NK: tl.constexpr = BS // BK  # programs per chunk, each with BK of the block's keys (neighbours in the grid)
+    c = tl.program_id(0) // NK
     if c >= tl.load(n_chunks_ptr):  # the grid is an upper bound on the chunks (no host synchronisation)
         return
     key = tl.load(chunk_key_ptr + c)
@@ -179,13 +181,13 @@ def _gather_dkdv_kernel(
     gb = key % num_gblocks
     krow0 = tl.load(gb_krow0_ptr + gb)
     kend = tl.load(gb_kend_ptr + gb)
-    krow = krow0 + tl.arange(0, BS)
+    krow = krow0 + (tl.program_id(0) % NK) * BK + tl.arange(0, BK)
     k_ok = krow < kend
     d = tl.arange(0, BD)
     dm = d < D
     kt, vt = kv_tile(k_ptr, v_ptr, krow, k_ok, hk, d, dm, stride_kr, stride_kh)
-    dk = tl.full([BS, BD], 0.0, tl.float32)
-    dv = tl.full([BS, BD], 0.0, tl.float32)
+    dk = tl.full([BK, BD], 0.0, tl.float32)
+    dv = tl.full([BK, BD], 0.0, tl.float32)
     mm = tl.arange(0, M)
     ti = mm // GP
     g = mm % GP
@@ -197,7 +199,7 @@ def _gather_dkdv_kernel(
         q_krow = tl.load(row_kbase_ptr + r, mask=e_ok, other=0) + tl.load(row_pos_ptr + r, mask=e_ok, other=0)
         _, qd_mask, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r.to(tl.int64), heads, e_ok,
                                                       d, dm, stride_qr, stride_qh, stride_lr)
-        s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, M]
+        s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BK, M]
         vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
         dk, dv, ds_t = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
         if DQ:  # the queries' dq part from this block, dS·K (times scale), added into the fp32 dq buffer

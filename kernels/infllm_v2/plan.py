@@ -33,6 +33,7 @@ DQ_MODES = ("gather", "atomic")
 KV_LOADS = ("pointer", "tma")
 DKDV_ROWS = 64  # gathered dk/dv: query rows (queries x G heads) per step on tensor cores
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks)
+DKDV_KEYS = None  # keys per gathered dk/dv program (None: the whole block; a divisor of it splits each chunk)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
 INTERPRETER_DKDV_CHUNK = 4096  # the interpreter takes a block's queries in one program (tests set it small)
 PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
@@ -135,6 +136,9 @@ class AttnPlan:
         self.dkdv_nsplit = min(self.group, 4)
         # gathered dk/dv (num_warps, num_stages); None: 8 warps at head dims >= 128 (else 4), 2 stages (a sweep knob)
         self.dkdv_gather_launch = None
+        self.dkdv_keys = DKDV_KEYS or block_size
+        if block_size % self.dkdv_keys:
+            raise ValueError(f"DKDV_KEYS={self.dkdv_keys} must divide block_size {block_size}")
         # local dk/dv: key tile x query step (Triton's flash-attention backward uses 128 keys x 32 queries; the
         # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
         wide_keys = not small and self.bd <= 128
@@ -359,14 +363,14 @@ class AttnPlan:
         per_step = max(1, self.dkdv_rows // group_pad)
         dq_out = dk if dq_acc is None else dq_acc  # (an unused pointer without DQ)
         num_warps, num_stages = self.dkdv_gather_launch or (num_warps, 2)
-        _gather_dkdv_kernel[(chunks[0].numel(),)](
+        _gather_dkdv_kernel[(chunks[0].numel() * (self.block_size // self.dkdv_keys),)](
             **grads, dk_ptr=dk, dv_ptr=dv, dq_ptr=dq_out, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1],
             chunk_e1_ptr=chunks[2], n_chunks_ptr=n_chunks,
             entry_row_ptr=entry_row, gb_krow0_ptr=gb_krow0, gb_kend_ptr=gb_kend, **self.row_tables,
             num_gblocks=num_gblocks, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
             stride_dqr=dq_out.stride(0), stride_dqh=dq_out.stride(1),
-            G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, PREC=self.prec,
-            DQ=dq_acc is not None, num_warps=num_warps, num_stages=num_stages,
+            G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, BK=self.dkdv_keys,
+            PREC=self.prec, DQ=dq_acc is not None, num_warps=num_warps, num_stages=num_stages,
         )
 
     def key_map(self, idx3, counts):

@@ -359,13 +359,17 @@ def test_full_op_in_row_chunks(monkeypatch):
 
 
 @interpreter
-def test_dkdv_blocks_in_several_chunks(monkeypatch):
+@pytest.mark.parametrize("keys, dq_mode", [(None, "gather"), (8, "gather"), (8, "atomic")],
+                         ids=["whole-block", "half-block-programs", "half-block-programs-atomic-dq"])
+def test_dkdv_blocks_in_several_chunks(keys, dq_mode, monkeypatch):
     """Gathered dk/dv with a block's queries cut into chunks of 3 (several programs add into one block's dk/dv,
-    as on the GPU, where a chunk holds 256): every gradient as the reference; the chunks cover the entries block by block,
-    consecutively (the grid's spare programs after them)."""
+    as on the GPU, where a chunk holds 256), and with each chunk's keys split over two programs (DKDV_KEYS, half of
+    the 16-key blocks): every gradient as the reference; the chunks cover the entries block by block, consecutively
+    (the grid's spare programs after them)."""
     from salatrain_kernels.infllm_v2 import plan
 
     monkeypatch.setattr(plan, "INTERPRETER_DKDV_CHUNK", 3)
+    monkeypatch.setattr(plan, "DKDV_KEYS", keys)
     maps = []
     real_key_map = plan.AttnPlan.key_map
 
@@ -379,7 +383,7 @@ def test_dkdv_blocks_in_several_chunks(monkeypatch):
     cu = torch.tensor(c.pop("cu"), dtype=torch.int32)
     q, k, v = make_qkv(*c.pop("shape"), seed=23)
     kwargs = dict(SMALL, cu_seqlens=cu, **c)
-    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    out = infllmv2_attn(q, k, v, backend="triton", dq_mode=dq_mode, **kwargs)
     ref = infllmv2_attn_torch(q, k, v, **kwargs)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
