@@ -137,8 +137,9 @@ class AttnPlan:
         # gathered dk/dv (num_warps, num_stages); None: 8 warps at head dims >= 128 (else 4), 2 stages (a sweep knob)
         self.dkdv_gather_launch = None
         self.dkdv_keys = DKDV_KEYS or block_size
-        if block_size % self.dkdv_keys:
-            raise ValueError(f"DKDV_KEYS={self.dkdv_keys} must divide block_size {block_size}")
+        if block_size % self.dkdv_keys or (self.dkdv_keys < 16 and not interpreting()):
+            raise ValueError(f"DKDV_KEYS={self.dkdv_keys} must divide block_size {block_size} (and be >= 16 for the "
+                             "GPU's matmul tiles)")
         # local dk/dv: key tile x query step (Triton's flash-attention backward uses 128 keys x 32 queries; the
         # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
         wide_keys = not small and self.bd <= 128
