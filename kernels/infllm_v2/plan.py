@@ -137,7 +137,7 @@ class AttnPlan:
         # gathered dk/dv (num_warps, num_stages); None: 8 warps at head dims >= 128 (else 4), 2 stages (a sweep knob)
         self.dkdv_gather_launch = None
         self.dkdv_keys = DKDV_KEYS or block_size
-        if block_size % self.dkdv_keys or (self.dkdv_keys < 16 and not interpreting()):
+        if DKDV_KEYS and (block_size % DKDV_KEYS or (DKDV_KEYS < 16 and not interpreting())):
             raise ValueError(f"DKDV_KEYS={self.dkdv_keys} must divide block_size {block_size} (and be >= 16 for the "
                              "GPU's matmul tiles)")
         # local dk/dv: key tile x query step (Triton's flash-attention backward uses 128 keys x 32 queries; the
