@@ -37,19 +37,20 @@ def load(path: str, hybrid: bool):
 
 
 def trainer_loss(model, chunk: int = 8192):
-    """The loss `salatrain train` (lm stage) computes: the model's hidden states, then lm_head and cross-entropy
-    fused and chunked (salatrain.train.losses), with the trainer's elementwise fusion on."""
+    """The loss `salatrain train` computes: its lm stage (hidden states, then lm_head and cross-entropy fused and
+    chunked; the targets' positions given as the host-built layout gives them) with the trainer's elementwise
+    fusion on."""
     from salatrain.models.modeling_sala_hybrid import set_fused_elementwise
-    from salatrain.train.losses import chunked_cross_entropy
-    from salatrain.train.stages import head_of
+    from salatrain.train.stages import LMStage
 
     set_fused_elementwise(True)
+    stage = LMStage(model, chunk)
 
     def loss(input_ids, labels):
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        h = model.model(input_ids=input_ids, position_ids=pos, use_cache=False).last_hidden_state
-        target = labels[:, 1:].reshape(-1)
-        return chunked_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), target, head_of(model), chunk) / target.numel()
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)[None]
+        total, _ = stage(input_ids, pos, target_index=pos[0, :-1], target=labels[0, 1:])
+        return total / (T - 1)
 
     return loss
 

@@ -308,7 +308,7 @@ class AttnPlan:
         dq_acc = None
         if any_sparse and self.dq_atomic:  # the gathered dq of every sparse row, added by the dk/dv pass
             dq_acc = torch.zeros(q3.shape, dtype=torch.float32, device=q3.device)
-            self._gather_dkdv(grads, idx3, counts, dk, dv, 8 if wide else 4, dq_acc)
+            self._gather_dkdv(grads, idx3, counts, dk, dv, dq_acc)
         for ci, ch in enumerate(self.chunks):
             part, base = dq, 0
             n_sparse = ch.sparse_rows.numel()
@@ -355,15 +355,15 @@ class AttnPlan:
             rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()
             dq.index_copy_(0, rows, dq_acc.index_select(0, rows).to(dq.dtype))
         elif any_sparse and dq_acc is None:
-            self._gather_dkdv(grads, idx3, counts, dk, dv, 8 if wide else 4)
+            self._gather_dkdv(grads, idx3, counts, dk, dv)
         return dq, dk.to(k3.dtype), dv.to(v3.dtype)
 
-    def _gather_dkdv(self, grads, idx3, counts, dk, dv, num_warps, dq_acc=None):
+    def _gather_dkdv(self, grads, idx3, counts, dk, dv, dq_acc=None):
         chunks, n_chunks, entry_row, gb_krow0, gb_kend, num_gblocks = self.key_map(idx3, counts)
         group_pad = next_pow2(self.group)
         per_step = max(1, self.dkdv_rows // group_pad)
         dq_out = dk if dq_acc is None else dq_acc  # (an unused pointer without DQ)
-        num_warps, num_stages = self.dkdv_gather_launch or (num_warps, 2)
+        num_warps, num_stages = self.dkdv_gather_launch or (8 if self.bd >= 128 else 4, 2)
         _gather_dkdv_kernel[(chunks[0].numel() * (self.block_size // self.dkdv_keys),)](
             **grads, dk_ptr=dk, dv_ptr=dv, dq_ptr=dq_out, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1],
             chunk_e1_ptr=chunks[2], n_chunks_ptr=n_chunks,
