@@ -8,6 +8,7 @@ variables are set here). Without CUDA, DeepSpeed runs its CPU accelerator with g
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import io
@@ -112,12 +113,27 @@ def init_distributed() -> Dist:
             log.info("port %s was taken before the process group listened on it; trying another",
                      os.environ["MASTER_PORT"])
             os.environ["MASTER_PORT"] = str(_free_port())
+    if not _AT_EXIT:  # the group goes before the interpreter does: left to its destructor at exit, gloo sometimes
+        # aborts the process after a finished run (exit status -6 although every step and file was done)
+        atexit.register(_destroy_process_group)
+        _AT_EXIT.append(True)
     world = torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() if cuda else world))
     if not cuda and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(torch.distributed.get_rank(), world, local_rank, local_world, device)
+
+
+_AT_EXIT: list = []
+
+
+def _destroy_process_group() -> None:
+    try:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    except Exception as exc:  # never an error of its own at exit
+        log.debug("destroying the process group at exit: %s", exc)
 
 
 def barrier() -> None:
