@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore")
         try:
             _run(name, args)
-        except UserError as e:
-            return _fail(f"{name}: {e}", verbose)
         except KeyboardInterrupt:
             return _interrupted(name)
         except Exception as e:
+            if interrupt.seen():  # the interrupt surfaced as another error (e.g. torch's mode stack, cut mid-push)
+                return _interrupted(name)
+            if isinstance(e, UserError):
+                return _fail(f"{name}: {e}", verbose)
             problem = io_problem(e)
             if problem is None:
                 raise
