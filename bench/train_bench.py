@@ -110,6 +110,10 @@ COST_S = {"short": 30, "long": 50, "xlong": 60, "xlong_half": 60, "x256k": 60, "
 #   SUITE=longest the longest row that trains on 1 GPU and on 2 (LONGEST_CONFIGS)
 #   STEPS=N       optimizer steps of every configuration (default 8 / 5, or 5 / 4 with ACCUM > 1): the median
 #                 of 3-6 steps moves by ±20% between invocations on an H200, too much to tell two codes apart
+#   PROFILE=1     profile each configuration (trainer.profile_steps=[3,3]: step 3 timed phase by phase, step 4
+#                 traced, kernels summed by kind, NCCL communication among them); at least 6 steps, steps 3-4 left
+#                 out of the median; profile.md copied beside results.jsonl as profile-<key>.md (train_gpu.sh
+#                 brings them to $OUT)
 # This file runs the code of the repository it sits in (ROOT goes first on sys.path): to time another checkout,
 # run that checkout's bench/train_gpu.sh.
 SUITE = os.environ.get("SUITE", "proof")
@@ -117,6 +121,8 @@ STEPS = int(os.environ.get("STEPS", "0"))
 ACCUM = int(os.environ.get("ACCUM", "1"))
 LONG_CKPT = os.environ.get("LONG_CKPT", "1") != "0"
 ONLY = [k for k in os.environ.get("ONLY", "").split(",") if k]
+PROFILE = os.environ.get("PROFILE", "0") != "0"
+PROFILED_STEPS = (3, 4)  # trainer.profile_steps=[3,3]: step 3 synchronised per phase, step 4 under torch.profiler
 
 
 def configs() -> list:
@@ -183,6 +189,8 @@ def overrides(work: Path, c, peak: float | None) -> list[str]:
     if ACCUM > 1:
         steps = 5 if which == "short" else 4
     steps = STEPS or steps
+    if PROFILE:
+        steps = max(steps, 6)
     out = [f"model.path={work / model}", f"output_dir={work / 'runs' / key(c)}",
            f"stage={'distill' if stage == 'distill' else 'lm'}",
            f"deepspeed=zero{zero}", f"data.files=[{work / 'corpus.jsonl'}]", f"data.cache_dir={work / 'datasets'}",
@@ -193,6 +201,8 @@ def overrides(work: Path, c, peak: float | None) -> list[str]:
            f"trainer.loss_chunk_tokens={min(seq, 8192)}", "trainer.precision=bf16", "trainer.save_every=0",
            "trainer.save_final=false", "trainer.export=false", "optim.lr=1e-5", "optim.warmup_steps=0",
            "optim.schedule=constant", f"logging.peak_tflops={peak if peak else 'null'}", "resume=never"]
+    if PROFILE:
+        out.append(f"trainer.profile_steps=[{PROFILED_STEPS[0]},{PROFILED_STEPS[0]}]")
     return out + ([f"teacher.path={work / 'dense'}"] if stage == "distill" else [])
 
 
@@ -301,6 +311,8 @@ def run(work: Path, gpus: int, deadline: float) -> None:
         try:
             run_stage(compose_train("tiny", overrides(work, c, peak)))
             row.update(_measure(work / "runs" / k), status="ok")
+            if PROFILE and dist.is_main and (work / "runs" / k / "profile.md").exists():
+                shutil.copy(work / "runs" / k / "profile.md", work / f"profile-{k}.md")
         except torch.cuda.OutOfMemoryError:
             row["status"] = "OOM"
         except Exception as e:  # recorded; the next configuration still runs
@@ -323,7 +335,7 @@ def run(work: Path, gpus: int, deadline: float) -> None:
 
 def _measure(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[2:] or rows
+    steady = [r for r in rows[2:] if not (PROFILE and r["step"] in PROFILED_STEPS)] or rows
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
             "mfu": statistics.median(r.get("mfu") or 0.0 for r in steady),
             "mem_gb": max(r["mem_gb"] for r in rows), "steps": len(rows),

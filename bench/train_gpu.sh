@@ -10,6 +10,7 @@
 #   ONLY=hybrid-lm-zero2-xlong-2gpu-sp2,hybrid-lm-zero2-xlong_half-1gpu BUDGET_S=900 bash bench/train_gpu.sh
 #                                                 # long context only: the hybrid at 128K split over 2 GPUs
 #                                                 # (trainer.sequence_parallel=2) vs 64K on 1 GPU
+#   PROFILE=1 ONLY=... bash bench/train_gpu.sh    # also where each step's time goes (profile-<key>.md in $OUT)
 #   SUITE=longest BUDGET_S=1500 bash bench/train_gpu.sh   # the longest hybrid row that trains: 128K..1M over 2 GPUs
 #                                                         # (SP=2), 64K..512K on 1; out-of-memory lengths are rows
 #
@@ -70,4 +71,5 @@ done
 
 python3 bench/train_bench.py report --work "$WORK" --out "$OUT/train_bench.md"
 cp "$WORK/results.jsonl" "$OUT/train_bench_results.jsonl"
+cp "$WORK"/profile-*.md "$OUT/" 2>/dev/null || true   # PROFILE=1
 log "done: $OUT/train_bench.md"

@@ -42,6 +42,8 @@ def test_profile_steps_time_every_phase_of_a_distill_run(tmp_path, data_cache):
      "elementwise and other"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW", "optimizer (multi-tensor)"),
     ("Memcpy HtoD (Pinned -> Device)", "copies and casts"),
+    ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication (NCCL)"),
+    ("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", "communication (NCCL)"),
 ])
 def test_kernels_of_an_h200_trace_fall_in_their_kind(name, kind):
     assert kind_of(name) == kind

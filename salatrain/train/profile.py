@@ -3,7 +3,7 @@
 Steps first..last run with the device synchronised at every phase boundary and each phase timed (data,
 forward with its student / teacher / loss parts, backward, optimizer, host synchronisation); the step after
 ``last`` runs under ``torch.profiler`` and its device kernels are summed by kind (matmul, Lightning kernels,
-InfLLM-V2 kernels, softmax attention, logit loss, elementwise and the rest), counted, and set against that
+InfLLM-V2 kernels, softmax attention, logit loss, NCCL communication, elementwise and the rest), counted, and set against that
 step's wall time: the share of it the device was busy (union of the kernels' intervals) says whether the host
 keeps up. The same step counts the host synchronisations torch reports (its CUDA sync debug mode: ``.item()``,
 ``nonzero``, boolean indexing, copies to the host ...) by the line of salatrain or DeepSpeed that caused them:
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 KINDS = [  # first match wins, on the kernel's name
+    ("communication (NCCL)", r"nccl"),  # ZeRO's gradient reduction, sequence parallelism's all-to-alls
     ("logit loss", r"logit_loss"),
     ("Lightning kernels", r"lightning|_scan|_chunk_|qk_norm_rope|out_norm_gate"),
     ("InfLLM-V2 kernels", r"infllm|_gather|_window|_score|_select|block_attn"),
