@@ -3,13 +3,13 @@
 Steps first..last run with the device synchronised at every phase boundary and each phase timed (data,
 forward with its student / teacher / loss parts, backward, optimizer, host synchronisation); the step after
 ``last`` runs under ``torch.profiler`` and its device kernels are summed by kind (matmul, Lightning kernels,
-InfLLM-V2 kernels, softmax attention, logit loss, NCCL communication, elementwise and the rest), counted, and set against that
-step's wall time: the share of it the device was busy (union of the kernels' intervals) says whether the host
-keeps up. The same step counts the host synchronisations torch reports (its CUDA sync debug mode: ``.item()``,
-``nonzero``, boolean indexing, copies to the host ...) by the line of salatrain or DeepSpeed that caused them:
-each one drains the device's queue, so the host can no longer run ahead of the device. Synchronising costs a
-little overlap, so the phases add up to slightly more than an unprofiled step; tokens/s in metrics.jsonl of the
-other steps is the throughput. Written to ``output_dir/profile.json`` and
+InfLLM-V2 kernels, softmax attention, logit loss, NCCL communication, elementwise and the rest), counted, and
+set against that step's wall time: the share of it the device was busy (union of the kernels' intervals) says
+whether the host keeps up. The same step counts the host synchronisations torch reports (its CUDA sync debug
+mode: ``.item()``, ``nonzero``, boolean indexing, copies to the host ...) by the line of salatrain or DeepSpeed
+that caused them: each one drains the device's queue, so the host can no longer run ahead of the device.
+Synchronising costs a little overlap, so the phases add up to slightly more than an unprofiled step; tokens/s
+in metrics.jsonl of the other steps is the throughput. Written to ``output_dir/profile.json`` and
 ``profile.md``.
 """
 
