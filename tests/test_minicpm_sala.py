@@ -287,7 +287,8 @@ def test_exported_sala_loads_and_generates_without_salatrain(sala_dir, imported,
     _loads_and_generates_without_salatrain(out, SalaHybridForCausalLM.from_pretrained(imported), tmp_path)
 
 
-LONGROPE = {"rope_type": "longrope", "long_factor": LONG, "short_factor": SHORT, "original_max_position_embeddings": 512}
+LONGROPE = {"rope_type": "longrope", "long_factor": LONG, "short_factor": SHORT,
+            "original_max_position_embeddings": 512}
 
 
 @pytest.mark.parametrize("rope", [None, LONGROPE], ids=["rope", "longrope"])
@@ -297,7 +298,8 @@ def test_minicpm4_conversion_exports_cleanly(tmp_path, rope):
     base = make_dense_checkpoint("minicpm", tmp_path / "minicpm4", seed=3, minicpm_scales={
         "scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 16, "rope_scaling": rope})
     hybrid, out = tmp_path / "h", tmp_path / "exp"
-    assert run_cli("convert", f"model={base}", f"output_dir={hybrid}", "plan.sparse_layers=[0,3]", "sparse.dense_len=32",
+    assert run_cli("convert", f"model={base}", f"output_dir={hybrid}", "plan.sparse_layers=[0,3]",
+                   "sparse.dense_len=32",
                    "sparse.block_size=8", "sparse.kernel_size=4", "sparse.kernel_stride=2", "sparse.topk=2",
                    "sparse.window_size=8", "sparse.dense_len_mode=sequence", "sparse.local_blocks=block",
                    "sparse.normalizer=coarse", "kl_check=false")[0] == 0
@@ -317,7 +319,8 @@ def test_longrope_beyond_its_trained_length_is_refused(tmp_path):
     base = make_dense_checkpoint("minicpm", tmp_path / "minicpm4", minicpm_scales={
         "rope_scaling": {**LONGROPE, "original_max_position_embeddings": 256}})
     one_line_error(*run_cli("convert", f"model={base}", f"output_dir={tmp_path / 'o'}", "plan.method=uniform",
-                            "format=minicpm_sala"), "max_position_embeddings=512 != original_max_position_embeddings=256")
+                            "format=minicpm_sala"),
+                   "max_position_embeddings=512 != original_max_position_embeddings=256")
 
 
 def test_default_rules_export_with_a_note(dense_dirs, tmp_path, caplog):
@@ -329,6 +332,10 @@ def test_default_rules_export_with_a_note(dense_dirs, tmp_path, caplog):
         assert run_cli("export", f"checkpoint={hybrid}", "format=minicpm_sala",
                        f"output_dir={tmp_path / 'o'}")[0] == 0
     assert "dense_len_mode position -> sequence" in caplog.text and "local_blocks token -> block" in caplog.text
+    # the same directory with the default format: nothing to export, and a line that says so (nothing written)
+    one_line_error(*run_cli("export", f"checkpoint={hybrid}", f"output_dir={tmp_path / 'o2'}"),
+                   "already an HF model in salatrain's format")
+    assert not (tmp_path / "o2").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------- train
@@ -347,7 +354,8 @@ def test_train_and_export_the_released_model(tmp_path):
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     trained = json.loads((result.output_dir / "config.json").read_text())
-    assert trained["sparse_config"]["dense_len_mode"] == "sequence" and trained["sparse_config"]["local_blocks"] == "block"
+    rules = trained["sparse_config"]
+    assert rules["dense_len_mode"] == "sequence" and rules["local_blocks"] == "block"
     out = tmp_path / "exp"
     assert run_cli("export", f"checkpoint={result.output_dir}", "format=minicpm_sala", f"output_dir={out}")[0] == 0
     exported = json.loads((out / "config.json").read_text())

@@ -58,7 +58,11 @@ def check(cfg: ExportConfig) -> tuple[Path, OutputDir]:
     released.check_format(cfg.format)
     out = OutputDir(cfg.output_dir, "export", overwrite=cfg.overwrite)
     source = Path(cfg.checkpoint).expanduser()
-    if cfg.format == "minicpm_sala" and _is_hybrid_dir(source):
+    if _is_hybrid_dir(source):
+        if cfg.format != "minicpm_sala":
+            raise UserError(f"checkpoint={cfg.checkpoint} is already an HF model in salatrain's format (it loads with "
+                            "transformers as it is); export takes a training checkpoint, or format=minicpm_sala "
+                            "to rewrite this model in MiniCPM-SALA's released schema")
         out.check({"checkpoint": cfg.checkpoint})
         return source, out
     ckpt = find_checkpoint(cfg.checkpoint, "checkpoint")
