@@ -47,6 +47,8 @@ def test_overrides_reach_the_typed_config():
     (["stage=distill", "teacher.path=null", "output_dir=x"], "needs a teacher: pass teacher.path"),
     (["deepspeed.zero_stage=4", "output_dir=x"], "deepspeed.zero_stage must be in [0, 3] (got 4)"),
     (["trainer.global_batch_tokens=100", "output_dir=x"], "not a multiple of trainer.seq_len"),
+    (["logging.wandb=true"], "logging.wandb is a group of settings (mode, project, entity, group, name, tags), not "
+                             "one value; set one of them, e.g. logging.wandb.mode=..."),
 ])
 def test_config_mistakes_are_one_line_errors(capsys, args, expected):
     assert main(["train", "recipe=tiny", *args]) == 2

@@ -123,6 +123,11 @@ def _explain(e: Exception, overrides: list[str], base: DictConfig | None, groups
             if key not in valid and not o.startswith("+"):
                 hint = closest(key, valid)
                 return f"unknown config key {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
+            node = OmegaConf.select(base, key, default=None) if key not in groups else None
+            if isinstance(node, DictConfig) and node and not o.split("=", 1)[1].lstrip().startswith("{"):
+                first = next(iter(node))
+                return (f"{key} is a group of settings ({', '.join(map(str, node))}), not one value; set one of "
+                        f"them, e.g. {key}.{first}=...")
     text = str(e)
     cause = e.__cause__ or e.__context__
     if cause is not None and isinstance(cause, OmegaConfBaseException):
