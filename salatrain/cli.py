@@ -91,7 +91,15 @@ def _run(name: str, args: list[str]) -> None:
     from .config.compose import to_yaml
 
     show_cfg, multirun, overrides = _parse_flags(args)
-    command = resolve(name, overrides)
+    try:
+        command = resolve(name, overrides)
+    except UserError as e:
+        if not (str(e).startswith("missing recipe=") and any(a in ("-h", "--help") for a in args)):
+            raise
+        listing = str(e).split("; ", 1)[1]  # "<kind> recipes: a, b, ..."
+        print(f"usage: salatrain {name} recipe=<name> [key=value ...]\n\n{listing}\n\n"
+              f"`salatrain {name} recipe=<name> --help` prints that recipe's config")
+        return
     mod = command.mod
     jobs = _sweep_jobs(command) if multirun else [command.overrides]
     typed = []

@@ -56,6 +56,14 @@ def test_config_mistakes_are_one_line_errors(capsys, args, expected):
     assert expected in err and "\n" not in err
 
 
+@pytest.mark.parametrize("command, listing", [("train", "stage recipes: halo_align"),
+                                               ("pipeline", "pipeline recipes: halo")])
+def test_help_without_a_recipe_lists_the_recipes(capsys, command, listing):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith(f"usage: salatrain {command} recipe=<name>") and listing in out.out and not out.err
+
+
 def test_recipe_is_required_and_checked(capsys):
     assert main(["train", "output_dir=x"]) == 2
     assert "missing recipe=<name>; stage recipes: halo_align" in capsys.readouterr().err
