@@ -49,6 +49,8 @@ def test_eval_builtin_text(tiny_lm_dir, tmp_path):
     (["model={model}", "logging.wandb.mode=sometimes"], "logging.wandb.mode"),
     (["model={model}", "probes.lenghts=[8]"], "did you mean 'probes.lengths'"),
     (["model={model}", "lm_eval.tasks=[hellaswag]"], "lm-eval"),
+    (["model={model}", "device=tpu"], "device must be auto, cpu, cuda or cuda:N (got 'tpu')"),
+    (["model={model}", "device=cuda:99"], "device 'cuda:99': "),  # no CUDA here, or fewer than 100 devices
 ])
 def test_eval_bad_inputs(tiny_lm_dir, tmp_path, capsys, args, message):
     out = tmp_path / "eval"

@@ -108,6 +108,7 @@ def test_activation_reuse_matches_plain_forward(tiny_lm_dir, tiny_aligned_dir):
     (["model={model}", "aligned={aligned}", "ratio=0.5", "sweep.retrieval_metric=f1"], "retrieval_metric"),
     (["metrics={metrics}", "ratio=0.5", "sweep.probes.lenghts=[1]"], "did you mean 'sweep.probes.lengths'"),
     (["method=uniform", "num_layers=8", "spread=true"], "spread=true"),
+    (["model={model}", "aligned={aligned}", "ratio=0.5", "sweep.device=tpu"], "device must be auto, cpu, cuda"),
 ])
 def test_select_bad_inputs(tiny_lm_dir, tiny_aligned_dir, metrics_file, tmp_path, capsys, args, message):
     files = {"bad_json": "{layers:", "gap": json.dumps({"layers": {"0": METRICS["layers"]["0"],

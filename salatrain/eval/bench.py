@@ -38,11 +38,11 @@ from ..hf_checkpoint import CheckpointDir
 from ..rundir import OutputDir
 from ..tracking import wandb_run
 from .bench_config import BenchConfig
-from .bench_device import PeakMemory, device_name, free_memory, is_oom, resolve_bench_device
+from .bench_device import PeakMemory, device_name, free_memory, is_oom
 from .bench_measure import load_bench_model, measure
 from .bench_memory import GIB, MemoryEstimate, ModelShape, available_bytes, estimate
 from .bench_report import format_length, log_wandb, plot, speedups
-from .loading import resolve_dtype
+from .loading import resolve_device, resolve_dtype
 from .report import check_output_file, check_wandb, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def validate(cfg: BenchConfig) -> Plan:
     _check_numbers(cfg)
     lengths = check_lengths(cfg.lengths)
     check_wandb(cfg.logging)
-    device = resolve_bench_device(cfg.device)
+    device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     paths = [cfg.model, *cfg.compare]
     names = _names(cfg, paths)

@@ -9,25 +9,6 @@ import time
 
 import torch
 
-from ..errors import UserError
-
-
-def resolve_bench_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"bad device {name!r}: {e}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N (got {name!r})")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r}: CUDA is not available on this machine (use device=cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
 
 class Clock:
     """Seconds between start() and stop(): CUDA events after a synchronisation on CUDA, the wall clock on CPU."""

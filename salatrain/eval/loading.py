@@ -24,13 +24,22 @@ class LoadedModel:
     mixer_counts: dict[str, int]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"bad device {device!r}: {e}") from None
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N (got {name!r})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r}: CUDA is not available on this machine (use device=cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
