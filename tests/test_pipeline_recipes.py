@@ -51,6 +51,22 @@ def test_every_recipe_composes_and_validates(recipe, tiny_lm_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_given_data_wins_over_the_corpus_step(tiny_lm_dir, tmp_path):
+    """quickstart data=[mine] trains on mine (it used to take the corpus step's files and ignore data= silently);
+    held-out text still comes from the corpus step unless heldout= is given too."""
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"text": "hello"}\n')
+    base = [f"model={tiny_lm_dir}", f"output_dir={tmp_path / 'out'}", "steps.select.args.ratio=0.5"]
+    _, steps = validate(compose_pipeline("quickstart", [*base, f"data=[{mine}]"]))
+    cmd = {s.name: " ".join(s.prepared.command) for s in steps}
+    corpus = steps[0].dir
+    for name in ("align", "distill"):
+        assert f"data.files=[{mine}]" in cmd[name] and str(corpus / "train.jsonl") not in cmd[name]
+    assert str(corpus / "heldout.jsonl") in cmd["eval"]
+    _, steps = validate(compose_pipeline("quickstart", [*base, f"data=[{mine}]", f"heldout=[{mine}]"]))
+    assert str(corpus / "heldout.jsonl") not in " ".join(steps[-1].prepared.command)
+
+
 def test_halo_budgets_follow_the_paper(tiny_lm_dir, tmp_path):
     cfg = compose_pipeline("halo", [f"model={tiny_lm_dir}", f"output_dir={tmp_path}", "data=[x.jsonl]",
                                     "steps.select.args.ratio=0.5"])

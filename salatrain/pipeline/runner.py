@@ -68,13 +68,14 @@ def plan_steps(cfg: PipelineConfig, base: str) -> list[Step]:
         ctx["artifacts"]["data"] = [str(Path(f).expanduser()) for f in cfg.data]
     if cfg.heldout:
         ctx["artifacts"]["heldout"] = [str(Path(f).expanduser()) for f in cfg.heldout]
+    given = set(ctx["artifacts"])  # the user's data / heldout win over what a corpus step writes
     steps = []
     for index, (name, spec) in enumerate(cfg.steps.items(), start=1):
         if not spec.enabled:
             continue
         step_dir = out / f"{index:02d}_{name}"
         prepared = prepare(spec.kind, name, spec, step_dir, ctx)
-        ctx["artifacts"].update(prepared.outputs)
+        ctx["artifacts"].update({k: v for k, v in prepared.outputs.items() if k not in given})
         steps.append(Step(index, name, spec.kind, step_dir, prepared))
     if not steps:
         raise UserError("the pipeline has no enabled steps")
