@@ -93,6 +93,8 @@ def test_quickstart_is_the_quickstart_pipeline(tmp_path, capsys):
     (["recipe=halox"], "did you mean 'halo'"),
     (["recipe=quickstart", "model={missing}"], "does not exist"),
     (["recipe=quickstart", "model={model}", "budget.align_tokens=oops"], "invalid configuration"),
+    (["recipe=quickstart", "model={model}", "budget.distill_tokens=0"],
+     "steps.distill.tokens must be >= 1 (got 0) (its value comes from budget.distill_tokens)"),
     (["recipe=quickstart", "model={model}", "steps.select.args.method=best"], "method must be one of"),
     (["recipe=quickstart", "model={model}"], "2 are forced"),
     (["recipe=quickstart", "model={model}", "steps.select.args.ratoi=0.5"], "ratoi"),

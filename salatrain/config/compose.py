@@ -164,8 +164,25 @@ def to_object(cfg: DictConfig) -> Any:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise UserError(f"invalid configuration: {str(e).splitlines()[0]}") from None
-    check_ranges(obj)
+    try:
+        check_ranges(obj)
+    except UserError as e:
+        source = _interpolated_from(cfg, str(e).split(" ", 1)[0])
+        raise UserError(f"{e} (its value comes from {source})" if source else str(e)) from None
     return obj
+
+
+def _interpolated_from(cfg: DictConfig, key: str) -> str | None:
+    """The key that ``key``'s value is copied from when the config sets it as ``${other.key}`` (a recipe's
+    budget), so an error names the key the user set."""
+    parent, _, leaf = key.rpartition(".")
+    try:
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        raw = OmegaConf.to_container(node, resolve=False).get(leaf) if isinstance(node, DictConfig) else None
+    except OmegaConfBaseException:
+        return None
+    m = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+    return m.group(1) if m else None
 
 
 def check_overrides_used(mod: Any, cfg: Any, overrides: list[str]) -> None:
