@@ -116,3 +116,18 @@ def _start_wandb(output_dir: Path, s, config: dict):
     id_file.write_text(run_id)
     return wandb.init(project=s.project, entity=s.entity, group=s.group, name=s.name, tags=list(s.tags) or None,
                       mode=s.mode, dir=str(output_dir), id=run_id, resume="allow", config=config)
+
+
+def progress_line(row: dict, max_steps: int, per_step: float | None) -> str:
+    """One log line: step/of, loss, lr, throughput, MFU, and the time left at this run's mean step time."""
+    loss = f"{row['loss']:.5f}" if row["loss"] is not None else "skipped"
+    mfu = f" mfu {row['mfu'] * 100:.1f}%" if "mfu" in row else ""
+    left = max_steps - row["step"]
+    eta = f" eta {_duration(left * per_step)}" if per_step is not None and left > 0 else ""
+    return (f"step {row['step']}/{max_steps} loss {loss} lr {row['lr']:.3g} {row['tokens_per_s']:.0f} tok/s"
+            f"{mfu}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

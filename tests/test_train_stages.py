@@ -63,6 +63,22 @@ def test_lm_stage_loss_falls_and_writes_its_outputs(lm_run):
     assert json.loads((out / "stage_report.json").read_text())["final_loss"] == pytest.approx(rows[-1]["loss"])
 
 
+def test_progress_lines_count_steps_and_the_time_left(tmp_path, data_cache, caplog):
+    """Each logged step says where it stands in the run and, from the second step on, how long the rest takes at
+    this run's mean step time (the first step, which compiles, is left out); the last step names no ETA."""
+    from salatrain.tracking import progress_line
+
+    with caplog.at_level("INFO", logger="salatrain.train"):
+        train(tmp_path / "run", data_cache, "trainer.save_final=false", "trainer.export=false", steps=3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert "eta" not in lines[0] and " eta " in lines[1] and "eta" not in lines[2]
+    row = {"step": 10, "loss": 2.0, "lr": 1e-4, "tokens_per_s": 1000.0, "mfu": 0.4}
+    assert progress_line(row, 100, 2.0) == "step 10/100 loss 2.00000 lr 0.0001 1000 tok/s mfu 40.0% eta 3m00s"
+    assert progress_line(row, 100, 100.0).endswith("eta 2h30m")
+    assert progress_line({**row, "loss": None}, 100, None) == "step 10/100 loss skipped lr 0.0001 1000 tok/s mfu 40.0%"
+
+
 def test_distill_stage_loss_falls(tmp_path, data_cache):
     r = train(tmp_path / "run", data_cache, "stage=distill", "deepspeed=zero1", "trainer.activation_checkpointing=true")
     rows = metrics(r.output_dir)

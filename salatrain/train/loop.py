@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..hf_checkpoint import CheckpointDir, copy_side_files, load_tokenizer
 from ..memory import check_training_memory
 from ..rundir import OutputDir, write_text_atomic
-from ..tracking import RunLogger
+from ..tracking import RunLogger, progress_line
 from . import engine, faults
 from .checkpoint import Store, TrainState, check_same_model, load_rng, read_meta, read_state, save_rng, tag, write_state
 from .config import TrainConfig, input_paths, rows_per_step, validate
@@ -212,16 +212,20 @@ class Run:
     def train(self) -> TrainResult:
         cfg = self.cfg
         last_loss = None
-        for step in range(self.state.step + 1, cfg.trainer.max_steps + 1):
+        first, started = self.state.step + 1, None  # the ETA counts from the end of the first step (compilation)
+        for step in range(first, cfg.trainer.max_steps + 1):
             with self.profiler.step(step):
                 row = self._train_step(step)
             faults.poison_weights(step, self.optimizer)
             interrupt.check()
             last_loss = row["loss"] if row["loss"] is not None else last_loss
+            now = time.perf_counter()
+            started = now if started is None else started
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 self.logger.log(row)
                 if self.dist.is_main:
-                    log.info(_progress(row))
+                    per_step = (now - started) / (step - first) if step > first else None
+                    log.info(progress_line(row, cfg.trainer.max_steps, per_step))
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.max_steps:
                 self.save()
         self._check_finite()
@@ -468,12 +472,6 @@ def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _progress(row: dict) -> str:
-    loss = f"{row['loss']:.5f}" if row["loss"] is not None else "skipped"
-    mfu = f" mfu {row['mfu'] * 100:.1f}%" if "mfu" in row else ""
-    return f"step {row['step']} loss {loss} lr {row['lr']:.3g} {row['tokens_per_s']:.0f} tok/s{mfu}"
 
 
 def _to_dict(cfg: TrainConfig) -> dict:
