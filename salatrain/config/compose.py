@@ -124,7 +124,8 @@ def _explain(e: Exception, overrides: list[str], base: DictConfig | None, groups
                 hint = closest(key, valid)
                 return f"unknown config key {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
             node = OmegaConf.select(base, key, default=None) if key not in groups else None
-            if isinstance(node, DictConfig) and node and not o.split("=", 1)[1].lstrip().startswith("{"):
+            value = o.split("=", 1)[1].lstrip() if "=" in o else "{"  # ~key (deletion) sets no value
+            if isinstance(node, DictConfig) and node and not value.startswith("{"):
                 first = next(iter(node))
                 return (f"{key} is a group of settings ({', '.join(map(str, node))}), not one value; set one of "
                         f"them, e.g. {key}.{first}=...")
