@@ -452,6 +452,7 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
 
 
 def main(argv=None):
+    global HQ, HKV, D
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T = 8K and 32K, shorter timing loops")
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 8K 32K 128K)")
@@ -462,10 +463,23 @@ def main(argv=None):
                         f"{CORRELATION_TOKENS} (fewer overlap less: 16 gives a real model's 0.35-0.40 at share x4)")
     p.add_argument("--share", type=int, nargs="+", default=list(SHARE),
                    help=f"share_tokens values of the shared rows (default {' '.join(map(str, SHARE))})")
+    p.add_argument("--heads", default=None, metavar="HQ,HKV,D",
+                   help=f"query heads, key/value heads and head dim of the timed layer (default {HQ},{HKV},{D}: "
+                        "SALA's); "
+                        "e.g. 9,3,64 is SmolLM2-135M's, whose G = 3 heads fill 3 of a tile's 16 rows, so sharing "
+                        "4 queries a tile costs the matmuls nothing")
     args = p.parse_args(argv)
+    if args.heads:
+        try:
+            HQ, HKV, D = (int(x) for x in args.heads.split(","))
+        except ValueError:
+            sys.exit(f"--heads takes HQ,HKV,D (got {args.heads!r})")
+        if min(HQ, HKV, D) < 1 or HQ % HKV:
+            sys.exit(f"--heads {args.heads}: HKV must divide HQ, all positive")
     if not torch.cuda.is_available():
         sys.exit("bench_infllmv2.py needs a CUDA GPU")
     T_list = args.T or ([8192, 32768] if args.quick else [8192, 32768, 131072])
+    print(f"[infllmv2] {HQ} query / {HKV} key-value heads (G = {HQ // HKV}), head dim {D}, bf16, batch 1", flush=True)
     rows = run(T_list, torch.bfloat16, ceilings=measure_ceilings(), quick=args.quick, only=args.only,
                widths=args.correlation_tokens, share=tuple(args.share))
     keys = []
