@@ -1,6 +1,6 @@
 """Where the InfLLM-V2 fwd+bwd time goes, and what the attention stage's launch settings are worth (GPU).
 
-    python bench/infllmv2_sweep.py [--T 32768 131072] [--out FILE]
+    python bench/infllmv2_sweep.py [--T 32768 131072] [--out FILE] [--only NAME ...] [--heads HQ,HKV,D] [--no-profile]
 
 1. A CUDA-time breakdown of one forward+backward per kernel (torch.profiler), at SALA shapes (bf16, batch 1,
    32 query / 2 KV heads, head dim 128, block 64, kernel 32/16, topk 64, window 2048, dense_len 8192).
@@ -38,16 +38,19 @@ VARIANTS = [
     ("dkdv_nsplit=2", {"dkdv_nsplit": 2}),
     ("dkdv_nsplit=8", {"dkdv_nsplit": 8}),
     ("blocks_per_step=2", {"blocks_per_step": 2}),
-    # the gathered dk/dv kernel runs one 8-warp program per SM (register-bound) at 26% of the SM's compute and 25%
-    # of L2 throughput (ncu, 32K: bench/notes/2026-12-02-h200-infllmv2-ncu-32k.md), waiting on q/dO gathers that miss
-    # L2: more stages in flight, or fewer warps
+    # the gathered dk/dv kernel waits on q/dO gathers that miss L2 (ncu, 32K:
+    # bench/notes/2026-12-02-h200-infllmv2-ncu-32k.md); until 2026-12-02 it ran 8 warps (one program per SM), now
+    # 4 warps, 2 stages (two per SM): the earlier launch and its neighbours
+    ("gathered dk/dv 8 warps, 2 stages (the earlier default)", {"dkdv_gather_launch": (8, 2)}),
     ("gathered dk/dv 8 warps, 3 stages", {"dkdv_gather_launch": (8, 3)}),
     ("gathered dk/dv 8 warps, 4 stages", {"dkdv_gather_launch": (8, 4)}),
     ("gathered dk/dv 4 warps, 3 stages", {"dkdv_gather_launch": (4, 3)}),
+    ("gathered dk/dv 4 warps, 4 stages", {"dkdv_gather_launch": (4, 4)}),
     # programs of 32 of a block's 64 keys, side by side in the grid: 128 registers at 8 warps (218 at 64 keys), so two
     # programs per SM; the two halves gather the same q/dO rows at the same time (the second from L2)
     ("gathered dk/dv 32-key programs", {"dkdv_keys": 32}),
-    ("gathered dk/dv 32-key programs, 4 warps", {"dkdv_keys": 32, "dkdv_gather_launch": (4, 2)}),
+    ("gathered dk/dv 32-key programs, 8 warps", {"dkdv_keys": 32, "dkdv_gather_launch": (8, 2)}),
+    ("gathered dk/dv 32-key programs, 4 warps, 3 stages", {"dkdv_keys": 32, "dkdv_gather_launch": (4, 3)}),
 ]
 
 
@@ -97,18 +100,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="time only the settings whose name contains one of these (the default is always timed)")
+    ap.add_argument("--heads", default=f"{HQ},{HKV},{D}", metavar="HQ,HKV,D",
+                    help="query heads, key/value heads and head dim (default SALA's; 9,3,64 is SmolLM2-135M's)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel CUDA-time breakdown")
     a = ap.parse_args()
-    lines = [f"## InfLLM-V2 fwd+bwd breakdown and launch settings — {torch.cuda.get_device_name()}", ""]
+    try:
+        hq, hkv, d = (int(x) for x in a.heads.split(","))
+        assert min(hq, hkv, d) > 0 and hq % hkv == 0
+    except (ValueError, AssertionError):
+        sys.exit(f"--heads takes HQ,HKV,D with HKV dividing HQ (got {a.heads!r})")
+    variants = [(n, o) for n, o in VARIANTS if n == "default" or not a.only or any(s in n for s in a.only)]
+    lines = [f"## InfLLM-V2 fwd+bwd breakdown and launch settings — {torch.cuda.get_device_name()}", "",
+             f"{hq} query / {hkv} key-value heads, head dim {d}, bf16, batch 1", ""]
     for T in a.T:
         g = torch.Generator().manual_seed(0)
-        q = torch.randn(1, T, HQ, D, generator=g).cuda().bfloat16().requires_grad_()
-        k, v = (torch.randn(1, T, HKV, D, generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
-        do = torch.randn(1, T, HQ, D, generator=g).cuda().bfloat16()
-        lines += profile(T, q, k, v, do) + [""]
+        q = torch.randn(1, T, hq, d, generator=g).cuda().bfloat16().requires_grad_()
+        k, v = (torch.randn(1, T, hkv, d, generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
+        do = torch.randn(1, T, hq, d, generator=g).cuda().bfloat16()
+        if not a.no_profile:
+            lines += profile(T, q, k, v, do) + [""]
         ref = [x.float() for x in (step(q, k, v, do).detach(), q.grad, k.grad, v.grad)]
         rows = ["| setting | fwd+bwd ms | vs default |", "|---|---|---|"]
         base = None
-        for name, overrides in VARIANTS:
+        for name, overrides in variants:
             original, init = with_settings(overrides)
             attn.AttnPlan.__init__ = init
             try:

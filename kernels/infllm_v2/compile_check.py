@@ -121,9 +121,9 @@ def jobs():
                     "scale_log2": "fp32", "scale": "fp32"}
             consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, BK=64, PREC=prec,
                           DQ=False)
-            # the production launch (8, 2), then the sweep's candidates (bench/infllmv2_sweep.py): more stages, and
-            # programs of 32 of the block's 64 keys (half the dk/dv accumulators: more programs per SM)
-            launches = [(8, 2)] if small else [(8, 2), (8, 3), (8, 4), (4, 3)]
+            # the production launch (4, 2) (the fp32 test tiles: 8 warps), then the sweep's candidates
+            # (bench/infllmv2_sweep.py): the earlier 8 warps, more stages, and programs of 32 of the block's 64 keys
+            launches = [(8, 2)] if small else [(4, 2), (4, 3), (8, 2), (8, 3)]
             out.append((f"gather_dkdv {dt} {gname}", GA._gather_dkdv_kernel, args, consts, launches))
             if not small:
                 out.append((f"gather_dkdv {dt} {gname} BK32", GA._gather_dkdv_kernel, args, dict(consts, BK=32),

@@ -134,7 +134,9 @@ class AttnPlan:
         # gathered dk/dv: query rows (TP queries x G heads, padded) per step; local dk/dv: programs per group
         self.dkdv_rows = 256 if interpreting() else (32 if self.prec == "ieee" else DKDV_ROWS)
         self.dkdv_nsplit = min(self.group, 4)
-        # gathered dk/dv (num_warps, num_stages); None: 8 warps at head dims >= 128 (else 4), 2 stages (a sweep knob)
+        # gathered dk/dv (num_warps, num_stages); None: 4 warps, 2 stages (fp32 tests: 8) (a sweep knob). At D = 128,
+        # 4 warps run two programs per SM (255 registers, 100 B spilled, 99.8 KB shared) where 8 warps ran one: the
+        # kernel waits on its q/dO gathers, and a second program hides them (fwd+bwd 1.20x / 1.18x at 32K / 128K, H200)
         self.dkdv_gather_launch = None
         self.dkdv_keys = DKDV_KEYS or block_size
         if DKDV_KEYS and (block_size % DKDV_KEYS or (DKDV_KEYS < 16 and not interpreting())):
@@ -363,7 +365,7 @@ class AttnPlan:
         group_pad = next_pow2(self.group)
         per_step = max(1, self.dkdv_rows // group_pad)
         dq_out = dk if dq_acc is None else dq_acc  # (an unused pointer without DQ)
-        num_warps, num_stages = self.dkdv_gather_launch or (8 if self.bd >= 128 else 4, 2)
+        num_warps, num_stages = self.dkdv_gather_launch or ((8, 2) if self.prec == "ieee" else (4, 2))
         _gather_dkdv_kernel[(chunks[0].numel() * (self.block_size // self.dkdv_keys),)](
             **grads, dk_ptr=dk, dv_ptr=dv, dq_ptr=dq_out, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1],
             chunk_e1_ptr=chunks[2], n_chunks_ptr=n_chunks,

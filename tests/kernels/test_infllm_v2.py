@@ -38,6 +38,7 @@ SELECTION = ("block_size", "init_blocks", "topk", "window_size")
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # small-shape tests run the kernels under the Triton interpreter; on a GPU machine the real-shape tests run instead
+DEVICE = "cuda" if CUDA else "cpu"  # where tests of argument checks call the triton backend (the interpreter on CPU)
 interpreter = pytest.mark.skipif(CUDA, reason="interpreter test (CPU machines); GPU tests cover compiled kernels")
 
 
@@ -302,7 +303,7 @@ def test_atomic_dq_matches_reference(case, monkeypatch):
 
 
 def test_dq_mode_is_checked():
-    q, k, v = make_qkv(1, 40, 40, 2, 1, 16)
+    q, k, v = make_qkv(1, 40, 40, 2, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="dq_mode must be one of gather, atomic"):
         infllmv2_attn(q, k, v, backend="triton", dq_mode="fast", **dict(SMALL, dense_len=0))
 
@@ -339,8 +340,8 @@ def test_union_lists_merge_neighbouring_selections():
             union_lists(idx3, counts, rows, torch.zeros(5, dtype=torch.long), 10, bad)
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="share_max_union"):
-            infllmv2_attn(*make_qkv(1, 40, 40, 2, 1, 16), backend="triton", share_tokens=2, share_max_union=bad,
-                          **SMALL)
+            infllmv2_attn(*make_qkv(1, 40, 40, 2, 1, 16, device=DEVICE), backend="triton", share_tokens=2,
+                          share_max_union=bad, **SMALL)
 
 
 @interpreter
