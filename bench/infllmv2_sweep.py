@@ -35,6 +35,10 @@ VARIANTS = [
     ("dkdv_rows=32", {"dkdv_rows": 32}),
     ("dkdv_chunk=128", {"dkdv_chunk": 128}),
     ("dkdv_chunk=1024", {"dkdv_chunk": 1024}),
+    ("dkdv_chunk=4096", {"dkdv_chunk": 4096}),
+    # one program per (block, group) with all the queries that chose it: dk/dv without atomics, but heavily chosen
+    # blocks (the first, at every query) make long programs
+    ("dkdv_chunk=0 (a block's whole list, no atomics)", {"dkdv_chunk": 0}),
     ("dkdv_nsplit=2", {"dkdv_nsplit": 2}),
     ("dkdv_nsplit=8", {"dkdv_nsplit": 8}),
     ("blocks_per_step=2", {"blocks_per_step": 2}),

@@ -118,9 +118,15 @@ def kv_tile(k_ptr, v_ptr, key_rows, k_ok, hk, d, dm, stride_kr, stride_kh):
 
 
 @triton.jit
-def store_dkdv(dk_ptr, dv_ptr, dk, dv, key_rows, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh):
-    """Add a key tile's dk (times scale) and dv into the fp32 buffers (other programs add to the same rows)."""
+def store_dkdv(dk_ptr, dv_ptr, dk, dv, key_rows, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh,
+               ATOMIC: tl.constexpr):
+    """Add a key tile's dk (times scale) and dv into the fp32 buffers: by atomics where other programs of the same
+    launch add to the same rows, else by a plain read-add-write (ATOMIC False: this program owns the rows)."""
     out_off = key_rows.to(tl.int64)[:, None] * stride_dkr + hk * stride_dkh + d[None, :]
     out_mask = k_ok[:, None] & dm[None, :]
-    tl.atomic_add(dk_ptr + out_off, dk * scale, mask=out_mask)
-    tl.atomic_add(dv_ptr + out_off, dv, mask=out_mask)
+    if ATOMIC:
+        tl.atomic_add(dk_ptr + out_off, dk * scale, mask=out_mask)
+        tl.atomic_add(dv_ptr + out_off, dv, mask=out_mask)
+    else:
+        tl.store(dk_ptr + out_off, tl.load(dk_ptr + out_off, mask=out_mask, other=0.0) + dk * scale, mask=out_mask)
+        tl.store(dv_ptr + out_off, tl.load(dv_ptr + out_off, mask=out_mask, other=0.0) + dv, mask=out_mask)

@@ -120,12 +120,14 @@ def jobs():
                             "stride_dkr", "stride_dkh", "stride_dqr", "stride_dqh"),
                     "scale_log2": "fp32", "scale": "fp32"}
             consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, BK=64, PREC=prec,
-                          DQ=False)
+                          DQ=False, ATOMIC=True)
             # the production launch (4, 2) (the fp32 test tiles: 8 warps), then the sweep's candidates
             # (bench/infllmv2_sweep.py): the earlier 8 warps, more stages, and programs of 32 of the block's 64 keys
             launches = [(8, 2)] if small else [(4, 2), (4, 3), (8, 2), (8, 3)]
             out.append((f"gather_dkdv {dt} {gname}", GA._gather_dkdv_kernel, args, consts, launches))
-            if not small:
+            if not small:  # one program per block, dk/dv by plain read-add-write (dkdv_chunk=0)
+                out.append((f"gather_dkdv {dt} {gname} plain", GA._gather_dkdv_kernel, args, dict(consts, ATOMIC=False),
+                            [(4, 2)]))
                 out.append((f"gather_dkdv {dt} {gname} BK32", GA._gather_dkdv_kernel, args, dict(consts, BK=32),
                             [(4, 2), (4, 3), (8, 2)]))
         bm, bn, bmq = (64, 32, 32) if small else (128, 64, 64)

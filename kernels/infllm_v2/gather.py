@@ -167,7 +167,7 @@ def _gather_dkdv_kernel(
     stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_dkr, stride_dkh, stride_dqr, stride_dqh,
     scale_log2, scale,
     G: tl.constexpr, GP: tl.constexpr, TP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr, DQ: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, DQ: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     M: tl.constexpr = TP * GP
     NK: tl.constexpr = BS // BK  # programs per chunk, each with BK of the block's keys (neighbours in the grid)
@@ -206,7 +206,7 @@ def _gather_dkdv_kernel(
             dq = tl.dot(tl.trans(ds_t), kt, input_precision=PREC) * scale  # [M, BD]
             dq_off = (r.to(tl.int64) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
             tl.atomic_add(dq_ptr + dq_off, dq, mask=qd_mask)
-    store_dkdv(dk_ptr, dv_ptr, dk, dv, krow, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh)
+    store_dkdv(dk_ptr, dv_ptr, dk, dv, krow, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh, ATOMIC)
 
 
 gather_fwd = Tunable(_gather_fwd_kernel, [(4, 3), (4, 2), (8, 3)], key=["G", "D", "BS", "NBI", "DESC"])

@@ -32,7 +32,8 @@ __all__ = ["AttnPlan", "SparseAttnFn", "sort_block_lists", "window_split_exact"]
 DQ_MODES = ("gather", "atomic")
 KV_LOADS = ("pointer", "tma")
 DKDV_ROWS = 64  # gathered dk/dv: query rows (queries x G heads) per step on tensor cores
-DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks)
+DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks; programs of
+# one block add by atomics); 0: one program per block takes all its queries and adds by a plain read-add-write
 DKDV_KEYS = None  # keys per gathered dk/dv program (None: the whole block; a divisor of it splits each chunk)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
 INTERPRETER_DKDV_CHUNK = 4096  # the interpreter takes a block's queries in one program (tests set it small)
@@ -373,7 +374,8 @@ class AttnPlan:
             num_gblocks=num_gblocks, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
             stride_dqr=dq_out.stride(0), stride_dqh=dq_out.stride(1),
             G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, BK=self.dkdv_keys,
-            PREC=self.prec, DQ=dq_acc is not None, num_warps=num_warps, num_stages=num_stages,
+            PREC=self.prec, DQ=dq_acc is not None, ATOMIC=self.dkdv_chunk != 0, num_warps=num_warps,
+            num_stages=num_stages,
         )
 
     def key_map(self, idx3, counts):
@@ -400,14 +402,15 @@ class AttnPlan:
         counts_per_key = torch.bincount(sorted_keys.long(), minlength=n_keys + 1)[:n_keys]
         entry_row = rows[(order // lists.shape[-1]) % rows.numel()].int()
         starts = torch.cumsum(counts_per_key, 0) - counts_per_key
-        per_key = (counts_per_key + self.dkdv_chunk - 1) // self.dkdv_chunk
+        chunk = self.dkdv_chunk or max(1, keys.numel())  # 0: a block's whole list in one program (no atomics)
+        per_key = (counts_per_key + chunk - 1) // chunk
         chunk_end = torch.cumsum(per_key, 0)  # one past each key's last chunk
-        max_chunks = n_keys + triton.cdiv(keys.numel(), self.dkdv_chunk)
+        max_chunks = n_keys + triton.cdiv(keys.numel(), chunk)
         c = torch.arange(max_chunks, device=idx3.device)
         key = torch.searchsorted(chunk_end, c, right=True).clamp_(max=n_keys - 1)
         within = c - (chunk_end - per_key)[key]
-        e0 = starts[key] + within * self.dkdv_chunk
-        e1 = torch.minimum(e0 + self.dkdv_chunk, starts[key] + counts_per_key[key])
+        e0 = starts[key] + within * chunk
+        e1 = torch.minimum(e0 + chunk, starts[key] + counts_per_key[key])
         chunks = (key.int(), e0.int(), e1.int())
         return chunks, chunk_end[-1:].int(), entry_row, gb_krow0, gb_kend, num_gblocks
 

@@ -248,7 +248,7 @@ def _local_dkdv_kernel(
             s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BN, BM]
             vis = (kp[:, None] <= tq[None, :]) & (kp[:, None] >= lo[None, :]) & k_ok[:, None] & q_ok[None, :]
             dk, dv, _ = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
-    store_dkdv(dk_ptr, dv_ptr, dk, dv, kstart + kp, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh)
+    store_dkdv(dk_ptr, dv_ptr, dk, dv, kstart + kp, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh, True)
 
 
 local_fwd = Tunable(_local_fwd_kernel, [(8, 3), (8, 2)],

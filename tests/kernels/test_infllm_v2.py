@@ -360,16 +360,19 @@ def test_full_op_in_row_chunks(monkeypatch):
 
 
 @interpreter
-@pytest.mark.parametrize("keys, dq_mode", [(None, "gather"), (8, "gather"), (8, "atomic")],
-                         ids=["whole-block", "half-block-programs", "half-block-programs-atomic-dq"])
-def test_dkdv_blocks_in_several_chunks(keys, dq_mode, monkeypatch):
+@pytest.mark.parametrize("keys, dq_mode, chunk", [(None, "gather", 3), (8, "gather", 3), (8, "atomic", 3),
+                                                  (None, "gather", 0), (8, "atomic", 0)],
+                         ids=["whole-block", "half-block-programs", "half-block-programs-atomic-dq",
+                              "whole-list-no-atomics", "whole-list-no-atomics-half-block-atomic-dq"])
+def test_dkdv_blocks_in_several_chunks(keys, dq_mode, chunk, monkeypatch):
     """Gathered dk/dv with a block's queries cut into chunks of 3 (several programs add into one block's dk/dv,
     as on the GPU, where a chunk holds 256), and with each chunk's keys split over two programs (DKDV_KEYS, half of
     the 16-key blocks): every gradient as the reference; the chunks cover the entries block by block, consecutively
-    (the grid's spare programs after them)."""
+    (the grid's spare programs after them). Chunk 0: one program per block takes its whole list and adds dk/dv
+    without atomics (onto the local window's part, which must not be lost)."""
     from salatrain_kernels.infllm_v2 import plan
 
-    monkeypatch.setattr(plan, "INTERPRETER_DKDV_CHUNK", 3)
+    monkeypatch.setattr(plan, "INTERPRETER_DKDV_CHUNK", chunk)
     monkeypatch.setattr(plan, "DKDV_KEYS", keys)
     maps = []
     real_key_map = plan.AttnPlan.key_map
@@ -389,7 +392,10 @@ def test_dkdv_blocks_in_several_chunks(keys, dq_mode, monkeypatch):
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
     (key, e0, e1), n_chunks, entry_row = maps[0][0], int(maps[0][1]), maps[0][2]
-    assert n_chunks > key.unique().numel(), "expected blocks with several chunks"
+    if chunk:
+        assert n_chunks > key.unique().numel(), "expected blocks with several chunks"
+    else:
+        assert n_chunks == key[:n_chunks].unique().numel(), "expected one chunk per block"
     assert (e1[:n_chunks] > e0[:n_chunks]).all()
     assert (key[1:n_chunks] >= key[:n_chunks - 1]).all() and (e0[1:n_chunks] == e1[:n_chunks - 1]).all()
     assert int(e0[0]) == 0 and int(e1[n_chunks - 1]) <= entry_row.numel()
