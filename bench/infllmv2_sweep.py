@@ -7,7 +7,8 @@
 2. Forward+backward median time (triton.testing.do_bench) with one AttnPlan setting changed at a time:
    dkdv_bn x dkdv_bm (local dk/dv key tile x query step), dkdv_rows (query rows per gathered dk/dv step), dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local
    dk/dv programs per group), dkdv_gather_launch (gathered dk/dv warps and stages), dkdv_keys (keys per gathered dk/dv program),
-   blocks_per_step (64-key blocks per gathered forward/dq step). Every variant is
+   blocks_per_step (64-key blocks per gathered forward/dq step), FUSED_SELECT (selection inside the scoring kernel
+   or a kernel of its own). Every variant is
    checked against the default's output and gradients first (bf16 tolerance) and dropped if it disagrees.
 Prints markdown; --out appends it to a file.
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infllmv2 import HKV, HQ, SALA, D  # noqa: E402  (also makes salatrain_kernels importable)
 
 import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
-from salatrain_kernels.infllm_v2 import infllmv2_attn  # noqa: E402
+from salatrain_kernels.infllm_v2 import infllmv2_attn, interface  # noqa: E402
 
 VARIANTS = [
     ("default", {}),
@@ -55,17 +56,22 @@ VARIANTS = [
     ("gathered dk/dv 32-key programs", {"dkdv_keys": 32}),
     ("gathered dk/dv 32-key programs, 8 warps", {"dkdv_keys": 32, "dkdv_gather_launch": (8, 2)}),
     ("gathered dk/dv 32-key programs, 4 warps, 3 stages", {"dkdv_keys": 32, "dkdv_gather_launch": (4, 3)}),
+    # scoring writes fp32 block scores and a second kernel selects (the default until 2026-12-03)
+    ("selection kernel of its own (FUSED_SELECT off)", {"FUSED_SELECT": False}),
 ]
 
 
 def with_settings(overrides: dict):
-    """Patch AttnPlan so every plan built inside infllmv2_attn takes these attribute values."""
+    """Patch AttnPlan so every plan built inside infllmv2_attn takes these attribute values (upper-case names:
+    interface's module settings, set while the plan is built and restored by the next variant's)."""
     original = attn.AttnPlan.__init__
+    interface.FUSED_SELECT = overrides.get("FUSED_SELECT", True)
 
     def init(self, *a, **kw):
         original(self, *a, **kw)
         for k, v in overrides.items():
-            setattr(self, k, v)
+            if not k.isupper():
+                setattr(self, k, v)
 
     return original, init
 

@@ -94,8 +94,11 @@ if interpreting():
     def row_max(x, axis):
         return tl.reduce(x, axis, tl.standard._elementwise_max)
 
+    def row_min(x, axis):
+        return tl.reduce(x, axis, tl.standard._elementwise_min)
+
     def row_cumsum(x, axis):
         return tl.associative_scan(x, axis, tl.standard._sum_combine)
 
 else:
-    row_sum, row_max, row_cumsum = tl.sum, tl.max, tl.cumsum
+    row_sum, row_max, row_min, row_cumsum = tl.sum, tl.max, tl.min, tl.cumsum

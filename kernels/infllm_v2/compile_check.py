@@ -85,13 +85,17 @@ def jobs():
                                   "doc_cfirst_ptr", "doc_ccount_ptr", "doc_nfirst_ptr", "doc_ncount_ptr",
                                   "doc_nblocks_ptr"),
                           **_ints("n_tiles", "row_base", "num_blocks_out", "stride_qr", "stride_qh", "stride_cr",
-                                  "stride_ch", "stride_nr", "stride_nh", "stride_oh", "stride_or"),
-                          "scale_log2": "fp32"}
+                                  "stride_ch", "stride_nr", "stride_nh", "stride_oh", "stride_or", "stride_ih",
+                                  "stride_ir", "k_slots"),
+                          **_ptrs("i32", "idx_ptr"), "scale_log2": "fp32"}
             for norm, nks, nst in (("exact", 32, 16), ("coarse", 128, 64)):
-                consts = dict(G=g, GP=gp, BQ=bq, D=128, BD=128, KS=32, KSTRIDE=16, R=4, C=2, NKS=nks, NSTRIDE=nst,
-                              NBT=8 if small else 16, BCN=32 if small else 64, WRITE_ALL=False, PREC=prec)
-                out.append((f"scores {dt} {gname} {norm}", S._block_scores_kernel, score_args, consts,
-                            tuned([(8, 2), (8, 3), (4, 2)])))
+                for fused in (False, True):  # fused: SALA's selection (K = 64 + 32 slots) in the scoring kernel
+                    consts = dict(G=g, GP=gp, BQ=bq, D=128, BD=128, KS=32, KSTRIDE=16, R=4, C=2, NKS=nks,
+                                  NSTRIDE=nst, NBT=8 if small else 16, BCN=32 if small else 64, WRITE_ALL=False,
+                                  PREC=prec, FUSED=fused, KP=128 if fused else 1, LP=64 if fused else 1, INIT=1,
+                                  WIN=2048, BLOCK_LOCAL=False)
+                    out.append((f"scores{' +select' if fused else ''} {dt} {gname} {norm}", S._block_scores_kernel,
+                                score_args, consts, tuned([(8, 2), (8, 3), (4, 2)])))
             for kind, fn in (("fwd", GA._gather_fwd_kernel), ("dq", GA._gather_dq_kernel)):
                 args = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "do_ptr"), **_ptrs("fp32", "o_ptr", "lse_ptr",
                         "delta_ptr", "dq_ptr"), **_ptrs("i32", "idx_ptr", "count_ptr", "rows_ptr", "row_pos_ptr",

@@ -1,8 +1,10 @@
 """infllmv2_attn: block scoring -> top-K selection (no gradient) -> attention over the visible blocks.
 
-Scores are only computed for sparse queries (t >= dense_len), in chunks of query rows whose fp32 score
-buffer stays under `score_budget_bytes` (HKV · rows · NBM · 4 bytes; 2 GiB for one 128K sequence in one go,
-32 GiB at 512K), each chunk selected right away into the int32 block lists [HKV, R, K].
+Scores are only computed for sparse queries (t >= dense_len). With FUSED_SELECT (the default where the settings
+allow it: selection.fused_select_ok) the scoring kernel selects as it scores and writes the int32 block lists
+[HKV, R, K] directly; no score leaves the chip. Otherwise the rows are scored in chunks whose fp32 score buffer
+stays under `score_budget_bytes` (HKV · rows · NBM · 4 bytes; 2 GiB for one 128K sequence in one go, 32 GiB at
+512K), each chunk selected right away by the selection kernel.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from .naive import infllmv2_attn_torch
 from .params import SparseParams, check_qkv
 from .plan import AttnPlan, SparseAttnFn, window_split_exact
 from .score import BlockScorer
-from .selection import select_rows
+from .selection import fused_select_ok, select_rows
 from .shared import SHARE_MAX_UNION
 
 __all__ = ["infllmv2_attn", "select_blocks", "score_chunks", "dense_causal_sdpa", "dense_prefix_rows"]
 
 SCORE_BUDGET_BYTES = 512 * 2**20
+FUSED_SELECT = True  # score and select in one kernel where fused_select_ok (timed in docs/perf.md)
 
 
 def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
@@ -54,6 +57,11 @@ def select_blocks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
     min(topk + window / block_size, blocks of the longest document): a larger K would select every block."""
     k = min(params.num_selected, layout.max_blocks(params.block_size))
     block_idx = torch.full((k3.shape[1], layout.num_rows, k), -1, dtype=torch.int32, device=q3.device)
+    if FUSED_SELECT and fused_select_ok(params, k, layout.max_blocks(params.block_size)):
+        scorer = BlockScorer(q3, k3, layout, params, scale)
+        sparse_from = dense_until(layout.length, params.dense_len, params.dense_len_mode)
+        scorer.select(block_idx, layout.tiles(scorer.rows_per_tile, sparse_from))
+        return block_idx
     dense = DenseRows.build(layout, params.dense_len, params.dense_len_mode)
     for own, tail, row_lo, row_hi in score_chunks(q3, k3, layout, params, scale, score_budget_bytes):
         select_rows(own, tail, row_lo, block_idx, layout, params, row_lo, row_hi, dense=dense)

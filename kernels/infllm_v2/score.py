@@ -35,10 +35,11 @@ from ..utils import (
     row_sum,
     should_tune,
 )
-from .attn_steps import online_softmax
+from .attn_steps import first_local_block, online_softmax
 from .layout import DocLayout, compress_keys
 from .stages_torch import infllmv2_block_scores_torch
 from .params import SparseParams, check_qkv, triton_scoring_ok
+from .selection import block_keys, empty_top, keep_largest, store_top_lists
 
 __all__ = ["infllmv2_block_scores", "BlockScorer", "combine_tail"]
 
@@ -51,10 +52,13 @@ def _block_scores_kernel(
     n_tiles, row_base, num_blocks_out,
     stride_qr, stride_qh, stride_cr, stride_ch, stride_nr, stride_nh, stride_oh, stride_or,
     scale_log2,
+    idx_ptr, stride_ih, stride_ir, k_slots,
     G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     KS: tl.constexpr, KSTRIDE: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     NKS: tl.constexpr, NSTRIDE: tl.constexpr,
     NBT: tl.constexpr, BCN: tl.constexpr, WRITE_ALL: tl.constexpr, PREC: tl.constexpr,
+    FUSED: tl.constexpr, KP: tl.constexpr, LP: tl.constexpr, INIT: tl.constexpr, WIN: tl.constexpr,
+    BLOCK_LOCAL: tl.constexpr,
 ):
     BS: tl.constexpr = R * KSTRIDE
     M: tl.constexpr = BQ * GP
@@ -110,6 +114,12 @@ def _block_scores_kernel(
     cc = tl.arange(0, BC)
     nbt = tl.arange(0, NBT)
     rr = tl.arange(0, R)
+    if FUSED:  # each query's running list of its best non-forced blocks, [n_init, first_local)
+        cur_q = tq // BS
+        first_local = first_local_block(tq, BS, WIN, BLOCK_LOCAL)
+        n_init = tl.minimum(first_local, INIT)
+        top = empty_top(k_slots - n_init - (cur_q - first_local + 1), KP)
+        carry = tl.full([BQ], float("-inf"), tl.float32)  # tail of the block before this step's first
     for b0 in range(0, nb_hi, NBT):
         j = b0 * R + cc
         kc_off = (cfirst + j).to(tl.int64) * stride_cr + hk * stride_ch
@@ -120,13 +130,27 @@ def _block_scores_kernel(
         blk = b0 + nbt
         own_ok = (blk[None, :] * R <= clast_q[:, None]) & (blk[None, :] < nblocks)
         own = tl.where(own_ok, row_max(per_block, 2), float("-inf"))
-        st_mask = q_ok[:, None] & (blk[None, :] < num_blocks_out)
-        tl.store(out_row[:, None] + blk[None, :], own, mask=st_mask)
         if C > 1:
             tail_sel = tl.where(rr[None, None, :] >= R - (C - 1), per_block, 0.0)
             tail_ok = (blk[None, :] * R + R - (C - 1) <= clast_q[:, None]) & (blk[None, :] < nblocks)
             tail = tl.where(tail_ok, row_max(tail_sel, 2), float("-inf"))
-            tl.store(tail_row[:, None] + blk[None, :], tail, mask=st_mask)
+        if FUSED:  # bs(b) = max(own[b], tail[b - 1]) with tail shifted one block right, then the running lists
+            bs = own
+            if C > 1:
+                prev = row_max(tl.where(nbt[None, :, None] == nbt[None, None, :] + 1, tail[:, None, :],
+                                        float("-inf")), 2)
+                bs = tl.maximum(own, tl.where(nbt[None, :] == 0, carry[:, None], prev))
+                carry = row_max(tl.where(nbt[None, :] == NBT - 1, tail, float("-inf")), 1)
+            cand = q_ok[:, None] & (blk[None, :] >= n_init[:, None]) & (blk[None, :] < first_local[:, None])
+            top = keep_largest(top, block_keys(bs, blk, cand))
+        else:
+            st_mask = q_ok[:, None] & (blk[None, :] < num_blocks_out)
+            tl.store(out_row[:, None] + blk[None, :], own, mask=st_mask)
+            if C > 1:
+                tl.store(tail_row[:, None] + blk[None, :], tail, mask=st_mask)
+    if FUSED:
+        idx_row = idx_ptr + hk * stride_ih + (row0 + bq).to(tl.int64) * stride_ir
+        store_top_lists(top, idx_row, q_ok, n_init, first_local, cur_q, KP, LP)
     if WRITE_ALL:
         neg = tl.full([BQ, NBT], float("-inf"), tl.float32)
         for b0 in range(((nb_hi + NBT - 1) // NBT) * NBT, num_blocks_out, NBT):
@@ -137,7 +161,7 @@ def _block_scores_kernel(
                 tl.store(tail_row[:, None] + blk[None, :], neg, mask=st_mask)
 
 
-_block_scores = Tunable(_block_scores_kernel, [(8, 2), (8, 3), (4, 2)], key=["G", "D", "BQ", "NKS", "R"])
+_block_scores = Tunable(_block_scores_kernel, [(8, 2), (8, 3), (4, 2)], key=["G", "D", "BQ", "NKS", "R", "FUSED"])
 
 
 class BlockScorer:
@@ -180,24 +204,41 @@ class BlockScorer:
 
     def run(self, own: torch.Tensor, tail: torch.Tensor, row_base: int, tiles, write_all: bool) -> None:
         """Score the rows in `tiles` (first row, rows, doc) into own/tail [HKV, rows - row_base, NBM]."""
+        self._launch(tiles, out_ptr=own, tail_ptr=tail, row_base=row_base, num_blocks_out=own.shape[-1],
+                     stride_oh=own.stride(0), stride_or=own.stride(1), WRITE_ALL=write_all,
+                     idx_ptr=own, stride_ih=0, stride_ir=0, k_slots=0, FUSED=False, KP=1, LP=1)
+
+    def select(self, block_idx: torch.Tensor, tiles) -> None:
+        """Score and select at once (selection.fused_select_ok must hold): the lists of the rows in `tiles` go
+        straight to block_idx [HKV, rows, K] (their first slots; the rest is left as it is, -1), no score buffer."""
+        params = self.params
+        dummy = torch.empty(1, dtype=torch.float32, device=self.q3.device)
+        k_slots = block_idx.shape[-1]
+        self._launch(tiles, out_ptr=dummy, tail_ptr=dummy, row_base=0, num_blocks_out=0, stride_oh=0, stride_or=0,
+                     WRITE_ALL=False, idx_ptr=block_idx, stride_ih=block_idx.stride(0),
+                     stride_ir=block_idx.stride(1), k_slots=k_slots, FUSED=True, KP=next_pow2(k_slots),
+                     LP=next_pow2(params.window_size // params.block_size + 2), INIT=params.init_blocks,
+                     WIN=params.window_size, BLOCK_LOCAL=params.local_blocks == "block")
+
+    def _launch(self, tiles, **kwargs) -> None:
         row0, nrows, docs = tiles
         n_tiles = row0.numel()
         if n_tiles == 0:
             return
         q3, dim = self.q3, self.q3.shape[-1]
         nks, nstride = self.norm_kernel
+        kwargs = dict(dict(INIT=0, WIN=0, BLOCK_LOCAL=False), **kwargs)
         _block_scores.launch(
             (n_tiles, self.kv_heads), should_tune(q3, self.group),
-            q_ptr=q3, kc_ptr=self.kc, kn_ptr=self.kn, out_ptr=own, tail_ptr=tail,
+            q_ptr=q3, kc_ptr=self.kc, kn_ptr=self.kn,
             tile_row0_ptr=row0, tile_nrows_ptr=nrows, tile_doc_ptr=docs, row_pos_ptr=self.layout.row_pos,
-            **self.docs, n_tiles=n_tiles, row_base=row_base, num_blocks_out=own.shape[-1],
+            **self.docs, n_tiles=n_tiles,
             stride_qr=q3.stride(0), stride_qh=q3.stride(1), stride_cr=self.kc.stride(0), stride_ch=self.kc.stride(1),
-            stride_nr=self.kn.stride(0), stride_nh=self.kn.stride(1), stride_oh=own.stride(0), stride_or=own.stride(1),
-            scale_log2=self.scale * LOG2E,
+            stride_nr=self.kn.stride(0), stride_nh=self.kn.stride(1), scale_log2=self.scale * LOG2E,
             G=self.group, GP=self.group_pad, BQ=self.rows_per_tile, D=dim, BD=max(16, next_pow2(dim)),
             KS=self.params.kernel_size, KSTRIDE=self.params.kernel_stride, R=self.ratio, C=self.kernel_ratio,
-            NKS=nks, NSTRIDE=nstride, NBT=self.blocks_per_tile, BCN=self.cols_per_step, WRITE_ALL=write_all,
-            PREC=dot_precision(q3.dtype),
+            NKS=nks, NSTRIDE=nstride, NBT=self.blocks_per_tile, BCN=self.cols_per_step,
+            PREC=dot_precision(q3.dtype), **kwargs,
         )
 
 

@@ -14,13 +14,81 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import new_empty, next_pow2, resolve_backend, row_cumsum, row_sum
+from ..utils import new_empty, next_pow2, resolve_backend, row_cumsum, row_max, row_min, row_sum
 from .attn_steps import first_local_block
 from .layout import DenseRows, DocLayout
 from .stages_torch import infllmv2_select_torch
 from .params import SparseParams
 
-__all__ = ["infllmv2_select", "select_rows"]
+__all__ = ["infllmv2_select", "select_rows", "fused_select_ok"]
+
+# The scoring kernel's fused form (score.py, FUSED) selects while it scores: each query keeps a running list of its
+# best non-forced blocks as int64 keys (the score's order-preserving bits above INDEX_BITS bits of reversed block
+# index, so larger key = chosen first, exactly this kernel's (score desc, index asc) order), and the lists are
+# written at the end with the forced blocks around them. No block score goes to global memory.
+INDEX_BITS = 24
+NO_KEY = -(1 << 62)  # "no candidate"; empty slots hold -1 - slot, slots past a row's budget (1 << 62) - slot
+
+
+def fused_select_ok(params: SparseParams, k_slots: int, num_blocks: int) -> bool:
+    """Whether the fused form selects exactly as this kernel: every forced block (init and local window, at most
+    init + window / block + 2) fits in the K slots, or K covers every block; block indices fit INDEX_BITS."""
+    forced = params.init_blocks + params.window_size // params.block_size + 2
+    return num_blocks < (1 << INDEX_BITS) and (k_slots >= num_blocks or k_slots >= forced)
+
+
+@triton.jit
+def block_keys(sc, blk, ok):
+    """Keys [rows, n] of block scores sc [rows, n] of blocks blk [n]: distinct, >= 0, ordered as the selection
+    ranks blocks (score descending, then block index ascending); NO_KEY where not ok."""
+    bits = (sc + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into +0.0
+    key32 = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
+    key = ((key32.to(tl.int64) + 2147483648) << 24) + (16777215 - blk[None, :]).to(tl.int64)
+    return tl.where(ok, key, -4611686018427387904)
+
+
+@triton.jit
+def empty_top(cap, P: tl.constexpr):
+    """A running list [rows, P] with room for cap [rows] keys: distinct negatives in the first cap slots (taken
+    first), distinct values above every key in the rest (never replaced)."""
+    jj = tl.arange(0, P).to(tl.int64)
+    return tl.where(jj[None, :] < cap[:, None].to(tl.int64), -1 - jj[None, :], 4611686018427387904 - jj[None, :])
+
+
+@triton.jit
+def keep_largest(top, cand):
+    """top [rows, P] (distinct keys) after taking the candidates cand [rows, n] (distinct keys or NO_KEY): each
+    candidate above a row's smallest key replaces it, largest first, so top ends with the largest of both. One
+    step per candidate that enters (most rows' lists are full and most blocks stay out)."""
+    low = row_min(top, 1)
+    cand = tl.where(cand > low[:, None], cand, -4611686018427387904)
+    while row_max(row_max(cand, 1), 0) > -4611686018427387904:
+        best = row_max(cand, 1)
+        enter = best > low
+        top = tl.where((top == low[:, None]) & enter[:, None], best[:, None], top)
+        cand = tl.where(cand == best[:, None], -4611686018427387904, cand)
+        low = row_min(top, 1)
+        cand = tl.where(cand > low[:, None], cand, -4611686018427387904)
+    return top
+
+
+@triton.jit
+def store_top_lists(top, out_row, row_ok, n_init, first_local, cur, P: tl.constexpr, LP: tl.constexpr):
+    """Write each row's list in ascending order: init blocks [0, n_init), the running list's blocks (all in
+    [n_init, first_local)), the local window [first_local, cur]. Slots after stay as they were (-1)."""
+    real = (top >= 0) & (top < 2305843009213693952)
+    blk = tl.where(real, 16777215 - (top & 16777215), 1 << 30).to(tl.int32)
+    blk = tl.sort(blk, 1)
+    n_top = row_sum(real.to(tl.int32), 1)
+    jj = tl.arange(0, P)
+    tl.store(out_row[:, None] + jj[None, :], jj[None, :] + 0 * blk,
+             mask=row_ok[:, None] & (jj[None, :] < n_init[:, None]))
+    tl.store(out_row[:, None] + n_init[:, None] + jj[None, :], blk,
+             mask=row_ok[:, None] & (jj[None, :] < n_top[:, None]))
+    ll = tl.arange(0, LP)
+    local = first_local[:, None] + ll[None, :]
+    tl.store(out_row[:, None] + (n_init + n_top)[:, None] + ll[None, :], local,
+             mask=row_ok[:, None] & (local <= cur[:, None]))
 
 
 @triton.jit
