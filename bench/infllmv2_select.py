@@ -57,6 +57,7 @@ def measure(T: int, heads: tuple[int, int, int], data: str) -> str:
         for _ in interface.score_chunks(q3, k3, layout, params, scale):
             pass
 
+    default = interface.FUSED_SELECT
     try:
         plain, fused = lists(False), lists(True)
         if not torch.equal(plain, fused):
@@ -66,7 +67,7 @@ def measure(T: int, heads: tuple[int, int, int], data: str) -> str:
         p_ms, p_gb = timed(lambda: lists(False))
         f_ms, f_gb = timed(lambda: lists(True))
     finally:
-        interface.FUSED_SELECT = True
+        interface.FUSED_SELECT = default
     print(f"[select] T={T} heads={hq},{hkv},{d} {data}: scoring {s_ms:.2f}, +selection {p_ms:.2f}, fused {f_ms:.2f} ms",
           flush=True)
     return (f"| {T // 1024}K | {hq},{hkv},{d} | {data} | {s_ms:.2f} ({s_gb:.2f}) | {p_ms:.2f} ({p_gb:.2f}) | "

@@ -56,8 +56,8 @@ VARIANTS = [
     ("gathered dk/dv 32-key programs", {"dkdv_keys": 32}),
     ("gathered dk/dv 32-key programs, 8 warps", {"dkdv_keys": 32, "dkdv_gather_launch": (8, 2)}),
     ("gathered dk/dv 32-key programs, 4 warps, 3 stages", {"dkdv_keys": 32, "dkdv_gather_launch": (4, 3)}),
-    # scoring writes fp32 block scores and a second kernel selects (the default until 2026-12-03)
-    ("selection kernel of its own (FUSED_SELECT off)", {"FUSED_SELECT": False}),
+    # the scoring kernel keeps each query's best blocks as it scores, no score buffer (selection.py)
+    ("selection fused into the scoring kernel (FUSED_SELECT on)", {"FUSED_SELECT": True}),
 ]
 
 
@@ -65,7 +65,7 @@ def with_settings(overrides: dict):
     """Patch AttnPlan so every plan built inside infllmv2_attn takes these attribute values (upper-case names:
     interface's module settings, set while the plan is built and restored by the next variant's)."""
     original = attn.AttnPlan.__init__
-    interface.FUSED_SELECT = overrides.get("FUSED_SELECT", True)
+    interface.FUSED_SELECT = overrides.get("FUSED_SELECT", False)
 
     def init(self, *a, **kw):
         original(self, *a, **kw)

@@ -1,10 +1,11 @@
 """infllmv2_attn: block scoring -> top-K selection (no gradient) -> attention over the visible blocks.
 
-Scores are only computed for sparse queries (t >= dense_len). With FUSED_SELECT (the default where the settings
-allow it: selection.fused_select_ok) the scoring kernel selects as it scores and writes the int32 block lists
-[HKV, R, K] directly; no score leaves the chip. Otherwise the rows are scored in chunks whose fp32 score buffer
-stays under `score_budget_bytes` (HKV · rows · NBM · 4 bytes; 2 GiB for one 128K sequence in one go, 32 GiB at
-512K), each chunk selected right away by the selection kernel.
+Scores are only computed for sparse queries (t >= dense_len), in chunks of query rows whose fp32 score
+buffer stays under `score_budget_bytes` (HKV · rows · NBM · 4 bytes; 2 GiB for one 128K sequence in one go,
+32 GiB at 512K), each chunk selected right away into the int32 block lists [HKV, R, K]. With FUSED_SELECT (off by
+default; where selection.fused_select_ok) the scoring kernel selects as it scores and writes the lists itself, no
+score leaving the chip: the same lists, with 0.2 instead of 1.1 GiB at 128K, but 5-12x slower than scoring and
+then selecting (docs/perf.md, "Selection fused into the scoring kernel").
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .shared import SHARE_MAX_UNION
 __all__ = ["infllmv2_attn", "select_blocks", "score_chunks", "dense_causal_sdpa", "dense_prefix_rows"]
 
 SCORE_BUDGET_BYTES = 512 * 2**20
-FUSED_SELECT = True  # score and select in one kernel where fused_select_ok (timed in docs/perf.md)
+FUSED_SELECT = False  # score and select in one kernel where fused_select_ok (slower: docs/perf.md)
 
 
 def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,

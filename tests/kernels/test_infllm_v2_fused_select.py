@@ -1,7 +1,7 @@
-"""InfLLM-V2's fused selection (the scoring kernel keeps each query's best blocks as it scores, no score buffer)
-against the selection kernel over written scores, which test_infllm_v2.py checks against the PyTorch reference:
-the block lists must be equal, element for element, on every rule, with ties, documents, dense rows, chunked
-prefill and K up to and past the number of blocks. On CPU the kernels run in the interpreter (fp32); on a GPU the
+"""InfLLM-V2's fused selection (FUSED_SELECT, opt-in: the scoring kernel keeps each query's best blocks as it
+scores, no score buffer) against the selection kernel over written scores, which test_infllm_v2.py checks against
+the PyTorch reference: the block lists must be equal, element for element, on every rule, with ties, documents,
+dense rows, chunked prefill and K up to and past the number of blocks. On CPU the kernels run in the interpreter (fp32); on a GPU the
 same cases run compiled, plus SALA's shape in bf16.
 """
 import pytest
@@ -41,13 +41,13 @@ def both_lists(q, k, cu=None, **settings):
     q3, k3 = q.detach().reshape(-1, heads, dim), k.detach().reshape(-1, k.shape[2], dim)
     k_slots = min(params.num_selected, layout.max_blocks(params.block_size))
     assert fused_select_ok(params, k_slots, layout.max_blocks(params.block_size))
-    out = []
+    out, default = [], interface.FUSED_SELECT
     try:
         for fused in (False, True):
             interface.FUSED_SELECT = fused
             out.append(interface.select_blocks(q3, k3, layout, params, dim**-0.5))
     finally:
-        interface.FUSED_SELECT = True
+        interface.FUSED_SELECT = default
     return out[0], out[1], params
 
 
