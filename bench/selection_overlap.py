@@ -6,12 +6,17 @@ model's sparse layers resemble, i.e. whether ``infllmv2_attn(..., share_tokens=T
 
     python bench/selection_overlap.py                          # the offline SmolLM2-135M, prose and code, CPU
     python bench/selection_overlap.py --model <dense dir> --T 8192 --layers 0 8 17 --out overlap.json
+    python bench/selection_overlap.py --T 16384 --time           # GPU: also time share_tokens 1 and 4 on these q/k
 
 The q/k are the dense model's own projections (no RoPE: the converted sparse layers are NoPE), captured with
 forward hooks on ``q_proj`` / ``k_proj`` while the model reads held-out-style text (the carried prose file,
 .gpu/prose.jsonl.gz, when present, and this Python's standard-library sources). The sparse settings are those of
 the SmolLM2 quality recipes (recipes/pipeline_halo_smollm2.yaml: topk 16, a 512-token window, dense_len 1024,
 blocks of 64), or SALA's with ``--sala`` (topk 64, a 2048-token window, dense_len 8192).
+
+``--time`` (CUDA): for every row, also the forward+backward of ``infllmv2_attn`` (Triton, bf16, the default
+``share_max_union`` rule) on those q/k with ``share_tokens`` 1 and 4, and torch's default dense attention on the same
+tensors (``F.scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)``), triton.testing.do_bench medians.
 """
 
 from __future__ import annotations
@@ -69,11 +74,40 @@ def capture_qk(model, ids: list[int], layers: list[int]) -> dict[int, tuple[torc
                 got[(i, name)] = out.float().reshape(1, out.shape[1], -1, d)
             hooks.append(getattr(attn, name).register_forward_hook(hook))
     try:
-        model(input_ids=torch.tensor([ids]))
+        model(input_ids=torch.tensor([ids], device=model.device))
     finally:
         for h in hooks:
             h.remove()
     return {i: (got[(i, "q_proj")], got[(i, "k_proj")]) for i in layers}
+
+
+def time_share(q: torch.Tensor, k: torch.Tensor, settings: dict) -> dict[str, float]:
+    """fwd+bwd ms on the GPU: the sparse op with share_tokens 1 and 4, and the default dense attention."""
+    import triton
+    from salatrain_kernels.infllm_v2 import infllmv2_attn
+
+    g = torch.Generator().manual_seed(1)
+    q, k = (x.detach().cuda().bfloat16().requires_grad_() for x in (q, k))
+    v = torch.randn(k.shape, generator=g).cuda().bfloat16().requires_grad_()
+    do = torch.randn(q.shape, generator=g).cuda().bfloat16()
+
+    def sparse(tq):
+        return lambda: infllmv2_attn(q, k, v, share_tokens=tq, **settings)
+
+    def dense():
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2)
+
+    out = {}
+    for name, fn in (("x1 ms", sparse(1)), ("x4 ms", sparse(4)), ("dense ms", dense)):
+        def step(fn=fn):
+            for t in (q, k, v):
+                t.grad = None
+            fn().backward(do)
+        out[name] = triton.testing.do_bench(step, warmup=25, rep=200)
+    out["x4 gain"] = out["x1 ms"] / out["x4 ms"]
+    return out
 
 
 def main(argv=None):
@@ -83,7 +117,11 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, nargs="+", help="layers to read (default: every fourth)")
     ap.add_argument("--sala", action="store_true", help="SALA's sparse settings instead of the SmolLM2 recipes'")
     ap.add_argument("--out", type=pathlib.Path, help="write the rows as JSON here")
+    ap.add_argument("--time", action="store_true", help="CUDA: time the sparse op with share_tokens 1 and 4")
     args = ap.parse_args(argv)
+    if args.time and not torch.cuda.is_available():
+        sys.exit("--time needs a CUDA GPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model is None:
@@ -91,7 +129,7 @@ def main(argv=None):
 
         args.model = str(smollm2_dir())
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(device)
     n_layers = model.config.num_hidden_layers
     layers = args.layers or list(range(0, n_layers, 4))
     settings = dict(SALA if args.sala else SMOLLM2)
@@ -103,18 +141,23 @@ def main(argv=None):
             row = {"data": kind, "layer": layer}
             for tq in SHARE:
                 row[f"share x{tq}"] = block_overlap(q, k, tq, settings)
+            if args.time:
+                row.update(time_share(q, k, settings))
             rows.append(row)
             print(row, flush=True)
     g = torch.Generator().manual_seed(0)
     q, k = next(iter(qk.values()))
     for kind, draw in (("random", lambda s: torch.randn(s, generator=g)), ("correlated", lambda s: correlated(s, g))):
         row = {"data": kind, "layer": "-"}
-        qs, ks = draw(tuple(q.shape)), draw(tuple(k.shape))
+        qs, ks = draw(tuple(q.shape)).to(device), draw(tuple(k.shape)).to(device)
         for tq in SHARE:
             row[f"share x{tq}"] = block_overlap(qs, ks, tq, settings)
+        if args.time:
+            row.update(time_share(qs, ks, settings))
         rows.append(row)
         print(row, flush=True)
     keys = ["data", "layer"] + [f"share x{tq}" for tq in SHARE]
+    keys += ["x1 ms", "x4 ms", "x4 gain", "dense ms"] if args.time else []
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")

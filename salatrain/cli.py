@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(name: str) -> int:
+    done = interrupt.commits()
     print(f"salatrain {name}: interrupted; nothing was committed after the interrupt (complete outputs and "
-          "checkpoints written before it are intact)", file=sys.stderr)
+          "checkpoints written before it are intact" + (f"; written complete: {', '.join(done)}" if done else "")
+          + ")", file=sys.stderr)
     return interrupt.EXIT_STATUS
 
 

@@ -17,7 +17,7 @@ import signal
 import threading
 from typing import Iterator
 
-_state = {"seen": False, "defer": 0, "pending": False}
+_state = {"seen": False, "defer": 0, "pending": False, "commits": []}
 EXIT_STATUS = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
@@ -36,7 +36,7 @@ def handling() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGINT, _handler)
-    _state.update(seen=False, defer=0, pending=False)
+    _state.update(seen=False, defer=0, pending=False, commits=[])
     try:
         yield
     finally:
@@ -47,6 +47,16 @@ def seen() -> bool:
     """An interrupt arrived while the handler was installed (even if something swallowed it)."""
     return bool(_state["seen"])
 
+
+
+def committed(path) -> None:
+    """Record an output directory put in place complete (named when the command is then reported interrupted)."""
+    _state["commits"].append(str(path))
+
+
+def commits() -> list[str]:
+    """The output directories committed complete since the handler was installed."""
+    return list(_state["commits"])
 
 
 def check() -> None:

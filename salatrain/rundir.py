@@ -269,6 +269,7 @@ class OutputDir:
             interrupt.check()
             with interrupt.deferred():
                 _swap_in(tmp, out)
+                interrupt.committed(out)
         finally:
             with interrupt.deferred():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from salatrain.config.schema import ConvertConfig, PlanSettings
+from salatrain.config.schema import ConvertConfig, PlanSettings, SparseSettings
 from salatrain.convert.convert import convert
 from salatrain.models import SalaHybridForCausalLM
 from salatrain.models.loading import load_dense_as_hybrid
@@ -83,6 +83,16 @@ def test_all_full_attention_plan_is_lossless(dense_dirs, tmp_path):
     out = convert(ConvertConfig(model=str(dense_dirs["mistral"]), output_dir=str(tmp_path / "h"),
                                 plan=PlanSettings(file=str(plan))))
     assert json.loads((out / "conversion_report.json").read_text())["kl_check"]["kl_max"] < 1e-9
+
+
+@pytest.mark.parametrize("sparse,share", [({}, 4), ({"topk": 16}, 1), ({"topk": 16, "share_tokens": 2}, 2),
+                                           ({"share_tokens": 1}, 1)])
+def test_share_tokens_of_a_new_conversion_follows_topk(dense_dirs, tmp_path, sparse, share):
+    """Unset, sparse.share_tokens becomes 4 for long lists (topk >= 64, the default) and 1 for short ones, written to
+    config.json; a value the user sets is kept."""
+    out = convert(ConvertConfig(model=str(dense_dirs["llama"]), output_dir=str(tmp_path / "h"), kl_check=False,
+                                sparse=SparseSettings(**sparse), plan=PlanSettings(method="uniform", ratio=0.5)))
+    assert json.loads((out / "config.json").read_text())["sparse_config"]["share_tokens"] == share
 
 
 def test_sharded_output_and_dtype(dense_dirs, tmp_path):

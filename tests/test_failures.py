@@ -155,8 +155,9 @@ def test_library_logs_stay_off_stderr_unless_verbose(tmp_path, capsys):
 
 
 def test_ctrl_c_during_convert_exits_130_with_nothing_written(tmp_path):
-    """Interrupt at several moments; each run either ends 130 with no output and no success line, or (when the
-    signal came after the command finished) has printed its success line with the output complete."""
+    """Interrupt at several moments; each run either ends 130 with no success line and no output (or, when the
+    signal came in the moment between committing the output and printing the success line, the output complete
+    and named as such), or has printed its success line with the output complete. Never anything half-written."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -187,7 +188,9 @@ def test_ctrl_c_during_convert_exits_130_with_nothing_written(tmp_path):
             interrupted += 1
             assert err.strip().splitlines()[-1].startswith("salatrain convert: interrupted"), err
             assert "wrote" not in err and "Traceback" not in err and "KeyboardInterrupt" not in err, err
-            assert not out.exists() and leftovers == [], (delay, leftovers)
+            assert leftovers == [], (delay, leftovers)
+            if out.exists():  # committed before the interrupt: complete, and the message says so
+                assert (out / "conversion_report.json").is_file() and f"written complete: {out}" in err, err
         else:
             assert "wrote" in err and (out / "conversion_report.json").is_file(), (proc.returncode, err)
     assert interrupted >= 2
@@ -225,6 +228,35 @@ def test_help_lists_the_commands_without_loading_torch():
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("usage: salatrain") and all(name in proc.stdout for name in COMMANDS)
         assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout
+
+
+def test_an_interrupt_right_after_the_commit_names_the_complete_output(monkeypatch, capsys, tmp_path):
+    """Ctrl-C between the moment a command puts its output in place and its success line: 130, and the one-line
+    message names the output as written complete (it is), so the user knows not to redo it; an interrupt before
+    any commit names nothing."""
+    from salatrain import cli as salatrain_cli
+    from salatrain.rundir import OutputDir
+
+    def run_then_interrupt(name, args):
+        with OutputDir(tmp_path / "out", "convert") as out, out.atomic() as tmp:
+            (tmp / "done.txt").write_text("complete")
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises KeyboardInterrupt here
+
+    monkeypatch.setattr(salatrain_cli, "_run", run_then_interrupt)
+    assert salatrain_cli.main(["convert"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"; written complete: {tmp_path / 'out'})"), err
+    assert (tmp_path / "out" / "done.txt").read_text() == "complete"
+
+    def interrupt_before(name, args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    monkeypatch.setattr(salatrain_cli, "_run", interrupt_before)
+    assert salatrain_cli.main(["convert"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written complete" not in err[0], err
 
 
 def test_an_interrupt_that_surfaces_as_another_error_is_still_reported_as_the_interrupt(monkeypatch, capsys):

@@ -25,7 +25,7 @@ from ..hf_checkpoint import TOKENIZER_FILES, CheckpointDir, ShardWriter, copy_si
 from ..models import SalaHybridConfig, SalaHybridForCausalLM
 from ..models.families import family_for
 from ..models.export import write_model_code
-from ..models.configuration_sala_hybrid import SPARSE_DEFAULTS, sparse_config_problem
+from ..models.configuration_sala_hybrid import SPARSE_DEFAULTS, default_share_tokens, sparse_config_problem
 from ..models.plan import plan_from_file, plan_from_sparse_layers, uniform_layers
 from ..rundir import OutputDir
 from . import minicpm_sala as released
@@ -71,8 +71,9 @@ def hybrid_config(src: CheckpointDir, mixer_types: list[str] | None, sparse=None
         raise UserError(f"{src.path}: {e}") from None
     if mixer_types is not None:
         kw["mixer_types"] = mixer_types
-    if sparse is not None:
-        kw["sparse_config"] = {**kw.get("sparse_config", {}), **_set_fields(sparse)}
+    if sparse is not None:  # a new conversion: unset share_tokens follows the list length
+        sc = kw["sparse_config"] = {**kw.get("sparse_config", {}), **_set_fields(sparse)}
+        sc.setdefault("share_tokens", default_share_tokens(sc.get("topk", SPARSE_DEFAULTS["topk"])))
     if lightning is not None:
         kw["lightning_config"] = {**kw.get("lightning_config", {}), **_set_fields(lightning)}
     try:

@@ -32,12 +32,20 @@ SPARSE_DEFAULTS = {
     "nope_logit_scale": False,  # HALO: scale logits by log(t + a) / log(a) at positions t
     "nope_logit_scale_base": 500.0,
     # Triton kernels only, the same output: that many neighbouring sparse queries walk the union of their chosen
-    # blocks, loading each once (docs/perf.md: 16-17% faster fwd+bwd where selections overlap, 4-13% slower at 4
-    # where they do not)
+    # blocks, loading each once. 1 for a config that does not say; `salatrain convert` writes
+    # default_share_tokens(topk) into a new conversion's config.json instead
     "share_tokens": 1,
 }
 
 SHARE_TOKENS = (1, 2, 4, 8, 16)  # the kernels' tile rows are share_tokens x the group padded to a power of two
+SHARE_TOKENS_MIN_TOPK = 64
+
+
+def default_share_tokens(topk: int) -> int:
+    """share_tokens of a new conversion that neither the user nor the source sets: 4 where lists are long (topk >=
+    64: 12-29% faster sparse fwd+bwd on SmolLM2-135M's own q/k at 32K with SALA's settings, H200), 1 where they are
+    short (topk 16: 4-26% slower at 16K). docs/perf.md, "Block sharing on a real model's q/k"."""
+    return 4 if topk >= SHARE_TOKENS_MIN_TOPK else 1
 
 SPARSE_CHOICES = {
     "normalizer": ("exact", "coarse"),
@@ -197,4 +205,4 @@ class SalaHybridConfig(PreTrainedConfig):
         return [2.0 ** (-8.0 * (i + 1) / h) for i in range(h)]
 
 
-__all__ = ["SalaHybridConfig", "MIXER_TYPES", "SPARSE_DEFAULTS", "LIGHTNING_DEFAULTS"]
+__all__ = ["SalaHybridConfig", "MIXER_TYPES", "SPARSE_DEFAULTS", "LIGHTNING_DEFAULTS", "default_share_tokens"]
