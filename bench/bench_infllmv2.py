@@ -154,16 +154,32 @@ def gate(device, dtype, normalizer, **options):
     return True, f"rows selecting other blocks than fp32 {mismatch:.1%} (margin {margin:.1e}); " + ", ".join(notes)
 
 
+def parse_heads(text: str) -> tuple[int, int, int]:
+    """--heads HQ,HKV,D of the benchmarks: (query heads, key/value heads, head dim); exits with a one-line error."""
+    try:
+        hq, hkv, d = (int(x) for x in text.split(","))
+    except ValueError:
+        sys.exit(f"--heads takes HQ,HKV,D (got {text!r})")
+    if min(hq, hkv, d) < 1 or hq % hkv:
+        sys.exit(f"--heads {text}: HKV must divide HQ, all positive")
+    return hq, hkv, d
+
+
 # ------------------------------------------------------------------------------------------------ timing
+def peak_gib(fn) -> float:
+    """GiB allocated at the peak of one fn() call above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def _timed(fn, quick):
     """(median ms, extra peak GiB) of fn(); ("OOM", None) when it does not fit."""
     try:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        peak = peak_gib(fn)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times, budget, spent = [], (150.0 if quick else 400.0), 0.0
         while len(times) < 3 or (spent < budget and len(times) < 25):
@@ -470,12 +486,7 @@ def main(argv=None):
                         "4 queries a tile costs the matmuls nothing")
     args = p.parse_args(argv)
     if args.heads:
-        try:
-            HQ, HKV, D = (int(x) for x in args.heads.split(","))
-        except ValueError:
-            sys.exit(f"--heads takes HQ,HKV,D (got {args.heads!r})")
-        if min(HQ, HKV, D) < 1 or HQ % HKV:
-            sys.exit(f"--heads {args.heads}: HKV must divide HQ, all positive")
+        HQ, HKV, D = parse_heads(args.heads)
     if not torch.cuda.is_available():
         sys.exit("bench_infllmv2.py needs a CUDA GPU")
     T_list = args.T or ([8192, 32768] if args.quick else [8192, 32768, 131072])

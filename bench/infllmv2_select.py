@@ -26,16 +26,11 @@ from salatrain_kernels.infllm_v2.params import SparseParams  # noqa: E402
 
 
 def timed(fn) -> tuple[float, float]:
-    """(median ms, peak GiB allocated above what was allocated before)."""
+    """(median ms, peak GiB allocated above what was allocated before), after one warm-up call."""
     import triton
 
     fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    peak = B.peak_gib(fn)
     return triton.testing.do_bench(fn, warmup=25, rep=200), peak
 
 
@@ -66,6 +61,9 @@ def measure(T: int, heads: tuple[int, int, int], data: str) -> str:
         s_ms, s_gb = timed(scoring)
         p_ms, p_gb = timed(lambda: lists(False))
         f_ms, f_gb = timed(lambda: lists(True))
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return f"| {T // 1024}K | {hq},{hkv},{d} | {data} | out of memory | | | |"
     finally:
         interface.FUSED_SELECT = default
     print(f"[select] T={T} heads={hq},{hkv},{d} {data}: scoring {s_ms:.2f}, +selection {p_ms:.2f}, fused {f_ms:.2f} ms",
@@ -81,14 +79,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=["random", "correlated w16"])
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
-    shapes = []
-    for h in a.heads:
-        try:
-            hq, hkv, d = (int(x) for x in h.split(","))
-            assert min(hq, hkv, d) > 0 and hq % hkv == 0
-        except (ValueError, AssertionError):
-            sys.exit(f"--heads takes HQ,HKV,D with HKV dividing HQ (got {h!r})")
-        shapes.append((hq, hkv, d))
+    shapes = [B.parse_heads(h) for h in a.heads]
     lines = [f"## InfLLM-V2 scoring + selection, fused and not — {torch.cuda.get_device_name()}", "",
              f"bf16, batch 1, SALA's sparse settings {B.SALA}; ms (peak GiB above the inputs)", "",
              "| T | heads HQ,HKV,D | q/k | scoring alone | scoring, then selection kernel | fused | speedup |",

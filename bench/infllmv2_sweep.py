@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_infllmv2 import HKV, HQ, SALA, D  # noqa: E402  (also makes salatrain_kernels importable)
+from bench_infllmv2 import HKV, HQ, SALA, D, parse_heads  # noqa: E402  (also makes salatrain_kernels importable)
 
 import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
 from salatrain_kernels.infllm_v2 import infllmv2_attn, interface  # noqa: E402
@@ -116,11 +116,7 @@ def main() -> None:
                     help="query heads, key/value heads and head dim (default SALA's; 9,3,64 is SmolLM2-135M's)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel CUDA-time breakdown")
     a = ap.parse_args()
-    try:
-        hq, hkv, d = (int(x) for x in a.heads.split(","))
-        assert min(hq, hkv, d) > 0 and hq % hkv == 0
-    except (ValueError, AssertionError):
-        sys.exit(f"--heads takes HQ,HKV,D with HKV dividing HQ (got {a.heads!r})")
+    hq, hkv, d = parse_heads(a.heads)
     variants = [(n, o) for n, o in VARIANTS if n == "default" or not a.only or any(s in n for s in a.only)]
     lines = [f"## InfLLM-V2 fwd+bwd breakdown and launch settings — {torch.cuda.get_device_name()}", "",
              f"{hq} query / {hkv} key-value heads, head dim {d}, bf16, batch 1", ""]
