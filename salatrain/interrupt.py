@@ -48,7 +48,6 @@ def seen() -> bool:
     return bool(_state["seen"])
 
 
-
 def committed(path) -> None:
     """Record an output directory put in place complete (named when the command is then reported interrupted)."""
     _state["commits"].append(str(path))

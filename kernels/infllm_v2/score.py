@@ -16,6 +16,10 @@ score is bs(b) = max(own[b], tail[b−1]), combined where rows are read (the sel
 `combine_tail`). Recomputing the shared windows in a second dot instead would round differently and break
 the exact ties between neighbouring blocks that share their best window. A block with no window ended by
 t scores -inf. Tiles are launched latest-queries first, so the longest programs start first.
+
+FUSED (interface.FUSED_SELECT, opt-in) keeps the scores on chip instead: each step's block scores update every
+query's running list of its best blocks (selection.py: keep_largest), and the program writes the block lists at
+the end. Exact, but 5-12x slower than scoring then selecting (docs/perf.md).
 """
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ __all__ = ["infllmv2_select", "select_rows", "fused_select_ok"]
 # The scoring kernel's fused form (score.py, FUSED) selects while it scores: each query keeps a running list of its
 # best non-forced blocks as int64 keys (the score's order-preserving bits above INDEX_BITS bits of reversed block
 # index, so larger key = chosen first, exactly this kernel's (score desc, index asc) order), and the lists are
-# written at the end with the forced blocks around them. No block score goes to global memory.
+# written at the end with the forced blocks around them. No block score goes to global memory. Constants inside the
+# jit helpers: NO_KEY = -2^62 ("no candidate"); empty slots hold -1 - slot, slots past a row's budget 2^62 - slot.
 INDEX_BITS = 24
-NO_KEY = -(1 << 62)  # "no candidate"; empty slots hold -1 - slot, slots past a row's budget (1 << 62) - slot
 
 
 def fused_select_ok(params: SparseParams, k_slots: int, num_blocks: int) -> bool:

@@ -47,6 +47,7 @@ def default_share_tokens(topk: int) -> int:
     short (topk 16: 4-26% slower at 16K). docs/perf.md, "Block sharing on a real model's q/k"."""
     return 4 if topk >= SHARE_TOKENS_MIN_TOPK else 1
 
+
 SPARSE_CHOICES = {
     "normalizer": ("exact", "coarse"),
     "dense_len_mode": ("position", "sequence"),
