@@ -165,6 +165,15 @@ def parse_heads(text: str) -> tuple[int, int, int]:
     return hq, hkv, d
 
 
+def emit(lines: list[str], out) -> None:
+    """Print a benchmark's markdown and append it to `out` (a path, or None)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(text)
+
+
 # ------------------------------------------------------------------------------------------------ timing
 def peak_gib(fn) -> float:
     """GiB allocated at the peak of one fn() call above what was allocated before it."""

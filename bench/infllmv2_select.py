@@ -89,11 +89,7 @@ def main() -> None:
             for data in a.data:
                 lines.append(measure(T, heads, data))
                 torch.cuda.empty_cache()
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(text)
+    B.emit(lines, a.out)
 
 
 if __name__ == "__main__":

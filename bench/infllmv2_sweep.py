@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_infllmv2 import HKV, HQ, SALA, D, parse_heads  # noqa: E402  (also makes salatrain_kernels importable)
+from bench_infllmv2 import HKV, HQ, SALA, D, emit, parse_heads  # noqa: E402  (also makes salatrain_kernels importable)
 
 import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
 from salatrain_kernels.infllm_v2 import infllmv2_attn, interface  # noqa: E402
@@ -151,11 +151,7 @@ def main() -> None:
         lines += [f"Settings at T = {T // 1024}K (one changed at a time):", ""] + rows + [""]
         del q, k, v, do, ref
         torch.cuda.empty_cache()
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(text)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

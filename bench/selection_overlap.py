@@ -16,7 +16,8 @@ blocks of 64), or SALA's with ``--sala`` (topk 64, a 2048-token window, dense_le
 
 ``--time`` (CUDA): for every row, also the forward+backward of ``infllmv2_attn`` (Triton, bf16, the default
 ``share_max_union`` rule) on those q/k with ``share_tokens`` 1 and 4, and torch's default dense attention on the same
-tensors (``F.scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)``), triton.testing.do_bench medians.
+tensors in the layout a dense user holds (contiguous ``[B, H, T, D]``, ``F.scaled_dot_product_attention(...,
+is_causal=True, enable_gqa=True)``), triton.testing.do_bench medians.
 """
 
 from __future__ import annotations
@@ -94,17 +95,19 @@ def time_share(q: torch.Tensor, k: torch.Tensor, settings: dict) -> dict[str, fl
     def sparse(tq):
         return lambda: infllmv2_attn(q, k, v, share_tokens=tq, **settings)
 
+    qd, kd, vd = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # a user's layout
+    do_d = do.transpose(1, 2).contiguous()
+
     def dense():
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
-        return o.transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
 
     out = {}
-    for name, fn in (("x1 ms", sparse(1)), ("x4 ms", sparse(4)), ("dense ms", dense)):
-        def step(fn=fn):
-            for t in (q, k, v):
+    for name, fn, leaves, grad in (("x1 ms", sparse(1), (q, k, v), do), ("x4 ms", sparse(4), (q, k, v), do),
+                                   ("dense ms", dense, (qd, kd, vd), do_d)):
+        def step(fn=fn, leaves=leaves, grad=grad):
+            for t in leaves:
                 t.grad = None
-            fn().backward(do)
+            fn().backward(grad)
         out[name] = triton.testing.do_bench(step, warmup=25, rep=200)
     out["x4 gain"] = out["x1 ms"] / out["x4 ms"]
     return out
