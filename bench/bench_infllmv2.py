@@ -36,6 +36,7 @@ from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, dense_prefi
 from salatrain_kernels.infllm_v2.layout import DocLayout
 from salatrain_kernels.infllm_v2.params import SparseParams
 from salatrain_kernels.infllm_v2.shared import SHARE_MAX_UNION
+from salatrain_kernels.utils import next_pow2
 from salatrain_kernels.infllm_v2.plan import AttnPlan, SparseAttnFn, window_split_exact
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
@@ -50,6 +51,7 @@ SALA = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, topk
 GATE = dict(SALA, topk=8, window_size=256, dense_len=512)
 GATE_T, GATE_HEADS = 2048, (16, 1)
 OURS = "triton (exact)"
+PACKED, UNPACKED = "triton (packed small group)", "triton (per-query tiles)"
 DENSE = "sdpa default (dense)"
 BASELINES = {
     DENSE: "torch scaled_dot_product_attention(is_causal=True, enable_gqa=True) on contiguous [B, H, T, D] tensors "
@@ -63,15 +65,26 @@ BASELINES = {
 
 
 # ------------------------------------------------------------------------------------------------ baselines
-def _with_dkdv_rows(n, fn):
-    """fn() with the gathered dk/dv kernel taking n query rows a step (the plan's DKDV_ROWS, restored after)."""
+def _with_plan(name, value, fn):
+    """fn() with the plan module's setting ``name`` (DKDV_ROWS, PACK_SMALL_GROUPS, ...) at value, restored after."""
     from salatrain_kernels.infllm_v2 import plan
 
-    before, plan.DKDV_ROWS = plan.DKDV_ROWS, n
+    before = getattr(plan, name)
+    setattr(plan, name, value)
     try:
         return fn()
     finally:
-        plan.DKDV_ROWS = before
+        setattr(plan, name, before)
+
+
+def _with_dkdv_rows(n, fn):
+    """fn() with the gathered dk/dv kernel taking n query rows a step."""
+    return _with_plan("DKDV_ROWS", n, fn)
+
+
+def _packed(fn, on=True):
+    """fn() with small groups packed (PACK_SMALL_GROUPS: neighbouring queries fill a 16-row tile) or not."""
+    return _with_plan("PACK_SMALL_GROUPS", on, fn)
 
 
 def sdpa_default(q, k, v):
@@ -116,10 +129,11 @@ def _rule(out, ref, lowp, rel_eps=1e-4):
     return ok, f"err {err:.2e} vs torch-lowp {err_lp:.2e}"
 
 
-def gate(device, dtype, normalizer, **options):
-    """Full op at T = 2048 (G = 16, D = 128): selection vs reference, output and gradients within 2x torch-lowp."""
+def gate(device, dtype, normalizer, heads=GATE_HEADS, **options):
+    """Full op at T = 2048 (G = 16 unless ``heads`` says otherwise, D = 128): selection vs reference, output and
+    gradients within 2x torch-lowp."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    T, (heads, kv_heads) = GATE_T, GATE_HEADS
+    T, (heads, kv_heads) = GATE_T, heads
     q = torch.randn(1, T, heads, D, generator=g).to(device, dtype)
     k, v = (torch.randn(1, T, kv_heads, D, generator=g).to(device, dtype) for _ in range(2))
     do = torch.randn(1, T, heads, D, generator=g).to(device, dtype)
@@ -405,6 +419,11 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
     gates["coarse"] = gate(device, dtype, "coarse") if wanted("triton (coarse)") else failed
     gates["atomic dq"] = gate(device, dtype, "exact", dq_mode="atomic") if wanted("triton (atomic dq)") else failed
     gates["pointer"] = gate(device, dtype, "exact", kv_loads="pointer") if wanted("(pointer loads)") else failed
+    small = HQ // HKV < 16  # a small group: neighbouring queries can fill the tile's padding rows
+    gates["packed"] = (_packed(lambda: gate(device, dtype, "exact", heads=(HQ // HKV, 1)))
+                       if small and wanted(PACKED) else failed)
+    gates["per-query"] = (_packed(lambda: gate(device, dtype, "exact", heads=(HQ // HKV, 1)), on=False)
+                          if small and wanted(UNPACKED) else failed)
     for norm, (ok, note) in gates.items():
         print(f"[gate] infllmv2 {norm}: {'PASS' if ok else 'skipped' if note.startswith('not run') else 'FAIL'} "
               f"({note})", flush=True)
@@ -427,6 +446,14 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
                                   q, k, v, backend="triton", dq_mode="atomic", **SALA)), flops(T, "exact"),
                               f"sparse rows' dq added in the dk/dv pass with fp32 atomics (dq_mode=atomic), "
                               f"{n_rows} query rows a dk/dv step"))
+        if sparse_rows and gates["packed"][0]:
+            impls.append((PACKED, lambda q, k, v: _packed(lambda: infllmv2_attn(q, k, v, backend="triton", **SALA)),
+                          flops(T, "exact"), f"PACK_SMALL_GROUPS on: {16 // next_pow2(HQ // HKV)} neighbouring "
+                          "queries fill a 16-row tile and share their gathered blocks"))
+        if sparse_rows and gates["per-query"][0]:
+            impls.append((UNPACKED, lambda q, k, v: _packed(lambda: infllmv2_attn(q, k, v, backend="triton", **SALA),
+                                                            on=False),
+                          flops(T, "exact"), "PACK_SMALL_GROUPS off: every query its own 16-row tile"))
         for tq in share if sparse_rows else ():
             impls.append((f"triton shared x{tq}", lambda q, k, v, tq=tq: infllmv2_attn(
                 q, k, v, backend="triton", share_tokens=tq, share_max_union=1.0, **SALA), flops(T, "exact"),
@@ -461,7 +488,7 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
         # attention's time does not depend on the values
         if sparse_rows:
             ours = [i for i in impls if i[0] == OURS or i[0].startswith("triton shared") or "atomic" in i[0]
-                    or "pointer" in i[0]]
+                    or "pointer" in i[0] or i[0] in (PACKED, UNPACKED)]
             for data in [f"correlated w{w}" for w in widths] or ["correlated"]:
                 rows += bench_T(T, dtype, device, ours, ceilings, quick, data=data, extras=not only)
                 if only:  # the overlap of this data (the full run prints it with the extras)

@@ -22,7 +22,7 @@ import triton.language as tl
 from ..utils import LOG2E, dot_precision, interpreting, new_empty, next_pow2, row_sum, should_tune
 from .attn_steps import kv_descriptors
 from .gather import _gather_dkdv_kernel, gather_dq, gather_fwd
-from .shared import SHARE_MAX_UNION, check_share, shared_dq, shared_fwd, union_lists
+from .shared import SHARE_MAX_UNION, check_share, pack_share, shared_dq, shared_fwd, union_lists
 from .layout import DenseRows, DocLayout
 from .naive import first_local_block
 from .window import _local_dkdv_kernel, _local_dq_kernel, local_fwd
@@ -38,6 +38,9 @@ DKDV_KEYS = None  # keys per gathered dk/dv program (None: the whole block; a di
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
 INTERPRETER_DKDV_CHUNK = 4096  # the interpreter takes a block's queries in one program (tests set it small)
 PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
+# groups of fewer than 16 query heads per K/V head: with share_tokens=1 (and dq_mode="gather"), neighbouring queries
+# fill the rest of the 16-row tile and share their gathered blocks (shared.pack_share)
+PACK_SMALL_GROUPS = False
 
 
 @triton.jit
@@ -105,16 +108,24 @@ class AttnPlan:
         if kv_loads not in KV_LOADS:
             raise ValueError(f"kv_loads must be one of {', '.join(KV_LOADS)}, got {kv_loads!r}")
         self.kv_loads = kv_loads
+        self.group = heads // kv_heads
+        group_pad = next_pow2(self.group)
+        if PACK_SMALL_GROUPS and share_tokens == 1 and dq_mode == "gather" and group_pad < 16:
+            # a small group fills group_pad of a 16-row tile: neighbouring queries fill the rest (pack_share)
+            share_tokens = pack_share(self.group)
         self.share = share_tokens  # > 1: neighbouring sparse rows share their gathered blocks (shared.py)
+        # a shared tile's rows: share x the group padded to a power of two, at least 16 (tl.dot's tile)
+        self.share_rows = max(group_pad, 16 // share_tokens)
         # ... a tile of them only when its union list is at most this fraction of its rows' entries; the other
-        # tiles' rows go through the per-query gather kernels (1.0: every tile shares)
-        self.share_max_union = share_max_union
+        # tiles' rows go through the per-query gather kernels (1.0: every tile shares). A tile of at most 16 rows
+        # always shares: a per-query tile has 16 rows too, so the union (never longer than the lists together)
+        # cannot cost more steps
+        self.share_max_union = 1.0 if share_tokens * self.share_rows <= 16 else share_max_union
         # the sparse rows' gathered dq: "gather" walks each query's block list (its own pass), "atomic" adds it in
         # the dk/dv pass over the transposed lists (shared blocks keep their own dq pass)
         self.dq_atomic = dq_mode == "atomic" and share_tokens == 1
         self._unions: dict[int, tuple] = {}
         self.layout, self.heads, self.kv_heads, self.dim = layout, heads, kv_heads, dim
-        self.group = heads // kv_heads
         self.block_size, self.scale = block_size, scale
         self.dense = DenseRows.build(layout, dense_len, dense_len_mode)
         self.local_blocks = local_blocks
@@ -207,7 +218,7 @@ class AttnPlan:
         return (shared if self._one_block(idx3) else pointers), shared
 
     def _shared_meta(self):
-        return dict(G=self.group, M=self.gather_rows, TQ=self.share, D=self.dim, BD=self.bd, BS=self.block_size,
+        return dict(G=self.group, M=self.share_rows, TQ=self.share, D=self.dim, BD=self.bd, BS=self.block_size,
                     PREC=self.prec)
 
     @cached_property

@@ -3,11 +3,13 @@
 The gather kernels (gather.py) give each query its own program: the G heads of its group are the rows of the
 tile, and every block the query selected is loaded for it alone. Neighbouring queries of a real model select
 mostly the same blocks, so here one program takes TQ consecutive sparse rows of one KV group (TQ·G rows, padded
-per query to M) and walks the *union* of their block lists: each block is loaded once for all TQ queries, and a
-per-query bit says which of them selected it. Masks keep the result exact: a row sees a key only if its query
-selected the key's block and the key is not after the query. Where selections do not overlap (i.i.d. random q/k)
-the union is TQ times a list and the masked rows waste work; where they overlap the loads drop by up to TQ and
-the MMA tiles grow TQ-fold.
+per query to M = the group's power of two, at least 16 / TQ) and walks the *union* of their block lists: each
+block is loaded once for all TQ queries, and a per-query bit says which of them selected it. Masks keep the
+result exact: a row sees a key only if its query selected the key's block and the key is not after the query.
+Where selections do not overlap (i.i.d. random q/k) the union is TQ times a list and the masked rows waste work;
+where they overlap the loads drop by up to TQ and the MMA tiles grow TQ-fold. For groups of fewer than 16 heads
+the rows of TQ queries may fit in the 16 rows a per-query tile pads to (pack_share): then sharing is never more work
+than per-query tiles, whatever the overlap.
 
 The union lists are built on the device (``union_lists``): the tile's TQ lists (global block numbers, the
 entries the gather kernels would take) sorted together, runs of one block merged, their query bits summed.
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import Tunable
+from ..utils import Tunable, next_pow2
 from .attn_steps import backward_rows, dq_update, key_rows, online_softmax
 
 SHARE_VALUES = (1, 2, 4, 8, 16)  # powers of two (tile rows); query bits per union entry live in an int32
@@ -136,6 +138,13 @@ def _shared_dq_kernel(
         dq = dq_update(dq, p, do, kt, vt, delta, PREC)
     dq_off = ((r - out_row_base) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
     tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tl.where(use, qd_mask, False))
+
+
+def pack_share(group: int) -> int:
+    """Queries per shared tile that fill the 16 rows of tl.dot's smallest tile with a group of ``group`` heads
+    (padded to a power of two): 16 // that, 1 for groups of 16 or more. Such a tile costs a step per block of the
+    union of its queries' lists, where their own tiles (16 rows each, mostly padding) cost one per entry."""
+    return max(1, 16 // next_pow2(group))
 
 
 def check_share(tq: int, max_union: float = SHARE_MAX_UNION) -> None:

@@ -243,11 +243,14 @@ def test_shared_blocks_match_reference(case, share, monkeypatch):
 
 @interpreter
 @pytest.mark.parametrize("gpu_path", [False, True], ids=["interpreter-tiles", "gpu-code-path"])
-@pytest.mark.parametrize("case", ["g2_exact", "varlen_3docs", "chunked_prefill", "g3_odd_d32", "window_24"])
-def test_sharing_only_where_lists_overlap(case, gpu_path, monkeypatch):
+@pytest.mark.parametrize("case, share, max_union", [("g2_exact", 16, 0.15), ("varlen_3docs", 16, 0.2),
+                                                    ("chunked_prefill", 8, 0.4), ("g3_odd_d32", 8, 0.2),
+                                                    ("window_24", 16, 0.15), ("g16", 2, 0.5)])
+def test_sharing_only_where_lists_overlap(case, share, max_union, gpu_path, monkeypatch):
     """share_max_union < 1: tiles whose union list is short enough share (shared kernels), the others' queries take
     their own lists (gather kernels), in one call; both kinds of tile occur here, and outputs and every gradient
-    match the reference (a row written by neither kernel, or overwritten by the wrong one, fails)."""
+    match the reference (a row written by neither kernel, or overwritten by the wrong one, fails). Tiles of more
+    than 16 rows (share x the group padded to a power of two): smaller ones always share (test_infllm_v2_pack.py)."""
     from salatrain_kernels.infllm_v2 import plan, shared
 
     if gpu_path:
@@ -265,7 +268,7 @@ def test_sharing_only_where_lists_overlap(case, gpu_path, monkeypatch):
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     q, k, v = make_qkv(*c.pop("shape"), seed=len(case) + 5)
     kwargs = dict(SMALL, cu_seqlens=cu, **c)
-    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=4, share_max_union=0.5, **kwargs)
+    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=share, share_max_union=max_union, **kwargs)
     ref = infllmv2_attn_torch(q, k, v, **kwargs)
     uses = [u for tiles in chosen for u in tiles]
     assert 0 in uses and 1 in uses, f"expected both sharing and unshared tiles, got {uses}"
