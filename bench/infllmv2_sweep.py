@@ -1,6 +1,7 @@
 """Where the InfLLM-V2 fwd+bwd time goes, and what the attention stage's launch settings are worth (GPU).
 
     python bench/infllmv2_sweep.py [--T 32768 131072] [--out FILE] [--only NAME ...] [--heads HQ,HKV,D] [--no-profile]
+        [--profile-also NAME ...]
 
 1. A CUDA-time breakdown of one forward+backward per kernel (torch.profiler), at SALA shapes (bf16, batch 1,
    32 query / 2 KV heads, head dim 128, block 64, kernel 32/16, topk 64, window 2048, dense_len 8192).
@@ -58,7 +59,11 @@ VARIANTS = [
     ("gathered dk/dv 32-key programs, 4 warps, 3 stages", {"dkdv_keys": 32, "dkdv_gather_launch": (4, 3)}),
     # the scoring kernel keeps each query's best blocks as it scores, no score buffer (selection.py)
     ("selection fused into the scoring kernel (FUSED_SELECT on)", {"FUSED_SELECT": True}),
+    # groups of fewer than 16 heads: neighbouring queries fill the per-query tile's padding rows (plan.py)
+    ("small groups packed (PACK_SMALL_GROUPS on)", {"PACK_SMALL_GROUPS": True}),
+    ("small groups per-query (PACK_SMALL_GROUPS off)", {"PACK_SMALL_GROUPS": False}),
 ]
+PACK_DEFAULT = attn.PACK_SMALL_GROUPS
 
 
 def with_settings(overrides: dict):
@@ -66,6 +71,7 @@ def with_settings(overrides: dict):
     interface's module settings, set while the plan is built and restored by the next variant's)."""
     original = attn.AttnPlan.__init__
     interface.FUSED_SELECT = overrides.get("FUSED_SELECT", False)
+    attn.PACK_SMALL_GROUPS = overrides.get("PACK_SMALL_GROUPS", PACK_DEFAULT)
 
     def init(self, *a, **kw):
         original(self, *a, **kw)
@@ -84,7 +90,7 @@ def step(q, k, v, do):
     return o
 
 
-def profile(T: int, q, k, v, do) -> list[str]:
+def profile(T: int, q, k, v, do, label: str = "") -> list[str]:
     from torch.profiler import ProfilerActivity, profile as prof
 
     step(q, k, v, do)
@@ -97,7 +103,7 @@ def profile(T: int, q, k, v, do) -> list[str]:
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     total = sum(per.values())
-    lines = [f"CUDA time of one forward+backward at T = {T // 1024}K: {total / 1e3:.1f} ms", "",
+    lines = [f"CUDA time of one forward+backward at T = {T // 1024}K{label}: {total / 1e3:.1f} ms", "",
              "| kernel | ms | share |", "|---|---|---|"]
     for name, us in sorted(per.items(), key=lambda x: -x[1])[:14]:
         lines.append(f"| `{name[:70]}` | {us / 1e3:.2f} | {us / total * 100:.1f}% |")
@@ -115,6 +121,8 @@ def main() -> None:
     ap.add_argument("--heads", default=f"{HQ},{HKV},{D}", metavar="HQ,HKV,D",
                     help="query heads, key/value heads and head dim (default SALA's; 9,3,64 is SmolLM2-135M's)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel CUDA-time breakdown")
+    ap.add_argument("--profile-also", nargs="+", default=[], metavar="NAME",
+                    help="also break down the settings whose name contains one of these")
     a = ap.parse_args()
     hq, hkv, d = parse_heads(a.heads)
     variants = [(n, o) for n, o in VARIANTS if n == "default" or not a.only or any(s in n for s in a.only)]
@@ -127,6 +135,15 @@ def main() -> None:
         do = torch.randn(1, T, hq, d, generator=g).cuda().bfloat16()
         if not a.no_profile:
             lines += profile(T, q, k, v, do) + [""]
+            for name, overrides in VARIANTS:
+                if any(w in name for w in a.profile_also):
+                    original, init = with_settings(overrides)
+                    attn.AttnPlan.__init__ = init
+                    try:
+                        lines += profile(T, q, k, v, do, f", {name}") + [""]
+                    finally:
+                        attn.AttnPlan.__init__ = original
+                        with_settings({})
         ref = [x.float() for x in (step(q, k, v, do).detach(), q.grad, k.grad, v.grad)]
         rows = ["| setting | fwd+bwd ms | vs default |", "|---|---|---|"]
         base = None

@@ -174,23 +174,28 @@ def union_lists(idx3: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, ro
     padded = torch.zeros(tiles * tq, dtype=torch.long, device=dev)
     padded[:n] = rows.long()
     real = torch.arange(tiles * tq, device=dev) < n
-    lists = idx3.index_select(1, padded).long()  # [HKV, tiles·tq, K]
+    lists = idx3.index_select(1, padded)  # [HKV, tiles·tq, K] int32
     k = lists.shape[-1]
     taken = (torch.arange(k, device=dev) < counts.index_select(1, padded)[..., None]) & real[None, :, None]
-    glob = torch.where(taken, lists + row_doc_base[padded][None, :, None], num_gblocks)
-    glob = glob.view(lists.shape[0], tiles, tq * k)
-    bit = (1 << (torch.arange(tq * k, device=dev) // k)).expand_as(glob)
-    vals, order = torch.sort(glob, dim=-1)  # entries not taken (num_gblocks) sort last
-    valid = vals < num_gblocks
-    bits = torch.where(valid, bit.gather(-1, order), 0)
+    # one int32 sort key per entry: global block x tq + the entry's query in the tile (so equal blocks sort together
+    # and the query's bit comes back with the key); entries not taken sort last
+    if (num_gblocks + 1) * tq >= 2**31:
+        raise ValueError(f"{num_gblocks} blocks x share_tokens {tq} overflow the union's int32 keys")
+    query = (torch.arange(tq * k, device=dev, dtype=torch.int32) // k).view(tq, k)
+    keys = (lists + row_doc_base[padded].to(torch.int32)[None, :, None]).view(lists.shape[0], tiles, tq, k) * tq
+    keys = torch.where(taken.view(keys.shape), keys + query, num_gblocks * tq).view(lists.shape[0], tiles, tq * k)
+    keys = torch.sort(keys, dim=-1).values
+    valid = keys < num_gblocks * tq
+    vals = keys // tq
+    bits = torch.where(valid, 1 << (keys % tq), 0)
     new = valid.clone()
     new[..., 1:] &= vals[..., 1:] != vals[..., :-1]
-    slot = (torch.cumsum(new, -1) - 1).clamp_(min=0)
+    slot = (torch.cumsum(new, -1, dtype=torch.int32) - 1).clamp_(min=0).long()
     width = tq * k + 1  # the last column takes the writes of entries that start no run (never read)
-    union = torch.zeros(*glob.shape[:2], width, dtype=torch.int32, device=dev)
-    union.scatter_(-1, torch.where(new, slot, width - 1), vals.to(torch.int32))
-    ubits = torch.zeros(*glob.shape[:2], width, dtype=torch.int32, device=dev)
-    ubits.scatter_add_(-1, slot, bits.to(torch.int32))
+    union = torch.zeros(*keys.shape[:2], width, dtype=torch.int32, device=dev)
+    union.scatter_(-1, torch.where(new, slot, width - 1), vals)
+    ubits = torch.zeros(*keys.shape[:2], width, dtype=torch.int32, device=dev)
+    ubits.scatter_add_(-1, slot, bits)
     ucount = new.sum(-1, dtype=torch.int32)
     entries = taken.view(ucount.shape[0], tiles, tq * k).sum(-1)
     return union, ubits, ucount, (ucount <= max_union * entries).int()
