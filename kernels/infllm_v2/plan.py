@@ -39,8 +39,10 @@ INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 r
 INTERPRETER_DKDV_CHUNK = 4096  # the interpreter takes a block's queries in one program (tests set it small)
 PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
 # groups of fewer than 16 query heads per K/V head: with share_tokens=1 (and dq_mode="gather"), neighbouring queries
-# fill the rest of the 16-row tile and share their gathered blocks (shared.pack_share)
-PACK_SMALL_GROUPS = False
+# fill the rest of the 16-row tile and share their gathered blocks (shared.pack_share). One H200, 32K, fwd+bwd
+# (docs/perf.md, "Small groups packed"): 1.19x at G = 4, 2.1x at G = 1, level at G = 7 on random q/k; more where
+# selections overlap
+PACK_SMALL_GROUPS = True
 
 
 @triton.jit
