@@ -62,9 +62,11 @@ def _qk_strides(q3: torch.Tensor, k3: torch.Tensor) -> dict:
 
 
 class TileUnions(NamedTuple):
-    """A row chunk's union block lists for the shared kernels (shared.union_lists) and the per-query kernels'
+    """A row chunk's union block lists for the shared kernels (shared.union_lists) over its sparse rows in row
+    order (``rows``: tile j takes rows[j·TQ:(j+1)·TQ], neighbours of one document), and the per-query kernels'
     list lengths with the sharing tiles' rows at 0 (None when every tile shares)."""
 
+    rows: torch.Tensor
     union: torch.Tensor
     bits: torch.Tensor
     count: torch.Tensor
@@ -74,7 +76,7 @@ class TileUnions(NamedTuple):
     unshared: torch.Tensor | None
 
     def kernel_args(self) -> dict:
-        return dict(union_ptr=self.union, bits_ptr=self.bits, ucount_ptr=self.count, use_ptr=self.use,
+        return dict(rows_ptr=self.rows, union_ptr=self.union, bits_ptr=self.bits, ucount_ptr=self.count, use_ptr=self.use,
                     gb_krow0_ptr=self.gb_krow0, gb_kend_ptr=self.gb_kend, stride_uh=self.union.stride(0),
                     stride_ut=self.union.stride(1), stride_ch=self.count.stride(0))
 
@@ -238,17 +240,20 @@ class AttnPlan:
         """Union block lists of row chunk ci (built once per call: forward and backward share the plan)."""
         if ci not in self._unions:
             row_doc_base, gb_krow0, gb_kend, num_gblocks = self._global_blocks
-            rows = self.chunks[ci].sparse_rows
+            # the gather kernels take the sparse rows latest position first, documents interleaved; tiles take them
+            # in (descending) row order, so that a tile's queries are neighbours in one document (a tile that spans
+            # two never shares); with one document both orders are the same
+            rows = torch.sort(self.chunks[ci].sparse_rows, descending=True).values
             u, ubits, ucount, use = union_lists(idx3, counts, rows, row_doc_base, num_gblocks, self.share,
                                                 self.share_max_union)
             # the per-query kernels' list lengths: 0 for the rows of sharing tiles (their zero outputs are written
-            # first and overwritten by the shared kernel); None when every tile shares
+            # first and overwritten by the shared kernel); None when every tile shares (one document, no rule)
             unshared = None
-            if self.share_max_union < 1.0:
+            if self.share_max_union < 1.0 or self.layout.num_docs > 1:
                 row_use = use.repeat_interleave(self.share, dim=1)[:, :rows.numel()] != 0
                 unshared = counts.clone()
                 unshared[:, rows.long()] = torch.where(row_use, 0, counts[:, rows.long()])
-            self._unions[ci] = TileUnions(u, ubits, ucount, use, gb_krow0, gb_kend, unshared)
+            self._unions[ci] = TileUnions(rows, u, ubits, ucount, use, gb_krow0, gb_kend, unshared)
         return self._unions[ci]
 
     def _local_meta(self, tile_m=None):
@@ -287,7 +292,7 @@ class AttnPlan:
                 shared_fwd.launch(
                     (union.count.shape[1], self.kv_heads), tune,
                     q_ptr=q3, k_ptr=k3, v_ptr=v3, o_ptr=part_o, lse_ptr=part_lse, **union.kernel_args(),
-                    rows_ptr=ch.sparse_rows, n_rows=n_sparse, **self.row_tables, out_row_base=base,
+                    n_rows=n_sparse, **self.row_tables, out_row_base=base,
                     **_qk_strides(q3, k3), stride_or=part_o.stride(0), stride_oh=part_o.stride(1),
                     stride_lr=part_lse.stride(0), scale_log2=scale_log2, **self._shared_meta(), **kv_shared,
                 )
@@ -345,7 +350,7 @@ class AttnPlan:
             if union is not None:
                 shared_dq.launch(
                     (union.count.shape[1], self.kv_heads), tune,
-                    **grads, dq_ptr=part, **union.kernel_args(), rows_ptr=ch.sparse_rows, n_rows=n_sparse,
+                    **grads, dq_ptr=part, **union.kernel_args(), n_rows=n_sparse,
                     **self.row_tables, out_row_base=base, stride_dqr=part.stride(0), stride_dqh=part.stride(1),
                     **self._shared_meta(), **kv_shared,
                 )

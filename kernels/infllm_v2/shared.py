@@ -165,14 +165,15 @@ def union_lists(idx3: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, ro
     """Per tile of ``tq`` consecutive ``rows`` and KV group: the union of the blocks the gather kernels would take
     (the first ``counts`` entries of each row's list), as global block numbers ascending [HKV, tiles, tq·K + 1],
     which of the tile's queries chose each (bit j = the tile's j-th row) [same shape], how many [HKV, tiles], and
-    whether the tile shares [HKV, tiles] int32: its union holds at most ``max_union`` × its rows' list entries
-    (1.0: every tile). On the device, no host synchronisation."""
+    whether the tile shares [HKV, tiles] int32: its rows are of one document and its union holds at most
+    ``max_union`` × their list entries (1.0: every such tile). On the device, no host synchronisation."""
     check_share(tq)
     n = rows.numel()
     tiles = triton.cdiv(n, tq)
     dev = idx3.device
     padded = torch.zeros(tiles * tq, dtype=torch.long, device=dev)
     padded[:n] = rows.long()
+    padded[n:] = rows[-1] if n else 0  # a short last tile's empty slots: its last row (same document)
     real = torch.arange(tiles * tq, device=dev) < n
     lists = idx3.index_select(1, padded)  # [HKV, tiles·tq, K] int32
     k = lists.shape[-1]
@@ -198,4 +199,8 @@ def union_lists(idx3: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, ro
     ubits.scatter_add_(-1, slot, bits)
     ucount = new.sum(-1, dtype=torch.int32)
     entries = taken.view(ucount.shape[0], tiles, tq * k).sum(-1)
-    return union, ubits, ucount, (ucount <= max_union * entries).int()
+    # a tile whose rows span two documents never shares: one document's blocks would meet the other's rows in the
+    # same matmul, where a masked probability (0) times a non-finite K/V value is still NaN
+    ends = row_doc_base[padded].view(tiles, tq)
+    one_doc = ends[:, 0] == ends[:, -1]
+    return union, ubits, ucount, ((ucount <= max_union * entries) & one_doc[None, :]).int()
