@@ -104,7 +104,9 @@ def infllmv2_attn(
     and the rows that see every block: dense_prefix_rows) through torch SDPA instead of the Triton dense kernel;
     fp32, varlen and Tq < Tk always use Triton.
     share_tokens: Triton only, 1, 2, 4, 8 or 16: > 1 lets that many neighbouring sparse queries share each
-    gathered block (one load, per-query masks; exact, see shared.py); 1 gives every query its own (the default).
+    gathered block (one load, per-query masks; exact, see shared.py); 1 gives every query its own (the default),
+    except that with fewer than 16 query heads per K/V head as many neighbours as fill a 16-row tile share
+    (plan.PACK_SMALL_GROUPS; not with dq_mode="atomic"). Tiles of at most 16 rows always share.
     share_max_union: with share_tokens > 1, a tile of neighbouring queries shares only when the union of its lists
     holds at most this fraction of their entries; the other tiles' queries take their own lists. 0.5 (the default)
     shares where lists overlap, 1.0 makes every tile share (exact either way; timed in docs/perf.md).
