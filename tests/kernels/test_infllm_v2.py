@@ -225,21 +225,43 @@ SHARE_CASES = ["g2_exact", "g3_odd_d32", "g16", "varlen_3docs", "chunked_prefill
 def test_shared_blocks_match_reference(case, share, monkeypatch):
     """share_tokens > 1: neighbouring queries walk the union of their block lists with per-query masks (and tiles
     that straddle documents or end short); outputs and every gradient as the reference."""
+    shared_case_matches(FULL_CASES[case], len(case) + share, monkeypatch, share_tokens=share, share_max_union=1.0)
+
+
+def shared_case_matches(case: dict, seed: int, monkeypatch, **options) -> None:
+    """A FULL_CASES case through the shared-block kernels (options: share_tokens, ...): output and every gradient as
+    the reference. With one document the per-query gather kernels must not run (with several, the tiles that span
+    two take them)."""
     from salatrain_kernels.infllm_v2 import plan
 
-    c = dict(FULL_CASES[case])
+    c = dict(case)
     cu = c.pop("cu", None)
-    if cu is None and c["shape"][0] == 1:  # one document: the per-query gather kernels must not run (with several,
-        monkeypatch.setattr(plan, "gather_fwd", None)  # the tiles that span two take them)
+    if cu is None and c["shape"][0] == 1:
+        monkeypatch.setattr(plan, "gather_fwd", None)
         monkeypatch.setattr(plan, "gather_dq", None)
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    q, k, v = make_qkv(*c.pop("shape"), seed=len(case) + share)
+    q, k, v = make_qkv(*c.pop("shape"), seed=seed)
     kwargs = dict(SMALL, cu_seqlens=cu, **c)
-    out = infllmv2_attn(q, k, v, backend="triton", share_tokens=share, share_max_union=1.0, **kwargs)
+    out = infllmv2_attn(q, k, v, backend="triton", **options, **kwargs)
     ref = infllmv2_attn_torch(q, k, v, **kwargs)
     assert_close(out, ref)
     for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def record_tile_use(monkeypatch) -> list:
+    """Run the real union_lists inside the plan and record, per call, which tiles share (a list of 0/1 per tile)."""
+    from salatrain_kernels.infllm_v2 import plan, shared
+
+    chosen = []
+
+    def spy(*args):
+        out = shared.union_lists(*args)
+        chosen.append(out[3].flatten().tolist())
+        return out
+
+    monkeypatch.setattr(plan, "union_lists", spy)
+    return chosen
 
 
 @interpreter
@@ -252,18 +274,11 @@ def test_sharing_only_where_lists_overlap(case, share, max_union, gpu_path, monk
     their own lists (gather kernels), in one call; both kinds of tile occur here, and outputs and every gradient
     match the reference (a row written by neither kernel, or overwritten by the wrong one, fails). Tiles of more
     than 16 rows (share x the group padded to a power of two): smaller ones always share (test_infllm_v2_pack.py)."""
-    from salatrain_kernels.infllm_v2 import plan, shared
+    from salatrain_kernels.infllm_v2 import plan
 
     if gpu_path:
         monkeypatch.setattr(plan, "INTERPRETER_TOKENS", 1)
-    chosen = []
-
-    def spy(*args):  # the real union_lists; records which tiles share
-        out = shared.union_lists(*args)
-        chosen.append(out[3].flatten().tolist())
-        return out
-
-    monkeypatch.setattr(plan, "union_lists", spy)
+    chosen = record_tile_use(monkeypatch)
     c = dict(FULL_CASES[case])
     cu = c.pop("cu", None)
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)

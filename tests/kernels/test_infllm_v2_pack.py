@@ -14,7 +14,8 @@ from salatrain_kernels.infllm_v2.layout import DocLayout
 from salatrain_kernels.infllm_v2.plan import AttnPlan
 from salatrain_kernels.infllm_v2.shared import pack_share
 
-from tests.kernels.test_infllm_v2 import FULL_CASES, SMALL, assert_close, grads, interpreter, make_qkv
+from tests.kernels.test_infllm_v2 import (FULL_CASES, SMALL, assert_close, grads, interpreter, make_qkv,
+                                          record_tile_use, shared_case_matches)
 
 
 def _plan(heads, kv_heads, **kw):
@@ -65,19 +66,8 @@ def test_packed_small_groups_match_reference(case, gpu_path, monkeypatch):
     monkeypatch.setattr(plan_mod, "PACK_SMALL_GROUPS", True)
     if gpu_path:
         monkeypatch.setattr(plan_mod, "INTERPRETER_TOKENS", 1)
-    c = dict(FULL_CASES.get(case) or dict(shape=(1, 110, 110, 3, 3, 16)))  # g1_mha: 16 queries a tile
-    cu = c.pop("cu", None)
-    if cu is None and c["shape"][0] == 1:  # one document: the per-query gather kernels must not run (with several,
-        monkeypatch.setattr(plan_mod, "gather_fwd", None)  # the tiles that span two take them)
-        monkeypatch.setattr(plan_mod, "gather_dq", None)
-    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    q, k, v = make_qkv(*c.pop("shape"), seed=len(case) + 31)
-    kwargs = dict(SMALL, cu_seqlens=cu, **c)
-    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
-    ref = infllmv2_attn_torch(q, k, v, **kwargs)
-    assert_close(out, ref)
-    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
-        assert_close(got, want, atol=1e-4, rtol=1e-4)
+    c = FULL_CASES.get(case) or dict(shape=(1, 110, 110, 3, 3, 16))  # g1_mha: 16 queries a tile
+    shared_case_matches(c, len(case) + 31, monkeypatch)
 
 
 @interpreter
@@ -89,18 +79,11 @@ def test_tiles_spanning_two_documents_do_not_share(window, kv_loads, monkeypatch
     blocks in the same matmul as the other's rows, where a masked probability (0) times an infinite K/V value is NaN.
     Such tiles go through the per-query kernels: the first document's output and gradients stay the reference's
     with the second document's K/V infinite (and without that rule they are NaN)."""
-    from salatrain_kernels.infllm_v2 import plan as plan_mod, shared
+    from salatrain_kernels.infllm_v2 import plan as plan_mod
 
     monkeypatch.setattr(plan_mod, "PACK_SMALL_GROUPS", True)
     monkeypatch.setattr(plan_mod, "INTERPRETER_TOKENS", 1)
-    spans = []
-
-    def spy(*args):  # the real union_lists; records which tiles share
-        out = shared.union_lists(*args)
-        spans.append(out[3].flatten().tolist())
-        return out
-
-    monkeypatch.setattr(plan_mod, "union_lists", spy)
+    spans = record_tile_use(monkeypatch)
     q, k, v = make_qkv(1, 150, 150, 2, 1, 16, seed=19)  # G = 2: eight queries a tile
     cu = torch.tensor([0, 75, 150], dtype=torch.int32)  # row 75 starts the second document, inside a tile
     with torch.no_grad():
@@ -112,3 +95,6 @@ def test_tiles_spanning_two_documents_do_not_share(window, kv_loads, monkeypatch
     assert any(0 in tiles for tiles in spans) and any(1 in tiles for tiles in spans)
     assert torch.isfinite(ref[:, :75]).all()
     assert_close(out[:, :75], ref[:, :75])
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):  # the first document's rows
+        assert torch.isfinite(want[:, :75]).all()
+        assert_close(got[:, :75], want[:, :75], atol=1e-4, rtol=1e-4)
