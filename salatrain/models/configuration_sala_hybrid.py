@@ -44,7 +44,8 @@ SHARE_TOKENS_MIN_TOPK = 64
 def default_share_tokens(topk: int) -> int:
     """share_tokens of a new conversion that neither the user nor the source sets: 4 where lists are long (topk >=
     64: 12-29% faster sparse fwd+bwd on SmolLM2-135M's own q/k at 32K with SALA's settings, H200), 1 where they are
-    short (topk 16: 0.74-0.96x the speed at 16K). docs/perf.md, "Block sharing on a real model's q/k"."""
+    short (topk 16: 0.74-0.96x the speed at 16K). docs/perf.md, "Block sharing on a real model's q/k". A model with
+    fewer than 16 query heads per K/V head packs neighbours into each tile at 1 too (docs/perf.md, "Small groups")."""
     return 4 if topk >= SHARE_TOKENS_MIN_TOPK else 1
 
 
