@@ -18,8 +18,8 @@ from tests.kernels.test_infllm_v2 import (FULL_CASES, SMALL, assert_close, grads
                                           record_tile_use, shared_case_matches)
 
 
-def _plan(heads, kv_heads, **kw):
-    q, k, _ = make_qkv(1, 64, 64, heads, kv_heads, 16)
+def _plan(heads, kv_heads, batch=1, seqlen_q=64, **kw):
+    q, k, _ = make_qkv(batch, seqlen_q, 64, heads, kv_heads, 16)
     return AttnPlan(DocLayout.build(q, k, None), heads, kv_heads, 16, torch.bfloat16, 16, 0.25, 32, **kw)
 
 
@@ -51,6 +51,9 @@ def test_packing_is_the_share_one_rule(pack, monkeypatch):
     assert _plan(32, 2).share == 1  # a full group: nothing to pack
     assert _plan(9, 3, dq_mode="atomic").share == 1  # the atomic dq pass takes per-query lists
     assert _plan(9, 3, share_tokens=2).share == 2  # an explicit share is kept
+    # decoding (one query row per document): tiles share only within a document, so nothing packs or shares
+    assert _plan(9, 3, batch=4, seqlen_q=1).share == 1
+    assert _plan(32, 2, batch=4, seqlen_q=1, share_tokens=4).share == 1
 
 
 PACK_CASES = ["g2_exact", "g3_odd_d32", "varlen_3docs", "chunked_prefill", "decode", "straddle_dense_len",
