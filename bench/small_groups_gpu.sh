@@ -16,7 +16,7 @@ SHAPES=${SHAPES:-"32,8,128:16384,32768,131072 28,4,128:32768,131072 9,3,64:16384
 for shape in $SHAPES; do
   heads=${shape%%:*}; lengths=${shape#*:}
   echo "=== heads $heads, T ${lengths//,/ } ===" | tee -a "$OUT/small_groups.log"
-  timeout ${SHAPE_S:-240} python3 bench/bench_infllmv2.py --heads "$heads" --T ${lengths//,/ } --only packed \
+  timeout ${SHAPE_S:-240} python3 bench/bench_infllmv2.py --heads "$heads" --T ${lengths//,/ } --only per-query \
     --correlation-tokens 16 >> "$OUT/small_groups.log" 2>&1
   echo "exit $?" >> "$OUT/small_groups.log"
 done
