@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # InfLLM-V2 at the shapes most converted models have: groups of fewer than 16 query heads per K/V head, where a
-# query's heads fill part of a 16-row tile. Times the sparse op per-query (every query its own padded tile) against
-# small groups packed (PACK_SMALL_GROUPS: neighbouring queries fill the tile and share their gathered blocks), and
-# the dense default (cuDNN on an H200), on random q/k and on q/k whose selections overlap as a real model's.
+# query's heads fill part of a 16-row tile. Times the sparse op with small groups packed (the default,
+# PACK_SMALL_GROUPS: neighbouring queries fill the tile and share their gathered blocks) against per-query tiles
+# (every query its own padded tile: the row "per-query"), and the dense default (cuDNN on an H200), on random q/k and on q/k whose selections overlap as a real model's.
 #   bash bench/small_groups_gpu.sh            (repo root, on a one-GPU machine; logs to $OUT)
 # SHAPES="HQ,HKV,D:T1,T2 ..." picks the shapes and lengths (default: Llama-3-8B / Mistral-7B, Qwen2.5-7B, SmolLM2-135M,
 # multi-head attention).
