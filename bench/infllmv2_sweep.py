@@ -9,8 +9,9 @@
    dkdv_bn x dkdv_bm (local dk/dv key tile x query step), dkdv_rows (query rows per gathered dk/dv step), dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local
    dk/dv programs per group), dkdv_gather_launch (gathered dk/dv warps and stages), dkdv_keys (keys per gathered dk/dv program),
    blocks_per_step (64-key blocks per gathered forward/dq step), FUSED_SELECT (selection inside the scoring kernel
-   or a kernel of its own), PACK_SMALL_GROUPS (groups under 16 heads: neighbouring queries fill the tile, or not). Every variant is
-   checked against the default's output and gradients first (bf16 tolerance) and dropped if it disagrees.
+   or a kernel of its own), PACK_SMALL_GROUPS (groups under 16 heads: neighbouring queries fill the tile, or not).
+   Every variant is checked against the default's output and gradients first (bf16 tolerance) and dropped if it
+   disagrees.
 Prints markdown; --out appends it to a file.
 """
 from __future__ import annotations

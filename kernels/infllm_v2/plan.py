@@ -40,8 +40,8 @@ INTERPRETER_DKDV_CHUNK = 4096  # the interpreter takes a block's queries in one 
 PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
 # groups of fewer than 16 query heads per K/V head: with share_tokens=1 (and dq_mode="gather"), neighbouring queries
 # fill the rest of the 16-row tile and share their gathered blocks (shared.pack_share). One H200, 32K, fwd+bwd
-# (docs/perf.md, "Small groups packed"): 1.19x at G = 4, 2.1x at G = 1, level at G = 7 on random q/k; more where
-# selections overlap
+# (docs/perf.md, "Small groups: neighbouring queries fill the tile"): 1.18x at G = 4, 2.1x at G = 1, 0.97-1.01x at
+# G = 7 on random q/k; 1.1-2.6x where selections overlap as a real model's
 PACK_SMALL_GROUPS = True
 
 
@@ -76,9 +76,9 @@ class TileUnions(NamedTuple):
     unshared: torch.Tensor | None
 
     def kernel_args(self) -> dict:
-        return dict(rows_ptr=self.rows, union_ptr=self.union, bits_ptr=self.bits, ucount_ptr=self.count, use_ptr=self.use,
-                    gb_krow0_ptr=self.gb_krow0, gb_kend_ptr=self.gb_kend, stride_uh=self.union.stride(0),
-                    stride_ut=self.union.stride(1), stride_ch=self.count.stride(0))
+        return dict(rows_ptr=self.rows, union_ptr=self.union, bits_ptr=self.bits, ucount_ptr=self.count,
+                    use_ptr=self.use, gb_krow0_ptr=self.gb_krow0, gb_kend_ptr=self.gb_kend,
+                    stride_uh=self.union.stride(0), stride_ut=self.union.stride(1), stride_ch=self.count.stride(0))
 
 
 @dataclass
