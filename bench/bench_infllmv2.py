@@ -414,13 +414,13 @@ def measure_ceilings():
 def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda", only=None, widths=(), share=SHARE):
     t0 = time.time()
     wanted = lambda name: not only or any(w in name for w in only)  # noqa: E731
-    gates = {"exact": gate(device, dtype, "exact")}
+    small = HQ // HKV < 16  # a small group: neighbouring queries can fill the tile's padding rows
+    small_heads = (HQ // HKV * 4, 4)  # the timed group over four K/V heads (one K/V head at D = 64 sits at the rule)
+    gates = {"exact": gate(device, dtype, "exact", heads=small_heads if small else GATE_HEADS)}
     failed = (False, "not run (not asked for)")
     gates["coarse"] = gate(device, dtype, "coarse") if wanted("triton (coarse)") else failed
     gates["atomic dq"] = gate(device, dtype, "exact", dq_mode="atomic") if wanted("triton (atomic dq)") else failed
     gates["pointer"] = gate(device, dtype, "exact", kv_loads="pointer") if wanted("(pointer loads)") else failed
-    small = HQ // HKV < 16  # a small group: neighbouring queries can fill the tile's padding rows
-    small_heads = (HQ // HKV * 4, 4)  # the timed group over four K/V heads (one K/V head at D = 64 sits at the rule)
     gates["packed"] = (_packed(lambda: gate(device, dtype, "exact", heads=small_heads))
                        if small and wanted(PACKED) else failed)
     gates["per-query"] = (_packed(lambda: gate(device, dtype, "exact", heads=small_heads), on=False)
