@@ -130,8 +130,8 @@ def _rule(out, ref, lowp, rel_eps=1e-4):
 
 
 def gate(device, dtype, normalizer, heads=GATE_HEADS, **options):
-    """Full op at T = 2048 (G = 16 unless ``heads`` says otherwise, D = 128): selection vs reference, output and
-    gradients within 2x torch-lowp."""
+    """Full op at T = 2048 (G = 16 unless ``heads`` says otherwise, the timed head dim): selection vs reference,
+    output and gradients within 2x torch-lowp."""
     g = torch.Generator(device="cpu").manual_seed(0)
     T, (heads, kv_heads) = GATE_T, heads
     q = torch.randn(1, T, heads, D, generator=g).to(device, dtype)
