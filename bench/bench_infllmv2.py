@@ -35,8 +35,7 @@ from salatrain_kernels.infllm_v2 import (
 from salatrain_kernels.infllm_v2.interface import dense_causal_sdpa, dense_prefix_rows, score_chunks, select_blocks
 from salatrain_kernels.infllm_v2.layout import DocLayout
 from salatrain_kernels.infllm_v2.params import SparseParams
-from salatrain_kernels.infllm_v2.shared import SHARE_MAX_UNION
-from salatrain_kernels.utils import next_pow2
+from salatrain_kernels.infllm_v2.shared import SHARE_MAX_UNION, pack_share
 from salatrain_kernels.infllm_v2.plan import AttnPlan, SparseAttnFn, window_split_exact
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
@@ -421,10 +420,9 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
     gates["coarse"] = gate(device, dtype, "coarse") if wanted("triton (coarse)") else failed
     gates["atomic dq"] = gate(device, dtype, "exact", dq_mode="atomic") if wanted("triton (atomic dq)") else failed
     gates["pointer"] = gate(device, dtype, "exact", kv_loads="pointer") if wanted("(pointer loads)") else failed
-    gates["packed"] = (_packed(lambda: gate(device, dtype, "exact", heads=small_heads))
-                       if small and wanted(PACKED) else failed)
-    gates["per-query"] = (_packed(lambda: gate(device, dtype, "exact", heads=small_heads), on=False)
-                          if small and wanted(UNPACKED) else failed)
+    for name, on in ((PACKED, True), (UNPACKED, False)):  # small groups packed or not, whatever the default
+        gates[name] = (_packed(lambda: gate(device, dtype, "exact", heads=small_heads), on=on)
+                       if small and wanted(name) else failed)
     for norm, (ok, note) in gates.items():
         print(f"[gate] infllmv2 {norm}: {'PASS' if ok else 'skipped' if note.startswith('not run') else 'FAIL'} "
               f"({note})", flush=True)
@@ -447,14 +445,14 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
                                   q, k, v, backend="triton", dq_mode="atomic", **SALA)), flops(T, "exact"),
                               f"sparse rows' dq added in the dk/dv pass with fp32 atomics (dq_mode=atomic), "
                               f"{n_rows} query rows a dk/dv step"))
-        if sparse_rows and gates["packed"][0]:
-            impls.append((PACKED, lambda q, k, v: _packed(lambda: infllmv2_attn(q, k, v, backend="triton", **SALA)),
-                          flops(T, "exact"), f"PACK_SMALL_GROUPS on: {16 // next_pow2(HQ // HKV)} neighbouring "
-                          "queries fill a 16-row tile and share their gathered blocks"))
-        if sparse_rows and gates["per-query"][0]:
-            impls.append((UNPACKED, lambda q, k, v: _packed(lambda: infllmv2_attn(q, k, v, backend="triton", **SALA),
-                                                            on=False),
-                          flops(T, "exact"), "PACK_SMALL_GROUPS off: every query its own 16-row tile"))
+        for name, on, note in (
+            (PACKED, True, f"PACK_SMALL_GROUPS on: {pack_share(HQ // HKV)} neighbouring queries fill a 16-row tile "
+                           "and share their gathered blocks"),
+            (UNPACKED, False, "PACK_SMALL_GROUPS off: every query its own 16-row tile"),
+        ):
+            if sparse_rows and gates[name][0]:
+                impls.append((name, lambda q, k, v, on=on: _packed(
+                    lambda: infllmv2_attn(q, k, v, backend="triton", **SALA), on=on), flops(T, "exact"), note))
         for tq in share if sparse_rows else ():
             impls.append((f"triton shared x{tq}", lambda q, k, v, tq=tq: infllmv2_attn(
                 q, k, v, backend="triton", share_tokens=tq, share_max_union=1.0, **SALA), flops(T, "exact"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,9 +68,10 @@ VARIANTS = [
 PACK_DEFAULT = attn.PACK_SMALL_GROUPS
 
 
-def with_settings(overrides: dict):
-    """Patch AttnPlan so every plan built inside infllmv2_attn takes these attribute values (upper-case names:
-    interface's module settings, set while the plan is built and restored by the next variant's)."""
+@contextmanager
+def settings(overrides: dict):
+    """Within the block, every plan built inside infllmv2_attn takes these attribute values (upper-case names: the
+    interface's and the plan module's settings, read while the plan is built); all restored after."""
     original = attn.AttnPlan.__init__
     interface.FUSED_SELECT = overrides.get("FUSED_SELECT", False)
     attn.PACK_SMALL_GROUPS = overrides.get("PACK_SMALL_GROUPS", PACK_DEFAULT)
@@ -80,7 +82,12 @@ def with_settings(overrides: dict):
             if not k.isupper():
                 setattr(self, k, v)
 
-    return original, init
+    attn.AttnPlan.__init__ = init
+    try:
+        yield
+    finally:
+        attn.AttnPlan.__init__ = original
+        interface.FUSED_SELECT, attn.PACK_SMALL_GROUPS = False, PACK_DEFAULT
 
 
 def step(q, k, v, do):
@@ -138,31 +145,23 @@ def main() -> None:
             lines += profile(T, q, k, v, do) + [""]
             for name, overrides in VARIANTS:
                 if any(w in name for w in a.profile_also):
-                    original, init = with_settings(overrides)
-                    attn.AttnPlan.__init__ = init
-                    try:
+                    with settings(overrides):
                         lines += profile(T, q, k, v, do, f", {name}") + [""]
-                    finally:
-                        attn.AttnPlan.__init__ = original
-                        with_settings({})
         ref = [x.float() for x in (step(q, k, v, do).detach(), q.grad, k.grad, v.grad)]
         rows = ["| setting | fwd+bwd ms | vs default |", "|---|---|---|"]
         base = None
         for name, overrides in variants:
-            original, init = with_settings(overrides)
-            attn.AttnPlan.__init__ = init
             try:
-                got = [x.float() for x in (step(q, k, v, do).detach(), q.grad, k.grad, v.grad)]
-                err = max(((x - y).abs().max() / y.abs().max().clamp(min=1e-6)).item() for x, y in zip(got, ref))
-                if err > 2e-2:
-                    rows.append(f"| {name} | disagrees with default (rel. {err:.1e}) | |")
-                    continue
-                ms = triton.testing.do_bench(lambda: step(q, k, v, do), warmup=50, rep=400)
+                with settings(overrides):
+                    got = [x.float() for x in (step(q, k, v, do).detach(), q.grad, k.grad, v.grad)]
+                    err = max(((x - y).abs().max() / y.abs().max().clamp(min=1e-6)).item() for x, y in zip(got, ref))
+                    if err > 2e-2:
+                        rows.append(f"| {name} | disagrees with default (rel. {err:.1e}) | |")
+                        continue
+                    ms = triton.testing.do_bench(lambda: step(q, k, v, do), warmup=50, rep=400)
             except Exception as e:  # a setting the kernels cannot compile: recorded, next one
                 rows.append(f"| {name} | failed: {type(e).__name__} {str(e).splitlines()[0][:80] if str(e) else ''} | |")
                 continue
-            finally:
-                attn.AttnPlan.__init__ = original
             base = base or ms
             rows.append(f"| {name} | {ms:.2f} | {base / ms:.2f}× |")
             print(f"[sweep] T={T} {name}: {ms:.2f} ms", flush=True)

@@ -114,7 +114,7 @@ def jobs():
                                 "stride_or", "stride_oh", "stride_lr", "stride_uh", "stride_ut", "stride_ch",
                                 "stride_dqr", "stride_dqh"), "scale_log2": "fp32", "scale": "fp32"}
                 # TQ 2 and 4, and for small groups the packed tile (pack_share: 16 rows) with the plan's rows a query
-                shares = sorted({2, 4, max(1, 16 // gp)} - {1})
+                shares = sorted({2, 4, SH.pack_share(g)} - {1})
                 for (tag, kv_args, kv_consts), tq in ((x, tq) for x in _kv_loads(dt) for tq in shares):
                     consts = dict(G=g, M=max(gp, 16 // tq), TQ=tq, D=128, BD=128, BS=64, PREC=prec, **kv_consts)
                     out.append((f"shared_{kind} {dt} {gname} TQ{tq}{tag}", fn, {**args, **kv_args}, consts,
