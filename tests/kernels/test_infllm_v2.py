@@ -687,6 +687,8 @@ def triton_block_idx(q, k, cu, seqlen_k, normalizer="exact"):
         pytest.param((1, 4096, 4096, 32, 2), [0, 1500, 1700, 4096], id="g16_varlen"),
         pytest.param((2, 1024, 4096, 16, 1), None, id="g16_chunk"),
         pytest.param((1, 4096, 4096, 3, 1), None, id="g3"),
+        # small groups packed four queries a tile, documents ending inside a tile (the one-document rule)
+        pytest.param((1, 4096, 4096, 6, 2), [0, 1501, 1703, 4096], id="g3_varlen"),
     ],
 )
 def test_gpu_full_op(dtype, shape, cu):
