@@ -35,6 +35,12 @@ VARIANTS = [
     ("local dk/dv 64 keys x 64 queries", {"dkdv_bn": 64, "dkdv_bm": 64}),
     ("local dk/dv 128 keys x 64 queries", {"dkdv_bn": 128, "dkdv_bm": 64}),
     ("local dk/dv 64 keys x 32 queries", {"dkdv_bn": 64, "dkdv_bm": 32}),
+    # 8 warps at 128 keys hold one program per SM (255 registers); 64-key tiles at 4 warps fit two
+    ("local dk/dv 64 keys x 64 queries, 4 warps", {"dkdv_bn": 64, "dkdv_bm": 64, "dkdv_local_launch": (4, 2)}),
+    ("local dk/dv 64 keys x 32 queries, 4 warps", {"dkdv_bn": 64, "dkdv_bm": 32, "dkdv_local_launch": (4, 2)}),
+    ("local dk/dv 64 keys x 32 queries, 4 warps, 3 stages", {"dkdv_bn": 64, "dkdv_bm": 32,
+                                                               "dkdv_local_launch": (4, 3)}),
+    ("local dk/dv 128 keys x 32 queries, 3 stages", {"dkdv_local_launch": (8, 3)}),
     ("dkdv_rows=128", {"dkdv_rows": 128}),
     ("dkdv_rows=32", {"dkdv_rows": 32}),
     ("dkdv_chunk=128", {"dkdv_chunk": 128}),
@@ -65,7 +71,7 @@ VARIANTS = [
     ("small groups packed (PACK_SMALL_GROUPS on)", {"PACK_SMALL_GROUPS": True}),
     ("small groups per-query (PACK_SMALL_GROUPS off)", {"PACK_SMALL_GROUPS": False}),
 ]
-PACK_DEFAULT = attn.PACK_SMALL_GROUPS
+PLAN_FLAGS = {name: getattr(attn, name) for name in ("PACK_SMALL_GROUPS",)}
 
 
 @contextmanager
@@ -74,7 +80,8 @@ def settings(overrides: dict):
     interface's and the plan module's settings, read while the plan is built); all restored after."""
     original = attn.AttnPlan.__init__
     interface.FUSED_SELECT = overrides.get("FUSED_SELECT", False)
-    attn.PACK_SMALL_GROUPS = overrides.get("PACK_SMALL_GROUPS", PACK_DEFAULT)
+    for name, default in PLAN_FLAGS.items():
+        setattr(attn, name, overrides.get(name, default))
 
     def init(self, *a, **kw):
         original(self, *a, **kw)
@@ -87,7 +94,9 @@ def settings(overrides: dict):
         yield
     finally:
         attn.AttnPlan.__init__ = original
-        interface.FUSED_SELECT, attn.PACK_SMALL_GROUPS = False, PACK_DEFAULT
+        interface.FUSED_SELECT = False
+        for name, default in PLAN_FLAGS.items():
+            setattr(attn, name, default)
 
 
 def step(q, k, v, do):

@@ -164,6 +164,7 @@ class AttnPlan:
         # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
         wide_keys = not small and self.bd <= 128
         self.dkdv_bn, self.dkdv_bm = (128, 32) if wide_keys else (self.local_bn, self.dq_tile_m)
+        self.dkdv_local_launch = None  # local dk/dv (num_warps, num_stages); None: 8 warps at D >= 128, else 4; 2 stages
         self.window = local_window if self.dense.has_sparse(layout) else 0
         until = self.dense.until
         rows = layout.num_rows
@@ -368,11 +369,12 @@ class AttnPlan:
         kdoc, kstart = self.layout.key_tiles(self.dkdv_bn, self.key_hi)
         if kdoc.numel():
             nsplit = self.dkdv_nsplit
+            warps, stages = self.dkdv_local_launch or (8 if wide else 4, 2)
             _local_dkdv_kernel[(kdoc.numel(), self.kv_heads, nsplit)](
                 **grads, dk_ptr=dk, dv_ptr=dv, ktile_doc_ptr=kdoc, ktile_start_ptr=kstart, **self.docs,
                 **self.dense.kernel_args(doc=True), stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
                 **dict(self._local_meta(self.dkdv_bm), BN=self.dkdv_bn), NSPLIT=nsplit,
-                num_warps=8 if wide else 4, num_stages=2,
+                num_warps=warps, num_stages=stages,
             )
         if dq_acc is not None and not self.window:  # sparse rows took no local dq kernel: their whole dq
             rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()

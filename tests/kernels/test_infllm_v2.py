@@ -420,6 +420,32 @@ def test_dkdv_blocks_in_several_chunks(keys, dq_mode, chunk, monkeypatch):
     assert int(e0[0]) == 0 and int(e1[n_chunks - 1]) <= entry_row.numel()
 
 
+LOCAL_DKDV_CASES = {
+    # the local dk/dv kernel's 128-key tiles take 32-query steps; steps whose every (key, query) pair is visible
+    # skip the masks. dense rows: tile 0 has unmasked steps at queries [128, 288) (dense_len 300)
+    "dense_rows": dict(shape=(1, 320, 320, 4, 2, 16), dense_len=300),
+    # a 160-token window: one unmasked step per tile ([128, 160) and [256, 288)), masked ones on both sides
+    "wide_window": dict(shape=(1, 384, 384, 2, 1, 16), window_size=160),
+    # queries from position 130 (chunked prefill): steps off the tiles' grid, unmasked from 258 to 290
+    "chunked_off_grid": dict(shape=(2, 200, 330, 4, 2, 16), dense_len=300),
+}
+
+
+@interpreter
+@pytest.mark.parametrize("local", ["token", "block"])
+@pytest.mark.parametrize("case", list(LOCAL_DKDV_CASES))
+def test_local_dkdv_steps_without_masks(case, local):
+    """The local window's dk/dv, at lengths where key tiles have query steps that need no mask between the ones
+    on the diagonal and the ones past the window's start: every gradient as the reference, under both rules."""
+    c = dict(LOCAL_DKDV_CASES[case])
+    q, k, v = make_qkv(*c.pop("shape"), seed=len(case))
+    kwargs = dict(SMALL, **{**c, "local_blocks": local})
+    out = infllmv2_attn(q, k, v, backend="triton", **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @interpreter
 def test_full_op_gpu_code_path(monkeypatch):
     """One query per gather program and one 64-key block per step: the code path the GPU runs."""
