@@ -421,9 +421,11 @@ class AttnPlan:
         keys = (lists + row_doc_base[rows][None, :, None] + heads_off).to(key_dtype)
         keys = torch.where(taken, keys, torch.full_like(keys, n_keys)).flatten()
         sorted_keys, order = torch.sort(keys)  # entries not taken (key n_keys) sort last and are never read
-        counts_per_key = torch.bincount(sorted_keys.long(), minlength=n_keys + 1)[:n_keys]
+        # each key's first entry by a binary search of the sorted keys (torch.bincount reads its input's maximum
+        # back to the host on CUDA: a synchronisation that drained the GPU's queue in every backward)
+        bounds = torch.searchsorted(sorted_keys, torch.arange(n_keys + 1, device=idx3.device, dtype=key_dtype))
+        starts, counts_per_key = bounds[:-1], bounds[1:] - bounds[:-1]
         entry_row = rows[(order // lists.shape[-1]) % rows.numel()].int()
-        starts = torch.cumsum(counts_per_key, 0) - counts_per_key
         chunk = self.dkdv_chunk or max(1, keys.numel())  # 0: a block's whole list in one program (no atomics)
         per_key = (counts_per_key + chunk - 1) // chunk
         chunk_end = torch.cumsum(per_key, 0)  # one past each key's last chunk
