@@ -187,6 +187,20 @@ def emit(lines: list[str], out) -> None:
             fh.write(text)
 
 
+def run_lengths(doc: str, title: str, measure, table: tuple[str, ...] = ()) -> None:
+    """The command line of a per-length benchmark at SALA's shape: --T (default 32K 128K) and --out; prints (and
+    appends to --out) a header (title, the card, the shape), the table's head and measure(T)'s lines per length."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--out", type=pathlib.Path, default=None)
+    a = ap.parse_args()
+    lines = [f"## {title} — {torch.cuda.get_device_name()}", "",
+             f"{HQ} query / {HKV} KV heads, d{D}, bf16, batch 1, SALA's sparse settings, random q/k", "", *table]
+    for T in a.T:
+        lines += measure(T)
+    emit(lines, a.out)
+
+
 # ------------------------------------------------------------------------------------------------ timing
 def peak_gib(fn) -> float:
     """GiB allocated at the peak of one fn() call above what was allocated before it."""

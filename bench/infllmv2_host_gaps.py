@@ -11,7 +11,6 @@ host synchronisation torch's sync debug mode reports in one call.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -94,22 +93,11 @@ def measure(T: int) -> list[str]:
              "Largest idle gaps between kernels (µs, kernel before → kernel after):", ""]
     lines += [f"- {g:.0f} µs: `{a[:60]}` → `{b[:60]}`" for g, a, b in gaps]
     lines += ["", f"Host synchronisations in one call: {len(syncs)}"] + [f"- {s}" for s in syncs[:12]] + [""]
-    print("\n".join(lines), flush=True)
     return lines
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--T", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
-    out = [f"## InfLLM-V2 fwd+bwd: kernels against wall time — {torch.cuda.get_device_name()}", "",
-           f"{B.HQ} query / {B.HKV} KV heads, d{B.D}, bf16, batch 1, SALA's sparse settings, random q/k", ""]
-    for T in a.T:
-        out += measure(T)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write("\n".join(out) + "\n")
+    B.run_lengths(__doc__, "InfLLM-V2 fwd+bwd: kernels against wall time", measure)
 
 
 if __name__ == "__main__":

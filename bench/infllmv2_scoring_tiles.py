@@ -11,7 +11,6 @@ must equal the default's (the selection a user gets); a setting whose lists diff
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -104,21 +103,8 @@ def measure(T: int) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--T", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
-    name = torch.cuda.get_device_name()
-    out = [f"## InfLLM-V2 block scoring, tile shapes and launch settings — {name}", "",
-           f"{B.HQ} query / {B.HKV} KV heads, d{B.D}, bf16, batch 1, SALA's sparse settings, random q/k", "",
-           "| T | setting | ms | TFLOP/s | note |", "|---|---|---|---|---|"]
-    for T in a.T:
-        out += measure(T)
-    text = "\n".join(out) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(text + "\n")
+    B.run_lengths(__doc__, "InfLLM-V2 block scoring, tile shapes and launch settings", measure,
+                  ("| T | setting | ms | TFLOP/s | note |", "|---|---|---|---|---|"))
 
 
 if __name__ == "__main__":
