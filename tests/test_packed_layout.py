@@ -83,3 +83,24 @@ def test_stages_give_the_same_loss_and_gradients_with_the_host_layout(kind, one_
     assert plain[2].keys() == host[2].keys() and len(plain[2]) > 0
     for name, g in plain[2].items():
         torch.testing.assert_close(host[2][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_document_bounds_stay_on_the_host_for_the_sparse_layout():
+    """The trainer moves a micro-batch to the device but its cu_seqlens (the sparse kernels lay out their documents
+    from host numbers, which a device tensor would have to be read back for, once per sparse layer); the model keeps
+    the host bounds beside its device copy."""
+    from salatrain.models.modeling_sala_hybrid import _sequence_layout
+    from salatrain.train.loop import _to_device
+
+    batch = {**_batch([30, 10, 70, 25, 9, 40]), **packed_layout(_batch([30, 10, 70, 25, 9, 40]))}
+    moved = _to_device(batch, torch.device("meta"))
+    assert moved["cu_seqlens"] is batch["cu_seqlens"] and moved["input_ids"].device.type == "meta"
+    h = torch.zeros(*batch["input_ids"].shape, 8, device="meta")
+    cu = batch["cu_seqlens"].long()  # any integer dtype from a caller: the host copy is int32
+    _, seq, _, flattened = _sequence_layout(h, None, moved["position_ids"], cu, None, batch["max_seqlen"])
+    assert flattened and seq.cu_seqlens.device.type == "meta" and seq.cu_seqlens.dtype == torch.int32
+    assert seq.cu_host.device.type == "cpu" and seq.cu_host.dtype == torch.int32
+    assert seq.cu_host.tolist() == batch["cu_seqlens"].tolist()
+    # bounds already on the device: nothing on the host to keep
+    _, seq, _, _ = _sequence_layout(h, None, moved["position_ids"], cu.to("meta"), None, batch["max_seqlen"])
+    assert seq.cu_host is None

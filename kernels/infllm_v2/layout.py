@@ -73,7 +73,7 @@ class DocLayout:
             length = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
             qstart, qpos0, qlen = list(kstart), [0] * len(length), list(length)
             lens = to_device(torch.as_tensor(length), device)
-            starts = cu_seqlens[:-1].to(device)
+            starts = to_device(cu_seqlens[:-1].contiguous(), device)  # host bounds: a pinned copy, no wait
             row_kbase = torch.repeat_interleave(starts, lens, output_size=seqlen_q).int()
             row_pos = (torch.arange(seqlen_q, device=device) - row_kbase).int()
         return cls(batch, seqlen_q, seqlen_k, kstart, length, qstart, qpos0, qlen, row_pos, row_kbase, device)

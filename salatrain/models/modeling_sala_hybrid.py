@@ -230,6 +230,8 @@ class SeqInfo:
     past_len    tokens of each row already in the cache
     cu_seqlens  [N+1] document boundaries when B = 1 holds packed documents, else None
     left_pad    [B] leading padding tokens of each row (batched generation), or None
+    cu_host     the same boundaries (int32) on the host when the caller gave them there: what needs them as host
+                numbers (the sparse kernels' layout) reads them without a synchronisation
     """
 
     positions: torch.Tensor
@@ -237,6 +239,7 @@ class SeqInfo:
     cu_seqlens: torch.Tensor | None = None
     left_pad: torch.Tensor | None = None
     _max_doc_len: int | None = None
+    cu_host: torch.Tensor | None = None
 
     @property
     def max_doc_len(self) -> int:
@@ -568,8 +571,9 @@ class SparseAttention(_CachedKV):
             return infllmv2_decode_torch(q, k, v, **sp)
         rules = {name: sp[name] for name in ("dense_len_mode", "local_blocks")}
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):
-            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_seqlens, backend="triton",
-                                          share_tokens=self.share_tokens, **sp)
+            cu = seq.cu_host if seq.cu_host is not None else seq.cu_seqlens  # the layout is built on the host
+            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=cu, backend="triton", share_tokens=self.share_tokens,
+                                          **sp)
         if one_step:
             # one decoding step without the kernels (CPU, backend 'torch', an export without salatrain): the
             # reference's output from a few torch ops, with no host synchronisation
@@ -599,7 +603,7 @@ def softmax_attention(q, k, v, seq: SeqInfo, sliding_window: int | None, scale: 
         o = _varlen_flash(q, k, v, seq, sliding_window, scale)
         if o is not None:
             return o
-        bounds = seq.cu_seqlens.tolist()
+        bounds = (seq.cu_host if seq.cu_host is not None else seq.cu_seqlens).tolist()
         outs = [
             _sdpa(q[:, s:e], k[:, s:e], v[:, s:e], None, sliding_window, scale) for s, e in zip(bounds[:-1], bounds[1:])
         ]
@@ -826,18 +830,20 @@ def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache, max_seq
                 raise ValueError(f"cu_seqlens must run from 0 to the number of tokens {n}, got {cu_seqlens.tolist()}")
             if b > 1 and not bool(torch.isin(torch.arange(0, n, t, device=cu_seqlens.device), cu_seqlens).all()):
                 raise ValueError("cu_seqlens over several rows must hold every row start as a boundary")
-        cu = cu_seqlens.to(device=dev, dtype=torch.int32, non_blocking=True)
+        host = cu_seqlens.to(torch.int32) if cu_seqlens.device.type == "cpu" else None
+        cu = _to_device(host, dev) if host is not None else cu_seqlens.to(device=dev, dtype=torch.int32)
         if position_ids is not None:
             pos = position_ids.reshape(1, n).to(dev)
         else:
             pos = _positions_from_cu_seqlens(cu, n).view(1, n)
-        seq = SeqInfo(pos, past, cu, _max_doc_len=int(max_seqlen) if max_seqlen is not None else None)
+        seq = SeqInfo(pos, past, cu, _max_doc_len=int(max_seqlen) if max_seqlen is not None else None, cu_host=host)
         return h.reshape(1, n, -1), seq, pos, b > 1
     padded = attention_mask is not None and not bool(attention_mask.all())
     if position_ids is not None and past == 0 and t > 1 and not padded and bool((position_ids[:, 1:] == 0).any()):
         cu = packed_cu_seqlens(position_ids)
         flat = position_ids.reshape(1, -1)
-        return h.reshape(1, b * t, -1), SeqInfo(flat, 0, cu.to(dev)), flat, b > 1
+        host = cu if cu.device.type == "cpu" else None
+        return h.reshape(1, b * t, -1), SeqInfo(flat, 0, cu.to(dev), cu_host=host), flat, b > 1
     left_pad = None
     if padded and attention_mask.dim() == 2:
         mask = attention_mask.bool()
@@ -862,6 +868,14 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.nonzero(flat == 0).flatten()
     starts = torch.unique(torch.cat([starts, torch.arange(0, b * t, t, device=starts.device)]))
     return torch.cat([starts, torch.tensor([b * t], device=starts.device)]).to(torch.int32)
+
+
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto ``device`` without making the host wait: to a GPU through pinned memory (a copy from
+    pageable memory waits for the stream's queued work first)."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _positions_from_cu_seqlens(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:

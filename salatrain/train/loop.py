@@ -457,9 +457,14 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+HOST_KEYS = ("cu_seqlens",)  # the model copies the document bounds to the device and keeps them for host reads
+
+
 def _to_device(batch: dict, device) -> dict:
-    """Tensors to ``device`` (asynchronously), other entries (``max_seqlen``) as they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Tensors to ``device`` (asynchronously), other entries (``max_seqlen``) and ``cu_seqlens`` as they are: the
+    model reads the bounds on the host (the sparse kernels lay out their documents there) and copies them itself."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v
+            for k, v in batch.items()}
 
 
 def _float(x) -> float | None:
