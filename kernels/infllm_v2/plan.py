@@ -117,7 +117,7 @@ class AttnPlan:
         if PACK_SMALL_GROUPS and share_tokens == 1 and dq_mode == "gather" and group_pad < 16:
             # a small group fills group_pad of a 16-row tile: neighbouring queries fill the rest (pack_share)
             share_tokens = pack_share(self.group)
-        if layout is not None and max(layout.qlen, default=0) < 2:
+        if max(layout.qlen, default=0) < 2:
             share_tokens = 1  # one query row per document (decoding): a tile shares only within a document
         self.share = share_tokens  # > 1: neighbouring sparse rows share their gathered blocks (shared.py)
         # a shared tile's rows: share x the group padded to a power of two, at least 16 (tl.dot's tile)

@@ -830,8 +830,7 @@ def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache, max_seq
                 raise ValueError(f"cu_seqlens must run from 0 to the number of tokens {n}, got {cu_seqlens.tolist()}")
             if b > 1 and not bool(torch.isin(torch.arange(0, n, t, device=cu_seqlens.device), cu_seqlens).all()):
                 raise ValueError("cu_seqlens over several rows must hold every row start as a boundary")
-        host = cu_seqlens.to(torch.int32) if cu_seqlens.device.type == "cpu" else None
-        cu = _to_device(host, dev) if host is not None else cu_seqlens.to(device=dev, dtype=torch.int32)
+        cu, host = _doc_bounds(cu_seqlens, dev)
         if position_ids is not None:
             pos = position_ids.reshape(1, n).to(dev)
         else:
@@ -840,10 +839,9 @@ def _sequence_layout(h, attention_mask, position_ids, cu_seqlens, cache, max_seq
         return h.reshape(1, n, -1), seq, pos, b > 1
     padded = attention_mask is not None and not bool(attention_mask.all())
     if position_ids is not None and past == 0 and t > 1 and not padded and bool((position_ids[:, 1:] == 0).any()):
-        cu = packed_cu_seqlens(position_ids)
+        cu, host = _doc_bounds(packed_cu_seqlens(position_ids), dev)
         flat = position_ids.reshape(1, -1)
-        host = cu if cu.device.type == "cpu" else None
-        return h.reshape(1, b * t, -1), SeqInfo(flat, 0, cu.to(dev), cu_host=host), flat, b > 1
+        return h.reshape(1, b * t, -1), SeqInfo(flat, 0, cu, cu_host=host), flat, b > 1
     left_pad = None
     if padded and attention_mask.dim() == 2:
         mask = attention_mask.bool()
@@ -870,12 +868,15 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, torch.tensor([b * t], device=starts.device)]).to(torch.int32)
 
 
-def _to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor onto ``device`` without making the host wait: to a GPU through pinned memory (a copy from
-    pageable memory waits for the stream's queued work first)."""
+def _doc_bounds(cu_seqlens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Document bounds as int32 on ``device``, and on the host when they came from there (None otherwise). A host
+    tensor goes to a GPU through pinned memory: a copy from pageable memory waits for the stream's queued work."""
+    if cu_seqlens.device.type != "cpu":
+        return cu_seqlens.to(device=device, dtype=torch.int32), None
+    host = cu_seqlens.to(torch.int32)
     if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+        return host.pin_memory().to(device, non_blocking=True), host
+    return host.to(device), host
 
 
 def _positions_from_cu_seqlens(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:

@@ -421,12 +421,12 @@ def test_dkdv_blocks_in_several_chunks(keys, dq_mode, chunk, monkeypatch):
 
 
 LOCAL_DKDV_CASES = {
-    # the local dk/dv kernel's 128-key tiles take 32-query steps; steps whose every (key, query) pair is visible
-    # skip the masks. dense rows: tile 0 has unmasked steps at queries [128, 288) (dense_len 300)
+    # the local dk/dv kernel's 128-key tiles take 32-query steps: on the diagonal, inside every row's range, and past
+    # the window's start. dense rows: tile 0 has steps inside every row's range at queries [128, 288) (dense_len 300)
     "dense_rows": dict(shape=(1, 320, 320, 4, 2, 16), dense_len=300),
-    # a 160-token window: one unmasked step per tile ([128, 160) and [256, 288)), masked ones on both sides
+    # a 160-token window: one step per tile inside every row's range ([128, 160) and [256, 288)), masked ones around
     "wide_window": dict(shape=(1, 384, 384, 2, 1, 16), window_size=160),
-    # queries from position 130 (chunked prefill): steps off the tiles' grid, unmasked from 258 to 290
+    # queries from position 130 (chunked prefill): steps off the tiles' grid, inside every row's range from 258 to 290
     "chunked_off_grid": dict(shape=(2, 200, 330, 4, 2, 16), dense_len=300),
 }
 
@@ -434,9 +434,10 @@ LOCAL_DKDV_CASES = {
 @interpreter
 @pytest.mark.parametrize("local", ["token", "block"])
 @pytest.mark.parametrize("case", list(LOCAL_DKDV_CASES))
-def test_local_dkdv_steps_without_masks(case, local):
-    """The local window's dk/dv, at lengths where key tiles have query steps that need no mask between the ones
-    on the diagonal and the ones past the window's start: every gradient as the reference, under both rules."""
+def test_local_dkdv_over_every_kind_of_query_step(case, local):
+    """The local window's dk/dv at lengths where key tiles have query steps of every kind (on the diagonal, inside
+    every row's range, past the window's start; a kernel that skips masks where it may must get each right): every
+    gradient as the reference, under both local rules."""
     c = dict(LOCAL_DKDV_CASES[case])
     q, k, v = make_qkv(*c.pop("shape"), seed=len(case))
     kwargs = dict(SMALL, **{**c, "local_blocks": local})
