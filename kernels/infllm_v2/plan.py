@@ -164,7 +164,8 @@ class AttnPlan:
         # fp32 test path keeps small tiles for shared memory, head dims > 128 keep 64 keys for registers)
         wide_keys = not small and self.bd <= 128
         self.dkdv_bn, self.dkdv_bm = (128, 32) if wide_keys else (self.local_bn, self.dq_tile_m)
-        self.dkdv_local_launch = None  # local dk/dv (num_warps, num_stages); None: 8 warps at D >= 128, else 4; 2 stages
+        # local dk/dv (num_warps, num_stages), a sweep knob; None: 8 warps at D >= 128, else 4; 2 stages
+        self.dkdv_local_launch = None
         self.window = local_window if self.dense.has_sparse(layout) else 0
         until = self.dense.until
         rows = layout.num_rows
