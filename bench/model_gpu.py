@@ -17,7 +17,7 @@ import torch
 from salatrain.models import SalaHybridConfig, SalaHybridForCausalLM
 
 
-def build(layers: int, dtype) -> SalaHybridForCausalLM:
+def build(layers: int, dtype, device="cuda") -> SalaHybridForCausalLM:
     plan = ["sparse_attention" if i % 4 == 0 else "linear_attention" for i in range(layers)]
     cfg = SalaHybridConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
@@ -25,7 +25,7 @@ def build(layers: int, dtype) -> SalaHybridForCausalLM:
         sparse_config=dict(dense_len=1024, topk=16, window_size=512), max_position_embeddings=65536,
     )
     torch.manual_seed(0)
-    model = SalaHybridForCausalLM(cfg).to("cuda", dtype)
+    model = SalaHybridForCausalLM(cfg).to(device, dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "g_proj" in name or "z_proj" in name:
