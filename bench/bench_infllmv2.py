@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import signal
 import sys
 import time
 
@@ -445,6 +446,17 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
         return [dict(kernel="infllmv2", T="-", impl=OURS, note="correctness gate failed: not timed")]
     nsa = fla_nsa()
     rows = []
+    try:
+        _time_lengths(T_list, dtype, device, ceilings, quick, only, widths, share, gates, nsa, rows, t0)
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGTERM (main): the table still holds what was timed
+        print(f"[infllmv2] stopped after {time.time() - t0:.0f} s: the table holds the rows timed so far", flush=True)
+    if nsa is None:
+        rows.append(dict(kernel="infllmv2", T="-", impl="fla parallel_nsa top16x64", note="fla not installed"))
+    return _speedups(rows)
+
+
+def _time_lengths(T_list, dtype, device, ceilings, quick, only, widths, share, gates, nsa, rows, t0):
+    """Time every row at each length, appending to rows as they finish."""
     for T in T_list:
         # most telling rows first (a time limit cuts the tail): ours, the baseline, block sharing where sparse
         # queries exist (below SALA's dense_len every row is in the SDPA prefix and sharing has nothing to share)
@@ -511,9 +523,10 @@ def run(T_list, dtype=torch.bfloat16, ceilings=None, quick=False, device="cuda",
                                      data=data, fwd_ms=None, fwd_bwd_ms=None, note=f"{ratio:.3f}"))
                 torch.cuda.empty_cache()
         print(f"[infllmv2] T={T} done ({time.time() - t0:.0f} s)", flush=True)
-    if nsa is None:
-        rows.append(dict(kernel="infllmv2", T="-", impl="fla parallel_nsa top16x64", note="fla not installed"))
-    return _speedups(rows)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
@@ -538,6 +551,7 @@ def main(argv=None):
         HQ, HKV, D = parse_heads(args.heads)
     if not torch.cuda.is_available():
         sys.exit("bench_infllmv2.py needs a CUDA GPU")
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` ends the run with the table of what was timed
     T_list = args.T or ([8192, 32768] if args.quick else [8192, 32768, 131072])
     print(f"[infllmv2] {HQ} query / {HKV} key-value heads (G = {HQ // HKV}), head dim {D}, bf16, batch 1", flush=True)
     rows = run(T_list, torch.bfloat16, ceilings=measure_ceilings(), quick=args.quick, only=args.only,
