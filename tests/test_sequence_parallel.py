@@ -75,6 +75,12 @@ def test_shards_cover_the_rows_and_keep_every_target():
     shifted = torch.cat([s["shift_labels"] for s in shards], 1)
     assert torch.equal(shifted[:, :-1], labels[:, 1:]) and bool((shifted[:, -1] == IGNORE).all())
     assert sum(count_targets(s) for s in shards) == count_targets(batch)
+    # every shard carries the whole rows' documents, built on the host, for the model's pre-hook
+    for s in shards:
+        assert s["cu_seqlens"].tolist() == [0, 5, 12, 24] and s["cu_seqlens"].dtype == torch.int32
+        assert s["max_seqlen"] == 12
+    one_doc = {"input_ids": ids, "position_ids": torch.arange(12).repeat(2, 1)}
+    assert "cu_seqlens" not in _sp(3, 0).shard(one_doc), "rows of one document stay rows"
     assert _sp(1, 0).shard(batch) is batch
 
 
@@ -138,6 +144,8 @@ def test_two_ranks_split_sequences_with_the_losses_and_gradients_of_one(tmp_path
         for batch, r in batches.items():
             assert r["loss"] == pytest.approx(r["loss_ref"], rel=1e-6), (variant, batch)
             assert r["grad_err"] <= 1e-5 * r["grad_scale"], (variant, batch, r)
+        # packed rows' documents came from the host (the shard's cu_seqlens), not read back per sparse layer
+        assert batches["two_rows_with_boundaries"]["host_bounds"] and not batches["one_document"]["host_bounds"]
 
 
 @pytest.fixture(scope="module")

@@ -282,7 +282,8 @@ class Run:
     def _micro_batches(self) -> list[dict]:
         """The step's micro-batches on the host, from the current data position. Whole rows (no sequence
         parallelism) carry their document layout and target positions, built here so that no forward reads
-        anything back from the device (:func:`salatrain.data.packed_layout`)."""
+        anything back from the device (:func:`salatrain.data.packed_layout`); sequence shards carry their whole
+        rows' document layout (:meth:`SequenceParallel.shard`)."""
         batches = [self.sp.shard(self.data.batch(self._rows_of(self.state.rows, m))) for m in range(self.gas)]
         if self.sp.size == 1:
             batches = [{**b, **packed_layout(b)} for b in batches]

@@ -21,7 +21,10 @@ Projections, norms, RoPE, gates, MLPs and the loss stay per token on the shard. 
 
 Documents keep their boundaries: each model forward gathers the SP group's position_ids (global, restarting
 at every document) and rebuilds the global token layout (``cu_seqlens``), which the mixers see after the
-all-to-all. RoPE stays per token (each shard's own position ids); a longrope rotary picks its factor set from
+all-to-all. Rows of several documents bring that layout from the host: :meth:`SequenceParallel.shard` adds the
+whole rows' ``cu_seqlens`` / ``max_seqlen`` (built from their position_ids, where they cost nothing) to every
+shard, and the model's pre-hook takes them out of the model's arguments (they describe the whole rows, not the
+shard), so no sparse layer reads the document bounds back from the device. RoPE stays per token (each shard's own position ids); a longrope rotary picks its factor set from
 the whole row, as on one GPU. The data loop gives the N ranks of one data-parallel group the same rows and each
 rank its sequence shard (:meth:`SequenceParallel.shard`), with next-token targets shifted before the cut.
 
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import IGNORE
+from ..data import IGNORE, packed_layout
 from ..errors import UserError
 from ..models.modeling_sala_hybrid import (FullAttention, LightningAttention, SalaHybridModel, SeqInfo,
                                            SparseAttention, _sequence_layout)
@@ -94,6 +97,8 @@ class SequenceParallel:
         t = batch["input_ids"].shape[1]
         cut = slice(self.rank * t // self.size, (self.rank + 1) * t // self.size)
         out = {k: batch[k][:, cut] for k in ("input_ids", "position_ids")}
+        # the whole rows' documents (when some row holds several): for the model's pre-hook, not the shard
+        out.update(packed_layout({"position_ids": batch["position_ids"]}))
         labels = batch.get("labels")
         if labels is not None:
             shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
@@ -117,13 +122,18 @@ class SequenceParallel:
                 m.attend = self._wrap(m)
 
     def _begin_forward(self, module, args, kwargs):
-        """Model pre-hook: the SP group's position_ids [B, T/N] each → the rows' global layout."""
+        """Model pre-hook: the SP group's position_ids [B, T/N] each → the rows' global layout; the whole rows'
+        ``cu_seqlens`` / ``max_seqlen`` from :meth:`shard` (host), when given, are taken out of the model's
+        arguments and lay out the documents without a read from the device."""
         pos = kwargs.get("position_ids")
         assert pos is not None and not args, "sequence parallelism needs keyword input_ids and position_ids"
+        kwargs = dict(kwargs)
+        cu, longest = kwargs.pop("cu_seqlens", None), kwargs.pop("max_seqlen", None)
         positions = torch.cat(engine.all_gather(pos, self.group), dim=1)
         flat_h = positions.new_empty(*positions.shape, 0, dtype=torch.float32)
-        _, seq, _, flat = _sequence_layout(flat_h, None, positions, None, None)
+        _, seq, _, flat = _sequence_layout(flat_h, None, positions, cu, None, longest if cu is not None else None)
         self._current = Layout(seq, positions, flat)
+        return args, kwargs
 
     def _global_rope(self, module, args, output):
         """Rotary hook: a longrope rotary picks short or long factors from the largest position of its input;
@@ -202,7 +212,8 @@ class SequenceParallel:
                 blocks = select_blocks(q_group, k.detach(), seq, params, backend)
             from salatrain_kernels.infllm_v2 import infllmv2_block_attn
 
-            return infllmv2_block_attn(q, k, v, blocks, block_size=params["block_size"], cu_seqlens=seq.cu_seqlens,
+            cu = seq.cu_host if seq.cu_host is not None else seq.cu_seqlens  # the layout is built on the host
+            return infllmv2_block_attn(q, k, v, blocks, block_size=params["block_size"], cu_seqlens=cu,
                                        dense_len=params["dense_len"], backend=backend)
 
         return core
@@ -257,7 +268,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, seq: SeqInfo, params: dict, 
                   window_size=p["window_size"], backend=backend)
     num_selected = p["topk"] + p["window_size"] // p["block_size"]
     out = torch.full((b, k.shape[2], t, num_selected), -1, dtype=torch.int32, device=q.device)
-    bounds = seq.cu_seqlens.tolist() if seq.cu_seqlens is not None else [0, t]
+    cu = seq.cu_host if seq.cu_host is not None else seq.cu_seqlens
+    bounds = cu.tolist() if cu is not None else [0, t]
     for start, end in zip(bounds[:-1], bounds[1:]):
         length = end - start
         per_row = 4 * b * k.shape[2] * math.ceil(length / p["block_size"])

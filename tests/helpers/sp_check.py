@@ -7,7 +7,8 @@ ranks (SequenceParallel with size 2: its shards, its Ulysses-wrapped mixers); sh
 summed over the ranks and compared with the reference. Variants: 2 K/V heads (whole GQA groups per rank) and
 1 K/V head (each group split over both ranks, K/V replicated, queries gathered for block selection) with a
 longrope rotary and activation checkpointing. Rank 0 writes {variant: {batch: {"loss", "loss_ref",
-"grad_err", "grad_scale"}}} to the output file.
+"grad_err", "grad_scale", "host_bounds"}}} to the output file ("host_bounds": the global layout's document bounds
+came from the shard's host cu_seqlens).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def check(variant: dict, sp: SequenceParallel) -> dict:
         count = count_targets(batch)
         loss_ref = run(ref_stage, batch, count)
         loss = run(sp_stage, sp.shard(batch), count)
+        host_bounds = sp._current.seq.cu_host is not None  # the layout of the last forward
         engine.all_reduce(loss)
         err, scale = 0.0, 0.0
         for (n, p_ref), (_, p) in zip(ref.named_parameters(), split.named_parameters()):
@@ -92,7 +94,7 @@ def check(variant: dict, sp: SequenceParallel) -> dict:
             err = max(err, float((grad - p_ref.grad).abs().max()))
             scale = max(scale, float(p_ref.grad.abs().max()))
         out[name] = {"loss": float(loss) / count, "loss_ref": float(loss_ref) / count, "grad_err": err,
-                     "grad_scale": scale}
+                     "grad_scale": scale, "host_bounds": host_bounds}
     return out
 
 
