@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# package name -> folder (pyproject.toml maps kernels/, conf/ and recipes/ to these names)
-FOLDERS = {"salatrain": ROOT / "salatrain", "salatrain_kernels": ROOT / "kernels",
+# package name -> folder (pyproject.toml maps conf/ and recipes/ to these names)
+FOLDERS = {"salatrain": ROOT / "salatrain", "salatrain_kernels": ROOT / "salatrain_kernels",
            "salatrain.conf": ROOT / "conf", "salatrain.recipes": ROOT / "recipes"}
 OURS = ("salatrain", "salatrain_kernels")
 FRAMEWORKS = {"deepspeed", "hydra", "omegaconf", "wandb"}
