@@ -24,9 +24,10 @@ at every document) and rebuilds the global token layout (``cu_seqlens``), which 
 all-to-all. Rows of several documents bring that layout from the host: :meth:`SequenceParallel.shard` adds the
 whole rows' ``cu_seqlens`` / ``max_seqlen`` (built from their position_ids, where they cost nothing) to every
 shard, and the model's pre-hook takes them out of the model's arguments (they describe the whole rows, not the
-shard), so no sparse layer reads the document bounds back from the device. RoPE stays per token (each shard's own position ids); a longrope rotary picks its factor set from
-the whole row, as on one GPU. The data loop gives the N ranks of one data-parallel group the same rows and each
-rank its sequence shard (:meth:`SequenceParallel.shard`), with next-token targets shifted before the cut.
+shard), so no sparse layer reads the document bounds back from the device. RoPE stays per token (each shard's own
+position ids); a longrope rotary picks its factor set from the whole row, as on one GPU. The data loop gives the
+N ranks of one data-parallel group the same rows and each rank its sequence shard
+(:meth:`SequenceParallel.shard`), with next-token targets shifted before the cut.
 
 DeepSpeed's data-parallel group stays the whole world (no ``mpu``): ZeRO shards over all ranks and averages
 gradients over all of them. A row's gradient is the sum of its shards' (each all-to-all's backward hands a
