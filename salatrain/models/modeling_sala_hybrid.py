@@ -249,6 +249,12 @@ class SeqInfo:
             self._max_doc_len = int((cu[1:] - cu[:-1]).max()) if cu is not None else int(self.positions.shape[-1])
         return self._max_doc_len
 
+    @property
+    def cu_for_host(self) -> torch.Tensor | None:
+        """The document bounds for work laid out on the host (reading them there): the host copy when there is
+        one, so that nothing is read back from the device."""
+        return self.cu_host if self.cu_host is not None else self.cu_seqlens
+
 
 class SalaHybridCache:
     """Per-layer decoding state: K/V for softmax and sparse layers, the fp32 Lightning state for linear ones.
@@ -571,9 +577,8 @@ class SparseAttention(_CachedKV):
             return infllmv2_decode_torch(q, k, v, **sp)
         rules = {name: sp[name] for name in ("dense_len_mode", "local_blocks")}
         if self._triton_fits(q) and _use_kernels(q, k, self.kernel_backend, "infllmv2_attn", **rules):
-            cu = seq.cu_host if seq.cu_host is not None else seq.cu_seqlens  # the layout is built on the host
-            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=cu, backend="triton", share_tokens=self.share_tokens,
-                                          **sp)
+            return _kernels.infllmv2_attn(q, k, v, cu_seqlens=seq.cu_for_host, backend="triton",
+                                          share_tokens=self.share_tokens, **sp)
         if one_step:
             # one decoding step without the kernels (CPU, backend 'torch', an export without salatrain): the
             # reference's output from a few torch ops, with no host synchronisation
@@ -603,7 +608,7 @@ def softmax_attention(q, k, v, seq: SeqInfo, sliding_window: int | None, scale: 
         o = _varlen_flash(q, k, v, seq, sliding_window, scale)
         if o is not None:
             return o
-        bounds = (seq.cu_host if seq.cu_host is not None else seq.cu_seqlens).tolist()
+        bounds = seq.cu_for_host.tolist()
         outs = [
             _sdpa(q[:, s:e], k[:, s:e], v[:, s:e], None, sliding_window, scale) for s, e in zip(bounds[:-1], bounds[1:])
         ]

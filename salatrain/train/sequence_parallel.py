@@ -213,8 +213,7 @@ class SequenceParallel:
                 blocks = select_blocks(q_group, k.detach(), seq, params, backend)
             from salatrain_kernels.infllm_v2 import infllmv2_block_attn
 
-            cu = seq.cu_host if seq.cu_host is not None else seq.cu_seqlens  # the layout is built on the host
-            return infllmv2_block_attn(q, k, v, blocks, block_size=params["block_size"], cu_seqlens=cu,
+            return infllmv2_block_attn(q, k, v, blocks, block_size=params["block_size"], cu_seqlens=seq.cu_for_host,
                                        dense_len=params["dense_len"], backend=backend)
 
         return core
@@ -269,8 +268,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, seq: SeqInfo, params: dict, 
                   window_size=p["window_size"], backend=backend)
     num_selected = p["topk"] + p["window_size"] // p["block_size"]
     out = torch.full((b, k.shape[2], t, num_selected), -1, dtype=torch.int32, device=q.device)
-    cu = seq.cu_host if seq.cu_host is not None else seq.cu_seqlens
-    bounds = cu.tolist() if cu is not None else [0, t]
+    bounds = seq.cu_for_host.tolist() if seq.cu_seqlens is not None else [0, t]
     for start, end in zip(bounds[:-1], bounds[1:]):
         length = end - start
         per_row = 4 * b * k.shape[2] * math.ceil(length / p["block_size"])
