@@ -509,11 +509,11 @@ def _time_lengths(T_list, dtype, device, ceilings, quick, only, widths, share, g
             impls = [i for i in impls if i[0] in (OURS, DENSE) or any(name in i[0] for name in only)]
         rows += bench_T(T, dtype, device, impls, ceilings, quick, extras=not only)
         torch.cuda.empty_cache()
-        # the same kernels on q/k that drift along T as a converted model's do (selections overlap); dense
-        # attention's time does not depend on the values
+        # the same kernels, and fla's (whose gathers may also find more in L2 when selections overlap), on q/k that
+        # drift along T as a converted model's do; dense attention's time does not depend on the values
         if sparse_rows:
             ours = [i for i in impls if i[0] == OURS or i[0].startswith("triton shared") or "atomic" in i[0]
-                    or "pointer" in i[0] or i[0] in (PACKED, UNPACKED)]
+                    or "pointer" in i[0] or i[0] in (PACKED, UNPACKED) or i[0].startswith("fla")]
             for data in [f"correlated w{w}" for w in widths] or ["correlated"]:
                 rows += bench_T(T, dtype, device, ours, ceilings, quick, data=data, extras=not only)
                 if only:  # the overlap of this data (the full run prints it with the extras)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import resolve_backend
-from .layout import DenseRows, DocLayout, dense_until, to_device
+from .layout import DenseRows, DocLayout, dense_until
 from .naive import infllmv2_attn_torch
 from .params import SparseParams, check_qkv
 from .plan import AttnPlan, SparseAttnFn, window_split_exact
@@ -32,11 +32,10 @@ def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
     scorer = BlockScorer(q3, k3, layout, params, scale)
     sparse_from = dense_until(layout.length, params.dense_len, params.dense_len_mode)
     host_tiles = layout.tiles(scorer.rows_per_tile, sparse_from, on_device=False)
-    row0 = host_tiles[0]
-    if row0.numel() == 0:
+    if host_tiles[0].numel() == 0:
         return
-    starts, ends = row0.tolist(), (row0 + host_tiles[1]).tolist()
-    row0, nrows, docs = (to_device(x, q3.device) for x in host_tiles)
+    starts, ends = host_tiles[0].tolist(), (host_tiles[0] + host_tiles[1]).tolist()
+    row0, nrows, docs = layout.tiles(scorer.rows_per_tile, sparse_from)  # the same tiles on the device
     bytes_per_row = 4 * k3.shape[1] * scorer.num_blocks * (2 if scorer.kernel_ratio > 1 else 1)
     rows_per_chunk = max(scorer.rows_per_tile, score_budget_bytes // bytes_per_row)
     first = 0

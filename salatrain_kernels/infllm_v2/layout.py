@@ -7,12 +7,48 @@ per-document data, device side for per-row data) so kernels never branch on varl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
 
 Bound = int | list[int]  # a position bound: one for every document, or one per document
+
+# Layouts of recent calls, by shape and document bounds (and device, stream, inference mode): a layout and the host
+# tables built from it (tiles, row lists, per-document tables, with their pinned copies) are made once and reused by
+# every later call of the same shape: each sparse layer of a model, the backward, the next training step. Building
+# them took ~4 ms of host time per call at 32K on an H200 (docs/perf.md). 0 turns the reuse off. The tables are
+# never written after they are built.
+LAYOUT_CACHE_SIZE = 8
+_LAYOUTS: OrderedDict = OrderedDict()
+
+
+def clear_layout_cache() -> None:
+    """Forget every kept layout (and its tables)."""
+    _LAYOUTS.clear()
+
+
+def _frozen(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(v) for v in x)
+    return x
+
+
+def _kept(method):
+    """Keep a DocLayout method's result per arguments on the layout (the result is shared: never written)."""
+
+    @functools.wraps(method)
+    def kept(self, *args, **kwargs):
+        if not LAYOUT_CACHE_SIZE:
+            return method(self, *args, **kwargs)
+        key = (method.__name__, _frozen(args), tuple(sorted((k, _frozen(v)) for k, v in kwargs.items())))
+        if key not in self.kept:
+            self.kept[key] = method(self, *args, **kwargs)
+        return self.kept[key]
+
+    return kept
 
 
 def to_device(x: torch.Tensor, device) -> torch.Tensor:
@@ -49,6 +85,7 @@ class DocLayout:
     row_pos: torch.Tensor
     row_kbase: torch.Tensor
     device: torch.device
+    kept: dict = field(default_factory=dict, repr=False, compare=False)  # tables built from it (_kept)
 
     @classmethod
     def build(cls, q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None) -> "DocLayout":
@@ -56,6 +93,24 @@ class DocLayout:
 
     @classmethod
     def from_shape(cls, batch: int, seqlen_q: int, seqlen_k: int, device, cu_seqlens) -> "DocLayout":
+        """The layout of a call (a kept one when a recent call had the same shape and bounds: LAYOUT_CACHE_SIZE)."""
+        bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+        device = torch.device(device)
+        if not LAYOUT_CACHE_SIZE or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return cls._new(batch, seqlen_q, seqlen_k, device, cu_seqlens, bounds)
+        stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+        key = (batch, seqlen_q, seqlen_k, device, stream, torch.is_inference_mode_enabled(),
+               None if bounds is None else tuple(bounds))
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            layout = _LAYOUTS[key] = cls._new(batch, seqlen_q, seqlen_k, device, cu_seqlens, bounds)
+            while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+                _LAYOUTS.popitem(last=False)
+        _LAYOUTS.move_to_end(key)
+        return layout
+
+    @classmethod
+    def _new(cls, batch: int, seqlen_q: int, seqlen_k: int, device, cu_seqlens, bounds) -> "DocLayout":
         if cu_seqlens is None:
             kstart = [b * seqlen_k for b in range(batch)]
             length = [seqlen_k] * batch
@@ -66,7 +121,6 @@ class DocLayout:
             row_pos = pos.repeat(batch)
             row_kbase = (torch.arange(batch, dtype=torch.int32, device=device) * seqlen_k).repeat_interleave(seqlen_q)
         else:
-            bounds = cu_seqlens.tolist()
             if bounds[0] != 0 or bounds[-1] != seqlen_q or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
                 raise ValueError(f"cu_seqlens must rise from 0 to T={seqlen_q}, got {bounds[:4]}...")
             kstart = bounds[:-1]
@@ -108,6 +162,7 @@ class DocLayout:
         count = torch.clamp(hi - lo, min=0)
         return qs + lo - p0, lo, count
 
+    @_kept
     def rows(self, pos_lo: Bound = 0, pos_hi: Bound = 2**62, row_lo: int = 0, row_hi: int = 2**62) -> torch.Tensor:
         """Query rows with position in [pos_lo, pos_hi) (and row in [row_lo, row_hi)), latest positions first."""
         first_row, first_pos, count = self._row_ranges(pos_lo, pos_hi, row_lo, row_hi)
@@ -115,6 +170,7 @@ class DocLayout:
         order = torch.argsort(pos, descending=True, stable=True)
         return to_device(rows[order].int(), self.device)
 
+    @_kept
     def tiles(self, tile: int, pos_lo: Bound = 0, pos_hi: Bound = 2**62, row_lo: int = 0, row_hi: int = 2**62,
               on_device: bool = True):
         """Tiles of up to `tile` consecutive query rows of one document (positions in [pos_lo, pos_hi), rows in
@@ -129,6 +185,7 @@ class DocLayout:
         device = self.device if on_device else "cpu"
         return tuple(to_device(x.int(), device) for x in (row0, torch.clamp(end - row0, max=tile), docs))
 
+    @_kept
     def key_tiles(self, tile: int, pos_hi_per_doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tiles of `tile` keys (document index, first key position) covering positions [0, pos_hi) per doc."""
         per_doc = (torch.clamp(self._docs(pos_hi_per_doc), min=0) + tile - 1) // tile
@@ -136,25 +193,28 @@ class DocLayout:
         docs = torch.repeat_interleave(torch.arange(self.num_docs), per_doc)
         return to_device(docs.int(), self.device), to_device(starts.int(), self.device)
 
+    @_kept
     def doc_tensor(self, values: list[int]) -> torch.Tensor:
         return _int32(values, self.device)
 
-    def windows(self, kernel_size: int, stride: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    @_kept
+    def windows(self, kernel_size: int, stride: int) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
         """Compressed windows: first key row of each (int64 device), per-doc first window index and count."""
         length = self._docs(self.length)
         counts = torch.where(length >= kernel_size, (length - kernel_size) // stride + 1, 0)
         firsts = torch.cumsum(counts, 0) - counts
         rows = cat_ranges(self._docs(self.kstart), counts, stride)
-        return to_device(rows, self.device), firsts.tolist(), counts.tolist()
+        return to_device(rows, self.device), tuple(firsts.tolist()), tuple(counts.tolist())
 
-    def global_blocks(self, block_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    @_kept
+    def global_blocks(self, block_size: int) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
         """Blocks of all documents numbered globally: per-doc base, and per block its first/end key row."""
         kstart, length = self._docs(self.kstart), self._docs(self.length)
         per_doc = (length + block_size - 1) // block_size
         first = cat_ranges(kstart, per_doc, block_size)
         end = torch.repeat_interleave(kstart + length, per_doc)
         base = torch.cumsum(per_doc, 0) - per_doc
-        return base.tolist(), to_device(first.int(), self.device), to_device(end.int(), self.device)
+        return tuple(base.tolist()), to_device(first.int(), self.device), to_device(end.int(), self.device)
 
 
 def dense_until(lengths: list[int], dense_len: int, dense_len_mode: str) -> list[int]:
