@@ -135,7 +135,7 @@ def measure(T: int) -> list[str]:
              if "synchroniz" in str(w.message).lower()]
     lines += ["With the tables kept:", "",
               "| timing | ms |", "|---|---|",
-              f"| one call alone, events and a synchronisation around it (bench_infllmv2.py), best round | {alone:.2f} |",
+              f"| one call alone, events and a synchronisation around it, best round | {alone:.2f} |",
               f"| do_bench (L2 flushed between calls, queued; infllmv2_sweep.py) | {queued:.2f} |",
               f"| {n} calls queued back to back, per call | {back_to_back:.2f} |",
               f"| host time to enqueue one call (GPU idle before it) | {host:.2f} |",
