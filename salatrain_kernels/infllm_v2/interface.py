@@ -31,24 +31,13 @@ def score_chunks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,
     """Score the sparse rows chunk by chunk; yields (own, tail or None, first row, end row) per chunk."""
     scorer = BlockScorer(q3, k3, layout, params, scale)
     sparse_from = dense_until(layout.length, params.dense_len, params.dense_len_mode)
-    host_tiles = layout.tiles(scorer.rows_per_tile, sparse_from, on_device=False)
-    if host_tiles[0].numel() == 0:
-        return
-    starts, ends = host_tiles[0].tolist(), (host_tiles[0] + host_tiles[1]).tolist()
-    row0, nrows, docs = layout.tiles(scorer.rows_per_tile, sparse_from)  # the same tiles on the device
     bytes_per_row = 4 * k3.shape[1] * scorer.num_blocks * (2 if scorer.kernel_ratio > 1 else 1)
     rows_per_chunk = max(scorer.rows_per_tile, score_budget_bytes // bytes_per_row)
-    first = 0
-    while first < len(starts):
-        last = first
-        while last + 1 < len(starts) and ends[last + 1] - starts[first] <= rows_per_chunk:
-            last += 1
-        row_lo, row_hi = starts[first], ends[last]
+    row0, nrows, docs = layout.tiles(scorer.rows_per_tile, sparse_from)
+    for first, end, row_lo, row_hi in layout.tile_runs(scorer.rows_per_tile, sparse_from, rows_per_chunk):
         own, tail = scorer.new_buffers(row_hi - row_lo)
-        tiles = (row0[first : last + 1], nrows[first : last + 1], docs[first : last + 1])
-        scorer.run(own, tail, row_lo, tiles, write_all=False)
+        scorer.run(own, tail, row_lo, (row0[first:end], nrows[first:end], docs[first:end]), write_all=False)
         yield own, (None if tail is own else tail), row_lo, row_hi
-        first = last + 1
 
 
 def select_blocks(q3, k3, layout: DocLayout, params: SparseParams, scale: float,

@@ -186,6 +186,20 @@ class DocLayout:
         return tuple(to_device(x.int(), device) for x in (row0, torch.clamp(end - row0, max=tile), docs))
 
     @_kept
+    def tile_runs(self, tile: int, pos_lo: Bound, max_rows: int) -> tuple[tuple[int, int, int, int], ...]:
+        """The tiles of ``tiles(tile, pos_lo)`` in consecutive runs spanning at most ``max_rows`` rows each (at least
+        one tile a run): (first tile, end tile, first row, end row) per run."""
+        row0, nrows, _ = self.tiles(tile, pos_lo, on_device=False)
+        starts = row0.long()
+        ends = starts + nrows
+        runs, first = [], 0
+        while first < starts.numel():  # ends ascend: the run ends at the last tile ending within max_rows
+            last = max(first, int(torch.searchsorted(ends, starts[first] + max_rows, right=True)) - 1)
+            runs.append((first, last + 1, int(starts[first]), int(ends[last])))
+            first = last + 1
+        return tuple(runs)
+
+    @_kept
     def key_tiles(self, tile: int, pos_hi_per_doc: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tiles of `tile` keys (document index, first key position) covering positions [0, pos_hi) per doc."""
         per_doc = (torch.clamp(self._docs(pos_hi_per_doc), min=0) + tile - 1) // tile

@@ -111,3 +111,44 @@ def test_reused_tables_give_the_results_of_fresh_ones(share, monkeypatch):
         torch.testing.assert_close(got, want, **tol)
     assert kept.kept.keys() == built.keys()
     assert all(_same(kept.kept[key], built[key]) for key in built), "a call wrote into a kept table"
+
+
+def _runs_by_hand(starts, ends, max_rows):
+    runs, first = [], 0
+    while first < len(starts):
+        last = first
+        while last + 1 < len(starts) and ends[last + 1] - starts[first] <= max_rows:
+            last += 1
+        runs.append((first, last + 1, starts[first], ends[last]))
+        first = last + 1
+    return runs
+
+
+@pytest.mark.parametrize("max_rows", [1, 8, 13, 40, 10**6])
+def test_tile_runs_hold_at_most_the_row_budget(max_rows):
+    """The scoring's row chunks: consecutive tiles, as many as fit in max_rows rows (one at least), every tile once."""
+    layout = DocLayout.from_shape(1, 150, 150, "cpu", torch.tensor(CU))
+    row0, nrows, _ = layout.tiles(8, 32, on_device=False)
+    starts, ends = row0.tolist(), (row0 + nrows).tolist()
+    runs = layout.tile_runs(8, 32, max_rows)
+    assert list(runs) == _runs_by_hand(starts, ends, max_rows)
+    assert [r[0] for r in runs] == [0] + [r[1] for r in runs[:-1]] and runs[-1][1] == len(starts)
+    assert all(hi - lo <= max_rows or end == first + 1 for first, end, lo, hi in runs)
+
+
+def test_scoring_in_chunks_selects_as_in_one_go():
+    """A score budget of a few rows cuts the sparse rows into many chunks: the same block lists as one chunk."""
+    from salatrain_kernels.infllm_v2.interface import select_blocks
+    from salatrain_kernels.infllm_v2.params import SparseParams
+    from salatrain_kernels.infllm_v2.score import BlockScorer
+
+    q, k, _ = make_qkv(1, 150, 150, 4, 2, 16, seed=5, device=DEVICE)
+    params = SparseParams(**SMALL)
+    layout = DocLayout.build(q, k, torch.tensor(CU))
+    q3, k3 = q.detach().view(150, 4, 16), k.detach().view(150, 2, 16)
+    whole = select_blocks(q3, k3, layout, params, 0.25)
+    per_row = 4 * 2 * layout.max_blocks(16) * 2
+    tile = BlockScorer(q3, k3, layout, params, 0.25).rows_per_tile
+    assert len(layout.tile_runs(tile, 32, tile)) >= 2  # chunks of one tile each
+    chunked = select_blocks(q3, k3, layout, params, 0.25, score_budget_bytes=3 * per_row)
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
