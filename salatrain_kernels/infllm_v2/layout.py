@@ -8,6 +8,7 @@ per-document data, device side for per-row data) so kernels never branch on varl
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -19,15 +20,17 @@ Bound = int | list[int]  # a position bound: one for every document, or one per 
 # Layouts of recent calls, by shape and document bounds (and device, stream, inference mode): a layout and the host
 # tables built from it (tiles, row lists, per-document tables, with their pinned copies) are made once and reused by
 # every later call of the same shape: each sparse layer of a model, the backward, the next training step. Building
-# them took ~4 ms of host time per call at 32K on an H200 (docs/perf.md). 0 turns the reuse off. The tables are
-# never written after they are built.
+# them took 6 of the 13 ms of host time of a fwd+bwd at 32K on an H200, 17 of 28 ms at 128K (docs/perf.md). 0 turns
+# the reuse off. The tables are never written after they are built.
 LAYOUT_CACHE_SIZE = 8
 _LAYOUTS: OrderedDict = OrderedDict()
+_LAYOUTS_LOCK = threading.Lock()
 
 
 def clear_layout_cache() -> None:
     """Forget every kept layout (and its tables)."""
-    _LAYOUTS.clear()
+    with _LAYOUTS_LOCK:
+        _LAYOUTS.clear()
 
 
 def _frozen(x):
@@ -101,13 +104,14 @@ class DocLayout:
         stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
         key = (batch, seqlen_q, seqlen_k, device, stream, torch.is_inference_mode_enabled(),
                None if bounds is None else tuple(bounds))
-        layout = _LAYOUTS.get(key)
-        if layout is None:
-            layout = _LAYOUTS[key] = cls._new(batch, seqlen_q, seqlen_k, device, cu_seqlens, bounds)
-            while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
-                _LAYOUTS.popitem(last=False)
-        _LAYOUTS.move_to_end(key)
-        return layout
+        with _LAYOUTS_LOCK:
+            layout = _LAYOUTS.get(key)
+            if layout is None:
+                layout = _LAYOUTS[key] = cls._new(batch, seqlen_q, seqlen_k, device, cu_seqlens, bounds)
+                while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+                    _LAYOUTS.popitem(last=False)
+            _LAYOUTS.move_to_end(key)
+            return layout
 
     @classmethod
     def _new(cls, batch: int, seqlen_q: int, seqlen_k: int, device, cu_seqlens, bounds) -> "DocLayout":
