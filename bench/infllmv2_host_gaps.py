@@ -22,21 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_infllmv2 as B  # noqa: E402  (also makes salatrain_kernels importable)
+from timing import median_ms  # noqa: E402
 
 from salatrain_kernels.infllm_v2 import infllmv2_attn  # noqa: E402
-
-
-def _alone(fn, reps: int = 15) -> float:
-    """Median ms of fn() timed alone: CUDA events around it and a synchronisation after each call."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def _host_ms(fn, reps: int = 5) -> float:
@@ -94,7 +82,7 @@ def measure(T: int) -> list[str]:
             for _ in range(3):
                 call()
             torch.cuda.synchronize()
-            got.append((_alone(call), _alone(forward), _host_ms(call), _host_ms(forward)))
+            got.append((median_ms(call, 15, 0), median_ms(forward, 15, 0), _host_ms(call), _host_ms(forward)))
     lines = [f"### T = {T // 1024}K", "",
              "| the layout's tables | fwd+bwd alone | forward alone | host time to enqueue fwd+bwd | ... forward |",
              "|---|---|---|---|---|"]
