@@ -2,8 +2,9 @@
 
 Every kernel works on flattened rows: query row r in [0, R = B·Tq) of q viewed as [R, HQ, D], key row in
 [0, B·Tk) of k viewed as [B·Tk, HKV, D]. A *document* is a batch element, or one cu_seqlens segment; a
-query's position t counts from its document's first key. Tables are built once per call (host side for
-per-document data, device side for per-row data) so kernels never branch on varlen vs padded batches.
+query's position t counts from its document's first key. Tables are built once per layout (host side for
+per-document data, device side for per-row data) so kernels never branch on varlen vs padded batches; the layouts
+of recent calls are kept with their tables (LAYOUT_CACHE_SIZE), so a call of the same shape builds nothing.
 """
 from __future__ import annotations
 
