@@ -97,10 +97,13 @@ class DocLayout:
 
     @classmethod
     def from_shape(cls, batch: int, seqlen_q: int, seqlen_k: int, device, cu_seqlens) -> "DocLayout":
-        """The layout of a call (a kept one when a recent call had the same shape and bounds: LAYOUT_CACHE_SIZE)."""
+        """The layout of a call (a kept one when a recent call had the same shape and bounds: LAYOUT_CACHE_SIZE).
+        A decoding step (one query a sequence) is never kept: its key length is new every step, so it would only push
+        out the layouts that recur."""
         bounds = None if cu_seqlens is None else cu_seqlens.tolist()
         device = torch.device(device)
-        if not LAYOUT_CACHE_SIZE or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not LAYOUT_CACHE_SIZE or seqlen_q == 1 or capturing:
             return cls._new(batch, seqlen_q, seqlen_k, device, cu_seqlens, bounds)
         stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
         key = (batch, seqlen_q, seqlen_k, device, stream, torch.is_inference_mode_enabled(),

@@ -57,6 +57,9 @@ def test_same_shape_and_bounds_reuse_one_layout():
     assert all(o is not first for o in others) and len({id(o) for o in others}) == len(others)
     with torch.inference_mode():  # tensors made in inference mode are kept apart from the others
         assert DocLayout.from_shape(1, 150, 150, "cpu", cu) is not first
+    kept = len(layout_mod._LAYOUTS)
+    step = DocLayout.from_shape(4, 1, 300, "cpu", None)  # a decoding step: new every step, never kept
+    assert DocLayout.from_shape(4, 1, 300, "cpu", None) is not step and len(layout_mod._LAYOUTS) == kept
 
 
 def test_the_cache_is_bounded_and_can_be_switched_off(monkeypatch):
