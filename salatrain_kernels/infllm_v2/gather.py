@@ -159,6 +159,16 @@ def _gather_dq_kernel(
 
 
 @triton.jit
+def _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r, heads, ok, d, dm,
+               stride_qr, stride_qh, stride_lr):
+    """A gathered dk/dv step's query rows r (masked by ok): their key row (causal bound), q, dO, lse2, delta."""
+    q_krow = tl.load(row_kbase_ptr + r, mask=ok, other=0) + tl.load(row_pos_ptr + r, mask=ok, other=0)
+    _, _, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r.to(tl.int64), heads, ok, d, dm,
+                                            stride_qr, stride_qh, stride_lr)
+    return q_krow, q, do, lse, delta
+
+
+@triton.jit
 def _gather_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
     chunk_key_ptr, chunk_e0_ptr, chunk_e1_ptr, n_chunks_ptr, entry_row_ptr, gb_krow0_ptr, gb_kend_ptr,
@@ -167,7 +177,7 @@ def _gather_dkdv_kernel(
     stride_qr, stride_qh, stride_kr, stride_kh, stride_lr, stride_dkr, stride_dkh, stride_dqr, stride_dqh,
     scale_log2, scale,
     G: tl.constexpr, GP: tl.constexpr, TP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr, DQ: tl.constexpr, ATOMIC: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, DQ: tl.constexpr, ATOMIC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     M: tl.constexpr = TP * GP
     NK: tl.constexpr = BS // BK  # programs per chunk, each with BK of the block's keys (neighbours in the grid)
@@ -192,20 +202,41 @@ def _gather_dkdv_kernel(
     ti = mm // GP
     g = mm % GP
     heads = hk * G + g
-    for e in range(e0, e1, TP):
-        ent = e + ti
-        e_ok = (ent < e1) & (g < G)
-        r = tl.load(entry_row_ptr + ent, mask=e_ok, other=0)
-        q_krow = tl.load(row_kbase_ptr + r, mask=e_ok, other=0) + tl.load(row_pos_ptr + r, mask=e_ok, other=0)
-        _, qd_mask, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, r.to(tl.int64), heads, e_ok,
-                                                      d, dm, stride_qr, stride_qh, stride_lr)
-        s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BK, M]
-        vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
-        dk, dv, ds_t = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
-        if DQ:  # the queries' dq part from this block, dS·K (times scale), added into the fp32 dq buffer
-            dq = tl.dot(tl.trans(ds_t), kt, input_precision=PREC) * scale  # [M, BD]
-            dq_off = (r.to(tl.int64) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
-            tl.atomic_add(dq_ptr + dq_off, dq, mask=qd_mask)
+    if PREFETCH:  # step e's rows in registers, loaded during step e - TP; the pipeliner is off for this loop
+        e_ok = (e0 + ti < e1) & (g < G)
+        r = tl.load(entry_row_ptr + e0 + ti, mask=e_ok, other=0)
+        q_krow, q, do, lse, delta = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
+                                               heads, e_ok, d, dm, stride_qr, stride_qh, stride_lr)
+        r_n = tl.load(entry_row_ptr + e0 + TP + ti, mask=(e0 + TP + ti < e1) & (g < G), other=0)
+        for e in tl.range(e0, e1, TP, num_stages=1):
+            ok_n = (e + TP + ti < e1) & (g < G)  # the next step's loads go out before this step's matmuls
+            q_krow_n, q_n, do_n, lse_n, delta_n = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr,
+                                                             row_pos_ptr, r_n, heads, ok_n, d, dm, stride_qr,
+                                                             stride_qh, stride_lr)
+            r_nn = tl.load(entry_row_ptr + e + 2 * TP + ti, mask=(e + 2 * TP + ti < e1) & (g < G), other=0)
+            s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BK, M]
+            vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
+            dk, dv, ds_t = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
+            if DQ:
+                dq = tl.dot(tl.trans(ds_t), kt, input_precision=PREC) * scale  # [M, BD]
+                dq_off = (r.to(tl.int64) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
+                tl.atomic_add(dq_ptr + dq_off, dq, mask=e_ok[:, None] & dm[None, :])
+            q_krow, q, do, lse, delta, r, e_ok = q_krow_n, q_n, do_n, lse_n, delta_n, r_n, ok_n
+            r_n = r_nn
+    else:
+        for e in range(e0, e1, TP):
+            ent = e + ti
+            e_ok = (ent < e1) & (g < G)
+            r = tl.load(entry_row_ptr + ent, mask=e_ok, other=0)
+            q_krow, q, do, lse, delta = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
+                                                   heads, e_ok, d, dm, stride_qr, stride_qh, stride_lr)
+            s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BK, M]
+            vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
+            dk, dv, ds_t = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
+            if DQ:  # the queries' dq part from this block, dS·K (times scale), added into the fp32 dq buffer
+                dq = tl.dot(tl.trans(ds_t), kt, input_precision=PREC) * scale  # [M, BD]
+                dq_off = (r.to(tl.int64) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
+                tl.atomic_add(dq_ptr + dq_off, dq, mask=e_ok[:, None] & dm[None, :])
     store_dkdv(dk_ptr, dv_ptr, dk, dv, krow, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh, ATOMIC)
 
 

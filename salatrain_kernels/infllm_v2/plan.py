@@ -34,8 +34,11 @@ KV_LOADS = ("pointer", "tma")
 DKDV_ROWS = 64  # gathered dk/dv: query rows (queries x G heads) per step on tensor cores
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks; programs of
 # one block add by atomics); 0: one program per block takes all its queries and adds by a plain read-add-write
+DKDV_PREFETCH = False  # gathered dk/dv: load each step's q/dO rows during the step before (registers), see gather.py
+LOCAL_DKDV_PREFETCH = False  # the local window's dk/dv likewise (window.py)
 DKDV_KEYS = None  # keys per gathered dk/dv program (None: the whole block; a divisor of it splits each chunk)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
+INTERPRETER_DKDV_ROWS = 256  # gathered dk/dv rows per step under the interpreter (tests set it small: many steps)
 INTERPRETER_DKDV_CHUNK = 4096  # the interpreter takes a block's queries in one program (tests set it small)
 PART_BUDGET_BYTES = 512 * 2**20  # fp32 partial outputs of one row chunk (window split)
 # groups of fewer than 16 query heads per K/V head: with share_tokens=1 (and dq_mode="gather"), neighbouring queries
@@ -150,13 +153,15 @@ class AttnPlan:
         self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
         self.dkdv_chunk = INTERPRETER_DKDV_CHUNK if interpreting() else DKDV_CHUNK
         # gathered dk/dv: query rows (TP queries x G heads, padded) per step; local dk/dv: programs per group
-        self.dkdv_rows = 256 if interpreting() else (32 if self.prec == "ieee" else DKDV_ROWS)
+        self.dkdv_rows = INTERPRETER_DKDV_ROWS if interpreting() else (32 if self.prec == "ieee" else DKDV_ROWS)
         self.dkdv_nsplit = min(self.group, 4)
         # gathered dk/dv (num_warps, num_stages); None: 4 warps, 2 stages (fp32 tests: 8) (a sweep knob). At D = 128,
         # 4 warps run two programs per SM (255 registers, 100 B spilled, 99.8 KB shared) where 8 warps ran one: the
         # kernel waits on its q/dO gathers, and a second program hides them (fwd+bwd 1.20x / 1.18x at 32K / 128K, H200)
         self.dkdv_gather_launch = None
         self.dkdv_keys = DKDV_KEYS or block_size
+        self.dkdv_prefetch = DKDV_PREFETCH
+        self.local_dkdv_prefetch = LOCAL_DKDV_PREFETCH
         if DKDV_KEYS and (block_size % DKDV_KEYS or (DKDV_KEYS < 16 and not interpreting())):
             raise ValueError(f"DKDV_KEYS={self.dkdv_keys} must divide block_size {block_size} (and be >= 16 for the "
                              "GPU's matmul tiles)")
@@ -375,7 +380,7 @@ class AttnPlan:
                 **grads, dk_ptr=dk, dv_ptr=dv, ktile_doc_ptr=kdoc, ktile_start_ptr=kstart, **self.docs,
                 **self.dense.kernel_args(doc=True), stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
                 **dict(self._local_meta(self.dkdv_bm), BN=self.dkdv_bn), NSPLIT=nsplit,
-                num_warps=warps, num_stages=stages,
+                PREFETCH=self.local_dkdv_prefetch, num_warps=warps, num_stages=stages,
             )
         if dq_acc is not None and not self.window:  # sparse rows took no local dq kernel: their whole dq
             rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()
@@ -397,7 +402,8 @@ class AttnPlan:
             num_gblocks=num_gblocks, stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
             stride_dqr=dq_out.stride(0), stride_dqh=dq_out.stride(1),
             G=self.group, GP=group_pad, TP=per_step, D=self.dim, BD=self.bd, BS=self.block_size, BK=self.dkdv_keys,
-            PREC=self.prec, DQ=dq_acc is not None, ATOMIC=self.dkdv_chunk != 0, num_warps=num_warps,
+            PREC=self.prec, DQ=dq_acc is not None, ATOMIC=self.dkdv_chunk != 0,
+            PREFETCH=self.dkdv_prefetch, num_warps=num_warps,
             num_stages=num_stages,
         )
 

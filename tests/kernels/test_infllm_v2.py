@@ -421,6 +421,41 @@ def test_dkdv_blocks_in_several_chunks(keys, dq_mode, chunk, monkeypatch):
     assert int(e0[0]) == 0 and int(e1[n_chunks - 1]) <= entry_row.numel()
 
 
+@interpreter
+@pytest.mark.parametrize("prefetch", [False, True], ids=["pipelined", "prefetched"])
+@pytest.mark.parametrize("dq_mode", ["gather", "atomic"])
+def test_dkdv_many_steps_per_program(prefetch, dq_mode, monkeypatch):
+    """Gathered dk/dv programs that walk their queries in many steps of 2 queries with a partial last step (chunks of
+    7 entries): every gradient as the reference, with each step's rows loaded in the step (the pipeliner's loop) and
+    loaded one step ahead (DKDV_PREFETCH: the rows of step i + 1 and the entry rows of step i + 2 during step i)."""
+    from salatrain_kernels.infllm_v2 import plan
+
+    monkeypatch.setattr(plan, "DKDV_PREFETCH", prefetch)
+    monkeypatch.setattr(plan, "INTERPRETER_DKDV_CHUNK", 7)
+    c = dict(FULL_CASES["varlen_3docs"])
+    cu = torch.tensor(c.pop("cu"), dtype=torch.int32)
+    shape = c.pop("shape")
+    monkeypatch.setattr(plan, "INTERPRETER_DKDV_ROWS", 2 * utils.next_pow2(shape[3] // shape[4]))
+    maps = []
+    real_key_map = plan.AttnPlan.key_map
+
+    def spy(self, idx3, counts):
+        maps.append((self.dkdv_rows, self.dkdv_prefetch, real_key_map(self, idx3, counts)))
+        return maps[-1][2]
+
+    monkeypatch.setattr(plan.AttnPlan, "key_map", spy)
+    q, k, v = make_qkv(*shape, seed=29)
+    kwargs = dict(SMALL, cu_seqlens=cu, **c)
+    out = infllmv2_attn(q, k, v, backend="triton", dq_mode=dq_mode, **kwargs)
+    ref = infllmv2_attn_torch(q, k, v, **kwargs)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+    rows, used_prefetch, ((_, e0, e1), n_chunks, _) = maps[0][0], maps[0][1], maps[0][2][:3]
+    n = int(n_chunks)
+    assert used_prefetch is prefetch
+    assert int((e1[:n] - e0[:n]).max()) == 7, "expected chunks of 7 entries: 4 steps of 2 queries, the last partial"
+
+
 LOCAL_DKDV_CASES = {
     # the local dk/dv kernel's 128-key tiles take 32-query steps: on the diagonal, inside every row's range, and past
     # the window's start. dense rows: tile 0 has steps inside every row's range at queries [128, 288) (dense_len 300)
@@ -433,12 +468,17 @@ LOCAL_DKDV_CASES = {
 
 
 @interpreter
+@pytest.mark.parametrize("prefetch", [False, True], ids=["pipelined", "prefetched"])
 @pytest.mark.parametrize("local", ["token", "block"])
 @pytest.mark.parametrize("case", list(LOCAL_DKDV_CASES))
-def test_local_dkdv_over_every_kind_of_query_step(case, local):
+def test_local_dkdv_over_every_kind_of_query_step(case, local, prefetch, monkeypatch):
     """The local window's dk/dv at lengths where key tiles have query steps of every kind (on the diagonal, inside
     every row's range, past the window's start; a kernel that skips masks where it may must get each right): every
-    gradient as the reference, under both local rules."""
+    gradient as the reference, under both local rules, with each step's rows loaded in the step and one step ahead
+    (LOCAL_DKDV_PREFETCH)."""
+    from salatrain_kernels.infllm_v2 import plan
+
+    monkeypatch.setattr(plan, "LOCAL_DKDV_PREFETCH", prefetch)
     c = dict(LOCAL_DKDV_CASES[case])
     q, k, v = make_qkv(*c.pop("shape"), seed=len(case))
     kwargs = dict(SMALL, **{**c, "local_blocks": local})
