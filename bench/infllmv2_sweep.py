@@ -67,20 +67,23 @@ VARIANTS = [
     ("gathered dk/dv 32-key programs, 4 warps, 3 stages", {"dkdv_keys": 32, "dkdv_gather_launch": (4, 3)}),
     # Triton's pipeliner issues a dk/dv step's q/dO loads after the step before's matmuls and waits for them at once
     # (one gather latency per step); prefetched: the next step's rows go out before this step's matmuls, into
-    # registers (the loop's pipeliner off), and the entry rows two steps ahead (gather.py / window.py, PREFETCH)
+    # registers (the loop's pipeliner off), with the entry rows one step further (gather.py, PREFETCH)
     ("gathered dk/dv 2 queries a step (pipelined)", {"dkdv_rows": 32}),
-    ("gathered dk/dv prefetch, 2 queries a step, 4 warps", {"dkdv_prefetch": True, "dkdv_rows": 32,
-                                                            "dkdv_gather_launch": (4, 1)}),
-    ("gathered dk/dv prefetch, 2 queries a step, 8 warps", {"dkdv_prefetch": True, "dkdv_rows": 32,
-                                                            "dkdv_gather_launch": (8, 1)}),
-    ("gathered dk/dv prefetch, 4 queries a step, 8 warps", {"dkdv_prefetch": True, "dkdv_gather_launch": (8, 1)}),
-    ("local dk/dv prefetch", {"local_dkdv_prefetch": True, "dkdv_local_launch": (8, 1)}),
-    ("local dk/dv prefetch, 64 keys x 32 queries, 4 warps", {"local_dkdv_prefetch": True, "dkdv_bn": 64, "dkdv_bm": 32,
-                                                             "dkdv_local_launch": (4, 1)}),
-    ("both dk/dv prefetch (gathered 2 queries a step, 4 warps)", {"dkdv_prefetch": True, "dkdv_rows": 32,
-                                                                  "dkdv_gather_launch": (4, 1),
-                                                                  "local_dkdv_prefetch": True,
-                                                                  "dkdv_local_launch": (8, 1)}),
+    ("gathered dk/dv prefetch 1 step, 1 query a step", {"dkdv_prefetch": 1, "dkdv_rows": 16,
+                                                        "dkdv_gather_launch": (4, 1)}),
+    ("gathered dk/dv prefetch 1 step, 2 queries a step", {"dkdv_prefetch": 1, "dkdv_rows": 32,
+                                                          "dkdv_gather_launch": (4, 1)}),
+    ("gathered dk/dv prefetch 1 step, 2 queries a step, 32-key programs", {"dkdv_prefetch": 1, "dkdv_rows": 32,
+                                                                           "dkdv_keys": 32,
+                                                                           "dkdv_gather_launch": (4, 1)}),
+    ("gathered dk/dv prefetch 2 steps, 1 query a step", {"dkdv_prefetch": 2, "dkdv_rows": 16,
+                                                         "dkdv_gather_launch": (4, 1)}),
+    ("gathered dk/dv prefetch 2 steps, 1 query a step, 32-key programs", {"dkdv_prefetch": 2, "dkdv_rows": 16,
+                                                                          "dkdv_keys": 32,
+                                                                          "dkdv_gather_launch": (4, 1)}),
+    ("gathered dk/dv prefetch 2 steps, 2 queries a step, 32-key programs", {"dkdv_prefetch": 2, "dkdv_rows": 32,
+                                                                            "dkdv_keys": 32,
+                                                                            "dkdv_gather_launch": (4, 1)}),
     # the scoring kernel keeps each query's best blocks as it scores, no score buffer (selection.py)
     ("selection fused into the scoring kernel (FUSED_SELECT on)", {"FUSED_SELECT": True}),
     # groups of fewer than 16 heads: neighbouring queries fill the per-query tile's padding rows (plan.py)

@@ -126,7 +126,7 @@ def jobs():
                             "stride_dkr", "stride_dkh", "stride_dqr", "stride_dqh"),
                     "scale_log2": "fp32", "scale": "fp32"}
             consts = dict(G=g, GP=gp, TP=max(1, (32 if small else 64) // gp), D=128, BD=128, BS=64, BK=64, PREC=prec,
-                          DQ=False, ATOMIC=True, PREFETCH=False)
+                          DQ=False, ATOMIC=True, PREFETCH=0)
             # the production launch (4, 2) (the fp32 test tiles: 8 warps), then the sweep's candidates
             # (bench/infllmv2_sweep.py): the earlier 8 warps, more stages, and programs of 32 of the block's 64 keys
             launches = [(8, 2)] if small else [(4, 2), (4, 3), (8, 2), (8, 3)]
@@ -136,9 +136,9 @@ def jobs():
                             [(4, 2)]))
                 out.append((f"gather_dkdv {dt} {gname} BK32", GA._gather_dkdv_kernel, args, dict(consts, BK=32),
                             [(4, 2), (4, 3), (8, 2)]))
-                for tp in (2, 4):  # each step's q/dO rows loaded in registers during the step before
-                    out.append((f"gather_dkdv {dt} {gname} prefetch TP{tp}", GA._gather_dkdv_kernel, args,
-                                dict(consts, PREFETCH=True, TP=max(1, tp * 16 // gp)), [(4, 1), (8, 1)]))
+                for ahead, tp, bk in ((1, 1, 64), (1, 2, 64), (1, 2, 32), (2, 1, 64), (2, 1, 32), (2, 2, 32)):
+                    out.append((f"gather_dkdv {dt} {gname} prefetch{ahead} TP{tp} BK{bk}", GA._gather_dkdv_kernel,
+                                args, dict(consts, PREFETCH=ahead, TP=max(1, tp * 16 // gp), BK=bk), [(4, 1)]))
         bm, bn, bmq = (64, 32, 32) if small else (128, 64, 64)
         common = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr"),
                   **_ptrs("fp32", "lse_ptr", "part_o_ptr", "part_lse_ptr", "delta_ptr", "part_ptr", "dk_ptr",
@@ -157,16 +157,8 @@ def jobs():
                         [(8, 2)] if small else [(8, 3), (8, 2)]))
             out.append((f"local_dq {dt} {tag}", W._local_dq_kernel, common, dict(local, BM=bmq, HAS_PART=part),
                         [(4, 2)]))
-            out.append((f"local_dkdv {dt} {tag}", W._local_dkdv_kernel, common,
-                        dict(local, BM=bmq, NSPLIT=4, PREFETCH=False), [(8, 2)]))
-            if not small and win and not block and not per_row:  # the production tile, pipelined and prefetched
-                wide = dict(local, BN=128, BM=32, NSPLIT=4)
-                out.append((f"local_dkdv {dt} {tag} 128x32", W._local_dkdv_kernel, common,
-                            dict(wide, PREFETCH=False), [(8, 2)]))
-                out.append((f"local_dkdv {dt} {tag} 128x32 prefetch", W._local_dkdv_kernel, common,
-                            dict(wide, PREFETCH=True), [(8, 1)]))
-                out.append((f"local_dkdv {dt} {tag} 64x32 prefetch", W._local_dkdv_kernel, common,
-                            dict(wide, BN=64, PREFETCH=True), [(4, 1)]))
+            out.append((f"local_dkdv {dt} {tag}", W._local_dkdv_kernel, common, dict(local, BM=bmq, NSPLIT=4),
+                        [(8, 2)]))
         out.append((f"delta {dt}", PL._delta_kernel, {**_ptrs(dt, "o_ptr", "do_ptr"), **_ptrs("fp32", "delta_ptr"),
                     "n": "i32"}, dict(D=128, BD=128, BLOCK=64), [(4, 2)]))
     sel_args = {**_ptrs("fp32", "score_ptr", "tail_ptr"), **_ptrs("i32", "idx_ptr", "row_pos_ptr", "row_dense_ptr"),

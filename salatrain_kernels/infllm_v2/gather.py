@@ -169,6 +169,21 @@ def _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
 
 
 @triton.jit
+def _dkdv_step(dk, dv, kt, vt, krow, k_ok, q_krow, q, do, lse, delta, r, e_ok, heads, d, dm, dq_ptr,
+               stride_dqr, stride_dqh, scale_log2, scale, PREC: tl.constexpr, DQ: tl.constexpr):
+    """One step of a gathered dk/dv program: the block's dk/dv from the step's query rows; with DQ also the rows'
+    dq part from this block, dS·K (times scale), added into the fp32 dq buffer."""
+    s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BK, M]
+    vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
+    dk, dv, ds_t = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
+    if DQ:
+        dq = tl.dot(tl.trans(ds_t), kt, input_precision=PREC) * scale  # [M, BD]
+        dq_off = (r.to(tl.int64) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
+        tl.atomic_add(dq_ptr + dq_off, dq, mask=e_ok[:, None] & dm[None, :])
+    return dk, dv
+
+
+@triton.jit
 def _gather_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
     chunk_key_ptr, chunk_e0_ptr, chunk_e1_ptr, n_chunks_ptr, entry_row_ptr, gb_krow0_ptr, gb_kend_ptr,
@@ -202,7 +217,15 @@ def _gather_dkdv_kernel(
     ti = mm // GP
     g = mm % GP
     heads = hk * G + g
-    if PREFETCH:  # step e's rows in registers, loaded during step e - TP; the pipeliner is off for this loop
+    if PREFETCH == 0:  # Triton's pipeliner: a step's loads go out after the step before's matmuls
+        for e in range(e0, e1, TP):
+            e_ok = (e + ti < e1) & (g < G)
+            r = tl.load(entry_row_ptr + e + ti, mask=e_ok, other=0)
+            q_krow, q, do, lse, delta = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
+                                                   heads, e_ok, d, dm, stride_qr, stride_qh, stride_lr)
+            dk, dv = _dkdv_step(dk, dv, kt, vt, krow, k_ok, q_krow, q, do, lse, delta, r, e_ok, heads, d, dm, dq_ptr,
+                                stride_dqr, stride_dqh, scale_log2, scale, PREC, DQ)
+    elif PREFETCH == 1:  # step e's rows in registers, loaded during step e - TP (the loop's pipeliner off)
         e_ok = (e0 + ti < e1) & (g < G)
         r = tl.load(entry_row_ptr + e0 + ti, mask=e_ok, other=0)
         q_krow, q, do, lse, delta = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
@@ -214,29 +237,32 @@ def _gather_dkdv_kernel(
                                                              row_pos_ptr, r_n, heads, ok_n, d, dm, stride_qr,
                                                              stride_qh, stride_lr)
             r_nn = tl.load(entry_row_ptr + e + 2 * TP + ti, mask=(e + 2 * TP + ti < e1) & (g < G), other=0)
-            s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BK, M]
-            vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
-            dk, dv, ds_t = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
-            if DQ:
-                dq = tl.dot(tl.trans(ds_t), kt, input_precision=PREC) * scale  # [M, BD]
-                dq_off = (r.to(tl.int64) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
-                tl.atomic_add(dq_ptr + dq_off, dq, mask=e_ok[:, None] & dm[None, :])
+            dk, dv = _dkdv_step(dk, dv, kt, vt, krow, k_ok, q_krow, q, do, lse, delta, r, e_ok, heads, d, dm, dq_ptr,
+                                stride_dqr, stride_dqh, scale_log2, scale, PREC, DQ)
             q_krow, q, do, lse, delta, r, e_ok = q_krow_n, q_n, do_n, lse_n, delta_n, r_n, ok_n
             r_n = r_nn
-    else:
-        for e in range(e0, e1, TP):
-            ent = e + ti
-            e_ok = (ent < e1) & (g < G)
-            r = tl.load(entry_row_ptr + ent, mask=e_ok, other=0)
-            q_krow, q, do, lse, delta = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
-                                                   heads, e_ok, d, dm, stride_qr, stride_qh, stride_lr)
-            s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BK, M]
-            vis = (krow[:, None] <= q_krow[None, :]) & k_ok[:, None] & e_ok[None, :]
-            dk, dv, ds_t = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
-            if DQ:  # the queries' dq part from this block, dS·K (times scale), added into the fp32 dq buffer
-                dq = tl.dot(tl.trans(ds_t), kt, input_precision=PREC) * scale  # [M, BD]
-                dq_off = (r.to(tl.int64) * stride_dqr + heads * stride_dqh)[:, None] + d[None, :]
-                tl.atomic_add(dq_ptr + dq_off, dq, mask=e_ok[:, None] & dm[None, :])
+    else:  # two steps ahead: step e's rows loaded during step e - 2 TP
+        e_ok = (e0 + ti < e1) & (g < G)
+        r = tl.load(entry_row_ptr + e0 + ti, mask=e_ok, other=0)
+        q_krow, q, do, lse, delta = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
+                                               heads, e_ok, d, dm, stride_qr, stride_qh, stride_lr)
+        ok_1 = (e0 + TP + ti < e1) & (g < G)
+        r_1 = tl.load(entry_row_ptr + e0 + TP + ti, mask=ok_1, other=0)
+        q_krow_1, q_1, do_1, lse_1, delta_1 = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr,
+                                                         row_pos_ptr, r_1, heads, ok_1, d, dm, stride_qr, stride_qh,
+                                                         stride_lr)
+        r_2 = tl.load(entry_row_ptr + e0 + 2 * TP + ti, mask=(e0 + 2 * TP + ti < e1) & (g < G), other=0)
+        for e in tl.range(e0, e1, TP, num_stages=1):
+            ok_2 = (e + 2 * TP + ti < e1) & (g < G)
+            q_krow_2, q_2, do_2, lse_2, delta_2 = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr,
+                                                             row_pos_ptr, r_2, heads, ok_2, d, dm, stride_qr,
+                                                             stride_qh, stride_lr)
+            r_3 = tl.load(entry_row_ptr + e + 3 * TP + ti, mask=(e + 3 * TP + ti < e1) & (g < G), other=0)
+            dk, dv = _dkdv_step(dk, dv, kt, vt, krow, k_ok, q_krow, q, do, lse, delta, r, e_ok, heads, d, dm, dq_ptr,
+                                stride_dqr, stride_dqh, scale_log2, scale, PREC, DQ)
+            q_krow, q, do, lse, delta, r, e_ok = q_krow_1, q_1, do_1, lse_1, delta_1, r_1, ok_1
+            q_krow_1, q_1, do_1, lse_1, delta_1, r_1, ok_1 = q_krow_2, q_2, do_2, lse_2, delta_2, r_2, ok_2
+            r_2 = r_3
     store_dkdv(dk_ptr, dv_ptr, dk, dv, krow, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh, ATOMIC)
 
 

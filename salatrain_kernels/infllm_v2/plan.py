@@ -34,8 +34,7 @@ KV_LOADS = ("pointer", "tma")
 DKDV_ROWS = 64  # gathered dk/dv: query rows (queries x G heads) per step on tensor cores
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks; programs of
 # one block add by atomics); 0: one program per block takes all its queries and adds by a plain read-add-write
-DKDV_PREFETCH = False  # gathered dk/dv: load each step's q/dO rows during the step before (registers), see gather.py
-LOCAL_DKDV_PREFETCH = False  # the local window's dk/dv likewise (window.py)
+DKDV_PREFETCH = 0  # gathered dk/dv: load each step's q/dO rows this many steps before (registers; gather.py)
 DKDV_KEYS = None  # keys per gathered dk/dv program (None: the whole block; a divisor of it splits each chunk)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
 INTERPRETER_DKDV_ROWS = 256  # gathered dk/dv rows per step under the interpreter (tests set it small: many steps)
@@ -161,7 +160,6 @@ class AttnPlan:
         self.dkdv_gather_launch = None
         self.dkdv_keys = DKDV_KEYS or block_size
         self.dkdv_prefetch = DKDV_PREFETCH
-        self.local_dkdv_prefetch = LOCAL_DKDV_PREFETCH
         if DKDV_KEYS and (block_size % DKDV_KEYS or (DKDV_KEYS < 16 and not interpreting())):
             raise ValueError(f"DKDV_KEYS={self.dkdv_keys} must divide block_size {block_size} (and be >= 16 for the "
                              "GPU's matmul tiles)")
@@ -380,7 +378,7 @@ class AttnPlan:
                 **grads, dk_ptr=dk, dv_ptr=dv, ktile_doc_ptr=kdoc, ktile_start_ptr=kstart, **self.docs,
                 **self.dense.kernel_args(doc=True), stride_dkr=dk.stride(0), stride_dkh=dk.stride(1),
                 **dict(self._local_meta(self.dkdv_bm), BN=self.dkdv_bn), NSPLIT=nsplit,
-                PREFETCH=self.local_dkdv_prefetch, num_warps=warps, num_stages=stages,
+                num_warps=warps, num_stages=stages,
             )
         if dq_acc is not None and not self.window:  # sparse rows took no local dq kernel: their whole dq
             rows = torch.cat([ch.sparse_rows for ch in self.chunks]).long()

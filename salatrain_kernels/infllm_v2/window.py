@@ -197,18 +197,6 @@ def _local_dq_kernel(
 
 
 @triton.jit
-def _local_dkdv_step(dk, dv, kt, vt, kp, k_ok, tq, q_hi, q, do, lse, delta, dense_len, scale_log2, BS: tl.constexpr,
-                     WIN: tl.constexpr, BLOCK_LOCAL: tl.constexpr, PREC: tl.constexpr):
-    """One query step of a local dk/dv program: the key tile's dk/dv from the queries at positions tq."""
-    q_ok = tq < q_hi
-    lo = _local_start(tq, dense_len, BS, WIN, BLOCK_LOCAL)
-    s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BN, BM]
-    vis = (kp[:, None] <= tq[None, :]) & (kp[:, None] >= lo[None, :]) & k_ok[:, None] & q_ok[None, :]
-    dk, dv, _ = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
-    return dk, dv
-
-
-@triton.jit
 def _local_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     ktile_doc_ptr, ktile_start_ptr, doc_kstart_ptr, doc_len_ptr, doc_qstart_ptr, doc_qpos0_ptr, doc_qend_ptr,
@@ -217,7 +205,7 @@ def _local_dkdv_kernel(
     scale_log2, scale,
     G: tl.constexpr, NSPLIT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, WIN: tl.constexpr, PREC: tl.constexpr, BLOCK_LOCAL: tl.constexpr,
-    PER_ROW_DENSE: tl.constexpr, PREFETCH: tl.constexpr,
+    PER_ROW_DENSE: tl.constexpr,
 ):
     kt_id = tl.program_id(0)
     hk = tl.program_id(1)
@@ -250,25 +238,16 @@ def _local_dkdv_kernel(
     p_start = tl.maximum(j0, qpos0)
     for g in range(split, G, NSPLIT):
         h = hk * G + g
-        if PREFETCH:  # each step's rows loaded in registers during the step before; the pipeliner is off here
-            rows = (qstart + p_start + im - qpos0).to(tl.int64)
-            _, _, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, rows, h,
-                                                    p_start + im < q_hi, d, dm, stride_qr, stride_qh, stride_lr)
-            for p0 in tl.range(p_start, q_hi, BM, num_stages=1):
-                rows = (qstart + p0 + BM + im - qpos0).to(tl.int64)
-                _, _, q_n, do_n, lse_n, delta_n = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, rows, h,
-                                                                p0 + BM + im < q_hi, d, dm, stride_qr, stride_qh,
-                                                                stride_lr)
-                dk, dv = _local_dkdv_step(dk, dv, kt, vt, kp, k_ok, p0 + im, q_hi, q, do, lse, delta, dense_len,
-                                          scale_log2, BS, WIN, BLOCK_LOCAL, PREC)
-                q, do, lse, delta = q_n, do_n, lse_n, delta_n
-        else:
-            for p0 in range(p_start, q_hi, BM):
-                rows = (qstart + p0 + im - qpos0).to(tl.int64)
-                _, _, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, rows, h, p0 + im < q_hi,
-                                                        d, dm, stride_qr, stride_qh, stride_lr)
-                dk, dv = _local_dkdv_step(dk, dv, kt, vt, kp, k_ok, p0 + im, q_hi, q, do, lse, delta, dense_len,
-                                          scale_log2, BS, WIN, BLOCK_LOCAL, PREC)
+        for p0 in range(p_start, q_hi, BM):
+            tq = p0 + im
+            q_ok = tq < q_hi
+            lo = _local_start(tq, dense_len, BS, WIN, BLOCK_LOCAL)
+            rows = (qstart + tq - qpos0).to(tl.int64)
+            _, _, q, do, lse, delta = backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, rows, h, q_ok, d, dm,
+                                                    stride_qr, stride_qh, stride_lr)
+            s_t = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BN, BM]
+            vis = (kp[:, None] <= tq[None, :]) & (kp[:, None] >= lo[None, :]) & k_ok[:, None] & q_ok[None, :]
+            dk, dv, _ = dkdv_update(dk, dv, s_t, vis, q, do, vt, lse, delta, PREC)
     store_dkdv(dk_ptr, dv_ptr, dk, dv, kstart + kp, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh, True)
 
 

@@ -422,12 +422,13 @@ def test_dkdv_blocks_in_several_chunks(keys, dq_mode, chunk, monkeypatch):
 
 
 @interpreter
-@pytest.mark.parametrize("prefetch", [False, True], ids=["pipelined", "prefetched"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2], ids=["pipelined", "one-step-ahead", "two-steps-ahead"])
 @pytest.mark.parametrize("dq_mode", ["gather", "atomic"])
 def test_dkdv_many_steps_per_program(prefetch, dq_mode, monkeypatch):
     """Gathered dk/dv programs that walk their queries in many steps of 2 queries with a partial last step (chunks of
     7 entries): every gradient as the reference, with each step's rows loaded in the step (the pipeliner's loop) and
-    loaded one step ahead (DKDV_PREFETCH: the rows of step i + 1 and the entry rows of step i + 2 during step i)."""
+    loaded one or two steps ahead (DKDV_PREFETCH: during step i the rows of step i + n and the entry rows of
+    step i + n + 1)."""
     from salatrain_kernels.infllm_v2 import plan
 
     monkeypatch.setattr(plan, "DKDV_PREFETCH", prefetch)
@@ -468,17 +469,12 @@ LOCAL_DKDV_CASES = {
 
 
 @interpreter
-@pytest.mark.parametrize("prefetch", [False, True], ids=["pipelined", "prefetched"])
 @pytest.mark.parametrize("local", ["token", "block"])
 @pytest.mark.parametrize("case", list(LOCAL_DKDV_CASES))
-def test_local_dkdv_over_every_kind_of_query_step(case, local, prefetch, monkeypatch):
+def test_local_dkdv_over_every_kind_of_query_step(case, local):
     """The local window's dk/dv at lengths where key tiles have query steps of every kind (on the diagonal, inside
     every row's range, past the window's start; a kernel that skips masks where it may must get each right): every
-    gradient as the reference, under both local rules, with each step's rows loaded in the step and one step ahead
-    (LOCAL_DKDV_PREFETCH)."""
-    from salatrain_kernels.infllm_v2 import plan
-
-    monkeypatch.setattr(plan, "LOCAL_DKDV_PREFETCH", prefetch)
+    gradient as the reference, under both local rules."""
     c = dict(LOCAL_DKDV_CASES[case])
     q, k, v = make_qkv(*c.pop("shape"), seed=len(case))
     kwargs = dict(SMALL, **{**c, "local_blocks": local})
