@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infllmv2 import HKV, HQ, SALA, D, emit, parse_heads  # noqa: E402  (also makes salatrain_kernels importable)
 
 import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
-from salatrain_kernels.infllm_v2 import infllmv2_attn, interface  # noqa: E402
+from salatrain_kernels.infllm_v2 import infllmv2_attn, interface, selection  # noqa: E402
 
 VARIANTS = [
     ("default", {}),
@@ -84,6 +84,8 @@ VARIANTS = [
     ("gathered dk/dv prefetch 2 steps, 2 queries a step, 32-key programs", {"dkdv_prefetch": 2, "dkdv_rows": 32,
                                                                             "dkdv_keys": 32,
                                                                             "dkdv_gather_launch": (4, 1)}),
+    # the selection kernel's bitwise search over uint32 keys (the default since 2026-12-03) or int64 keys (before)
+    ("selection over int64 keys (WIDE_KEYS on)", {"WIDE_KEYS": True}),
     # the scoring kernel keeps each query's best blocks as it scores, no score buffer (selection.py)
     ("selection fused into the scoring kernel (FUSED_SELECT on)", {"FUSED_SELECT": True}),
     # groups of fewer than 16 heads: neighbouring queries fill the per-query tile's padding rows (plan.py)
@@ -91,6 +93,7 @@ VARIANTS = [
     ("small groups per-query (PACK_SMALL_GROUPS off)", {"PACK_SMALL_GROUPS": False}),
 ]
 PLAN_FLAGS = {name: getattr(attn, name) for name in ("PACK_SMALL_GROUPS",)}
+SELECTION_FLAGS = {name: getattr(selection, name) for name in ("WIDE_KEYS",)}
 
 
 @contextmanager
@@ -101,6 +104,8 @@ def settings(overrides: dict):
     interface.FUSED_SELECT = overrides.get("FUSED_SELECT", False)
     for name, default in PLAN_FLAGS.items():
         setattr(attn, name, overrides.get(name, default))
+    for name, default in SELECTION_FLAGS.items():
+        setattr(selection, name, overrides.get(name, default))
 
     def init(self, *a, **kw):
         original(self, *a, **kw)
@@ -116,6 +121,8 @@ def settings(overrides: dict):
         interface.FUSED_SELECT = False
         for name, default in PLAN_FLAGS.items():
             setattr(attn, name, default)
+        for name, default in SELECTION_FLAGS.items():
+            setattr(selection, name, default)
 
 
 def step(q, k, v, do):

@@ -141,14 +141,20 @@ def tie_heavy_scores(shape, seed=0):
         ((1, 2, 170, 8), dict(SMALL, cu=[0, 50, 61, 170])),
     ],
 )
-@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("ties", [False, True, "signed"])
 @pytest.mark.parametrize("local_blocks", ["token", "block"])
 def test_select_matches_reference(shape, kwargs, ties, local_blocks):
+    """The kernel's lists equal the reference's exactly: scores in [0, 1), tie-heavy ones (with -inf and -0.0), and
+    scores of both signs (the order-preserving integer keys must rank negative floats below positive ones)."""
     kwargs = dict(kwargs)
     cu = kwargs.pop("cu", None)
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     seqlen_k = kwargs.pop("seqlen_k", None)
-    scores = tie_heavy_scores(shape) if ties else torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    if ties == "signed":
+        scores = torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-30, 30, shape, generator=gen)
+    else:
+        scores = tie_heavy_scores(shape) if ties else torch.rand(shape, generator=gen)
     sel = dict(pick(kwargs, SELECTION), seqlen_k=seqlen_k, cu_seqlens=cu, local_blocks=local_blocks)
     out = infllmv2_select(scores, backend="triton", **sel)
     assert torch.equal(out, infllmv2_select_torch(scores, **sel))
