@@ -30,6 +30,8 @@ from bench_infllmv2 import HKV, HQ, SALA, D, emit, parse_heads  # noqa: E402  (a
 import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
 from salatrain_kernels.infllm_v2 import infllmv2_attn, interface, selection  # noqa: E402
 
+PIPELINED = {"dkdv_prefetch": 0, "dkdv_rows": 64, "dkdv_gather_launch": (4, 2)}
+PREFETCHED = {"dkdv_prefetch": 1, "dkdv_rows": 32, "dkdv_gather_launch": (4, 1)}
 VARIANTS = [
     ("default", {}),
     ("local dk/dv 64 keys x 64 queries", {"dkdv_bn": 64, "dkdv_bm": 64}),
@@ -41,8 +43,8 @@ VARIANTS = [
     ("local dk/dv 64 keys x 32 queries, 4 warps, 3 stages", {"dkdv_bn": 64, "dkdv_bm": 32,
                                                                "dkdv_local_launch": (4, 3)}),
     ("local dk/dv 128 keys x 32 queries, 3 stages", {"dkdv_local_launch": (8, 3)}),
-    ("dkdv_rows=128", {"dkdv_rows": 128}),
-    ("dkdv_rows=32", {"dkdv_rows": 32}),
+    ("dkdv_rows=16", {"dkdv_rows": 16}),
+    ("dkdv_rows=64", {"dkdv_rows": 64}),
     ("dkdv_chunk=128", {"dkdv_chunk": 128}),
     ("dkdv_chunk=1024", {"dkdv_chunk": 1024}),
     ("dkdv_chunk=4096", {"dkdv_chunk": 4096}),
@@ -52,38 +54,29 @@ VARIANTS = [
     ("dkdv_nsplit=2", {"dkdv_nsplit": 2}),
     ("dkdv_nsplit=8", {"dkdv_nsplit": 8}),
     ("blocks_per_step=2", {"blocks_per_step": 2}),
-    # the gathered dk/dv kernel waits on q/dO gathers that miss L2 (ncu, 32K:
-    # bench/notes/2026-12-02-h200-infllmv2-ncu-32k.md); until 2026-12-02 it ran 8 warps (one program per SM), now
-    # 4 warps, 2 stages (two per SM): the earlier launch and its neighbours
-    ("gathered dk/dv 8 warps, 2 stages (the earlier default)", {"dkdv_gather_launch": (8, 2)}),
-    ("gathered dk/dv 8 warps, 3 stages", {"dkdv_gather_launch": (8, 3)}),
-    ("gathered dk/dv 8 warps, 4 stages", {"dkdv_gather_launch": (8, 4)}),
-    ("gathered dk/dv 4 warps, 3 stages", {"dkdv_gather_launch": (4, 3)}),
-    ("gathered dk/dv 4 warps, 4 stages", {"dkdv_gather_launch": (4, 4)}),
-    # programs of 32 of a block's 64 keys, side by side in the grid: 128 registers at 8 warps (218 at 64 keys), so two
-    # programs per SM; the two halves gather the same q/dO rows at the same time (the second from L2)
-    ("gathered dk/dv 32-key programs", {"dkdv_keys": 32}),
-    ("gathered dk/dv 32-key programs, 8 warps", {"dkdv_keys": 32, "dkdv_gather_launch": (8, 2)}),
-    ("gathered dk/dv 32-key programs, 4 warps, 3 stages", {"dkdv_keys": 32, "dkdv_gather_launch": (4, 3)}),
-    # Triton's pipeliner issues a dk/dv step's q/dO loads after the step before's matmuls and waits for them at once
-    # (one gather latency per step); prefetched: the next step's rows go out before this step's matmuls, into
-    # registers (the loop's pipeliner off), with the entry rows one step further (gather.py, PREFETCH)
-    ("gathered dk/dv 2 queries a step (pipelined)", {"dkdv_rows": 32}),
-    ("gathered dk/dv prefetch 1 step, 1 query a step", {"dkdv_prefetch": 1, "dkdv_rows": 16,
-                                                        "dkdv_gather_launch": (4, 1)}),
-    ("gathered dk/dv prefetch 1 step, 2 queries a step", {"dkdv_prefetch": 1, "dkdv_rows": 32,
-                                                          "dkdv_gather_launch": (4, 1)}),
-    ("gathered dk/dv prefetch 1 step, 2 queries a step, 32-key programs", {"dkdv_prefetch": 1, "dkdv_rows": 32,
-                                                                           "dkdv_keys": 32,
-                                                                           "dkdv_gather_launch": (4, 1)}),
-    ("gathered dk/dv prefetch 2 steps, 1 query a step", {"dkdv_prefetch": 2, "dkdv_rows": 16,
-                                                         "dkdv_gather_launch": (4, 1)}),
-    ("gathered dk/dv prefetch 2 steps, 1 query a step, 32-key programs", {"dkdv_prefetch": 2, "dkdv_rows": 16,
-                                                                          "dkdv_keys": 32,
-                                                                          "dkdv_gather_launch": (4, 1)}),
-    ("gathered dk/dv prefetch 2 steps, 2 queries a step, 32-key programs", {"dkdv_prefetch": 2, "dkdv_rows": 32,
-                                                                            "dkdv_keys": 32,
-                                                                            "dkdv_gather_launch": (4, 1)}),
+    # The gathered dk/dv kernel waits on q/dO gathers that miss L2 (ncu, 32K:
+    # bench/notes/2026-12-02-h200-infllmv2-ncu-32k.md). Triton's pipeliner issues a step's gathers after the step
+    # before's matmuls and waits for them at once (one gather latency per step); the default since 2026-12-03
+    # prefetches: the next step's rows go out before this step's matmuls, into registers (the loop's pipeliner off),
+    # the entry rows one step further (gather.py, PREFETCH), 2 queries a step, 4 warps, 1 stage. The pipelined kernel
+    # (the default before: 4 queries a step, 4 warps, 2 stages) and its launches:
+    ("gathered dk/dv pipelined (the default before 2026-12-03)", dict(PIPELINED)),
+    ("gathered dk/dv pipelined, 2 queries a step", dict(PIPELINED, dkdv_rows=32)),
+    ("gathered dk/dv pipelined, 8 warps, 2 stages", dict(PIPELINED, dkdv_gather_launch=(8, 2))),
+    ("gathered dk/dv pipelined, 8 warps, 3 stages", dict(PIPELINED, dkdv_gather_launch=(8, 3))),
+    ("gathered dk/dv pipelined, 4 warps, 3 stages", dict(PIPELINED, dkdv_gather_launch=(4, 3))),
+    # programs of 32 of a block's 64 keys, side by side in the grid: fewer registers, more programs per SM; the two
+    # halves gather the same q/dO rows at the same time (the second from L2)
+    ("gathered dk/dv pipelined, 32-key programs", dict(PIPELINED, dkdv_keys=32)),
+    ("gathered dk/dv pipelined, 32-key programs, 8 warps", dict(PIPELINED, dkdv_keys=32, dkdv_gather_launch=(8, 2))),
+    # the prefetched kernel (the default at 16 heads a group; small groups keep the pipelined one) and its launches
+    ("gathered dk/dv prefetch, 2 queries a step", dict(PREFETCHED)),
+    ("gathered dk/dv prefetch, 8 warps", dict(PREFETCHED, dkdv_gather_launch=(8, 1))),
+    ("gathered dk/dv prefetch, 1 query a step", dict(PREFETCHED, dkdv_rows=16)),
+    ("gathered dk/dv prefetch, 32-key programs", dict(PREFETCHED, dkdv_keys=32)),
+    ("gathered dk/dv prefetch 2 steps, 1 query a step", dict(PREFETCHED, dkdv_prefetch=2, dkdv_rows=16)),
+    ("gathered dk/dv prefetch 2 steps, 1 query a step, 32-key programs", dict(PREFETCHED, dkdv_prefetch=2,
+                                                                              dkdv_rows=16, dkdv_keys=32)),
     # the selection kernel's bitwise search over uint32 keys (the default since 2026-12-03) or int64 keys (before)
     ("selection over int64 keys (WIDE_KEYS on)", {"WIDE_KEYS": True}),
     # the scoring kernel keeps each query's best blocks as it scores, no score buffer (selection.py)

@@ -31,10 +31,10 @@ __all__ = ["AttnPlan", "SparseAttnFn", "sort_block_lists", "window_split_exact"]
 
 DQ_MODES = ("gather", "atomic")
 KV_LOADS = ("pointer", "tma")
-DKDV_ROWS = 64  # gathered dk/dv: query rows (queries x G heads) per step on tensor cores
+DKDV_ROWS = 64  # gathered dk/dv, pipelined: query rows (queries x G heads) per step on tensor cores
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks; programs of
 # one block add by atomics); 0: one program per block takes all its queries and adds by a plain read-add-write
-DKDV_PREFETCH = 0  # gathered dk/dv: load each step's q/dO rows this many steps before (registers; gather.py)
+DKDV_PREFETCH = 1  # gathered dk/dv: load each step's q/dO rows this many steps before (registers; gather.py)
 DKDV_KEYS = None  # keys per gathered dk/dv program (None: the whole block; a divisor of it splits each chunk)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
 INTERPRETER_DKDV_ROWS = 256  # gathered dk/dv rows per step under the interpreter (tests set it small: many steps)
@@ -151,15 +151,21 @@ class AttnPlan:
         self.blocks_per_step = max(1, 64 // block_size)  # 64-key tiles (the interpreter takes a whole list)
         self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
         self.dkdv_chunk = INTERPRETER_DKDV_CHUNK if interpreting() else DKDV_CHUNK
-        # gathered dk/dv: query rows (TP queries x G heads, padded) per step; local dk/dv: programs per group
-        self.dkdv_rows = INTERPRETER_DKDV_ROWS if interpreting() else (32 if self.prec == "ieee" else DKDV_ROWS)
+        # gathered dk/dv: each step's q/dO rows loaded during the step before (DKDV_PREFETCH steps ahead) where that
+        # was measured faster: 16-bit groups of 16 heads (SALA's shape; H200, docs/perf.md); elsewhere Triton's
+        # pipeliner. Query rows (TP queries x G heads, padded) per step: 32 prefetched (registers), 64 pipelined.
+        # Local dk/dv: programs per group.
+        self.dkdv_prefetch = DKDV_PREFETCH if interpreting() or (self.prec != "ieee" and self.group >= 16) else 0
+        if interpreting():
+            self.dkdv_rows = INTERPRETER_DKDV_ROWS
+        else:
+            self.dkdv_rows = 32 if self.prec == "ieee" or self.dkdv_prefetch else DKDV_ROWS
         self.dkdv_nsplit = min(self.group, 4)
-        # gathered dk/dv (num_warps, num_stages); None: 4 warps, 2 stages (fp32 tests: 8) (a sweep knob). At D = 128,
-        # 4 warps run two programs per SM (255 registers, 100 B spilled, 99.8 KB shared) where 8 warps ran one: the
-        # kernel waits on its q/dO gathers, and a second program hides them (fwd+bwd 1.20x / 1.18x at 32K / 128K, H200)
+        # gathered dk/dv (num_warps, num_stages); None: 4 warps (fp32 tests: 8), 1 stage prefetched, 2 pipelined (a
+        # sweep knob). At D = 128, 4 warps run two programs per SM where 8 warps ran one: the kernel waits on its
+        # q/dO gathers, and a second program hides them (fwd+bwd 1.20x / 1.18x at 32K / 128K, H200)
         self.dkdv_gather_launch = None
         self.dkdv_keys = DKDV_KEYS or block_size
-        self.dkdv_prefetch = DKDV_PREFETCH
         if DKDV_KEYS and (block_size % DKDV_KEYS or (DKDV_KEYS < 16 and not interpreting())):
             raise ValueError(f"DKDV_KEYS={self.dkdv_keys} must divide block_size {block_size} (and be >= 16 for the "
                              "GPU's matmul tiles)")
@@ -392,7 +398,9 @@ class AttnPlan:
         group_pad = next_pow2(self.group)
         per_step = max(1, self.dkdv_rows // group_pad)
         dq_out = dk if dq_acc is None else dq_acc  # (an unused pointer without DQ)
-        num_warps, num_stages = self.dkdv_gather_launch or ((8, 2) if self.prec == "ieee" else (4, 2))
+        # prefetched steps (dkdv_prefetch > 0) load in registers: the loop's pipeliner is off, one stage
+        stages = 1 if self.dkdv_prefetch else 2
+        num_warps, num_stages = self.dkdv_gather_launch or ((8, stages) if self.prec == "ieee" else (4, stages))
         _gather_dkdv_kernel[(chunks[0].numel() * (self.block_size // self.dkdv_keys),)](
             **grads, dk_ptr=dk, dv_ptr=dv, dq_ptr=dq_out, chunk_key_ptr=chunks[0], chunk_e0_ptr=chunks[1],
             chunk_e1_ptr=chunks[2], n_chunks_ptr=n_chunks,
