@@ -9,12 +9,14 @@ TOK queries at once (block-diagonal tiles) to cut interpreter overhead; TOK = 1 
 
 dq walks the same lists. dk/dv use the transposed map (``AttnPlan.key_map``): the (group, block, query)
 entries sorted by (group, block) and cut into chunks (their number stays on the device: programs past it return
-at once); a program loads its K/V block (or BK of its keys: BS / BK neighbouring programs per chunk) once, gathers TP
-queries ×
-G heads of q/dO per step and adds dk/dv into fp32 buffers with atomics (so the last bits of dk/dv may vary run
-to run). With DQ the same program also adds each query's dq part from its block, dS·K, into an fp32 dq buffer
-with atomics (dq_mode="atomic"): one pass over the (query, block) entries instead of two, at the price of
-run-to-run rounding in dq too and an fp32 dq buffer of all rows.
+at once); a program loads its K/V block (or BK of its keys: BS / BK neighbouring programs per chunk) once, gathers
+TP queries × G heads of q/dO per step and adds dk/dv into fp32 buffers with atomics (so the last bits of dk/dv may
+vary run to run). PREFETCH = n > 0 loads a step's rows into registers n steps ahead, the loop's pipeliner off
+(Triton's pipeliner issues step i + 1's gathers after step i's matmuls and waits for them at once, so each step
+paid a whole gather latency; plan.py chooses where prefetching is on). With DQ the same program also adds each
+query's dq part from its block, dS·K, into an fp32 dq buffer with atomics (dq_mode="atomic"): one pass over the
+(query, block) entries instead of two, at the price of run-to-run rounding in dq too and an fp32 dq buffer of all
+rows.
 """
 from __future__ import annotations
 
