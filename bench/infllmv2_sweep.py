@@ -30,8 +30,8 @@ from bench_infllmv2 import HKV, HQ, SALA, D, emit, parse_heads  # noqa: E402  (a
 import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
 from salatrain_kernels.infllm_v2 import infllmv2_attn, interface, selection  # noqa: E402
 
-PIPELINED = {"dkdv_prefetch": 0, "dkdv_rows": 64, "dkdv_gather_launch": (4, 2)}
-PREFETCHED = {"dkdv_prefetch": 1, "dkdv_rows": 32, "dkdv_gather_launch": (4, 1)}
+PIPELINED = {"dkdv_prefetch": False, "dkdv_rows": 64, "dkdv_gather_launch": (4, 2)}
+PREFETCHED = {"dkdv_prefetch": True, "dkdv_rows": 32, "dkdv_gather_launch": (4, 1)}
 VARIANTS = [
     ("default", {}),
     ("local dk/dv 64 keys x 64 queries", {"dkdv_bn": 64, "dkdv_bm": 64}),
@@ -74,9 +74,6 @@ VARIANTS = [
     ("gathered dk/dv prefetch, 8 warps", dict(PREFETCHED, dkdv_gather_launch=(8, 1))),
     ("gathered dk/dv prefetch, 1 query a step", dict(PREFETCHED, dkdv_rows=16)),
     ("gathered dk/dv prefetch, 32-key programs", dict(PREFETCHED, dkdv_keys=32)),
-    ("gathered dk/dv prefetch 2 steps, 1 query a step", dict(PREFETCHED, dkdv_prefetch=2, dkdv_rows=16)),
-    ("gathered dk/dv prefetch 2 steps, 1 query a step, 32-key programs", dict(PREFETCHED, dkdv_prefetch=2,
-                                                                              dkdv_rows=16, dkdv_keys=32)),
     # the selection kernel's bitwise search over uint32 keys (the default since 2026-12-03) or int64 keys (before)
     ("selection over int64 keys (WIDE_KEYS on)", {"WIDE_KEYS": True}),
     # the scoring kernel keeps each query's best blocks as it scores, no score buffer (selection.py)

@@ -126,22 +126,22 @@ def jobs():
                             "stride_dkr", "stride_dkh", "stride_dqr", "stride_dqh"),
                     "scale_log2": "fp32", "scale": "fp32"}
             consts = dict(G=g, GP=gp, TP=max(1, 32 // gp), D=128, BD=128, BS=64, BK=64, PREC=prec, DQ=False,
-                          ATOMIC=True, PREFETCH=1)
+                          ATOMIC=True, PREFETCH=True)
             # the production launch: 32 rows a step, each loaded during the step before, 4 warps (the fp32 test
             # tiles: 8), one stage; then the sweep's candidates (bench/infllmv2_sweep.py)
             out.append((f"gather_dkdv {dt} {gname}", GA._gather_dkdv_kernel, args, consts,
                         [(8, 1)] if small else [(4, 1), (8, 1)]))
             if not small:  # the pipeliner's loop (the default before 2026-12-03: 64 rows, 2 stages), its variants
-                piped = dict(consts, PREFETCH=0, TP=max(1, 64 // gp))
+                piped = dict(consts, PREFETCH=False, TP=max(1, 64 // gp))
                 out.append((f"gather_dkdv {dt} {gname} pipelined", GA._gather_dkdv_kernel, args, piped,
                             [(4, 2), (4, 3), (8, 2)]))
                 out.append((f"gather_dkdv {dt} {gname} plain", GA._gather_dkdv_kernel, args, dict(consts, ATOMIC=False),
                             [(4, 1)]))
                 out.append((f"gather_dkdv {dt} {gname} BK32", GA._gather_dkdv_kernel, args, dict(piped, BK=32),
                             [(4, 2), (8, 2)]))
-                for ahead, tp, bk in ((1, 1, 64), (1, 2, 32), (2, 1, 64), (2, 1, 32), (2, 2, 32)):
-                    out.append((f"gather_dkdv {dt} {gname} prefetch{ahead} TP{tp} BK{bk}", GA._gather_dkdv_kernel,
-                                args, dict(consts, PREFETCH=ahead, TP=max(1, tp * 16 // gp), BK=bk), [(4, 1)]))
+                for tp, bk in ((1, 64), (2, 32)):  # the sweep's prefetched variants
+                    out.append((f"gather_dkdv {dt} {gname} prefetch TP{tp} BK{bk}", GA._gather_dkdv_kernel, args,
+                                dict(consts, TP=max(1, tp * 16 // gp), BK=bk), [(4, 1)]))
         bm, bn, bmq = (64, 32, 32) if small else (128, 64, 64)
         common = {**_ptrs(dt, "q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr"),
                   **_ptrs("fp32", "lse_ptr", "part_o_ptr", "part_lse_ptr", "delta_ptr", "part_ptr", "dk_ptr",

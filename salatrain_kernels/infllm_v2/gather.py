@@ -11,7 +11,7 @@ dq walks the same lists. dk/dv use the transposed map (``AttnPlan.key_map``): th
 entries sorted by (group, block) and cut into chunks (their number stays on the device: programs past it return
 at once); a program loads its K/V block (or BK of its keys: BS / BK neighbouring programs per chunk) once, gathers
 TP queries × G heads of q/dO per step and adds dk/dv into fp32 buffers with atomics (so the last bits of dk/dv may
-vary run to run). PREFETCH = n > 0 loads a step's rows into registers n steps ahead, the loop's pipeliner off
+vary run to run). PREFETCH loads a step's rows into registers during the step before, the loop's pipeliner off
 (Triton's pipeliner issues step i + 1's gathers after step i's matmuls and waits for them at once, so each step
 paid a whole gather latency; plan.py chooses where prefetching is on). With DQ the same program also adds each
 query's dq part from its block, dS·K, into an fp32 dq buffer with atomics (dq_mode="atomic"): one pass over the
@@ -219,7 +219,7 @@ def _gather_dkdv_kernel(
     ti = mm // GP
     g = mm % GP
     heads = hk * G + g
-    if PREFETCH == 0:  # Triton's pipeliner: a step's loads go out after the step before's matmuls
+    if not PREFETCH:  # Triton's pipeliner: a step's loads go out after the step before's matmuls
         for e in range(e0, e1, TP):
             e_ok = (e + ti < e1) & (g < G)
             r = tl.load(entry_row_ptr + e + ti, mask=e_ok, other=0)
@@ -227,7 +227,7 @@ def _gather_dkdv_kernel(
                                                    heads, e_ok, d, dm, stride_qr, stride_qh, stride_lr)
             dk, dv = _dkdv_step(dk, dv, kt, vt, krow, k_ok, q_krow, q, do, lse, delta, r, e_ok, heads, d, dm, dq_ptr,
                                 stride_dqr, stride_dqh, scale_log2, scale, PREC, DQ)
-    elif PREFETCH == 1:  # step e's rows in registers, loaded during step e - TP (the loop's pipeliner off)
+    else:  # step e's rows in registers, loaded during step e - TP (the loop's pipeliner off)
         e_ok = (e0 + ti < e1) & (g < G)
         r = tl.load(entry_row_ptr + e0 + ti, mask=e_ok, other=0)
         q_krow, q, do, lse, delta = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
@@ -243,28 +243,6 @@ def _gather_dkdv_kernel(
                                 stride_dqr, stride_dqh, scale_log2, scale, PREC, DQ)
             q_krow, q, do, lse, delta, r, e_ok = q_krow_n, q_n, do_n, lse_n, delta_n, r_n, ok_n
             r_n = r_nn
-    else:  # two steps ahead: step e's rows loaded during step e - 2 TP
-        e_ok = (e0 + ti < e1) & (g < G)
-        r = tl.load(entry_row_ptr + e0 + ti, mask=e_ok, other=0)
-        q_krow, q, do, lse, delta = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr, row_pos_ptr, r,
-                                               heads, e_ok, d, dm, stride_qr, stride_qh, stride_lr)
-        ok_1 = (e0 + TP + ti < e1) & (g < G)
-        r_1 = tl.load(entry_row_ptr + e0 + TP + ti, mask=ok_1, other=0)
-        q_krow_1, q_1, do_1, lse_1, delta_1 = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr,
-                                                         row_pos_ptr, r_1, heads, ok_1, d, dm, stride_qr, stride_qh,
-                                                         stride_lr)
-        r_2 = tl.load(entry_row_ptr + e0 + 2 * TP + ti, mask=(e0 + 2 * TP + ti < e1) & (g < G), other=0)
-        for e in tl.range(e0, e1, TP, num_stages=1):
-            ok_2 = (e + 2 * TP + ti < e1) & (g < G)
-            q_krow_2, q_2, do_2, lse_2, delta_2 = _dkdv_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, row_kbase_ptr,
-                                                             row_pos_ptr, r_2, heads, ok_2, d, dm, stride_qr,
-                                                             stride_qh, stride_lr)
-            r_3 = tl.load(entry_row_ptr + e + 3 * TP + ti, mask=(e + 3 * TP + ti < e1) & (g < G), other=0)
-            dk, dv = _dkdv_step(dk, dv, kt, vt, krow, k_ok, q_krow, q, do, lse, delta, r, e_ok, heads, d, dm, dq_ptr,
-                                stride_dqr, stride_dqh, scale_log2, scale, PREC, DQ)
-            q_krow, q, do, lse, delta, r, e_ok = q_krow_1, q_1, do_1, lse_1, delta_1, r_1, ok_1
-            q_krow_1, q_1, do_1, lse_1, delta_1, r_1, ok_1 = q_krow_2, q_2, do_2, lse_2, delta_2, r_2, ok_2
-            r_2 = r_3
     store_dkdv(dk_ptr, dv_ptr, dk, dv, krow, k_ok, hk, d, dm, scale, stride_dkr, stride_dkh, ATOMIC)
 
 

@@ -34,7 +34,7 @@ KV_LOADS = ("pointer", "tma")
 DKDV_ROWS = 64  # gathered dk/dv, pipelined: query rows (queries x G heads) per step on tensor cores
 DKDV_CHUNK = 256  # queries per dk/dv program of one block (bounds the work of heavily selected blocks; programs of
 # one block add by atomics); 0: one program per block takes all its queries and adds by a plain read-add-write
-DKDV_PREFETCH = 1  # gathered dk/dv: load each step's q/dO rows this many steps before (registers; gather.py)
+DKDV_PREFETCH = True  # gathered dk/dv: load each step's q/dO rows during the step before (registers; gather.py)
 DKDV_KEYS = None  # keys per gathered dk/dv program (None: the whole block; a divisor of it splits each chunk)
 INTERPRETER_TOKENS = 16  # queries per gather program under the interpreter (1 reproduces the GPU code path)
 INTERPRETER_DKDV_ROWS = 256  # gathered dk/dv rows per step under the interpreter (tests set it small: many steps)
@@ -151,11 +151,11 @@ class AttnPlan:
         self.blocks_per_step = max(1, 64 // block_size)  # 64-key tiles (the interpreter takes a whole list)
         self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
         self.dkdv_chunk = INTERPRETER_DKDV_CHUNK if interpreting() else DKDV_CHUNK
-        # gathered dk/dv: each step's q/dO rows loaded during the step before (DKDV_PREFETCH steps ahead) where that
-        # was measured faster: 16-bit groups of 16 heads (SALA's shape; H200, docs/perf.md); elsewhere Triton's
+        # gathered dk/dv: each step's q/dO rows loaded during the step before (DKDV_PREFETCH) where that was
+        # measured faster: 16-bit groups of 16 heads (SALA's shape; H200, docs/perf.md); elsewhere Triton's
         # pipeliner. Query rows (TP queries x G heads, padded) per step: 32 prefetched (registers), 64 pipelined.
         # Local dk/dv: programs per group.
-        self.dkdv_prefetch = DKDV_PREFETCH if interpreting() or (self.prec != "ieee" and self.group >= 16) else 0
+        self.dkdv_prefetch = DKDV_PREFETCH and (interpreting() or (self.prec != "ieee" and self.group >= 16))
         if interpreting():
             self.dkdv_rows = INTERPRETER_DKDV_ROWS
         else:
@@ -398,7 +398,7 @@ class AttnPlan:
         group_pad = next_pow2(self.group)
         per_step = max(1, self.dkdv_rows // group_pad)
         dq_out = dk if dq_acc is None else dq_acc  # (an unused pointer without DQ)
-        # prefetched steps (dkdv_prefetch > 0) load in registers: the loop's pipeliner is off, one stage
+        # prefetched steps load in registers: the loop's pipeliner is off, one stage
         stages = 1 if self.dkdv_prefetch else 2
         num_warps, num_stages = self.dkdv_gather_launch or ((8, stages) if self.prec == "ieee" else (4, stages))
         _gather_dkdv_kernel[(chunks[0].numel() * (self.block_size // self.dkdv_keys),)](
