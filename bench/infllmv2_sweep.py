@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infllmv2 import HKV, HQ, SALA, D, emit, parse_heads  # noqa: E402  (also makes salatrain_kernels importable)
 
 import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
-from salatrain_kernels.infllm_v2 import infllmv2_attn, interface, selection  # noqa: E402
+from salatrain_kernels.infllm_v2 import infllmv2_attn, interface, score, selection  # noqa: E402
 
 PIPELINED = {"dkdv_prefetch": False, "dkdv_rows": 64, "dkdv_gather_launch": (4, 2)}
 PREFETCHED = {"dkdv_prefetch": True, "dkdv_rows": 32, "dkdv_gather_launch": (4, 1)}
@@ -74,6 +74,9 @@ VARIANTS = [
     ("gathered dk/dv prefetch, 8 warps", dict(PREFETCHED, dkdv_gather_launch=(8, 1))),
     ("gathered dk/dv prefetch, 1 query a step", dict(PREFETCHED, dkdv_rows=16)),
     ("gathered dk/dv prefetch, 32-key programs", dict(PREFETCHED, dkdv_keys=32)),
+    # block scoring: the column steps every row of a tile sees whole go first, unmasked (the default since
+    # 2026-12-03), or every step masked (before)
+    ("block scoring with every step masked (SPLIT_MASKS off)", {"SPLIT_MASKS": False}),
     # the selection kernel's bitwise search over uint32 keys (the default since 2026-12-03) or int64 keys (before)
     ("selection over int64 keys (WIDE_KEYS on)", {"WIDE_KEYS": True}),
     # the scoring kernel keeps each query's best blocks as it scores, no score buffer (selection.py)
@@ -84,6 +87,7 @@ VARIANTS = [
 ]
 PLAN_FLAGS = {name: getattr(attn, name) for name in ("PACK_SMALL_GROUPS",)}
 SELECTION_FLAGS = {name: getattr(selection, name) for name in ("WIDE_KEYS",)}
+SCORE_FLAGS = {name: getattr(score, name) for name in ("SPLIT_MASKS",)}
 
 
 @contextmanager
@@ -96,6 +100,8 @@ def settings(overrides: dict):
         setattr(attn, name, overrides.get(name, default))
     for name, default in SELECTION_FLAGS.items():
         setattr(selection, name, overrides.get(name, default))
+    for name, default in SCORE_FLAGS.items():
+        setattr(score, name, overrides.get(name, default))
 
     def init(self, *a, **kw):
         original(self, *a, **kw)
@@ -113,6 +119,8 @@ def settings(overrides: dict):
             setattr(attn, name, default)
         for name, default in SELECTION_FLAGS.items():
             setattr(selection, name, default)
+        for name, default in SCORE_FLAGS.items():
+            setattr(score, name, default)
 
 
 def step(q, k, v, do):

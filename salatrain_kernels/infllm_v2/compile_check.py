@@ -93,7 +93,7 @@ def jobs():
                     consts = dict(G=g, GP=gp, BQ=bq, D=128, BD=128, KS=32, KSTRIDE=16, R=4, C=2, NKS=nks,
                                   NSTRIDE=nst, NBT=8 if small else 16, BCN=32 if small else 64, WRITE_ALL=False,
                                   PREC=prec, FUSED=fused, KP=128 if fused else 1, LP=64 if fused else 1, INIT=1,
-                                  WIN=2048, BLOCK_LOCAL=False)
+                                  WIN=2048, BLOCK_LOCAL=False, SPLIT=True)
                     out.append((f"scores{' +select' if fused else ''} {dt} {gname} {norm}", S._block_scores_kernel,
                                 score_args, consts, tuned([(8, 2), (8, 3), (4, 2)])))
             for kind, fn in (("fwd", GA._gather_fwd_kernel), ("dq", GA._gather_dq_kernel)):

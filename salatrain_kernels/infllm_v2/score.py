@@ -47,6 +47,50 @@ from .selection import block_keys, empty_top, keep_largest, store_top_lists
 
 __all__ = ["infllmv2_block_scores", "BlockScorer", "combine_tail"]
 
+# Both passes take first the column steps that every row of a tile sees whole, without the per-element masks
+# (same values, fewer element-wise operations); off: every step masked (the kernel before 2026-12-03, a sweep knob)
+SPLIT_MASKS = True
+
+
+@triton.jit
+def _block_maxes(q, kc_ptr, cfirst, ccount, hk, stride_cr, stride_ch, scale_log2, lse, clast, row_ok, clast_q, nblocks,
+                 b0, cc, nbt, d, dmask, BQ: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                 NBT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+    """One pass-2 step: the NBT blocks from b0, their `own` and `tail` maxima [BQ, NBT] (tail = own when C = 1).
+    Without MASKED every window of the step is ended by every row's query and every row is real (the caller
+    checks), so the probabilities skip the per-element mask."""
+    j = b0 * R + cc
+    kc_off = (cfirst + j).to(tl.int64) * stride_cr + hk * stride_ch
+    if MASKED:
+        kc = tl.load(kc_ptr + kc_off[:, None] + d[None, :], mask=(j < ccount)[:, None] & dmask[None, :], other=0.0)
+    else:
+        kc = tl.load(kc_ptr + kc_off[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kc), input_precision=PREC) * scale_log2
+    if MASKED:
+        p = tl.where((j[None, :] <= clast[:, None]) & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+    else:
+        p = tl.exp2(s - lse[:, None])
+    per_block = tl.reshape(row_sum(tl.reshape(p, (BQ, GP, BC)), 1), (BQ, NBT, R))
+    blk = b0 + nbt
+    own_ok = (blk[None, :] * R <= clast_q[:, None]) & (blk[None, :] < nblocks)
+    own = tl.where(own_ok, row_max(per_block, 2), float("-inf"))
+    tail = own
+    if C > 1:
+        rr = tl.arange(0, R)
+        tail_sel = tl.where(rr[None, None, :] >= R - (C - 1), per_block, 0.0)
+        tail_ok = (blk[None, :] * R + R - (C - 1) <= clast_q[:, None]) & (blk[None, :] < nblocks)
+        tail = tl.where(tail_ok, row_max(tail_sel, 2), float("-inf"))
+    return blk, own, tail
+
+
+@triton.jit
+def _store_block_maxes(out_row, tail_row, own, tail, blk, q_ok, num_blocks_out, C: tl.constexpr):
+    """Write a pass-2 step's own (and, C > 1, tail) maxima of blocks blk into the rows' score buffers."""
+    st_mask = q_ok[:, None] & (blk[None, :] < num_blocks_out)
+    tl.store(out_row[:, None] + blk[None, :], own, mask=st_mask)
+    if C > 1:
+        tl.store(tail_row[:, None] + blk[None, :], tail, mask=st_mask)
+
 
 @triton.jit
 def _block_scores_kernel(
@@ -62,7 +106,7 @@ def _block_scores_kernel(
     NKS: tl.constexpr, NSTRIDE: tl.constexpr,
     NBT: tl.constexpr, BCN: tl.constexpr, WRITE_ALL: tl.constexpr, PREC: tl.constexpr,
     FUSED: tl.constexpr, KP: tl.constexpr, LP: tl.constexpr, INIT: tl.constexpr, WIN: tl.constexpr,
-    BLOCK_LOCAL: tl.constexpr,
+    BLOCK_LOCAL: tl.constexpr, SPLIT: tl.constexpr,
 ):
     BS: tl.constexpr = R * KSTRIDE
     M: tl.constexpr = BQ * GP
@@ -90,13 +134,23 @@ def _block_scores_kernel(
     q_off = (row0 + qi).to(tl.int64) * stride_qr + (hk * G + g) * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
 
-    # pass 1: log2-sum-exp2 over the normaliser windows with end <= t
+    # pass 1: log2-sum-exp2 over the normaliser windows with end <= t; with SPLIT the steps every row of the tile
+    # sees whole (windows that end before its first query) go first, without the per-element mask
     nlast = tl.where(t + 1 >= NKS, (t + 1 - NKS) // NSTRIDE, -1)
     n_cols = tl.minimum(tl.where(t_last + 1 >= NKS, (t_last + 1 - NKS) // NSTRIDE + 1, 0), ncount)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.full([M], 0.0, tl.float32)
     cn = tl.arange(0, BCN)
-    for j0 in range(0, n_cols, BCN):
+    n_free = 0
+    if SPLIT:
+        nlast0 = tl.where(pos0 + 1 >= NKS, (pos0 + 1 - NKS) // NSTRIDE, -1)
+        n_free = tl.minimum(((nlast0 + 1) // BCN) * BCN, n_cols)
+        for j0 in range(0, n_free, BCN):
+            kn_off = (nfirst + j0 + cn).to(tl.int64) * stride_nr + hk * stride_nh
+            kn = tl.load(kn_ptr + kn_off[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
+            m_i, _, _, l_i = online_softmax(s, m_i, l_i)
+    for j0 in range(n_free, n_cols, BCN):
         j = j0 + cn
         kn_off = (nfirst + j).to(tl.int64) * stride_nr + hk * stride_nh
         kn = tl.load(kn_ptr + kn_off[:, None] + d[None, :], mask=(j < n_cols)[:, None] & dmask[None, :], other=0.0)
@@ -105,7 +159,8 @@ def _block_scores_kernel(
         m_i, _, _, l_i = online_softmax(s, m_i, l_i)
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
 
-    # pass 2: probabilities summed over the group, max-pooled into blocks
+    # pass 2: probabilities summed over the group, max-pooled into blocks (SPLIT: unmasked steps first, as above,
+    # where the tile is full: every row a real query and head)
     clast = tl.where(t + 1 >= KS, (t + 1 - KS) // KSTRIDE, -1)
     bq = tl.arange(0, BQ)
     tq = pos0 + bq
@@ -117,29 +172,17 @@ def _block_scores_kernel(
     nb_hi = tl.minimum(nblocks, t_last // BS + 1)
     cc = tl.arange(0, BC)
     nbt = tl.arange(0, NBT)
-    rr = tl.arange(0, R)
     if FUSED:  # each query's running list of its best non-forced blocks, [n_init, first_local)
         cur_q = tq // BS
         first_local = first_local_block(tq, BS, WIN, BLOCK_LOCAL)
         n_init = tl.minimum(first_local, INIT)
         top = empty_top(k_slots - n_init - (cur_q - first_local + 1), KP)
         carry = tl.full([BQ], float("-inf"), tl.float32)  # tail of the block before this step's first
-    for b0 in range(0, nb_hi, NBT):
-        j = b0 * R + cc
-        kc_off = (cfirst + j).to(tl.int64) * stride_cr + hk * stride_ch
-        kc = tl.load(kc_ptr + kc_off[:, None] + d[None, :], mask=(j < ccount)[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * scale_log2
-        p = tl.where((j[None, :] <= clast[:, None]) & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        per_block = tl.reshape(row_sum(tl.reshape(p, (BQ, GP, BC)), 1), (BQ, NBT, R))
-        blk = b0 + nbt
-        own_ok = (blk[None, :] * R <= clast_q[:, None]) & (blk[None, :] < nblocks)
-        own = tl.where(own_ok, row_max(per_block, 2), float("-inf"))
-        if C > 1:
-            tail_sel = tl.where(rr[None, None, :] >= R - (C - 1), per_block, 0.0)
-            tail_ok = (blk[None, :] * R + R - (C - 1) <= clast_q[:, None]) & (blk[None, :] < nblocks)
-            tail = tl.where(tail_ok, row_max(tail_sel, 2), float("-inf"))
-        if FUSED:  # bs(b) = max(own[b], tail[b - 1]) with tail shifted one block right, then the running lists
-            bs = own
+        for b0 in range(0, nb_hi, NBT):
+            blk, own, tail = _block_maxes(q, kc_ptr, cfirst, ccount, hk, stride_cr, stride_ch, scale_log2, lse, clast,
+                                          row_ok, clast_q, nblocks, b0, cc, nbt, d, dmask, BQ, GP, R, C, NBT, BC, PREC,
+                                          True)
+            bs = own  # bs(b) = max(own[b], tail[b - 1]) with tail shifted one block right, then the running lists
             if C > 1:
                 prev = row_max(tl.where(nbt[None, :, None] == nbt[None, None, :] + 1, tail[:, None, :],
                                         float("-inf")), 2)
@@ -147,11 +190,21 @@ def _block_scores_kernel(
                 carry = row_max(tl.where(nbt[None, :] == NBT - 1, tail, float("-inf")), 1)
             cand = q_ok[:, None] & (blk[None, :] >= n_init[:, None]) & (blk[None, :] < first_local[:, None])
             top = keep_largest(top, block_keys(bs, blk, cand))
-        else:
-            st_mask = q_ok[:, None] & (blk[None, :] < num_blocks_out)
-            tl.store(out_row[:, None] + blk[None, :], own, mask=st_mask)
-            if C > 1:
-                tl.store(tail_row[:, None] + blk[None, :], tail, mask=st_mask)
+    else:
+        nb_free = 0
+        if SPLIT and G == GP:
+            clast0 = tl.where(pos0 + 1 >= KS, (pos0 + 1 - KS) // KSTRIDE, -1)
+            nb_free = tl.minimum(tl.where(nrows == BQ, ((clast0 + 1) // BC) * NBT, 0), nb_hi)
+            for b0 in range(0, nb_free, NBT):
+                blk, own, tail = _block_maxes(q, kc_ptr, cfirst, ccount, hk, stride_cr, stride_ch, scale_log2, lse,
+                                              clast, row_ok, clast_q, nblocks, b0, cc, nbt, d, dmask, BQ, GP, R, C,
+                                              NBT, BC, PREC, False)
+                _store_block_maxes(out_row, tail_row, own, tail, blk, q_ok, num_blocks_out, C)
+        for b0 in range(nb_free, nb_hi, NBT):
+            blk, own, tail = _block_maxes(q, kc_ptr, cfirst, ccount, hk, stride_cr, stride_ch, scale_log2, lse, clast,
+                                          row_ok, clast_q, nblocks, b0, cc, nbt, d, dmask, BQ, GP, R, C, NBT, BC, PREC,
+                                          True)
+            _store_block_maxes(out_row, tail_row, own, tail, blk, q_ok, num_blocks_out, C)
     if FUSED:
         idx_row = idx_ptr + hk * stride_ih + (row0 + bq).to(tl.int64) * stride_ir
         store_top_lists(top, idx_row, q_ok, n_init, first_local, cur_q, KP, LP)
@@ -231,7 +284,7 @@ class BlockScorer:
             return
         q3, dim = self.q3, self.q3.shape[-1]
         nks, nstride = self.norm_kernel
-        kwargs = dict(dict(INIT=0, WIN=0, BLOCK_LOCAL=False), **kwargs)
+        kwargs = dict(dict(INIT=0, WIN=0, BLOCK_LOCAL=False, SPLIT=SPLIT_MASKS), **kwargs)
         _block_scores.launch(
             (n_tiles, self.kv_heads), should_tune(q3, self.group),
             q_ptr=q3, kc_ptr=self.kc, kn_ptr=self.kn,

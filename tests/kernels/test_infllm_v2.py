@@ -89,13 +89,21 @@ SCORE_CASES = {
     "g16": dict(batch=1, seqlen_q=70, seqlen_k=70, heads=16, kv_heads=1, dim=32),
     "g1_decode_chunk": dict(batch=2, seqlen_q=9, seqlen_k=90, heads=2, kv_heads=2, dim=16),
     "g3_varlen": dict(batch=1, seqlen_q=123, seqlen_k=123, heads=3, kv_heads=1, dim=16, cu=[0, 40, 53, 123]),
+    # long enough that full tiles have column steps every row sees whole (both passes' unmasked steps, SPLIT_MASKS):
+    # 8-query tiles at G = 16, 64-query tiles at G = 2 (with a partial tile at each document's end)
+    "g16_long": dict(batch=1, seqlen_q=420, seqlen_k=420, heads=16, kv_heads=1, dim=16),
+    "g2_long_varlen": dict(batch=1, seqlen_q=700, seqlen_k=700, heads=4, kv_heads=2, dim=16, cu=[0, 37, 700]),
 }
 
 
 @interpreter
 @pytest.mark.parametrize("normalizer", ["exact", "coarse"])
 @pytest.mark.parametrize("case", list(SCORE_CASES))
-def test_block_scores_match_reference(case, normalizer):
+@pytest.mark.parametrize("split", [True, False], ids=["unmasked-steps-first", "every-step-masked"])
+def test_block_scores_match_reference(case, normalizer, split, monkeypatch):
+    from salatrain_kernels.infllm_v2 import score
+
+    monkeypatch.setattr(score, "SPLIT_MASKS", split)
     c = dict(SCORE_CASES[case])
     cu = c.pop("cu", None)
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
