@@ -6,10 +6,13 @@
 1. A CUDA-time breakdown of one forward+backward per kernel (torch.profiler), at SALA shapes (bf16, batch 1,
    32 query / 2 KV heads, head dim 128, block 64, kernel 32/16, topk 64, window 2048, dense_len 8192).
 2. Forward+backward median time (triton.testing.do_bench) with one AttnPlan setting changed at a time:
-   dkdv_bn x dkdv_bm (local dk/dv key tile x query step), dkdv_rows (query rows per gathered dk/dv step), dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local
-   dk/dv programs per group), dkdv_gather_launch (gathered dk/dv warps and stages), dkdv_keys (keys per gathered dk/dv program),
-   blocks_per_step (64-key blocks per gathered forward/dq step), FUSED_SELECT (selection inside the scoring kernel
-   or a kernel of its own), PACK_SMALL_GROUPS (groups under 16 heads: neighbouring queries fill the tile, or not).
+   dkdv_bn x dkdv_bm (local dk/dv key tile x query step), dkdv_rows (query rows per gathered dk/dv step),
+   dkdv_chunk (queries per dk/dv program), dkdv_nsplit (local dk/dv programs per group), dkdv_gather_launch
+   (gathered dk/dv warps and stages), dkdv_keys (keys per gathered dk/dv program), dkdv_prefetch (gathered dk/dv
+   steps loaded during the step before, or Triton's pipeliner), blocks_per_step (64-key blocks per gathered
+   forward/dq step), FUSED_SELECT (selection inside the scoring kernel or a kernel of its own), SPLIT_MASKS (block
+   scoring's unmasked steps first, or every step masked), WIDE_KEYS (the selection's search over int64 keys instead
+   of uint32), PACK_SMALL_GROUPS (groups under 16 heads: neighbouring queries fill the tile, or not).
    Every variant is checked against the default's output and gradients first (bf16 tolerance) and dropped if it
    disagrees.
 Prints markdown; --out appends it to a file.
