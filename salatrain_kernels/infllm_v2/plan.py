@@ -152,10 +152,11 @@ class AttnPlan:
         self.tokens_per_prog = INTERPRETER_TOKENS if interpreting() else 1  # >1 only to cut interpreter overhead
         self.dkdv_chunk = INTERPRETER_DKDV_CHUNK if interpreting() else DKDV_CHUNK
         # gathered dk/dv: each step's q/dO rows loaded during the step before (DKDV_PREFETCH) where that was
-        # measured faster: 16-bit groups of 16 heads (SALA's shape; H200, docs/perf.md); elsewhere Triton's
-        # pipeliner. Query rows (TP queries x G heads, padded) per step: 32 prefetched (registers), 64 pipelined.
-        # Local dk/dv: programs per group.
-        self.dkdv_prefetch = DKDV_PREFETCH and (interpreting() or (self.prec != "ieee" and self.group >= 16))
+        # measured faster: 16-bit groups of 16 heads of 128 (SALA's shape; H200, docs/perf.md); elsewhere Triton's
+        # pipeliner (level at 3 heads of 64; other shapes not timed). Query rows (TP queries x G heads, padded) per
+        # step: 32 prefetched (registers), 64 pipelined. Local dk/dv: programs per group.
+        sala_shape = self.prec != "ieee" and self.group >= 16 and self.bd == 128
+        self.dkdv_prefetch = DKDV_PREFETCH and (interpreting() or sala_shape)
         if interpreting():
             self.dkdv_rows = INTERPRETER_DKDV_ROWS
         else:
