@@ -11,8 +11,8 @@
    (gathered dk/dv warps and stages), dkdv_keys (keys per gathered dk/dv program), dkdv_prefetch (gathered dk/dv
    steps loaded during the step before, or Triton's pipeliner), blocks_per_step (64-key blocks per gathered
    forward/dq step), FUSED_SELECT (selection inside the scoring kernel or a kernel of its own), SPLIT_MASKS (block
-   scoring's unmasked steps first, or every step masked), WIDE_KEYS (the selection's search over int64 keys instead
-   of uint32), PACK_SMALL_GROUPS (groups under 16 heads: neighbouring queries fill the tile, or not).
+   scoring's unmasked steps first, or every step masked), PACK_SMALL_GROUPS (groups under 16 heads: neighbouring
+   queries fill the tile, or not).
    Every variant is checked against the default's output and gradients first (bf16 tolerance) and dropped if it
    disagrees.
 Prints markdown; --out appends it to a file.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infllmv2 import HKV, HQ, SALA, D, emit, parse_heads  # noqa: E402  (also makes salatrain_kernels importable)
 
 import salatrain_kernels.infllm_v2.plan as attn  # noqa: E402
-from salatrain_kernels.infllm_v2 import infllmv2_attn, interface, score, selection  # noqa: E402
+from salatrain_kernels.infllm_v2 import infllmv2_attn, interface, score  # noqa: E402
 
 PIPELINED = {"dkdv_prefetch": False, "dkdv_rows": 64, "dkdv_gather_launch": (4, 2)}
 PREFETCHED = {"dkdv_prefetch": True, "dkdv_rows": 32, "dkdv_gather_launch": (4, 1)}
@@ -80,8 +80,6 @@ VARIANTS = [
     # block scoring: the column steps every row of a tile sees whole go first, unmasked (the default since
     # 2026-12-03), or every step masked (before)
     ("block scoring with every step masked (SPLIT_MASKS off)", {"SPLIT_MASKS": False}),
-    # the selection kernel's bitwise search over uint32 keys (the default since 2026-12-03) or int64 keys (before)
-    ("selection over int64 keys (WIDE_KEYS on)", {"WIDE_KEYS": True}),
     # the scoring kernel keeps each query's best blocks as it scores, no score buffer (selection.py)
     ("selection fused into the scoring kernel (FUSED_SELECT on)", {"FUSED_SELECT": True}),
     # groups of fewer than 16 heads: neighbouring queries fill the per-query tile's padding rows (plan.py)
@@ -89,7 +87,6 @@ VARIANTS = [
     ("small groups per-query (PACK_SMALL_GROUPS off)", {"PACK_SMALL_GROUPS": False}),
 ]
 PLAN_FLAGS = {name: getattr(attn, name) for name in ("PACK_SMALL_GROUPS",)}
-SELECTION_FLAGS = {name: getattr(selection, name) for name in ("WIDE_KEYS",)}
 SCORE_FLAGS = {name: getattr(score, name) for name in ("SPLIT_MASKS",)}
 
 
@@ -101,8 +98,6 @@ def settings(overrides: dict):
     interface.FUSED_SELECT = overrides.get("FUSED_SELECT", False)
     for name, default in PLAN_FLAGS.items():
         setattr(attn, name, overrides.get(name, default))
-    for name, default in SELECTION_FLAGS.items():
-        setattr(selection, name, overrides.get(name, default))
     for name, default in SCORE_FLAGS.items():
         setattr(score, name, overrides.get(name, default))
 
@@ -120,8 +115,6 @@ def settings(overrides: dict):
         interface.FUSED_SELECT = False
         for name, default in PLAN_FLAGS.items():
             setattr(attn, name, default)
-        for name, default in SELECTION_FLAGS.items():
-            setattr(selection, name, default)
         for name, default in SCORE_FLAGS.items():
             setattr(score, name, default)
 

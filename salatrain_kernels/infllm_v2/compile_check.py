@@ -168,10 +168,10 @@ def jobs():
                 **_ints("row_lo", "row_hi", "score_row_base", "num_blocks", "dense_len", "stride_sh", "stride_sr",
                         "stride_ih", "stride_ir")}
     for name, nbp, br, warps in (("select 128K", 2048, 2, 8), ("select 512K", 8192, 1, 8), ("select 1M", 16384, 1, 16)):
-        for block, per_row, wide in ((False, False, False), (True, True, False), (False, False, True)):
+        for block, per_row in ((False, False), (True, True)):
             consts = dict(BS=64, INIT=1, WIN=2048, K=96, KP=128, NBP=nbp, BR=br, SKIP_DENSE=True, HAS_TAIL=True,
-                          BLOCK_LOCAL=block, PER_ROW_DENSE=per_row, WIDE_KEYS=wide)
-            tag = (" block perrow" if block else "") + (" int64" if wide else "")
+                          BLOCK_LOCAL=block, PER_ROW_DENSE=per_row)
+            tag = " block perrow" if block else ""
             out.append((name + tag, SEL._select_kernel, sel_args, consts, [(warps, 2)]))
     return out
 

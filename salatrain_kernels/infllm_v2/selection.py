@@ -28,7 +28,6 @@ __all__ = ["infllmv2_select", "select_rows", "fused_select_ok"]
 # written at the end with the forced blocks around them. No block score goes to global memory. Constants inside the
 # jit helpers: NO_KEY = -2^62 ("no candidate"); empty slots hold -1 - slot, slots past a row's budget 2^62 - slot.
 INDEX_BITS = 24
-WIDE_KEYS = False  # the selection kernel's search over int64 keys (the earlier form) instead of uint32
 
 
 def fused_select_ok(params: SparseParams, k_slots: int, num_blocks: int) -> bool:
@@ -99,7 +98,7 @@ def _select_kernel(
     stride_sh, stride_sr, stride_ih, stride_ir,
     BS: tl.constexpr, INIT: tl.constexpr, WIN: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     NBP: tl.constexpr, BR: tl.constexpr, SKIP_DENSE: tl.constexpr, HAS_TAIL: tl.constexpr,
-    BLOCK_LOCAL: tl.constexpr, PER_ROW_DENSE: tl.constexpr, WIDE_KEYS: tl.constexpr,
+    BLOCK_LOCAL: tl.constexpr, PER_ROW_DENSE: tl.constexpr,
 ):
     hk = tl.program_id(1)
     rr = row_lo + tl.program_id(0) * BR + tl.arange(0, BR)
@@ -125,14 +124,10 @@ def _select_kernel(
     sc = tl.where(forced, float("inf"), sc) + 0.0  # + 0.0 turns -0.0 into +0.0
     bits = sc.to(tl.int32, bitcast=True)
     key32 = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
-    if WIDE_KEYS:  # int64 keys (the earlier kernel, kept for comparison)
-        key = tl.where(valid, key32.to(tl.int64) + 2147483647 + 1, 0)  # valid keys > 0 = excluded blocks
-        theta = tl.full([BR], 0, tl.int64)
-        step = tl.full([BR], 1, tl.int64) << 31
-    else:  # the same order in uint32: flipping the sign bit maps signed order onto unsigned order
-        key = tl.where(valid, (key32 ^ -2147483648).to(tl.uint32, bitcast=True), 0)
-        theta = tl.full([BR], 0, tl.uint32)
-        step = tl.full([BR], 2147483648, tl.uint32)
+    # the same order in uint32 (flipping the sign bit maps signed order onto unsigned); valid keys > 0 = excluded
+    key = tl.where(valid, (key32 ^ -2147483648).to(tl.uint32, bitcast=True), 0)
+    theta = tl.full([BR], 0, tl.uint32)
+    step = tl.full([BR], 2147483648, tl.uint32)
     for _ in range(32):  # theta = largest value with #(key >= theta) >= K
         cand = theta + step
         count = row_sum((key >= cand[:, None]).to(tl.int32), 1)
@@ -189,7 +184,7 @@ def select_rows(
         stride_ih=block_idx.stride(0), stride_ir=block_idx.stride(1), **dense_args,
         BS=params.block_size, INIT=params.init_blocks, WIN=params.window_size, K=k, KP=next_pow2(k),
         NBP=nbp, BR=rows_per_prog, SKIP_DENSE=dense is not None, HAS_TAIL=tail is not None,
-        BLOCK_LOCAL=params.local_blocks == "block", WIDE_KEYS=WIDE_KEYS,
+        BLOCK_LOCAL=params.local_blocks == "block",
         num_warps=4 if rows_per_prog * nbp <= 2048 else (8 if nbp <= 8192 else 16),
     )
 
